@@ -1,0 +1,6 @@
+"""deepshrink: Deep Compression and EIE-style inference for PyTorch models."""
+
+from deepshrink.errors import DeepShrinkError, FileFormatError, UnsupportedLayerError
+from deepshrink.tensor import CompressedTensor
+
+__all__ = ["CompressedTensor", "DeepShrinkError", "FileFormatError", "UnsupportedLayerError"]
