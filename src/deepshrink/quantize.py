@@ -21,7 +21,7 @@ from torch import nn
 
 from deepshrink.errors import DeepShrinkError
 from deepshrink.prune import current_mask
-from deepshrink.targets import FilterFn, compression_of, find_targets, reparametrize_, resolve_per_layer
+from deepshrink.targets import FilterFn, Target, compression_of, find_targets, reparametrize_, resolve_per_layer
 from deepshrink.tensor import MAX_CODE_BITS, CompressedTensor
 
 INITS = ("linear", "density", "random", "kmeans++")
@@ -228,9 +228,19 @@ def share_weights_(
             codebook = torch.zeros(1)  # an all-zero layer still needs a (unused) codebook entry
         shared = SharedWeight(codebook, full_codes, mask, b).to(weight.device)
         mse = float(((weight[mask] - shared(weight).detach()[mask]) ** 2).mean()) if mask.any() else 0.0
-        reparametrize_(t.module, t.param, shared)
+        install_shared_(t, shared)
         report.append(LayerCodebook(t.name, b, codebook.numel(), int(mask.sum()), mse))
     return report
+
+
+def install_shared_(target: Target, shared: nn.Module) -> None:
+    """Re-parametrise ``target`` with ``shared`` and freeze the latent weight.
+
+    The latent weight no longer feeds the output; freezing it keeps optimizers
+    from decaying it and DDP from waiting for a gradient that never comes.
+    """
+    reparametrize_(target.module, target.param, shared)
+    getattr(target.module.parametrizations, target.param).original.requires_grad_(False)
 
 
 def compressed_tensors(model: nn.Module, layers: Iterable[str] | None = None) -> dict[str, CompressedTensor]:
@@ -268,7 +278,7 @@ def load_compressed_(model: nn.Module, tensors: dict[str, CompressedTensor]) -> 
         codes[torch.from_numpy(ct.positions)] = torch.from_numpy(ct.codes.astype(np.int32))
         shared = SharedWeight(torch.from_numpy(ct.codebook.copy()), codes.reshape(ct.shape),
                               mask.reshape(ct.shape), ct.bits)
-        reparametrize_(t.module, t.param, shared.to(t.weight.device))
+        install_shared_(t, shared.to(t.weight.device))
 
 
 def distinct_nonzero(weight: torch.Tensor) -> int:

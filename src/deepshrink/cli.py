@@ -1,0 +1,113 @@
+"""The ``deepshrink`` command: a thin layer over the public API."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from deepshrink.errors import DeepShrinkError
+
+console = Console()
+
+MODELS = {"lenet-300-100": "deepshrink.models:lenet_300_100", "lenet-5": "deepshrink.models:lenet_5"}
+
+
+def _build_model(spec: str, kwargs: dict | None = None) -> nn.Module:
+    """A model from one of our names or a user's ``module:factory``."""
+    target = MODELS.get(spec, spec)
+    if ":" not in target:
+        raise DeepShrinkError(f"model {spec!r} is neither one of {', '.join(MODELS)} nor 'module:factory'")
+    module_name, factory = target.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(module_name), factory)
+    except (ImportError, AttributeError) as err:
+        raise DeepShrinkError(f"cannot import model factory {target!r}: {err}") from err
+    return fn(**(kwargs or {}))
+
+
+def _load_data(name: str, data_dir: str | None, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if name == "digits":
+        from deepshrink.data.digits import load_digits
+        return load_digits(split)
+    if name == "mnist":
+        from deepshrink.data.mnist import load_mnist
+        return load_mnist(data_dir, split)
+    raise DeepShrinkError(f"data set {name!r} must be 'mnist' or 'digits'")
+
+
+def _parse_bits(text: str | None) -> int | dict[str, int] | None:
+    """``"5"`` or ``"conv=8,fc=5,fc3.weight=6"``."""
+    if text is None:
+        return None
+    if "=" not in text:
+        return int(text)
+    return {k.strip(): int(v) for k, v in (part.split("=", 1) for part in text.split(","))}
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from deepshrink.pipeline import demo
+    demo(seed=args.seed, console=console)
+
+
+def _cmd_compress(args: argparse.Namespace) -> None:
+    from deepshrink.pipeline import CompressSettings, compress
+    model = _build_model(args.model, json.loads(args.model_kwargs) if args.model_kwargs else None)
+    if args.state_dict:
+        model.load_state_dict(torch.load(args.state_dict, map_location="cpu", weights_only=True))
+    train = _load_data(args.data, args.data_dir, "train")
+    test = _load_data(args.data, args.data_dir, "test")
+    settings = CompressSettings(
+        sparsity=args.sparsity, prune_steps=args.prune_steps, bits=_parse_bits(args.bits),
+        pretrain_epochs=args.pretrain_epochs, prune_epochs=args.epochs, quant_epochs=args.epochs,
+        lr=args.lr, seed=args.seed, max_steps=args.max_steps,
+    )
+    compress(model, train, test, settings, out=args.out, console=console)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepshrink", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="train, prune, weight-share and fine-tune a LeNet on bundled 8x8 digits (no download)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("compress", help="prune + weight-share + fine-tune a model on a data set")
+    p.add_argument("--model", default="lenet-300-100", help=f"one of {', '.join(MODELS)} or module:factory")
+    p.add_argument("--model-kwargs", help="JSON keyword arguments for the factory")
+    p.add_argument("--state-dict", help="trained weights (torch.save of a state_dict); else train from scratch")
+    p.add_argument("--data", default="mnist", choices=["mnist", "digits"])
+    p.add_argument("--data-dir", help="data root (default $DEEPSHRINK_DATA)")
+    p.add_argument("--sparsity", type=float, default=0.9, help="final fraction of weights removed, in [0, 1)")
+    p.add_argument("--prune-steps", type=int, default=3, help="iterative pruning rounds")
+    p.add_argument("--bits", help="bits per code: N, or conv=8,fc=5,<layer>=N (default conv 8, fc 5)")
+    p.add_argument("--pretrain-epochs", type=float, default=0, help="train the dense model first (0: use --state-dict as is)")
+    p.add_argument("--epochs", type=float, default=1, help="fine-tuning epochs after each stage")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--max-steps", type=int, help="cap every training stage at this many steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the compressed model here")
+    p.set_defaults(func=_cmd_compress)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DeepShrinkError as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Per-layer tables (rich) of what compression did to a model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from deepshrink.prune import sparsity_report
+from deepshrink.targets import compression_of, find_targets
+
+
+def layer_rows(model: nn.Module) -> list[dict]:
+    """One dict per compressible weight: name, shape, weights, kept, kept %, bits, codebook size."""
+    rows = []
+    by_name = {t.name: t for t in find_targets(model, warn_unsupported=False)}
+    for r in sparsity_report(model):
+        comp = compression_of(by_name[r.name].module, by_name[r.name].param)
+        codebook = getattr(comp, "codebook", None)
+        rows.append({
+            "layer": r.name,
+            "shape": "x".join(map(str, r.shape)),
+            "weights": r.weights,
+            "kept": r.kept,
+            "kept %": 100 * r.kept_fraction,
+            "bits": getattr(comp, "bits", 32),
+            "codebook": codebook.numel() if codebook is not None else 0,
+        })
+    return rows
+
+
+def rows_table(rows: Sequence[dict], title: str = "", total: dict | None = None) -> Table:
+    """A rich table of ``rows`` (dicts with the same keys); floats get 2 decimals."""
+    table = Table(title=title or None)
+    for key in rows[0] if rows else []:
+        table.add_column(key, justify="left" if key == "layer" else "right")
+    for row in rows + ([total] if total else []):
+        table.add_row(*(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()),
+                      style="bold" if row is total else None)
+    return table
+
+
+def layer_table(model: nn.Module, title: str = "layers") -> Table:
+    """Per-layer table of ``model`` with a total row."""
+    rows = layer_rows(model)
+    weights = sum(r["weights"] for r in rows)
+    kept = sum(r["kept"] for r in rows)
+    total = {"layer": "total", "shape": "", "weights": weights, "kept": kept,
+             "kept %": 100 * kept / max(weights, 1), "bits": "", "codebook": ""}
+    return rows_table(rows, title, total)
+
+
+def print_table(table: Table) -> None:
+    Console().print(table)

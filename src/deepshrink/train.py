@@ -1,0 +1,219 @@
+"""Fine-tuning that keeps masks and codebooks, on one process or under torchrun.
+
+The guarantees (pruned weights stay zero, shared weights stay tied) live in the
+parametrizations, not here: this loop is a convenience with a progress bar, an
+optional learning-rate schedule and the paper's dropout adjustment. When
+``torch.distributed`` is initialised (``torchrun``), the model is wrapped in
+``DistributedDataParallel`` and the data sharded with ``DistributedSampler``;
+masks and codes are buffers, which DDP broadcasts from rank 0, so ranks agree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+
+from deepshrink.errors import DeepShrinkError
+from deepshrink.prune import LayerSparsity, current_mask, prune_
+from deepshrink.targets import find_targets
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = (None, "cosine", "step")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of :func:`fit`; checked on creation.
+
+    Defaults follow Deep Compression's LeNet retraining: SGD with momentum and
+    L2 regularisation (best after retraining).
+    """
+
+    epochs: float = 1.0  # fractions allowed: 0.25 runs a quarter of an epoch
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    batch_size: int = 64
+    schedule: str | None = None  # None, "cosine", or "step" (x0.1 at 50% and 75%)
+    max_steps: int | None = None  # stop early: tests and quick runs
+    seed: int = 0
+    progress: bool = True
+    history: list[dict] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise DeepShrinkError(f"optimizer={self.optimizer!r} must be one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise DeepShrinkError(f"schedule={self.schedule!r} must be one of None, 'cosine', 'step'")
+        for name in ("epochs", "lr", "batch_size"):
+            if not getattr(self, name) > 0:
+                raise DeepShrinkError(f"{name}={getattr(self, name)!r} must be > 0")
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise DeepShrinkError("momentum and weight_decay must be >= 0")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _as_dataset(data: Dataset | tuple[torch.Tensor, torch.Tensor]) -> Dataset:
+    return TensorDataset(*data) if isinstance(data, tuple) else data
+
+
+def make_loader(data: Dataset | tuple[torch.Tensor, torch.Tensor], batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """A DataLoader that shards across ranks when running under torchrun."""
+    dataset = _as_dataset(data)
+    if _distributed():
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _lr_factor(schedule: str | None, progress: float) -> float:
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "step":
+        return 0.01 if progress >= 0.75 else 0.1 if progress >= 0.5 else 1.0
+    return 1.0
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.Tensor], batch_size: int = 1000) -> float:
+    """Top-1 accuracy of ``model`` on ``data`` (all of it, on this process)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = total = 0
+    for x, y in DataLoader(_as_dataset(data), batch_size=batch_size):
+        correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
+        total += len(y)
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def fit(
+    model: nn.Module,
+    train_data: Dataset | tuple[torch.Tensor, torch.Tensor],
+    config: TrainConfig | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy,
+    description: str = "fine-tune",
+) -> list[dict]:
+    """Train ``model`` in place; masks and codebooks hold by construction.
+
+    Build this call's optimizer over the parameters that exist now, so call it
+    after pruning or weight sharing, never before.
+
+    Returns:
+        One ``{"step", "loss", "accuracy"}`` record per logged step (training
+        batch accuracy, averaged over the last logging window).
+    """
+    cfg = config or TrainConfig()
+    torch.manual_seed(cfg.seed)
+    loader = make_loader(train_data, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    total_steps = max(1, int(cfg.epochs * len(loader)))
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    net = DistributedDataParallel(model) if _distributed() and not isinstance(model, DistributedDataParallel) else model
+    optimizer = _optimizer(model, cfg)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    device = next(model.parameters()).device
+    show = cfg.progress and (not _distributed() or dist.get_rank() == 0)
+    history: list[dict] = []
+    model.train()
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}"), TimeRemainingColumn()]
+    with Progress(*columns, disable=not show, transient=False) as bar:
+        task = bar.add_task(description, total=total_steps, loss=float("nan"), acc=float("nan"))
+        step, epoch, window = 0, 0, []
+        while step < total_steps:
+            if isinstance(loader.sampler, DistributedSampler):
+                loader.sampler.set_epoch(epoch)
+            for x, y in loader:
+                for group, lr in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = lr * _lr_factor(cfg.schedule, step / total_steps)
+                x, y = x.to(device), y.to(device)
+                out = net(x)
+                loss = loss_fn(out, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                window.append((loss.item(), (out.argmax(1) == y).float().mean().item()))
+                step += 1
+                if step % 50 == 0 or step == total_steps:
+                    loss_avg = sum(w[0] for w in window) / len(window)
+                    acc_avg = sum(w[1] for w in window) / len(window)
+                    history.append({"step": step, "loss": loss_avg, "accuracy": acc_avg})
+                    bar.update(task, completed=step, loss=loss_avg, acc=acc_avg)
+                    window = []
+                if step >= total_steps:
+                    break
+            epoch += 1
+    return history
+
+
+def scale_dropout_(model: nn.Module) -> dict[str, float]:
+    """Deep Compression's retraining dropout, ``Dr = Do * sqrt(kept / original)``.
+
+    Each ``nn.Dropout`` is scaled by the kept fraction of the first compressible
+    layer after it (the connections it drops). The original rate is remembered,
+    so calling this after every pruning round is safe.
+
+    Returns:
+        The new rate of each dropout module, by name.
+    """
+    order = list(model.named_modules())
+    targets = {t.module_name: t for t in find_targets(model, warn_unsupported=False)}
+    rates = {}
+    for i, (name, module) in enumerate(order):
+        if not isinstance(module, nn.Dropout):
+            continue
+        after = next((targets[n] for n, _ in order[i + 1:] if n in targets), None)
+        if after is None:
+            continue
+        p0 = module.__dict__.setdefault("_deepshrink_p0", module.p)
+        mask = current_mask(after)
+        module.p = p0 * math.sqrt(float(mask.float().mean()))
+        rates[name] = module.p
+    return rates
+
+
+def iterative_prune(
+    model: nn.Module,
+    steps: Sequence[float],
+    train_data: Dataset | tuple[torch.Tensor, torch.Tensor],
+    config: TrainConfig | None = None,
+    **prune_kwargs: object,
+) -> list[list[LayerSparsity]]:
+    """Prune to each sparsity in ``steps`` in turn, fine-tuning after each.
+
+    ``prune_kwargs`` go to :func:`deepshrink.prune.prune_` (``scope``,
+    ``layers``...); a step may be a ``{pattern: sparsity}`` mapping.
+
+    Returns:
+        The pruning report of each round.
+    """
+    if not steps:
+        raise DeepShrinkError("steps must list at least one sparsity")
+    reports = []
+    for i, s in enumerate(steps):
+        reports.append(prune_(model, s, **prune_kwargs))
+        scale_dropout_(model)
+        fit(model, train_data, config, description=f"prune round {i + 1}/{len(steps)}")
+    return reports
