@@ -1,0 +1,101 @@
+"""Asymmetric numeral systems (ANS): the coder that comes closer to the entropy than Huffman.
+
+Huffman spends a whole number of bits per symbol; ANS spends ``-log2 p`` on
+average, which matters for the skewed index streams of sparse layers. The coder
+is ``constriction``'s stack ``AnsCoder`` (Rust, maintained, about 10 ns a symbol)
+with an i.i.d. ``Categorical`` model.
+
+The model must be rebuilt bit for bit when decoding, so the stored table is a
+list of small integer frequencies (quantized here, deterministically) and both
+sides hand exactly those integers, as floats, to ``Categorical(perfect=False)``.
+The stream's words are constriction's compressed ``uint32`` words, little-endian.
+
+Examples:
+    >>> symbols = np.array([0, 0, 0, 1, 0, 2, 0, 0])
+    >>> freqs = ans_frequencies(np.bincount(symbols))
+    >>> int(freqs.sum()), decode_ans(encode_ans(symbols, freqs), 8, freqs).tolist()
+    (4096, [0, 0, 0, 1, 0, 2, 0, 0])
+"""
+
+from __future__ import annotations
+
+import constriction
+import numpy as np
+
+from deepshrink.errors import DeepShrinkError, FileFormatError
+
+MIN_PRECISION = 12  # frequencies sum to 2**12 unless the alphabet needs more
+MAX_PRECISION = 20  # stays well inside constriction's 24-bit model precision
+
+
+def ans_frequencies(counts: np.ndarray) -> np.ndarray:
+    """Quantize symbol counts to integer frequencies summing to a power of two.
+
+    Every used symbol keeps at least 1; the rounding remainder goes to the most
+    frequent symbol, where it costs least.
+
+    Args:
+        counts: ``(k,)`` non-negative counts with at least one non-zero.
+
+    Returns:
+        ``(k,)`` int64 frequencies, 0 exactly where the count is 0.
+
+    Raises:
+        DeepShrinkError: all counts are zero or too many symbols are used.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    used = int(np.count_nonzero(counts))
+    if used == 0:
+        raise DeepShrinkError("cannot build an ANS model for an empty stream")
+    precision = max(MIN_PRECISION, used.bit_length() + 2)
+    if precision > MAX_PRECISION:
+        raise DeepShrinkError(f"{used} distinct symbols exceed the ANS table limit of 2**{MAX_PRECISION - 2}")
+    total = 1 << precision
+    spare = total - used  # what is shared out in proportion, on top of the 1 each used symbol gets
+    freqs = np.where(counts > 0, 1 + counts * spare // int(counts.sum()), 0)
+    freqs[np.argmax(counts)] += total - int(freqs.sum())
+    return freqs
+
+
+def _model(frequencies: np.ndarray) -> "constriction.stream.model.Categorical":
+    return constriction.stream.model.Categorical(np.asarray(frequencies, dtype=np.float64), perfect=False)
+
+
+def encode_ans(symbols: np.ndarray, frequencies: np.ndarray) -> np.ndarray:
+    """Encode ``symbols`` (each with a non-zero frequency) into uint32 words.
+
+    Raises:
+        DeepShrinkError: a symbol has frequency 0 or lies outside the table.
+    """
+    symbols = np.ascontiguousarray(symbols, dtype=np.int32)
+    frequencies = np.asarray(frequencies)
+    if symbols.size and (int(symbols.max()) >= frequencies.size or not frequencies[symbols].all()):
+        raise DeepShrinkError("a symbol has no probability in the ANS table")
+    coder = constriction.stream.stack.AnsCoder()
+    if symbols.size:
+        coder.encode_reverse(symbols, _model(frequencies))  # reverse, so decoding runs forward
+    return coder.get_compressed().astype("<u4")
+
+
+def decode_ans(words: np.ndarray, n: int, frequencies: np.ndarray) -> np.ndarray:
+    """Decode ``n`` symbols (int32) from uint32 ``words``.
+
+    Raises:
+        FileFormatError: the table is unusable, or the words are not exactly
+            ``n`` symbols' worth (the coder must end empty).
+    """
+    if n == 0:
+        if len(words):
+            raise FileFormatError(f"empty ANS stream carries {len(words)} words")
+        return np.zeros(0, dtype=np.int32)
+    frequencies = np.asarray(frequencies, dtype=np.int64)
+    if not frequencies.any():
+        raise FileFormatError("ANS table has no symbol")
+    try:
+        coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(words, dtype=np.uint32))
+        out = np.asarray(coder.decode(_model(frequencies), int(n)), dtype=np.int32)
+    except (ValueError, RuntimeError, AssertionError) as err:  # constriction reports bad data this way
+        raise FileFormatError(f"ANS stream is damaged: {err}") from err
+    if not coder.is_empty() or (out.size and not frequencies[out].all()):
+        raise FileFormatError(f"ANS stream of {len(words)} words does not hold exactly {n} symbols")
+    return out

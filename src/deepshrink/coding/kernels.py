@@ -1,0 +1,177 @@
+"""numba kernels of the coding domain: bit packing, prefix-code decoding, Huffman depths, varints.
+
+Each kernel assumes validated input (the public wrappers in ``huffman.py`` and
+``ans.py`` check it) *except* for the bytes it decodes: those may come from a
+damaged file, so every read is bounds-checked and a problem is returned as a
+status code, never a crash or an out-of-bounds read. Indices are ``int64``.
+
+Bit order everywhere is most-significant bit first, as canonical prefix codes are
+written.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# Status codes returned by the decoders (the wrappers turn them into FileFormatError).
+OK = 0
+INVALID_CODE = 1  # a bit pattern that is no codeword of the table
+TRUNCATED = 2  # the stream ends before the promised number of symbols
+
+
+@njit(cache=True)
+def pack_prefix_codes(symbols: np.ndarray, codes: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.int64]:
+    """Concatenate ``codes[s]`` (``lengths[s]`` bits, MSB first) for every symbol.
+
+    Args:
+        symbols: ``(n,)`` unsigned symbols, each ``< len(codes)`` with a non-zero length.
+        codes: ``(k,)`` int64 codewords.
+        lengths: ``(k,)`` uint8 codeword lengths, at most 16.
+
+    Returns:
+        ``(payload, n_bits)``: bytes, the last one zero-padded, and the exact bit count.
+    """
+    n = symbols.shape[0]
+    total = np.int64(0)
+    for i in range(n):
+        total += np.int64(lengths[symbols[i]])
+    out = np.zeros((total + 7) // 8, dtype=np.uint8)
+    acc = np.int64(0)  # at most 7 pending bits plus one 16-bit code: fits easily
+    pending = np.int64(0)
+    j = np.int64(0)
+    for i in range(n):
+        s = symbols[i]
+        length = np.int64(lengths[s])
+        acc = ((acc << length) | codes[s]) & 0xFFFFFF
+        pending += length
+        while pending >= 8:
+            pending -= 8
+            out[j] = (acc >> pending) & 0xFF
+            j += 1
+    if pending > 0:
+        out[j] = (acc << (8 - pending)) & 0xFF
+    return out, total
+
+
+@njit(cache=True)
+def decode_prefix_codes(
+    payload: np.ndarray, n: np.int64, table_symbol: np.ndarray, table_length: np.ndarray, max_length: np.int64
+) -> tuple[np.ndarray, np.int64, np.int64]:
+    """Decode ``n`` symbols with a lookup table indexed by the next ``max_length`` bits.
+
+    Args:
+        payload: uint8 bit stream (possibly damaged).
+        n: symbols to decode.
+        table_symbol: ``(2**max_length,)`` uint16 symbol of each bit pattern.
+        table_length: ``(2**max_length,)`` uint8 codeword length; 0 marks no codeword.
+        max_length: longest codeword, 1..16.
+
+    Returns:
+        ``(symbols, status, bits_used)`` with ``status`` one of OK, INVALID_CODE,
+        TRUNCATED (then ``symbols`` is partly filled).
+    """
+    out = np.empty(n, dtype=np.uint16)
+    size = np.int64(payload.shape[0])
+    n_bits = size * 8
+    mask = (np.int64(1) << max_length) - 1
+    pos = np.int64(0)
+    for i in range(n):
+        byte = pos >> 3
+        window = np.int64(0)  # 24 bits cover 7 bits of offset plus a 16-bit codeword
+        for b in range(3):
+            window <<= 8
+            if byte + b < size:
+                window |= np.int64(payload[byte + b])
+        pattern = (window >> (24 - (pos & 7) - max_length)) & mask
+        length = np.int64(table_length[pattern])
+        if length == 0:
+            return out, np.int64(INVALID_CODE), pos
+        pos += length
+        if pos > n_bits:
+            return out, np.int64(TRUNCATED), pos
+        out[i] = table_symbol[pattern]
+    return out, np.int64(OK), pos
+
+
+@njit(cache=True)
+def huffman_depths(weights: np.ndarray) -> np.ndarray:
+    """Depth of each leaf in a Huffman tree over ascending ``weights`` (two-queue method).
+
+    Args:
+        weights: ``(m,)`` int64, sorted ascending, ``m >= 2``.
+
+    Returns:
+        ``(m,)`` int64 depths (code lengths), unlimited.
+    """
+    m = weights.shape[0]
+    parent = np.empty(2 * m - 1, dtype=np.int64)
+    merged = np.empty(m - 1, dtype=np.int64)  # weights of the internal nodes, created in order
+    leaf = np.int64(0)
+    head = np.int64(0)
+    for k in range(m - 1):
+        total = np.int64(0)
+        for _ in range(2):
+            # Prefer the leaf on ties: it keeps the tree shallower.
+            if leaf < m and (head >= k or weights[leaf] <= merged[head]):
+                parent[leaf] = m + k
+                total += weights[leaf]
+                leaf += 1
+            else:
+                parent[m + head] = m + k
+                total += merged[head]
+                head += 1
+        merged[k] = total
+    depth = np.zeros(2 * m - 1, dtype=np.int64)
+    for node in range(2 * m - 3, -1, -1):  # the root (2m-2) is last; parents come after children
+        depth[node] = depth[parent[node]] + 1
+    return depth[:m]
+
+
+@njit(cache=True)
+def encode_varints(values: np.ndarray) -> np.ndarray:
+    """LEB128: 7 bits per byte, low group first, high bit set on all but the last byte.
+
+    Args:
+        values: ``(k,)`` non-negative int64.
+    """
+    out = np.empty(values.shape[0] * 10, dtype=np.uint8)
+    j = np.int64(0)
+    for i in range(values.shape[0]):
+        v = values[i]
+        while v >= 0x80:
+            out[j] = (v & 0x7F) | 0x80
+            v >>= 7
+            j += 1
+        out[j] = v
+        j += 1
+    return out[:j]
+
+
+@njit(cache=True)
+def decode_varints(data: np.ndarray, k: np.int64, max_value: np.int64) -> tuple[np.ndarray, np.int64]:
+    """Read ``k`` LEB128 values from the start of ``data``.
+
+    Returns:
+        ``(values, bytes_used)``; ``bytes_used`` is -1 when ``data`` ends early or a
+        value exceeds ``max_value``.
+    """
+    out = np.zeros(k, dtype=np.int64)
+    size = np.int64(data.shape[0])
+    j = np.int64(0)
+    for i in range(k):
+        v = np.int64(0)
+        shift = np.int64(0)
+        while True:
+            if j >= size or shift > 56:
+                return out, np.int64(-1)
+            b = np.int64(data[j])
+            j += 1
+            v |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                break
+        if v > max_value:
+            return out, np.int64(-1)
+        out[i] = v
+    return out, j
