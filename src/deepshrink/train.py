@@ -114,11 +114,15 @@ def fit(
     config: TrainConfig | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy,
     description: str = "fine-tune",
+    on_step: Callable[[int, int], None] | None = None,
 ) -> list[dict]:
     """Train ``model`` in place; masks and codebooks hold by construction.
 
     Build this call's optimizer over the parameters that exist now, so call it
     after pruning or weight sharing, never before.
+
+    ``on_step(step, total_steps)`` runs after each optimizer step (``step``
+    counts from 1): gradual pruning tightens masks there, in place.
 
     Returns:
         One ``{"step", "loss", "accuracy"}`` record per logged step (training
@@ -154,6 +158,8 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if on_step is not None:
+                    on_step(step + 1, total_steps)
                 window.append((loss.item(), (out.argmax(1) == y).float().mean().item()))
                 step += 1
                 if step % 50 == 0 or step == total_steps:
