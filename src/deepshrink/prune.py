@@ -22,12 +22,17 @@ import torch
 from torch import nn
 
 from deepshrink.errors import DeepShrinkError
-from deepshrink.targets import FilterFn, Target, compression_of, find_targets, reparametrize_, resolve_per_layer
+from deepshrink.targets import (
+    FilterFn, Target, compression_of, find_targets, register_compression, reparametrize_, resolve_per_layer,
+)
 from deepshrink.tensor import CompressedTensor
 
 
+@register_compression
 class Mask(nn.Module):
     """Parametrization ``w -> w * mask`` (``mask`` a bool buffer of ``w``'s shape)."""
+
+    state_keys = ("mask",)
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
@@ -35,6 +40,10 @@ class Mask(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * self.mask
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "Mask":
+        return cls(state["mask"])
 
     def to_compressed(self, weight: torch.Tensor) -> CompressedTensor:
         """A pruned but not weight-shared layer, stored losslessly.
@@ -166,6 +175,8 @@ def prune_(
         raise DeepShrinkError("give exactly one of sparsity= or quality=")
     if scope not in ("layer", "global"):
         raise DeepShrinkError(f"scope={scope!r} must be 'layer' or 'global'")
+    if sparsity is not None and not isinstance(sparsity, dict):
+        check_sparsity(sparsity)
     setting = sparsity if sparsity is not None else quality
     if scope == "global" and isinstance(setting, dict):
         raise DeepShrinkError("scope='global' takes one scalar sparsity or quality, not a mapping")

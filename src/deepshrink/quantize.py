@@ -21,15 +21,21 @@ from torch import nn
 
 from deepshrink.errors import DeepShrinkError
 from deepshrink.prune import current_mask
-from deepshrink.targets import FilterFn, Target, compression_of, find_targets, reparametrize_, resolve_per_layer
+from deepshrink.targets import (
+    FilterFn, compression_of, find_targets, register_compression, reparametrize_, resolve_per_layer,
+)
 from deepshrink.tensor import MAX_CODE_BITS, CompressedTensor
 
 INITS = ("linear", "density", "random", "kmeans++")
 DEFAULT_BITS = {"conv": 8, "fc": 5}  # AlexNet's setting in Deep Compression
 
 
+@register_compression
 class SharedWeight(nn.Module):
     """Parametrization ``w -> where(mask, codebook[codes], 0)``; ignores ``w``."""
+
+    state_keys = ("codebook", "codes", "mask", "_extra_state")
+    ignores_input = True
 
     def __init__(self, codebook: torch.Tensor, codes: torch.Tensor, mask: torch.Tensor, bits: int) -> None:
         super().__init__()
@@ -41,6 +47,16 @@ class SharedWeight(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         shared = self.codebook[self.codes]
         return torch.where(self.mask, shared, torch.zeros((), dtype=shared.dtype, device=shared.device))
+
+    def get_extra_state(self) -> dict:
+        return {"bits": self.bits}  # not derivable: empty clusters are dropped
+
+    def set_extra_state(self, state: dict) -> None:
+        self.bits = int(state["bits"])
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "SharedWeight":
+        return cls(state["codebook"], state["codes"], state["mask"], int(state["_extra_state"]["bits"]))
 
     def to_compressed(self, weight: torch.Tensor) -> CompressedTensor:
         flat_mask = self.mask.reshape(-1).cpu().numpy()
@@ -228,19 +244,9 @@ def share_weights_(
             codebook = torch.zeros(1)  # an all-zero layer still needs a (unused) codebook entry
         shared = SharedWeight(codebook, full_codes, mask, b).to(weight.device)
         mse = float(((weight[mask] - shared(weight).detach()[mask]) ** 2).mean()) if mask.any() else 0.0
-        install_shared_(t, shared)
+        reparametrize_(t.module, t.param, shared)
         report.append(LayerCodebook(t.name, b, codebook.numel(), int(mask.sum()), mse))
     return report
-
-
-def install_shared_(target: Target, shared: nn.Module) -> None:
-    """Re-parametrise ``target`` with ``shared`` and freeze the latent weight.
-
-    The latent weight no longer feeds the output; freezing it keeps optimizers
-    from decaying it and DDP from waiting for a gradient that never comes.
-    """
-    reparametrize_(target.module, target.param, shared)
-    getattr(target.module.parametrizations, target.param).original.requires_grad_(False)
 
 
 def compressed_tensors(model: nn.Module, layers: Iterable[str] | None = None) -> dict[str, CompressedTensor]:
@@ -278,7 +284,7 @@ def load_compressed_(model: nn.Module, tensors: dict[str, CompressedTensor]) -> 
         codes[torch.from_numpy(ct.positions)] = torch.from_numpy(ct.codes.astype(np.int32))
         shared = SharedWeight(torch.from_numpy(ct.codebook.copy()), codes.reshape(ct.shape),
                               mask.reshape(ct.shape), ct.bits)
-        install_shared_(t, shared.to(t.weight.device))
+        reparametrize_(t.module, t.param, shared.to(t.weight.device))
 
 
 def distinct_nonzero(weight: torch.Tensor) -> int:

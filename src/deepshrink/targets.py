@@ -171,6 +171,51 @@ def resolve_per_layer(value: object, targets: list[Target], what: str) -> dict[s
     return out
 
 
+# Parametrization classes by the state_dict entries they own, so a state dict
+# saved from a compressed model can be loaded into a fresh one (`restore_`).
+# A new method registers its class here with `register_compression`.
+COMPRESSIONS: dict[frozenset[str], type[nn.Module]] = {}
+
+
+def register_compression(cls: type[nn.Module]) -> type[nn.Module]:
+    """Class decorator: make ``cls`` restorable from its ``state_keys``.
+
+    ``cls`` needs ``state_keys`` (the names of its buffers, parameters and
+    ``_extra_state``) and a classmethod ``from_state(state: dict) -> cls``.
+    """
+    COMPRESSIONS[frozenset(cls.state_keys)] = cls
+    return cls
+
+
+def restore_(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load a state dict saved from a compressed model into a fresh ``model``.
+
+    Installs the parametrizations the keys describe
+    (``<module>.parametrizations.<param>.0.<key>``), then loads everything.
+
+    Raises:
+        DeepShrinkError: keys describe no known compression, or a module is missing.
+    """
+    groups: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        head, sep, tail = key.partition("parametrizations.")
+        if not sep:
+            continue
+        param, index, attr = tail.split(".", 2) if tail.count(".") >= 2 else (tail.split(".")[0], "", "")
+        if index == "0":
+            groups.setdefault((head.rstrip("."), param), {})[attr] = value
+    for (module_name, param), state in groups.items():
+        cls = COMPRESSIONS.get(frozenset(state))
+        if cls is None:
+            raise DeepShrinkError(f"{module_name}.{param}: state keys {sorted(state)} match no known compression")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError as err:
+            raise DeepShrinkError(f"state dict names module {module_name!r}, which the model lacks") from err
+        reparametrize_(module, param, cls.from_state(state))
+    model.load_state_dict(state_dict)
+
+
 def compression_of(module: nn.Module, param: str) -> nn.Module | None:
     """The deepshrink parametrization on ``module.<param>``, if any."""
     if not parametrize.is_parametrized(module, param):
@@ -185,8 +230,12 @@ def reparametrize_(module: nn.Module, param: str, parametrization: nn.Module) ->
     latent weight the new one receives is the weight the model computed with.
     ``unsafe=True`` because a parametrization may ignore its input (weight
     sharing computes from codebook and codes) and skips the consistency check
-    that would otherwise call it once more.
+    that would otherwise call it once more. Such a parametrization sets
+    ``ignores_input = True``: its latent weight is then frozen, so optimizers do
+    not decay it and DDP does not wait for a gradient that never comes.
     """
     if parametrize.is_parametrized(module, param):
         parametrize.remove_parametrizations(module, param, leave_parametrized=True)
     parametrize.register_parametrization(module, param, parametrization, unsafe=True)
+    if getattr(parametrization, "ignores_input", False):
+        getattr(module.parametrizations, param).original.requires_grad_(False)

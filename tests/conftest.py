@@ -1,0 +1,51 @@
+"""Shared fixtures: the real data sets and a quickly trained LeNet-300-100.
+
+The data root is ``$DEEPSHRINK_DATA`` if set, else ``../shared/data`` beside
+the repository (where CI puts it).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA_ROOT = Path(os.environ.get("DEEPSHRINK_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    if not (DATA_ROOT / "mnist").is_dir():
+        pytest.fail(f"real data not found at {DATA_ROOT}; set DEEPSHRINK_DATA to the shared data folder")
+    return DATA_ROOT
+
+
+@pytest.fixture(scope="session")
+def mnist_train(data_root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from deepshrink.data.mnist import load_mnist
+    return load_mnist(data_root, "train")
+
+
+@pytest.fixture(scope="session")
+def mnist_test(data_root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from deepshrink.data.mnist import load_mnist
+    return load_mnist(data_root, "test")
+
+
+@pytest.fixture(scope="session")
+def _trained_lenet300(mnist_train) -> torch.nn.Module:
+    from deepshrink.models import lenet_300_100
+    from deepshrink.train import TrainConfig, fit
+    torch.manual_seed(0)
+    model = lenet_300_100()
+    fit(model, mnist_train, TrainConfig(epochs=1, lr=0.05, batch_size=128, progress=False))
+    return model
+
+
+@pytest.fixture
+def trained_lenet300(_trained_lenet300) -> torch.nn.Module:
+    """LeNet-300-100 after one epoch on real MNIST (about 97% test accuracy); a fresh copy per test."""
+    return copy.deepcopy(_trained_lenet300)
