@@ -1,0 +1,11 @@
+"""The inference engine: EIE's sparse, weight-shared kernels in software (numba).
+
+Compute straight from :class:`~deepshrink.tensor.CompressedTensor` s: codes and
+codebook, never a dense weight.
+"""
+
+from deepshrink.engine.compile import compile_model, engine_layers, from_file
+from deepshrink.engine.layers import SparseConv2d, SparseLinear
+from deepshrink.engine.matrix import SparseMatrix
+
+__all__ = ["SparseConv2d", "SparseLinear", "SparseMatrix", "compile_model", "engine_layers", "from_file"]

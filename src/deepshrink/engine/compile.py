@@ -1,0 +1,131 @@
+"""Turn a compressed model (in memory or in a file) into one that runs on the engine.
+
+Every ``nn.Linear`` and ``nn.Conv2d`` whose weight is compressed is swapped for
+:class:`~deepshrink.engine.layers.SparseLinear` /
+:class:`~deepshrink.engine.layers.SparseConv2d`; every other module (and any
+compressed weight of a layer type the engine has no kernel for, such as an LSTM)
+keeps computing as before, with its decoded weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from deepshrink.engine.layers import SparseConv2d, SparseLinear
+from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
+from deepshrink.tensor import CompressedTensor
+
+
+def _replacement(module: nn.Module, name: str, weight: CompressedTensor, **options: object) -> nn.Module | None:
+    """The engine module for ``module`` with ``weight``, or ``None`` when there is none."""
+    if tuple(module.weight.shape) != weight.shape:
+        raise DeepShrinkError(f"{name}.weight: compressed shape {weight.shape} differs from the model's "
+                              f"{tuple(module.weight.shape)}")  # fmt: skip
+    if isinstance(module, nn.Linear):
+        return SparseLinear(weight, module.bias, **options)
+    if isinstance(module, nn.Conv2d):
+        try:
+            return SparseConv2d.from_conv(module, weight, **options)
+        except UnsupportedLayerError as err:
+            warnings.warn(f"{name} stays dense: {err}", stacklevel=3)
+    return None
+
+
+def compile_model(
+    model: nn.Module,
+    tensors: dict[str, CompressedTensor] | None = None,
+    *,
+    workers: int | None = None,
+    fixed_point: bool = False,
+    inplace: bool = False,
+) -> nn.Module:
+    """A copy of ``model`` whose compressed Linear and Conv2d layers run on the engine.
+
+    Args:
+        model: a model compressed by deepshrink (or any model, with ``tensors``).
+        tensors: compressed weights by parameter name (``"fc1.weight"``); default
+            :func:`deepshrink.quantize.compressed_tensors` of ``model``.
+        workers: rows interleaved over this many workers (default: numba's threads).
+        fixed_point: EIE's 16-bit fixed-point arithmetic instead of fp32.
+        inplace: swap the modules in ``model`` itself instead of a deep copy.
+
+    Returns:
+        The model, in eval mode, for inference only.
+
+    Raises:
+        DeepShrinkError: a name in ``tensors`` is not a weight of ``model``, or a
+            shape differs.
+
+    Examples:
+        >>> w = CompressedTensor.from_dense(torch.tensor([[0.0, 2.0], [1.0, 0.0]]))
+        >>> fast = compile_model(nn.Sequential(nn.Linear(2, 2)), {"0.weight": w})
+        >>> type(fast[0]).__name__
+        'SparseLinear'
+    """
+    if tensors is None:
+        from deepshrink.quantize import compressed_tensors
+
+        tensors = compressed_tensors(model)
+    if not tensors:
+        warnings.warn("the model has no compressed weights: nothing runs on the engine", stacklevel=2)
+    target = model if inplace else copy.deepcopy(model)
+    modules = dict(target.named_modules())
+    for name, weight in tensors.items():
+        module_name, _, param = name.rpartition(".")
+        module = modules.get(module_name)
+        if module is None or not isinstance(getattr(module, param, None), torch.Tensor):
+            raise DeepShrinkError(f"{name!r} is not a weight of {type(model).__name__}")
+        if param != "weight":
+            continue
+        replacement = _replacement(module, name, weight, workers=workers, fixed_point=fixed_point)
+        if replacement is None:
+            continue
+        if not module_name:  # the model is itself the layer
+            return replacement.eval()
+        target.set_submodule(module_name, replacement)
+    return target.eval()
+
+
+def from_file(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    *,
+    trust_factory: bool = False,
+    workers: int | None = None,
+    fixed_point: bool = False,
+) -> nn.Module:
+    """Build an engine model from a file written by :func:`deepshrink.fileformat.save`.
+
+    Args:
+        path: the compressed-model file.
+        model: your architecture, when the file names no factory (filled in place).
+        trust_factory: allow a factory outside ``deepshrink.models`` (runs code).
+        workers, fixed_point: as in :func:`compile_model`.
+
+    Returns:
+        The model with its compressed Linear / Conv2d layers on the engine.
+
+    Raises:
+        FileFormatError: the file is damaged.
+        DeepShrinkError: the file names no model and ``model`` is not given, or
+            the model does not fit the file.
+    """
+    from deepshrink.fileformat import build_model, load_into, read
+
+    contents = read(path)
+    if model is None:
+        if contents.model is None:
+            raise DeepShrinkError(f"{os.fspath(path)} names no model factory; pass model= your architecture")
+        model = build_model(contents.model, trust_factory)
+    load_into(model, contents)
+    return compile_model(model, contents.tensors, workers=workers, fixed_point=fixed_point, inplace=True)
+
+
+def engine_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs of ``model`` that run on the engine."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))]
