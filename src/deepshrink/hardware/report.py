@@ -1,0 +1,100 @@
+"""Simulate a compressed-model file, and render simulator results as rich tables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from rich.table import Table
+
+from deepshrink.errors import DeepShrinkError
+from deepshrink.hardware.eie import EIEConfig, LayerResult, NetworkResult, simulate_network
+
+
+def simulate_file(
+    path: str | os.PathLike,
+    *,
+    config: EIEConfig | None = None,
+    act_density: float | None = None,
+    data: str | None = None,
+    data_dir: str | os.PathLike | None = None,
+    images: int = 100,
+    seed: int = 0,
+) -> NetworkResult:
+    """Simulate every compressed matrix of a ``.dsz`` file on EIE.
+
+    Args:
+        path: a file written by :func:`deepshrink.fileformat.save`.
+        config: the hardware.
+        act_density: fraction of non-zero inputs assumed for every layer; with neither
+            this nor ``data``, every input is non-zero.
+        data: ``"mnist"`` to run the file's model on real test images and simulate the
+            activations it really produces (the file must name a ``deepshrink.models``
+            factory).
+        data_dir: data root for ``data`` (default ``$DEEPSHRINK_DATA``).
+        images: test images to run with ``data``.
+        seed: random seed for ``act_density``.
+
+    Returns:
+        The per-layer results.
+
+    Raises:
+        DeepShrinkError: both ``act_density`` and ``data``, an unknown data set, a file
+            without a model factory when ``data`` is given, or a damaged file.
+    """
+    from deepshrink import fileformat
+
+    if data is None:
+        return simulate_network(fileformat.read(path).tensors, act_density=act_density, config=config, seed=seed)
+    if act_density is not None:
+        raise DeepShrinkError("give either an activation density or a data set, not both")
+    if data != "mnist":
+        raise DeepShrinkError(f"data set {data!r} must be 'mnist'")
+    if not isinstance(images, int) or images < 1:
+        raise DeepShrinkError(f"images={images!r} must be a positive integer")
+    from deepshrink.data.mnist import load_mnist
+    from deepshrink.hardware.activations import layer_inputs
+    from deepshrink.quantize import compressed_tensors
+
+    model = fileformat.load(path)
+    if not isinstance(model, torch.nn.Module):
+        raise DeepShrinkError(f"{path} names no model factory; simulate it with an activation density instead")
+    tensors = compressed_tensors(model)
+    x, _ = load_mnist(data_dir, "test")
+    return simulate_network(tensors, layer_inputs(model, tensors, x[:images]), config=config)
+
+
+def results_table(layers: Sequence[LayerResult], title: str = "EIE simulation") -> Table:
+    """Per-layer table (figures per input vector) with a total row.
+
+    Args:
+        layers: simulated layers, on the same hardware.
+        title: table title.
+
+    Returns:
+        A :class:`rich.table.Table` to print.
+    """
+    if not layers:
+        raise DeepShrinkError("no layer to report: the file holds no compressed tensor")
+    config = layers[0].config
+    table = Table(title=f"{title}: {config.n_pe} PEs, {config.clock_hz / 1e6:g} MHz, FIFO depth {config.fifo_depth}")
+    for header in ("layer", "matrix", "act. non-zero", "cycles", "time (us)", "load eff.", "min PE util.",
+                   "padding", "energy (uJ)", "on chip"):
+        table.add_column(header, justify="left" if header in ("layer", "matrix") else "right")
+    for r in layers:
+        n = max(r.vectors, 1)
+        rows, cols = r.matrix_shape
+        table.add_row(
+            r.name, f"{rows}x{cols}", f"{r.active_columns / (n * cols):.1%}" if cols else "-",
+            f"{r.cycles / n:,.0f}", f"{r.time_per_vector_s * 1e6:.2f}", f"{r.load_efficiency:.1%}",
+            f"{r.pe_utilisation.min():.1%}", f"{r.padding_macs / max(r.macs + r.padding_macs, 1):.1%}",
+            f"{r.energy_total_pj * 1e-6 / n:.3f}", "yes" if r.fits_on_chip else "no (DRAM)",
+        )
+    if len(layers) > 1:
+        per_vector = sum(r.cycles / max(r.vectors, 1) for r in layers)
+        energy = sum(r.energy_total_pj / max(r.vectors, 1) for r in layers)
+        table.add_row("total", "", "", f"{per_vector:,.0f}", f"{per_vector / config.clock_hz * 1e6:.2f}", "", "",
+                      "", f"{energy * 1e-6:.3f}", "yes" if all(r.fits_on_chip for r in layers) else "no",
+                      style="bold")
+    return table
