@@ -72,6 +72,37 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     compress(model, train, test, settings, out=args.out, console=console)
 
 
+def _cmd_simulate(args: argparse.Namespace) -> None:
+    from deepshrink.hardware import EIEConfig, benchmark_layer, simulate_layer, synthetic_layer
+    from deepshrink.hardware.layers import parse_size
+    from deepshrink.hardware.report import results_table, simulate_file
+
+    config = EIEConfig(n_pe=args.pes, clock_hz=args.clock_mhz * 1e6, fifo_depth=args.fifo)
+    if (args.file is None) == (args.synthetic is None):
+        raise DeepShrinkError("give a FILE or --synthetic SIZE|LAYER, not both or neither")
+    if args.synthetic is not None:
+        if "x" in args.synthetic.lower() and args.synthetic[0].isdigit():
+            (inputs, outputs), density, act_density = parse_size(args.synthetic), args.density, args.act_density
+            name = args.synthetic
+        else:
+            layer = benchmark_layer(args.synthetic)
+            inputs, outputs, name = layer.inputs, layer.outputs, layer.name
+            density = layer.weight_density if args.density is None else args.density
+            act_density = layer.act_density if args.act_density is None else args.act_density
+        if density is None:
+            raise DeepShrinkError("--synthetic INxOUT needs --density (fraction of weights kept)")
+        ct = synthetic_layer(outputs, inputs, density, seed=args.seed)
+        layers = [simulate_layer(ct, act_density=1.0 if act_density is None else act_density,
+                                 config=config, seed=args.seed, name=name)]
+    else:
+        layers = simulate_file(args.file, config=config, act_density=args.act_density, data=args.data,
+                               data_dir=args.data_dir, images=args.images, seed=args.seed).layers
+    console.print(results_table(layers))
+    if args.json:
+        from deepshrink.fileformat import write_atomic
+        write_atomic(args.json, json.dumps([r.as_dict() for r in layers], indent=2).encode())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepshrink", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -96,6 +127,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the compressed model here")
     p.set_defaults(func=_cmd_compress)
+    p = sub.add_parser("simulate", help="cycles, time, load balance and energy of a compressed model on EIE")
+    p.add_argument("file", nargs="?", help="a .dsz file (or use --synthetic)")
+    p.add_argument("--synthetic", metavar="SIZE|LAYER",
+                   help="a random layer INPUTSxOUTPUTS (as EIE's table writes sizes, e.g. 4096x4096) "
+                        "or an EIE benchmark layer name (Alex-6..8, VGG-6..8, NT-We, NT-Wd, NT-LSTM)")
+    p.add_argument("--density", type=float, help="--synthetic: fraction of weights kept")
+    p.add_argument("--act-density", type=float,
+                   help="fraction of non-zero input activations (default: the benchmark layer's, else 1.0)")
+    p.add_argument("--data", choices=["mnist"], help="FILE: run the model on real test images for its activations")
+    p.add_argument("--data-dir", help="data root (default $DEEPSHRINK_DATA)")
+    p.add_argument("--images", type=int, default=100, help="--data: test images to simulate")
+    p.add_argument("--pes", type=int, default=64, help="processing elements (EIE: 64)")
+    p.add_argument("--fifo", type=int, default=8, help="activation queue depth per PE (EIE: 8)")
+    p.add_argument("--clock-mhz", type=float, default=800.0, help="clock in MHz (EIE: 800)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the per-layer results here as JSON")
+    p.set_defaults(func=_cmd_simulate)
     return parser
 
 
