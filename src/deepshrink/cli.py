@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
@@ -11,37 +10,11 @@ from collections.abc import Sequence
 
 import torch
 from rich.console import Console
-from torch import nn
 
 from deepshrink.errors import DeepShrinkError
+from deepshrink.recipes import DATASETS, MODELS, build_model, load_data, load_recipe, run_recipe
 
 console = Console()
-
-MODELS = {"lenet-300-100": "deepshrink.models:lenet_300_100", "lenet-5": "deepshrink.models:lenet_5"}
-
-
-def _build_model(spec: str, kwargs: dict | None = None) -> nn.Module:
-    """A model from one of our names or a user's ``module:factory``."""
-    target = MODELS.get(spec, spec)
-    if ":" not in target:
-        raise DeepShrinkError(f"model {spec!r} is neither one of {', '.join(MODELS)} nor 'module:factory'")
-    module_name, factory = target.split(":", 1)
-    try:
-        fn = getattr(importlib.import_module(module_name), factory)
-    except (ImportError, AttributeError) as err:
-        raise DeepShrinkError(f"cannot import model factory {target!r}: {err}") from err
-    return fn(**(kwargs or {}))
-
-
-def _load_data(name: str, data_dir: str | None, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if name == "digits":
-        from deepshrink.data.digits import load_digits
-        return load_digits(split)
-    if name == "mnist":
-        from deepshrink.data.mnist import load_mnist
-        return load_mnist(data_dir, split)
-    raise DeepShrinkError(f"data set {name!r} must be 'mnist' or 'digits'")
-
 
 def _parse_bits(text: str | None) -> int | dict[str, int] | None:
     """``"5"`` or ``"conv=8,fc=5,fc3.weight=6"``."""
@@ -58,12 +31,15 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _cmd_compress(args: argparse.Namespace) -> None:
+    if args.recipe:
+        _run_recipe(args)
+        return
     from deepshrink.pipeline import CompressSettings, compress
-    model = _build_model(args.model, json.loads(args.model_kwargs) if args.model_kwargs else None)
+    model = build_model(args.model, json.loads(args.model_kwargs) if args.model_kwargs else None)
     if args.state_dict:
         model.load_state_dict(torch.load(args.state_dict, map_location="cpu", weights_only=True))
-    train = _load_data(args.data, args.data_dir, "train")
-    test = _load_data(args.data, args.data_dir, "test")
+    train = load_data(args.data, args.data_dir, "train")
+    test = load_data(args.data, args.data_dir, "test")
     settings = CompressSettings(
         sparsity=args.sparsity, prune_steps=args.prune_steps, bits=_parse_bits(args.bits),
         pretrain_epochs=args.pretrain_epochs, prune_epochs=args.epochs, quant_epochs=args.epochs,
@@ -103,6 +79,16 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         write_atomic(args.json, json.dumps([r.as_dict() for r in layers], indent=2).encode())
 
 
+def _run_recipe(args: argparse.Namespace) -> None:
+    """``compress --recipe``: the recipe decides; --data-dir, --out, --state-dict, --max-steps override it."""
+    recipe = load_recipe(args.recipe)
+    if args.state_dict:
+        recipe.state_dict = args.state_dict
+    if args.max_steps:
+        recipe.max_steps = args.max_steps
+    run_recipe(recipe, data_dir=args.data_dir, out=args.out, console=console)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepshrink", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -112,10 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("compress", help="prune + weight-share + fine-tune a model on a data set")
+    p.add_argument("--recipe", help="a YAML recipe file or built-in name (lenet-300-100, lenet-5, digits-demo); see "
+                   "docs/recipes.md. With it, only --data-dir, --out, --state-dict and --max-steps apply")
     p.add_argument("--model", default="lenet-300-100", help=f"one of {', '.join(MODELS)} or module:factory")
     p.add_argument("--model-kwargs", help="JSON keyword arguments for the factory")
     p.add_argument("--state-dict", help="trained weights (torch.save of a state_dict); else train from scratch")
-    p.add_argument("--data", default="mnist", choices=["mnist", "digits"])
+    p.add_argument("--data", default="mnist", choices=DATASETS)
     p.add_argument("--data-dir", help="data root (default $DEEPSHRINK_DATA)")
     p.add_argument("--sparsity", type=float, default=0.9, help="final fraction of weights removed, in [0, 1)")
     p.add_argument("--prune-steps", type=int, default=3, help="iterative pruning rounds")

@@ -205,12 +205,14 @@ def iterative_prune(
     steps: Sequence[float],
     train_data: Dataset | tuple[torch.Tensor, torch.Tensor],
     config: TrainConfig | None = None,
+    prune_fn: Callable[..., list[LayerSparsity]] = prune_,
     **prune_kwargs: object,
 ) -> list[list[LayerSparsity]]:
     """Prune to each sparsity in ``steps`` in turn, fine-tuning after each.
 
-    ``prune_kwargs`` go to :func:`deepshrink.prune.prune_` (``scope``,
-    ``layers``...); a step may be a ``{pattern: sparsity}`` mapping.
+    ``prune_kwargs`` go to ``prune_fn`` (by default :func:`deepshrink.prune.prune_`:
+    ``scope``, ``layers``...; :func:`deepshrink.granularity.prune_groups_` takes
+    ``granularity``); a step may be a ``{pattern: sparsity}`` mapping.
 
     Returns:
         The pruning report of each round.
@@ -219,7 +221,7 @@ def iterative_prune(
         raise DeepShrinkError("steps must list at least one sparsity")
     reports = []
     for i, s in enumerate(steps):
-        reports.append(prune_(model, s, **prune_kwargs))
+        reports.append(prune_fn(model, s, **prune_kwargs))
         scale_dropout_(model)
         fit(model, train_data, config, description=f"prune round {i + 1}/{len(steps)}")
     return reports
