@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 
 import torch
+from rich import box
 from rich.table import Table
 
 from deepshrink.errors import DeepShrinkError
@@ -78,23 +79,28 @@ def results_table(layers: Sequence[LayerResult], title: str = "EIE simulation") 
     if not layers:
         raise DeepShrinkError("no layer to report: the file holds no compressed tensor")
     config = layers[0].config
-    table = Table(title=f"{title}: {config.n_pe} PEs, {config.clock_hz / 1e6:g} MHz, FIFO depth {config.fifo_depth}")
-    for header in ("layer", "matrix", "act. non-zero", "cycles", "time (us)", "load eff.", "min PE util.",
-                   "padding", "energy (uJ)", "on chip"):
-        table.add_column(header, justify="left" if header in ("layer", "matrix") else "right")
+    table = Table(title=f"{title}: {config.n_pe} PEs, {config.clock_hz / 1e6:g} MHz, FIFO depth {config.fifo_depth}",
+                  caption="per input vector; PE util = mean busy fraction (load efficiency), min PE = least busy PE;\n"
+                          "uJ* includes DRAM traffic (the layer does not fit in the PEs' SRAM)",
+                  box=box.SIMPLE_HEAD)
+    # Short headers and unwrapped cells keep layer names whole in an 80-column terminal.
+    table.add_column("layer", no_wrap=True, min_width=max(len(r.name) for r in layers))
+    table.add_column("matrix", no_wrap=True)
+    for header in ("act nz", "cycles", "us", "PE util", "min PE", "uJ"):
+        table.add_column(header, justify="right", no_wrap=True)
     for r in layers:
         n = max(r.vectors, 1)
         rows, cols = r.matrix_shape
         table.add_row(
             r.name, f"{rows}x{cols}", f"{r.active_columns / (n * cols):.1%}" if cols else "-",
             f"{r.cycles / n:,.0f}", f"{r.time_per_vector_s * 1e6:.2f}", f"{r.load_efficiency:.1%}",
-            f"{r.pe_utilisation.min():.1%}", f"{r.padding_macs / max(r.macs + r.padding_macs, 1):.1%}",
-            f"{r.energy_total_pj * 1e-6 / n:.3f}", "yes" if r.fits_on_chip else "no (DRAM)",
+            f"{r.pe_utilisation.min():.1%}",
+            f"{r.energy_total_pj * 1e-6 / n:.3f}" + ("" if r.fits_on_chip else "*"),
         )
     if len(layers) > 1:
         per_vector = sum(r.cycles / max(r.vectors, 1) for r in layers)
         energy = sum(r.energy_total_pj / max(r.vectors, 1) for r in layers)
         table.add_row("total", "", "", f"{per_vector:,.0f}", f"{per_vector / config.clock_hz * 1e6:.2f}", "", "",
-                      "", f"{energy * 1e-6:.3f}", "yes" if all(r.fits_on_chip for r in layers) else "no",
+                      f"{energy * 1e-6:.3f}" + ("" if all(r.fits_on_chip for r in layers) else "*"),
                       style="bold")
     return table
