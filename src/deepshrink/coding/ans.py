@@ -14,7 +14,7 @@ Examples:
     >>> symbols = np.array([0, 0, 0, 1, 0, 2, 0, 0])
     >>> freqs = ans_frequencies(np.bincount(symbols))
     >>> int(freqs.sum()), decode_ans(encode_ans(symbols, freqs), 8, freqs).tolist()
-    (4096, [0, 0, 0, 1, 0, 2, 0, 0])
+    (64, [0, 0, 0, 1, 0, 2, 0, 0])
 """
 
 from __future__ import annotations
@@ -24,15 +24,31 @@ import numpy as np
 
 from deepshrink.errors import DeepShrinkError, FileFormatError
 
-MIN_PRECISION = 12  # frequencies sum to 2**12 unless the alphabet needs more
-MAX_PRECISION = 20  # stays well inside constriction's 24-bit model precision
+MIN_PRECISION = 6  # frequencies sum to at least 2**6
+MAX_TABLE_PRECISION = 14  # finer tables gain < 0.001 bit a symbol on our streams
+MAX_PRECISION = 20  # for alphabets of up to 2**19 used symbols; well inside constriction's 24-bit models
+
+
+def _quantize(counts: np.ndarray, precision: int) -> np.ndarray:
+    """Integer frequencies summing to ``2**precision``; used symbols keep at least 1.
+
+    The rounding remainder goes to the most frequent symbol, where it costs least.
+    """
+    total = 1 << precision
+    spare = total - np.count_nonzero(counts)  # shared out in proportion, on top of each used symbol's 1
+    freqs = np.where(counts > 0, 1 + counts * spare // int(counts.sum()), 0)
+    freqs[np.argmax(counts)] += total - int(freqs.sum())
+    return freqs
 
 
 def ans_frequencies(counts: np.ndarray) -> np.ndarray:
-    """Quantize symbol counts to integer frequencies summing to a power of two.
+    """Quantize symbol counts to the integer frequency table that stores the stream smallest.
 
-    Every used symbol keeps at least 1; the rounding remainder goes to the most
-    frequent symbol, where it costs least.
+    A finer table models the stream better but costs more varint bytes; for a
+    short stream over a large alphabet (a 256-entry codebook, a few thousand
+    weights) the table can outweigh the payload, so the precision (sum of the
+    frequencies, a power of two up to ``2**MAX_TABLE_PRECISION``) is picked by
+    the estimated total size.
 
     Args:
         counts: ``(k,)`` non-negative counts with at least one non-zero.
@@ -47,14 +63,18 @@ def ans_frequencies(counts: np.ndarray) -> np.ndarray:
     used = int(np.count_nonzero(counts))
     if used == 0:
         raise DeepShrinkError("cannot build an ANS model for an empty stream")
-    precision = max(MIN_PRECISION, used.bit_length() + 2)
-    if precision > MAX_PRECISION:
-        raise DeepShrinkError(f"{used} distinct symbols exceed the ANS table limit of 2**{MAX_PRECISION - 2}")
-    total = 1 << precision
-    spare = total - used  # what is shared out in proportion, on top of the 1 each used symbol gets
-    freqs = np.where(counts > 0, 1 + counts * spare // int(counts.sum()), 0)
-    freqs[np.argmax(counts)] += total - int(freqs.sum())
-    return freqs
+    lowest = max(MIN_PRECISION, used.bit_length() + 1)
+    if lowest > MAX_PRECISION:
+        raise DeepShrinkError(f"{used} distinct symbols exceed the ANS table limit of 2**{MAX_PRECISION - 1}")
+    best, best_bits = None, np.inf
+    for precision in range(lowest, max(lowest, MAX_TABLE_PRECISION) + 1):
+        freqs = _quantize(counts, precision)
+        live = counts > 0
+        payload_bits = float((counts[live] * (precision - np.log2(freqs[live]))).sum())
+        table_bits = 8 * float((1 + np.floor(np.log2(np.maximum(freqs, 1)) / 7)).sum())  # LEB128 bytes
+        if payload_bits + table_bits < best_bits:
+            best, best_bits = freqs, payload_bits + table_bits
+    return best
 
 
 def _model(frequencies: np.ndarray) -> "constriction.stream.model.Categorical":
