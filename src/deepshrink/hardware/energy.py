@@ -74,7 +74,7 @@ class LayerEvents:
         activation_writes: broadcast writes into every PE's queue, one accumulator write
             per multiply-accumulate, and the output activations.
         macs: multiply-accumulates, padding zeros included (they take an ALU cycle).
-        dram_bits: bits read from DRAM because the layer does not fit on chip.
+        dram_bits: bits read from DRAM: what does not fit in each PE's SRAMs, every run.
     """
 
     matrix_sram_reads: int
