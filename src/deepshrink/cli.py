@@ -89,6 +89,18 @@ def _run_recipe(args: argparse.Namespace) -> None:
     run_recipe(recipe, data_dir=args.data_dir, out=args.out, console=console)
 
 
+def _cmd_info(args: argparse.Namespace) -> None:
+    from deepshrink.fileinfo import print_info
+    print_info(args.file, console, json_path=args.json)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from deepshrink.export import export_file
+    shape = tuple(int(s) for s in args.input_shape.split(",")) if args.input_shape else None
+    export_file(args.file, args.out, shape, trust_factory=args.trust_factory)
+    console.print(f"wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepshrink", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -132,6 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the per-layer results here as JSON")
     p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("info", help="per-layer sizes of a .dsz file (bits, bytes, ratios) and a coder comparison")
+    p.add_argument("file")
+    p.add_argument("--json", help="also write the size breakdown here as JSON")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("export", help="decode a .dsz file to a dense .safetensors or .onnx file")
+    p.add_argument("file")
+    p.add_argument("out", help="output path ending in .safetensors or .onnx")
+    p.add_argument("--input-shape", help="ONNX: example input shape, e.g. 1,1,28,28")
+    p.add_argument("--trust-factory", action="store_true",
+                   help="ONNX: let the file's model factory be imported even outside deepshrink.models")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 
