@@ -18,14 +18,16 @@ Examples:
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass
 
+from rich.console import Console
 from rich.table import Table
 
 from deepshrink.coding.relative import encode_relative
 from deepshrink.coding.streams import CODERS, encode_with
-from deepshrink.fileformat import DszContents, decode_file, read_bytes
+from deepshrink.fileformat import DszContents, decode_file, read_bytes, write_atomic
 from deepshrink.tensor import CompressedTensor
 
 FP32_BYTES = 4  # the dense baseline of every ratio: fp32 weights, as in Deep Compression's tables
@@ -209,3 +211,19 @@ def coder_table(contents: DszContents, report: FileSize, title: str = "") -> Tab
         table.add_row(t.name, *(f"{comparison[s][c]:.2f}" for s in ("index", "codes") for c in CODERS))
     return table
 
+
+
+def print_info(path: str | os.PathLike, console: Console, json_path: str | os.PathLike | None = None) -> FileSize:
+    """``deepshrink info``: the per-layer table and the coder comparison, optionally as JSON too.
+
+    Raises:
+        FileFormatError: the file is damaged.
+    """
+    data = read_bytes(path)
+    contents = decode_file(data)
+    report = breakdown(data, contents)
+    console.print(layer_table(report, f"{path}: {report.total_bytes:,} bytes"))
+    console.print(coder_table(contents, report, "bits per symbol of each stream under each coder (code tables included)"))
+    if json_path is not None:
+        write_atomic(json_path, json.dumps(report.to_dict(), indent=2).encode())
+    return report

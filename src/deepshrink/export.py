@@ -1,0 +1,114 @@
+"""Export of the decoded dense model to safetensors and ONNX, for runtimes that know neither.
+
+Both exports write the weights the compressed model computes with (codebook
+values at the kept positions, exact zeros elsewhere), so they are as accurate as
+the ``.dsz`` file but dense-sized.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+
+import torch
+from torch.nn.utils import parametrize
+
+from deepshrink.errors import DeepShrinkError
+from deepshrink.fileformat import DszContents, write_atomic
+
+
+def dense_state_dict(source: torch.nn.Module | DszContents) -> dict[str, torch.Tensor]:
+    """Plain state dict with every compressed weight decoded to a dense tensor.
+
+    Args:
+        source: a (possibly compressed) model, or a file's contents from
+            :func:`deepshrink.fileformat.read`.
+
+    Returns:
+        ``{name: tensor}`` without parametrization internals: ``fc1.weight``,
+        not ``fc1.parametrizations.weight.original``.
+    """
+    if isinstance(source, DszContents):
+        state = {name: ct.to_dense() for name, ct in source.tensors.items()}
+        state.update(source.arrays)
+        return state
+    return {name: t.detach().cpu().contiguous() for name, t in _dense_copy(source).state_dict().items()}
+
+
+def _dense_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` with every parametrization baked into a plain weight; ``model`` is untouched."""
+    dense = copy.deepcopy(model)
+    for module in dense.modules():
+        for param in list(getattr(module, "parametrizations", {})):
+            parametrize.remove_parametrizations(module, param, leave_parametrized=True)
+    return dense
+
+
+def export_safetensors(source: torch.nn.Module | DszContents, path: str | os.PathLike) -> None:
+    """Write :func:`dense_state_dict` as a safetensors file (atomically).
+
+    Examples:
+        >>> import tempfile, os
+        >>> from safetensors.torch import load_file
+        >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+        >>> export_safetensors(torch.nn.Linear(2, 3), path)
+        >>> sorted(load_file(path))
+        ['bias', 'weight']
+    """
+    from safetensors.torch import save
+
+    write_atomic(path, save(dense_state_dict(source)))
+
+
+def export_onnx(model: torch.nn.Module, example_input: torch.Tensor, path: str | os.PathLike, opset: int = 17) -> None:
+    """Trace ``model`` with its decoded dense weights baked in and write ONNX (atomically).
+
+    The model is not changed: a copy has its parametrizations removed
+    (``leave_parametrized=True``) so the graph holds plain weights, which every
+    ONNX runtime can run.
+
+    Args:
+        model: a compressed (or plain) model.
+        example_input: one batch of the model's input; the batch dimension is
+            exported as dynamic.
+        path: the ``.onnx`` file to write.
+        opset: ONNX opset version.
+
+    Raises:
+        DeepShrinkError: the exporter cannot trace the model.
+    """
+    dense = _dense_copy(model).eval()
+    buffer = io.BytesIO()
+    try:
+        # The TorchScript exporter needs no onnxscript, which is not a dependency of ours.
+        torch.onnx.export(dense, (example_input,), buffer, dynamo=False, opset_version=opset,
+                          input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})  # fmt: skip
+    except Exception as err:  # the exporter raises many types; name the cause for the user
+        raise DeepShrinkError(f"ONNX export of {type(model).__name__} failed: {err}") from err
+    write_atomic(path, buffer.getvalue())
+
+
+def export_file(
+    path: str | os.PathLike, out: str | os.PathLike, input_shape: tuple[int, ...] | None = None,
+    trust_factory: bool = False,
+) -> None:
+    """Export a ``.dsz`` file to ``out``: ``.safetensors``, or ``.onnx`` (needs the file's model factory).
+
+    Raises:
+        DeepShrinkError: an unknown extension, ONNX without ``input_shape``, or a
+            file that names no (trusted) factory for ONNX.
+    """
+    from deepshrink.fileformat import build_model, load_into, read
+
+    contents, suffix = read(path), os.path.splitext(str(out))[1].lower()
+    if suffix == ".safetensors":
+        export_safetensors(contents, out)
+    elif suffix == ".onnx":
+        if input_shape is None or contents.model is None:
+            raise DeepShrinkError("ONNX export needs --input-shape and a file saved with a model factory")
+        model = load_into(build_model(contents.model, trust_factory), contents)
+        export_onnx(model, torch.zeros(input_shape), out)
+    else:
+        raise DeepShrinkError(f"output {str(out)!r} must end in .safetensors or .onnx")
