@@ -164,13 +164,7 @@ def lenet_on_mnist():
     from deepshrink.models import lenet_300_100
     from deepshrink.prune import prune_
     from deepshrink.quantize import share_weights_
-
-    def train(model: nn.Module, lr: float, images: slice) -> None:
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
-        for start in range(images.start, images.stop, 100):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[start:start + 100]), y[start:start + 100]).backward()
-            opt.step()
+    from deepshrink.train import TrainConfig, fit
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on a shared 2-core machine, one thread trains this MLP many times faster
@@ -178,9 +172,10 @@ def lenet_on_mnist():
         torch.manual_seed(0)
         x, y = load_mnist(DATA, "train")
         model = lenet_300_100()
-        train(model, 0.1, slice(0, 20000))
+        fit(model, (x[:20000], y[:20000]), TrainConfig(lr=0.1, batch_size=100, progress=False))
         prune_(model, 0.92)
-        train(model, 0.01, slice(20000, 30000))  # retrain with the mask held, at 1/10 of the rate
+        # retrain with the mask held, at 1/10 of the rate
+        fit(model, (x[20000:30000], y[20000:30000]), TrainConfig(lr=0.01, batch_size=100, progress=False))
         share_weights_(model, bits=4)
     finally:
         torch.set_num_threads(threads)
