@@ -78,7 +78,9 @@ def ans_frequencies(counts: np.ndarray) -> np.ndarray:
 
 
 def _model(frequencies: np.ndarray) -> "constriction.stream.model.Categorical":
-    return constriction.stream.model.Categorical(np.asarray(frequencies, dtype=np.float64), perfect=False)
+    probabilities = np.zeros(max(2, len(frequencies)))  # constriction rejects a one-symbol alphabet
+    probabilities[: len(frequencies)] = frequencies
+    return constriction.stream.model.Categorical(probabilities, perfect=False)
 
 
 def encode_ans(symbols: np.ndarray, frequencies: np.ndarray) -> np.ndarray:

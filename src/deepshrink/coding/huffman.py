@@ -51,7 +51,7 @@ def huffman_lengths(counts: np.ndarray, max_length: int = MAX_HUFFMAN_LENGTH) ->
     if used.size > 1 << max_length:
         raise DeepShrinkError(f"{used.size} distinct symbols do not fit in {max_length}-bit Huffman codes")
     lengths = np.zeros(counts.size, dtype=np.uint8)
-    if used.size == 1:
+    if used.size <= 1:
         lengths[used] = 1
         return lengths
     weights = counts[used]
