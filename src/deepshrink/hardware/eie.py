@@ -343,9 +343,16 @@ def simulate_layer(
 
 @dataclass
 class NetworkResult:
-    """Per-layer results of a whole network, with totals."""
+    """Per-layer results of a whole network, with totals.
+
+    Args:
+        layers: one result per compressed matrix.
+        samples: model inputs (e.g. images) the layers' vectors came from; a convolution
+            contributes one vector per output position of each sample.
+    """
 
     layers: list[LayerResult]
+    samples: int = 1
 
     @property
     def cycles(self) -> int:

@@ -63,44 +63,52 @@ def simulate_file(
         raise DeepShrinkError(f"{path} names no model factory; simulate it with an activation density instead")
     tensors = compressed_tensors(model)
     x, _ = load_mnist(data_dir, "test")
-    return simulate_network(tensors, layer_inputs(model, tensors, x[:images]), config=config)
+    x = x[:images]
+    result = simulate_network(tensors, layer_inputs(model, tensors, x), config=config)
+    result.samples = len(x)
+    return result
 
 
-def results_table(layers: Sequence[LayerResult], title: str = "EIE simulation") -> Table:
-    """Per-layer table (figures per input vector) with a total row.
+def results_table(layers: Sequence[LayerResult], samples: int | None = None, title: str = "EIE simulation") -> Table:
+    """Per-layer table with a total row.
 
     Args:
         layers: simulated layers, on the same hardware.
+        samples: report figures per model input (e.g. per image: a convolution runs one
+            vector per output position); by default per input vector of each layer.
         title: table title.
 
     Returns:
         A :class:`rich.table.Table` to print.
+
+    Raises:
+        DeepShrinkError: if there is no layer.
     """
     if not layers:
         raise DeepShrinkError("no layer to report: the file holds no compressed tensor")
     config = layers[0].config
+    unit = "input vector" if samples is None else f"sample (mean of {samples})"
+    notes = [f"figures per {unit}", "PE util: mean busy fraction (load efficiency)", "min PE: least busy PE"]
+    if not all(r.fits_on_chip for r in layers):
+        notes.append("uJ*: includes DRAM traffic (the layer does not fit in the PEs' SRAM)")
     table = Table(title=f"{title}: {config.n_pe} PEs, {config.clock_hz / 1e6:g} MHz, FIFO depth {config.fifo_depth}",
-                  caption="per input vector; PE util = mean busy fraction (load efficiency), min PE = least busy PE;\n"
-                          "uJ* includes DRAM traffic (the layer does not fit in the PEs' SRAM)",
-                  box=box.SIMPLE_HEAD)
+                  caption="; ".join(notes), box=box.SIMPLE_HEAD)
     # Short headers and unwrapped cells keep layer names whole in an 80-column terminal.
     table.add_column("layer", no_wrap=True, min_width=max(len(r.name) for r in layers))
     table.add_column("matrix", no_wrap=True)
     for header in ("act nz", "cycles", "us", "PE util", "min PE", "uJ"):
         table.add_column(header, justify="right", no_wrap=True)
-    for r in layers:
-        n = max(r.vectors, 1)
+    per = [samples or max(r.vectors, 1) for r in layers]
+    for r, n in zip(layers, per):
         rows, cols = r.matrix_shape
         table.add_row(
-            r.name, f"{rows}x{cols}", f"{r.active_columns / (n * cols):.1%}" if cols else "-",
-            f"{r.cycles / n:,.0f}", f"{r.time_per_vector_s * 1e6:.2f}", f"{r.load_efficiency:.1%}",
-            f"{r.pe_utilisation.min():.1%}",
-            f"{r.energy_total_pj * 1e-6 / n:.3f}" + ("" if r.fits_on_chip else "*"),
+            r.name, f"{rows}x{cols}", f"{r.active_columns / (max(r.vectors, 1) * cols):.1%}" if cols else "-",
+            f"{r.cycles / n:,.0f}", f"{r.time_s / n * 1e6:.2f}", f"{r.load_efficiency:.1%}",
+            f"{r.pe_utilisation.min():.1%}", f"{r.energy_total_pj * 1e-6 / n:.3f}" + ("" if r.fits_on_chip else "*"),
         )
     if len(layers) > 1:
-        per_vector = sum(r.cycles / max(r.vectors, 1) for r in layers)
-        energy = sum(r.energy_total_pj / max(r.vectors, 1) for r in layers)
-        table.add_row("total", "", "", f"{per_vector:,.0f}", f"{per_vector / config.clock_hz * 1e6:.2f}", "", "",
-                      f"{energy * 1e-6:.3f}" + ("" if all(r.fits_on_chip for r in layers) else "*"),
-                      style="bold")
+        cycles = sum(r.cycles / n for r, n in zip(layers, per))
+        energy = sum(r.energy_total_pj / n for r, n in zip(layers, per))
+        table.add_row("total", "", "", f"{cycles:,.0f}", f"{cycles / config.clock_hz * 1e6:.2f}", "", "",
+                      f"{energy * 1e-6:.3f}" + ("" if all(r.fits_on_chip for r in layers) else "*"), style="bold")
     return table
