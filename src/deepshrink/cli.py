@@ -70,10 +70,12 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         ct = synthetic_layer(outputs, inputs, density, seed=args.seed)
         layers = [simulate_layer(ct, act_density=1.0 if act_density is None else act_density,
                                  config=config, seed=args.seed, name=name)]
+        samples = None
     else:
-        layers = simulate_file(args.file, config=config, act_density=args.act_density, data=args.data,
-                               data_dir=args.data_dir, images=args.images, seed=args.seed).layers
-    console.print(results_table(layers))
+        network = simulate_file(args.file, config=config, act_density=args.act_density, data=args.data,
+                                data_dir=args.data_dir, images=args.images, seed=args.seed)
+        layers, samples = network.layers, (network.samples if args.data else None)
+    console.print(results_table(layers, samples))
     if args.json:
         from deepshrink.fileformat import write_atomic
         write_atomic(args.json, json.dumps([r.as_dict() for r in layers], indent=2).encode())
