@@ -381,7 +381,8 @@ def simulate_network(
         tensors: compressed weights by parameter name (``deepshrink.compressed_tensors``).
         activations: optional input activations per parameter name (see
             :func:`simulate_layer`); a name given here takes precedence over ``act_density``.
-        act_density: one density for every layer, or one per parameter name.
+        act_density: one density for every layer, or one per parameter name (a layer
+            with neither activations nor a density gets every input non-zero).
         config: the hardware.
         seed: random seed for densities.
 
