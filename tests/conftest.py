@@ -49,3 +49,13 @@ def _trained_lenet300(mnist_train) -> torch.nn.Module:
 def trained_lenet300(_trained_lenet300) -> torch.nn.Module:
     """LeNet-300-100 after one epoch on real MNIST (about 97% test accuracy); a fresh copy per test."""
     return copy.deepcopy(_trained_lenet300)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread: on a busy 2-core machine, two OpenMP threads
+    spinning against other processes made small-model training steps ~30x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
