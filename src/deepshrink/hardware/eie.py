@@ -247,6 +247,24 @@ def _sram_rows_read(entries: np.ndarray, start: np.ndarray, per_row: int) -> int
     return int(np.where(entries > 0, last - first + 1, 0).sum())
 
 
+def _run_vector(layout: PELayout, active: np.ndarray, config: EIEConfig, per_row: int) -> tuple[dict[str, int], np.ndarray]:
+    """Counts of one matrix-vector product whose non-zero inputs are the columns ``active``."""
+    slice_entries = layout.entries[:, active]  # (n_pe, n_active), in broadcast (column) order
+    cost = np.maximum(slice_entries, 1)  # an empty slice still takes its pointer-read cycle
+    finish, stalls = queue_schedule(np.ascontiguousarray(cost.T), np.int64(config.fifo_depth))
+    counts = {
+        "cycles": int(finish.max(initial=0)),
+        "ideal": math.ceil(int(cost.sum()) / config.n_pe),
+        "stalls": int(stalls),
+        "active": len(active),
+        "macs": int(layout.kept[:, active].sum()),
+        "padding": int(layout.padding[:, active].sum()),
+        "empty": int((slice_entries == 0).sum()),
+        "sram_rows": _sram_rows_read(slice_entries, layout.start[:, active], per_row),
+    }
+    return counts, cost.sum(axis=1)
+
+
 def simulate_layer(
     ct: CompressedTensor,
     activations: ActivationInput | None = None,
@@ -301,23 +319,14 @@ def simulate_layer(
     spill_bits = int(np.maximum(matrix_bits - 8 * config.matrix_sram_bytes, 0).sum()
                      + config.n_pe * max(pointer_bits - 8 * config.pointer_sram_bytes, 0))
 
-    totals = dict(cycles=0, ideal=0, stalls=0, active=0, macs=0, padding=0, empty=0, sram_rows=0)
+    totals = dict.fromkeys(("cycles", "ideal", "stalls", "active", "macs", "padding", "empty", "sram_rows"), 0)
     busy = np.zeros(config.n_pe, dtype=np.int64)
     acts = _activation_matrix(activations, act_density, n_cols, seed)
     for vector in acts:
-        active = np.flatnonzero(vector)  # leading-non-zero detection, in column order
-        slice_entries = entries[:, active]  # (n_pe, n_active)
-        cost = np.maximum(slice_entries, 1)
-        finish, stalls = queue_schedule(np.ascontiguousarray(cost.T), np.int64(config.fifo_depth))
-        busy += cost.sum(axis=1)
-        totals["cycles"] += int(finish.max(initial=0))
-        totals["ideal"] += math.ceil(int(cost.sum()) / config.n_pe)
-        totals["stalls"] += int(stalls)
-        totals["active"] += len(active)
-        totals["macs"] += int(layout.kept[:, active].sum())
-        totals["padding"] += int(layout.padding[:, active].sum())
-        totals["empty"] += int((slice_entries == 0).sum())
-        totals["sram_rows"] += _sram_rows_read(slice_entries, layout.start[:, active], per_row)
+        counts, pe_busy = _run_vector(layout, np.flatnonzero(vector), config, per_row)
+        busy += pe_busy
+        for key, value in counts.items():
+            totals[key] += value
 
     n_vectors = len(acts)
     all_macs = totals["macs"] + totals["padding"]
