@@ -16,6 +16,8 @@ This is the API a sparse LSTM or any other layer calls for its SpMV.
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
@@ -86,7 +88,7 @@ class SparseMatrix:
             activations, int64 accumulators) instead of fp32.
 
     Raises:
-        DeepShrinkError: if ``workers`` is not a positive integer.
+        DeepShrinkError: if ``workers`` is not a positive integer or ``tensor`` is 0-D.
 
     Examples:
         >>> import torch
@@ -99,8 +101,11 @@ class SparseMatrix:
         workers = numba.get_num_threads() if workers is None else workers
         if not isinstance(workers, (int, np.integer)) or workers < 1:
             raise DeepShrinkError(f"workers={workers!r} must be a positive integer")
+        if not tensor.shape:
+            raise DeepShrinkError("a 0-D tensor has no matrix view; the engine needs at least 1-D weights")
         self.tensor = tensor
-        self.shape = tensor.matrix_shape
+        # not tensor.matrix_shape: that reports 0 columns when there are 0 rows
+        self.shape = (tensor.shape[0], math.prod(tensor.shape[1:]))
         self.workers = int(workers)
         self.fixed_point = bool(fixed_point)
         if self.fixed_point:
@@ -121,7 +126,7 @@ class SparseMatrix:
         return sum(a.nbytes for a in (self.col_ptr, self.col_gaps, self.col_codes, self.codebook))
 
     def _interleaved_csc(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rows, cols = self.tensor.rows_cols()
+        rows, cols = self.tensor.rows_cols()  # empty when there are 0 rows, so no division by 0 columns
         n_cols = self.shape[1]
         worker, local = rows % self.workers, rows // self.workers
         segment = worker * n_cols + cols

@@ -1,0 +1,286 @@
+"""The engine: kernels against plain NumPy references, layers against the decoded dense model
+(odd shapes, every batch path, 16-bit fixed point), and real LeNets on MNIST."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepshrink.coding.relative import encode_relative
+from deepshrink.engine import SparseConv2d, SparseLinear, SparseMatrix, compile_model, engine_layers, from_file, kernels
+from deepshrink.engine.fixedpoint import fraction_bits, from_fixed, to_fixed
+from deepshrink.engine.matrix import segmented_stream
+from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
+from deepshrink.tensor import CompressedTensor
+
+# (rows, cols, weight density): empty and all-zero matrices, one row, one column,
+# long gaps (escapes) and more rows than a uint16 holds.
+SHAPES = [(0, 5, 0.5), (4, 0, 0.5), (5, 7, 0.0), (1, 9, 0.6), (9, 1, 0.6), (600, 40, 0.004), (70_000, 3, 0.01)]
+
+
+def random_tensor(rows: int, cols: int, density: float, seed: int = 0, bits: int = 4) -> CompressedTensor:
+    rng = np.random.default_rng(seed)
+    positions = np.flatnonzero(rng.random(rows * cols) < density)
+    codebook = rng.standard_normal(1 << bits).astype(np.float32)
+    return CompressedTensor((rows, cols), positions, rng.integers(0, 1 << bits, len(positions)), codebook, bits)
+
+
+def reference_segments(segment: np.ndarray, offset: np.ndarray, n_segments: int) -> tuple[np.ndarray, np.ndarray]:
+    """One encode_relative call per segment, concatenated: the obvious layout."""
+    runs = [encode_relative(offset[segment == s], kernels.INDEX_BITS) for s in range(n_segments)]
+    ptr = np.concatenate([[0], np.cumsum([len(r) for r in runs])])
+    return ptr, np.concatenate(runs) if runs else np.zeros(0, np.uint8)
+
+
+@pytest.mark.parametrize("n_segments", [0, 1, 3, 8])
+def test_segmented_stream_matches_per_segment_encoding(n_segments: int) -> None:
+    rng = np.random.default_rng(n_segments)
+    n = 4 * n_segments
+    segment = np.sort(rng.integers(0, max(n_segments, 1), n))
+    offset = rng.integers(0, 900, n)  # gaps of several hundred need escapes
+    keys = np.unique(segment * 1000 + offset)
+    segment, offset = keys // 1000, keys % 1000
+    codes = rng.integers(1, 16, len(keys)).astype(np.uint8)
+    ptr, gaps, aligned = segmented_stream(segment, offset, codes, n_segments)
+    ref_ptr, ref_gaps = reference_segments(segment, offset, n_segments)
+    np.testing.assert_array_equal(ptr, ref_ptr)
+    np.testing.assert_array_equal(gaps, ref_gaps)
+    np.testing.assert_array_equal(aligned[gaps != kernels.ESCAPE], codes)
+    assert not aligned[gaps == kernels.ESCAPE].any()
+
+
+@pytest.mark.parametrize("x", [[], [0.0, 0.0], [0.0, 1.5, 0.0, -2.0, 3.0]])
+def test_nonzero_columns(x: list[float]) -> None:
+    x = np.array(x, dtype=np.float32)
+    np.testing.assert_array_equal(kernels.nonzero_columns(x), np.flatnonzero(x))
+
+
+@pytest.mark.parametrize("rows,cols,density", SHAPES)
+@pytest.mark.parametrize("workers", [1, 3])
+def test_csc_kernel_matches_dense(rows: int, cols: int, density: float, workers: int) -> None:
+    t = random_tensor(rows, cols, density)
+    m = SparseMatrix(t, workers=workers)
+    x = np.random.default_rng(1).standard_normal(cols).astype(np.float32)
+    x[::3] = 0  # zero activations are skipped
+    acc = np.zeros((workers, m.local_rows), dtype=np.float32)
+    kernels.csc_matvec(m.col_ptr, m.col_gaps, m.col_codes, m.codebook, x, acc)
+    expected = np.zeros(workers * m.local_rows, dtype=np.float32)
+    expected[:rows] = t.to_dense().numpy() @ x
+    np.testing.assert_allclose(acc.T.reshape(-1), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,cols,density", SHAPES)
+def test_csr_kernel_matches_dense(rows: int, cols: int, density: float) -> None:
+    t = random_tensor(rows, cols, density, seed=2)
+    row_ptr, gaps, codes = segmented_stream(*t.rows_cols(), t.codes, rows)
+    xt = np.random.default_rng(3).standard_normal((cols, 5)).astype(np.float32)
+    out = np.zeros((rows, 5), dtype=np.float32)
+    kernels.csr_matmul(row_ptr, gaps, codes, t.codebook, xt, out)
+    np.testing.assert_allclose(out, t.to_dense().numpy() @ xt, rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_in_fixed_point_are_exact_integer_sums() -> None:
+    t = random_tensor(300, 200, 0.1, seed=4)
+    cb, _ = to_fixed(t.codebook)
+    x, _ = to_fixed(np.random.default_rng(5).standard_normal(200))
+    x[::2] = 0
+    dense = np.zeros(t.numel, dtype=np.int64)
+    dense[t.positions] = cb[t.codes]
+    dense = dense.reshape(300, 200)
+    m = SparseMatrix(t, workers=2)
+    acc = np.zeros((2, m.local_rows), dtype=np.int64)
+    kernels.csc_matvec(m.col_ptr, m.col_gaps, m.col_codes, cb, x, acc)
+    np.testing.assert_array_equal(acc.T.reshape(-1)[:300], dense @ x.astype(np.int64))
+    row_ptr, gaps, codes = segmented_stream(*t.rows_cols(), t.codes, 300)
+    out = np.zeros((300, 1), dtype=np.int64)
+    kernels.csr_matmul(row_ptr, gaps, codes, cb, x[:, None].copy(), out)
+    np.testing.assert_array_equal(out[:, 0], dense @ x.astype(np.int64))
+
+
+def test_fixed_point_formats() -> None:
+    assert fraction_bits(np.zeros(3)) == 15 and fraction_bits(np.zeros(0)) == 15
+    q, frac = to_fixed(np.array([1.0, -1.0, 0.3]))  # 1.0 needs one integer bit
+    assert frac == 14 and q.tolist() == [16384, -16384, round(0.3 * 2**14)]
+    q, frac = to_fixed(np.array([0.99999]))  # rounds up to 2**15: saturates
+    assert frac == 15 and q.tolist() == [32767]
+    values = np.random.default_rng(6).standard_normal(1000) * 7
+    q, frac = to_fixed(values)
+    assert np.abs(from_fixed(q, frac) - values).max() <= 2.0 ** -(frac + 1) + 1e-6
+
+
+# -- layers and products against the decoded dense weights ---------------------
+
+
+BATCHES = [1, 2, 3, 4, 16, 64]  # per-sample CSC below CSR_MIN_BATCH, CSR from there
+
+
+def fixed_point_reference(t: CompressedTensor, x: np.ndarray) -> np.ndarray:
+    """EIE arithmetic spelled out: int16 weights and activations, exact int64 dot products."""
+    cb, cb_frac = to_fixed(t.codebook)
+    xq, x_frac = to_fixed(x)
+    dense = np.zeros(t.numel, dtype=np.int64)
+    dense[t.positions] = cb[t.codes]
+    acc = xq.astype(np.int64) @ dense.reshape(t.shape[0], -1).T
+    return from_fixed(acc, cb_frac + x_frac)
+
+
+@pytest.mark.parametrize("rows,cols,density", SHAPES)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_matrix_products_match_dense(rows: int, cols: int, density: float, batch: int) -> None:
+    t = random_tensor(rows, cols, density, seed=batch)
+    dense = t.to_dense().numpy()
+    x = np.random.default_rng(batch).standard_normal((batch, cols)).astype(np.float32)
+    x[:, ::4] = 0
+    m = SparseMatrix(t, workers=2)
+    np.testing.assert_allclose(m.matmul(x), x @ dense.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(m.matvec(x[0]), dense @ x[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_fixed_point_matches_reference_exactly(batch: int) -> None:
+    t = random_tensor(500, 300, 0.1, seed=7)
+    x = np.maximum(np.random.default_rng(8).standard_normal((batch, 300)), 0).astype(np.float32) * 3
+    np.testing.assert_array_equal(SparseMatrix(t, fixed_point=True).matmul(x), fixed_point_reference(t, x))
+
+
+def test_all_zero_input_and_weights() -> None:
+    t = random_tensor(40, 30, 0.0)
+    assert not SparseMatrix(t).matvec(np.ones(30, np.float32)).any()
+    t = random_tensor(40, 30, 0.3)
+    assert not SparseMatrix(t).matvec(np.zeros(30, np.float32)).any()
+    assert not SparseMatrix(t, fixed_point=True).matvec(np.zeros(30, np.float32)).any()
+
+
+def test_bad_input_is_named() -> None:
+    m = SparseMatrix(random_tensor(4, 3, 0.5))
+    with pytest.raises(DeepShrinkError, match="cols=3"):
+        m.matvec(np.zeros(4, np.float32))
+    with pytest.raises(DeepShrinkError, match="float32"):
+        m.matmul(np.zeros((2, 3), np.float64))
+    with pytest.raises(DeepShrinkError, match="workers=0"):
+        SparseMatrix(random_tensor(4, 3, 0.5), workers=0)
+    with pytest.raises(DeepShrinkError, match="2-D"):
+        SparseLinear(CompressedTensor.from_dense(torch.ones(2, 2, 2)))
+    with pytest.raises(DeepShrinkError, match="bias has 3"):
+        SparseLinear(random_tensor(4, 3, 0.5), torch.ones(3))
+    layer = SparseLinear(random_tensor(4, 3, 0.5))
+    with pytest.raises(DeepShrinkError, match=r"\(\.\.\., 3\)"):
+        layer(torch.zeros(2, 4))
+    with pytest.raises(DeepShrinkError, match="float32 CPU"):
+        layer(torch.zeros(2, 3, dtype=torch.float64))
+
+
+def test_sparse_linear_keeps_leading_dims() -> None:
+    t = random_tensor(6, 5, 0.5)
+    bias = torch.arange(6, dtype=torch.float32)
+    x = torch.randn(2, 3, 5)
+    expected = F.linear(x, t.to_dense(), bias)
+    torch.testing.assert_close(SparseLinear(t, bias)(x), expected)
+
+
+@pytest.mark.parametrize("stride,padding,dilation,batch", [(1, 0, 1, 1), (2, 1, 1, 3), (1, 2, 2, 2)])
+def test_sparse_conv_matches_conv2d(stride: int, padding: int, dilation: int, batch: int) -> None:
+    conv = nn.Conv2d(3, 8, 3, stride=stride, padding=padding, dilation=dilation)
+    t = random_tensor(8, 27, 0.3, seed=stride).to_dense().reshape(8, 3, 3, 3)
+    weight = CompressedTensor.from_dense(t)
+    x = torch.relu(torch.randn(batch, 3, 11, 9))
+    expected = F.conv2d(x, t, conv.bias, stride, padding, dilation)
+    torch.testing.assert_close(SparseConv2d.from_conv(conv, weight)(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UnsupportedLayerError, match="groups"):
+        SparseConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2), CompressedTensor.from_dense(torch.ones(4, 2, 3, 3)))
+
+
+def test_compile_model_names_bad_tensors() -> None:
+    net = nn.Sequential(nn.Linear(3, 4))
+    with pytest.raises(DeepShrinkError, match="not a weight"):
+        compile_model(net, {"1.weight": random_tensor(4, 3, 0.5)})
+    with pytest.raises(DeepShrinkError, match="differs"):
+        compile_model(net, {"0.weight": random_tensor(3, 3, 0.5)})
+    with pytest.warns(UserWarning, match="no compressed weights"):
+        compile_model(net, {})
+
+
+# -- real models on real MNIST -------------------------------------------------
+
+
+def compress_(model: nn.Module, sparsity: float) -> nn.Module:
+    from deepshrink.prune import prune_
+    from deepshrink.quantize import share_weights_
+
+    prune_(model, sparsity)
+    share_weights_(model)  # Deep Compression's defaults: 8 bits conv, 5 bits fc
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def lenet300(_trained_lenet300) -> nn.Module:
+    import copy
+
+    return compress_(copy.deepcopy(_trained_lenet300), 0.8)
+
+
+@pytest.fixture(scope="module")
+def lenet5(mnist_train) -> nn.Module:
+    from deepshrink.models import lenet_5
+    from deepshrink.train import TrainConfig, fit
+
+    torch.manual_seed(0)
+    model = lenet_5()
+    images, labels = mnist_train
+    fit(model, (images, labels), TrainConfig(lr=0.05, batch_size=64, max_steps=60, progress=False))
+    return compress_(model, 0.88)
+
+
+def logits(model: nn.Module, images: torch.Tensor, batch: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(images[i : i + batch]) for i in range(0, len(images), batch)])
+
+
+def assert_same_predictions(engine: nn.Module, decoded: nn.Module, images: torch.Tensor, batch: int) -> None:
+    """Logits within fp32 rounding of the decoded model's, and the same predicted classes."""
+    ours, theirs = logits(engine, images, batch), logits(decoded, images, len(images))
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert torch.equal(ours.argmax(1), theirs.argmax(1))
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_lenet300_on_engine_equals_decoded(lenet300: nn.Module, mnist_test, batch: int) -> None:
+    engine = compile_model(lenet300)
+    assert [n for n, _ in engine_layers(engine)] == ["fc1", "fc2", "fc3"]
+    images = mnist_test[0][: 60 if batch == 1 else 2000]
+    assert_same_predictions(engine, lenet300, images, batch)
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_lenet5_on_engine_equals_decoded(lenet5: nn.Module, mnist_test, batch: int) -> None:
+    engine = compile_model(lenet5)
+    assert [n for n, _ in engine_layers(engine)] == ["conv1", "conv2", "fc1", "fc2"]
+    images = mnist_test[0][: 30 if batch == 1 else 1000]
+    assert_same_predictions(engine, lenet5, images, batch)
+
+
+def test_fixed_point_keeps_lenet300_accuracy(lenet300: nn.Module, mnist_test) -> None:
+    images, labels = mnist_test
+    floating, fixed = (
+        float((logits(compile_model(lenet300, fixed_point=f), images, 1000).argmax(1) == labels).float().mean())
+        for f in (False, True)
+    )
+    assert floating > 0.9, floating
+    assert abs(fixed - floating) <= 0.003, (floating, fixed)  # EIE: 16 bits keep accuracy
+
+
+def test_from_file_runs_the_saved_model(lenet300: nn.Module, mnist_test, tmp_path) -> None:
+    from deepshrink.fileformat import save
+
+    path = tmp_path / "lenet300.dsz"
+    save(lenet300, path, factory="deepshrink.models:lenet_300_100")
+    assert_same_predictions(from_file(path), lenet300, mnist_test[0][:500], 100)
+    save(lenet300, path)  # no factory: the caller must bring the architecture
+    with pytest.raises(DeepShrinkError, match="pass model="):
+        from_file(path)
+    from deepshrink.models import lenet_300_100
+
+    assert_same_predictions(from_file(path, lenet_300_100()), lenet300, mnist_test[0][:500], 100)
