@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import warnings
 
 import torch
 from torch.nn.utils import parametrize
@@ -81,10 +82,13 @@ def export_onnx(model: torch.nn.Module, example_input: torch.Tensor, path: str |
     dense = _dense_copy(model).eval()
     buffer = io.BytesIO()
     try:
-        # The TorchScript exporter needs no onnxscript, which is not a dependency of ours.
-        torch.onnx.export(dense, (example_input,), buffer, dynamo=False, opset_version=opset,
-                          input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})  # fmt: skip
+        with warnings.catch_warnings():
+            # The TorchScript exporter needs no onnxscript (not a dependency of ours); its deprecation
+            # notice is noise for our users.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(dense, (example_input,), buffer, dynamo=False, opset_version=opset,
+                              input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})  # fmt: skip
     except Exception as err:  # the exporter raises many types; name the cause for the user
         raise DeepShrinkError(f"ONNX export of {type(model).__name__} failed: {err}") from err
     write_atomic(path, buffer.getvalue())
