@@ -233,7 +233,8 @@ def share_weights_(
     per_layer = resolve_per_layer(bits, targets, "bits") if bits is not None else {}
     report = []
     for t in targets:
-        b = check_bits(per_layer.get(t.name) or DEFAULT_BITS[t.kind], f"bits[{t.name}]")
+        b = per_layer.get(t.name)
+        b = check_bits(DEFAULT_BITS[t.kind] if b is None else b, "bits" if not isinstance(bits, dict) else f"bits[{t.name}]")
         mask = current_mask(t) & (t.weight.detach() != 0)
         weight = t.weight.detach()
         centroids, codes = kmeans_1d(weight[mask].cpu().numpy(), 1 << b, init, seed)
