@@ -1,0 +1,164 @@
+"""Damaged and malicious files: every one gets a FileFormatError, never a crash, hang or huge allocation."""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+import tracemalloc
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deepshrink.errors import FileFormatError
+from deepshrink.fileformat import MAGIC, PRELUDE, EncodeOptions, decode_file, encode_file, load
+from deepshrink.models import lenet_5
+from deepshrink.prune import prune_
+from deepshrink.quantize import share_weights_
+from deepshrink.tensor import CompressedTensor
+
+
+@pytest.fixture(scope="module")
+def real_file() -> bytes:
+    """A LeNet-5 pruned to the paper's densities and weight-shared, saved with Huffman coding (~20 KB)."""
+    torch.manual_seed(0)
+    model = lenet_5()
+    prune_(model, sparsity={"conv1.*": 0.34, "conv2.*": 0.88, "fc1.*": 0.92, "fc2.*": 0.81})
+    share_weights_(model, bits={"conv*": 6, "fc*": 4})
+    from deepshrink.fileformat import split_model
+
+    tensors, arrays = split_model(model)
+    data = encode_file(tensors, arrays, EncodeOptions(coder="huffman"), {"factory": "deepshrink.models:lenet_5", "kwargs": {}})
+    decode_file(data)  # sanity: the intact file reads
+    return data
+
+
+def tiny_file() -> bytes:
+    t = CompressedTensor((2, 3), np.array([1, 2, 5]), np.array([0, 1, 1]), np.array([-0.5, 0.25], np.float32), 1)
+    return encode_file({"w": t}, {"b": torch.tensor([1.0, -2.0])}, EncodeOptions(coder="none", layout="relative", index_bits=2))
+
+
+def test_tiny_file_bytes_are_pinned() -> None:
+    header = (
+        b'{"tensors":[{"name":"w","kind":"compressed","shape":[2,3],"bits":1,"nnz":3,'
+        b'"index":{"layout":"relative","ib":2,"coder":"none","n":3,"k":4,"t":0,"s":0},'
+        b'"codes":{"coder":"none","n":3,"k":2,"t":0,"s":1},"codebook":{"dtype":"float32","k":2,"s":2}},'
+        b'{"name":"b","kind":"array","dtype":"float32","shape":[2],"s":3}],"model":null,"meta":{},'
+        b'"sections":[[1,2852464175],[1,2679148245],[8,223855948],[8,3280414294]]}'
+    )
+    expected = (
+        b"DSHRINK\x00" + bytes.fromhex("0100" "0000") + struct.pack("<I", len(header)) + struct.pack("<I", zlib.crc32(header))
+        + header
+        + bytes([0b01_00_10_00])  # gaps 1, 0, 2 at 2 bits each
+        + bytes([0b011_00000])  # codes 0, 1, 1 at 1 bit each
+        + bytes.fromhex("000000bf" "0000803e")  # codebook -0.5, 0.25 (fp32 little-endian)
+        + bytes.fromhex("0000803f" "000000c0")  # bias 1.0, -2.0
+    )  # fmt: skip
+    assert tiny_file() == expected
+    assert decode_file(expected).tensors["w"].to_dense().tolist() == [[0.0, -0.5, 0.25], [0.0, 0.0, 0.25]]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.floats(0, 1, exclude_max=True))
+def test_truncated_at_any_offset(real_file: bytes, cut: float) -> None:
+    with pytest.raises(FileFormatError):
+        decode_file(real_file[: int(cut * len(real_file))])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(where=st.lists(st.floats(0, 1, exclude_max=True), min_size=1, max_size=3), bit=st.integers(0, 7))
+def test_flipped_bits_are_caught(real_file: bytes, where: list[float], bit: int) -> None:
+    damaged = bytearray(real_file)
+    for w in sorted({int(w * len(damaged)) for w in where}):
+        damaged[w] ^= 1 << bit
+    with pytest.raises(FileFormatError):
+        decode_file(bytes(damaged))
+
+
+def test_every_single_bit_flip_of_the_header_region_is_caught(real_file: bytes) -> None:
+    for offset in range(0, PRELUDE.size + 64):
+        damaged = bytearray(real_file)
+        damaged[offset] ^= 0x10
+        with pytest.raises(FileFormatError):
+            decode_file(bytes(damaged))
+
+
+def forge(header: dict, sections: list[bytes], version: int = 1, magic: bytes = MAGIC) -> bytes:
+    """A file whose checksums are all right: only the reader's own checks can stop it."""
+    header = {"model": None, "meta": {}, **header}
+    header.setdefault("sections", [[len(s), zlib.crc32(s)] for s in sections])
+    text = json.dumps(header).encode()
+    return PRELUDE.pack(magic, version, 0, len(text), zlib.crc32(text)) + text + b"".join(sections)
+
+
+def array_entry(shape: list[int], s: int = 0, dtype: str = "float32", name: str = "x") -> dict:
+    return {"name": name, "kind": "array", "dtype": dtype, "shape": shape, "s": s}
+
+
+def compressed_entry(nnz: int, n: int, shape: list[int] | None = None, coder: str = "none") -> dict:
+    return {
+        "name": "w", "kind": "compressed", "shape": shape or [10, 10], "bits": 2, "nnz": nnz,
+        "index": {"layout": "relative", "ib": 4, "coder": coder, "n": n, "k": 16, "t": 0, "s": 0},
+        "codes": {"coder": "none", "n": nnz, "k": 4, "t": 0, "s": 1},
+        "codebook": {"dtype": "float32", "k": 4, "s": 2},
+    }  # fmt: skip
+
+
+def rejects_within(data: bytes, match: str, max_bytes: int = 50 << 20) -> None:
+    """Decoding fails with ``match`` and never holds more than ``max_bytes`` of new memory."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(FileFormatError, match=match):
+            decode_file(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < max_bytes
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (forge({"tensors": [array_entry([10**6, 10**6])]}, [b"\x00" * 400]), "needs 4000000000000 bytes but the section holds 400"),
+        (forge({"tensors": [compressed_entry(10**12, 10**12)]}, [b"\x00" * 8, b"\x00" * 8, b"\x00" * 16]), "claims 1000000000000 symbols"),
+        (forge({"tensors": [array_entry([4])], "sections": [[10**12, 0]]}, [b"\x00" * 16]), "claims 1000000000000 bytes"),
+        (forge({"tensors": [array_entry([2**40, 2**40])]}, [b""]), "claims .* elements"),
+        (forge({"tensors": []}, [], version=2), "format version 2 .* not supported"),
+        (forge({"tensors": []}, [], magic=b"PK\x03\x04\x00\x00\x00\x00"), "not a deepshrink file"),
+        (MAGIC + struct.pack("<HHII", 1, 0, 2**32 - 1, 0) + b"{}", "header claims 4294967295 bytes"),
+        (forge({"tensors": [array_entry([4]), array_entry([4], name="y")]}, [b"\x00" * 16]), "section 0 is missing or used twice"),
+        (forge({"tensors": [array_entry([4]), array_entry([4], s=1)]}, [b"\x00" * 16] * 2), "'x' appears twice"),
+        (forge({"tensors": [array_entry([4])]}, [b"\x00" * 16, b"\x00"]), "belong to no tensor"),
+        (forge({"tensors": [array_entry([True])]}, [b"\x00" * 4]), "shape"),
+        (forge({"tensors": [array_entry([1], dtype="object")]}, [b"\x00" * 8]), "dtype 'object' is not one of"),
+        (forge({"tensors": [{**array_entry([4]), "kind": "pickle"}]}, [b"\x00" * 16]), "unknown kind 'pickle'"),
+        (forge({"tensors": "no"}, []), "'tensors' is missing or not list"),
+        (forge({"tensors": [compressed_entry(3, 3, coder="huffman")]}, [b"\x00" * 8, b"\x00", b"\x00" * 16]), "Huffman table"),
+        (forge({"tensors": [compressed_entry(3, 3)]}, [b"\xf0\x10", b"\x00", b"\x00" * 16]), "nnz=3 but 2 positions"),
+        (forge({"tensors": [compressed_entry(2, 2, shape=[1, 1])]}, [b"\x00", b"\x00", b"\x00" * 16]), "positions must be strictly increasing and inside"),
+        (PRELUDE.pack(MAGIC, 1, 0, 2000, zlib.crc32(b"[" * 1000 + b"]" * 1000)) + b"[" * 1000 + b"]" * 1000, "not valid JSON|missing"),
+        (b"DSHR", "shorter than the 20-byte prelude"),
+    ],
+)  # fmt: skip
+def test_malicious_files(data: bytes, match: str) -> None:
+    rejects_within(data, match)
+
+
+def test_load_of_a_file_naming_foreign_code_imports_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "evil.dsz"
+    path.write_bytes(forge({"tensors": [], "model": {"factory": "this:s", "kwargs": {}}}, []))
+    with pytest.raises(Exception, match="trust_factory=True"):
+        load(path)
+    assert "this" not in sys.modules
+
+
+def test_missing_file_is_a_deepshrink_error(tmp_path: Path) -> None:
+    from deepshrink.errors import DeepShrinkError
+
+    with pytest.raises(DeepShrinkError, match="cannot read"):
+        load(tmp_path / "nope.dsz")
