@@ -1,6 +1,10 @@
 """deepshrink: Deep Compression and EIE-style inference for PyTorch models."""
 
 from deepshrink.errors import DeepShrinkError, FileFormatError, UnsupportedLayerError
+from deepshrink.fileformat import load, load_into, read, save
 from deepshrink.tensor import CompressedTensor
 
-__all__ = ["CompressedTensor", "DeepShrinkError", "FileFormatError", "UnsupportedLayerError"]
+__all__ = [
+    "CompressedTensor", "DeepShrinkError", "FileFormatError", "UnsupportedLayerError",
+    "load", "load_into", "read", "save",
+]

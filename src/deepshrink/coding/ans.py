@@ -118,6 +118,6 @@ def decode_ans(words: np.ndarray, n: int, frequencies: np.ndarray) -> np.ndarray
         out = np.asarray(coder.decode(_model(frequencies), int(n)), dtype=np.int32)
     except (ValueError, RuntimeError, AssertionError) as err:  # constriction reports bad data this way
         raise FileFormatError(f"ANS stream is damaged: {err}") from err
-    if not coder.is_empty() or (out.size and not frequencies[out].all()):
+    if not coder.is_empty():
         raise FileFormatError(f"ANS stream of {len(words)} words does not hold exactly {n} symbols")
     return out
