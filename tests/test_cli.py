@@ -1,0 +1,34 @@
+"""The CLI is a thin layer: every command has --help; compress runs end to end."""
+
+import pytest
+
+from deepshrink.cli import build_parser, main
+
+
+def _commands():
+    parser = build_parser()
+    return sorted(parser._subparsers._group_actions[0].choices)
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: deepshrink " + command in capsys.readouterr().out
+
+
+def test_compress_on_digits_runs_and_reports(capsys):
+    code = main(["compress", "--model", "lenet-300-100", "--model-kwargs", '{"in_features": 64}',
+                 "--data", "digits", "--pretrain-epochs", "1", "--sparsity", "0.8", "--prune-steps", "2",
+                 "--bits", "fc=4", "--epochs", "0.2", "--lr", "0.05"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "fc1.weight" in out and "accuracy dense" in out
+
+
+def test_bad_input_gives_named_error(capsys):
+    assert main(["compress", "--data", "digits", "--sparsity", "1.5"]) == 2
+    assert "sparsity=1.5" in capsys.readouterr().out
+    assert main(["compress", "--model", "nosuch", "--data", "digits"]) == 2
+    assert "'nosuch'" in capsys.readouterr().out
