@@ -37,6 +37,8 @@ from deepshrink.prune import check_sparsity, prune_
 from deepshrink.quantize import INITS, check_bits, share_weights_
 from deepshrink.report import layer_table, rows_table
 from deepshrink.schedules import check_ramp, gradual_prune, iterative_levels
+from deepshrink.sensitivity import DEFAULT_SPARSITIES, check_sparsities, sensitivity_scan
+from deepshrink.ternary import DEFAULT_THRESHOLD, check_threshold, ternarize_
 from deepshrink.train import OPTIMIZERS, SCHEDULES, TrainConfig, evaluate, fit, iterative_prune
 
 MODELS = {"lenet-300-100": "deepshrink.models:lenet_300_100", "lenet-5": "deepshrink.models:lenet_5"}
@@ -146,7 +148,7 @@ class TrainStage:
                            weight_decay=self.weight_decay, optimizer=self.optimizer, schedule=self.lr_schedule,
                            batch_size=recipe.batch_size, seed=recipe.seed, max_steps=recipe.max_steps)
 
-    def run(self, model: nn.Module, train: Data, recipe: "Recipe") -> None:
+    def run(self, model: nn.Module, train: Data, recipe: "Recipe", console: Console) -> None:
         fit(model, train, self.config(recipe), description=type(self).__name__.removesuffix("Stage").lower())
 
 
@@ -155,6 +157,36 @@ class FinetuneStage(TrainStage):
     """Fine-tune with whatever masks and codebooks are installed: ``finetune:``."""
 
     lr: float = 0.001  # the paper retrains at 1/10 of the original rate
+
+
+@dataclass
+class SensitivitySpec:
+    """``prune: {sensitivity: {...}}``: choose per-layer sparsities by a sensitivity scan."""
+
+    max_drop: float = 0.01  # accuracy (not percent) each layer may lose when pruned alone
+    sparsities: list[float] = field(default_factory=lambda: list(DEFAULT_SPARSITIES))
+    samples: int = 5000  # measured on the last `samples` training examples, never the test set
+    plot: str | None = None  # PNG of the curves
+
+    def __post_init__(self) -> None:
+        self.max_drop = _number(self.max_drop, "max_drop", 0, 1)
+        if not isinstance(self.sparsities, list):
+            raise DeepShrinkError(f"sparsities={self.sparsities!r} must be a list of sparsities in [0, 1)")
+        self.sparsities = list(check_sparsities(_coerce(s) for s in self.sparsities))
+        self.samples = _number(self.samples, "samples", 1, integer=True)
+        _text(self.plot, "plot")
+
+    def propose(self, model: nn.Module, train: Data, granularity: object, layers: list[str] | None,
+                console: Console) -> dict[str, float]:
+        """Scan ``model`` on the tail of ``train`` and return the per-layer sparsities."""
+        held = (train[0][-self.samples:], train[1][-self.samples:])
+        scan = sensitivity_scan(model, held, self.sparsities, granularity=granularity, layers=layers)
+        console.print(scan.table())
+        if self.plot:
+            scan.plot(self.plot, self.max_drop)
+        proposal = scan.propose(self.max_drop)
+        console.print(f"sensitivity (max drop {self.max_drop:g}) proposes: {proposal}")
+        return proposal
 
 
 @dataclass
@@ -168,6 +200,7 @@ class PruneStage(TrainStage):
     lr: float = 0.001
     sparsity: float | dict[str, float] | None = None
     quality: float | dict[str, float] | None = None  # the paper's |w| <= quality * std rule instead
+    sensitivity: SensitivitySpec | None = None  # or per-layer sparsities from a sensitivity scan
     schedule: str = "iterative"
     steps: int = 3  # iterative rounds
     every: int = 50  # gradual: optimizer steps between prunings
@@ -178,12 +211,16 @@ class PruneStage(TrainStage):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if (self.sparsity is None) == (self.quality is None):
-            raise DeepShrinkError("give exactly one of sparsity (fraction removed) or quality (x std threshold)")
+        given = [k for k in ("sparsity", "quality", "sensitivity") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise DeepShrinkError(f"give exactly one of sparsity (fraction removed), quality (x std threshold) or "
+                                  f"sensitivity (scan settings); got {', '.join(given) or 'none'}")
         if self.sparsity is not None:
             self.sparsity = _per_layer(self.sparsity, "sparsity", _sparsity)
-        else:
+        elif self.quality is not None:
             self.quality = _per_layer(self.quality, "quality", lambda v, k: _number(v, k, 0))
+        elif not isinstance(self.sensitivity, SensitivitySpec):
+            self.sensitivity = _build(SensitivitySpec, self.sensitivity, "sensitivity")
         _choice(self.schedule, "schedule", PRUNE_SCHEDULES)
         self.steps = _number(self.steps, "steps", 1, integer=True)
         self.every = _number(self.every, "every", 1, integer=True)
@@ -195,11 +232,14 @@ class PruneStage(TrainStage):
         if self.quality is not None and (coarse or self.schedule != "iterative"):
             raise DeepShrinkError("quality works with schedule: iterative and granularity: fine; "
                                   "use sparsity for gradual or coarse-grained pruning")
-        if self.scope == "global" and (coarse or isinstance(self.sparsity or self.quality, dict)):
+        if self.scope == "global" and (coarse or self.sensitivity or isinstance(self.sparsity or self.quality, dict)):
             raise DeepShrinkError("scope: global needs granularity: fine and one scalar sparsity or quality")
 
-    def run(self, model: nn.Module, train: Data, recipe: "Recipe") -> None:
-        if self.schedule == "gradual":
+    def run(self, model: nn.Module, train: Data, recipe: "Recipe", console: Console) -> None:
+        if self.sensitivity is not None:
+            proposal = self.sensitivity.propose(model, train, self.granularity, self.layers, console)
+            dataclasses.replace(self, sensitivity=None, sparsity=proposal).run(model, train, recipe, console)
+        elif self.schedule == "gradual":
             gradual_prune(model, self.sparsity, train, self.config(recipe), every=self.every,
                           granularity=self.granularity, ramp=self.ramp, layers=self.layers)
         elif self.quality is not None:
@@ -233,10 +273,30 @@ class ShareStage(TrainStage):
         _choice(self.init, "init", INITS)
         self.layers = _patterns(self.layers, "layers")
 
-    def run(self, model: nn.Module, train: Data, recipe: "Recipe") -> None:
+    def run(self, model: nn.Module, train: Data, recipe: "Recipe", console: Console) -> None:
         share_weights_(model, self.bits, init=self.init, seed=recipe.seed, layers=self.layers)
         if self.epochs > 0:
             fit(model, train, self.config(recipe), description="fine-tune centroids")
+
+
+@dataclass
+class TernaryStage(TrainStage):
+    """Trained ternary quantization, then training of scales and latent weights: ``ternary:``."""
+
+    lr: float = 0.001
+    optimizer: str = "adam"  # Wp/Wn get sums of ~all gradients of a layer; SGD's fixed step makes them explode
+    threshold: float = DEFAULT_THRESHOLD  # t: |w| <= t * max|w| becomes 0
+    layers: list[str] | None = None  # the paper keeps the first and last layers in full precision
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.threshold = check_threshold(_coerce(self.threshold))
+        self.layers = _patterns(self.layers, "layers")
+
+    def run(self, model: nn.Module, train: Data, recipe: "Recipe", console: Console) -> None:
+        ternarize_(model, self.threshold, layers=self.layers)
+        if self.epochs > 0:
+            fit(model, train, self.config(recipe), description="train ternary")
 
 
 @dataclass
@@ -264,6 +324,7 @@ STAGES: dict[str, type] = {
     "train": TrainStage,
     "prune": PruneStage,
     "share": ShareStage,
+    "ternary": TernaryStage,
     "finetune": FinetuneStage,
     "encode": EncodeStage,
 }
@@ -453,7 +514,7 @@ def run_recipe(
             continue
         name = next(k for k, cls in STAGES.items() if type(stage) is cls)
         start = time.perf_counter()
-        stage.run(model, train, recipe)
+        stage.run(model, train, recipe, console)
         row = {"stage": f"{i}: {name}", "accuracy": evaluate(model, test), "seconds": time.perf_counter() - start}
         result["stages"].append(row)
         console.print(f"after {row['stage']}: accuracy {row['accuracy']:.4f} ({row['seconds']:.1f} s)")
