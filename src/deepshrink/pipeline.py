@@ -59,13 +59,19 @@ def _steps(settings: CompressSettings) -> list[float | dict[str, float]]:
 
 def compress(
     model: nn.Module, train: Data, test: Data, settings: CompressSettings,
-    out: str | None = None, console: Console | None = None,
+    out: str | None = None, console: Console | None = None, factory: str | None = None,
+    factory_kwargs: dict | None = None,
 ) -> dict:
     """Run the pipeline on ``model`` in place and return accuracies and timings.
 
+    Args:
+        out: write the compressed model there (``.dsz``), with ``factory`` and
+            ``factory_kwargs`` recorded so :func:`deepshrink.load` rebuilds it.
+
     Returns:
         ``{"dense_accuracy", "pruned_accuracy", "shared_accuracy", "accuracy",
-        "timings"}`` (accuracies on ``test``).
+        "timings"}`` (accuracies on ``test``), plus ``"file_bytes"`` and
+        ``"dense_bytes"`` (fp32 size of every parameter) when ``out`` is given.
     """
     console = console or Console()
     torch.manual_seed(settings.seed)
@@ -95,18 +101,34 @@ def compress(
                   f"shared {result['shared_accuracy']:.4f} -> fine-tuned {result['accuracy']:.4f}")
     if out is not None:
         from deepshrink.fileformat import save
-        save(model, out)
-        console.print(f"wrote {out}")
+        result["file_bytes"] = save(model, out, factory=factory, factory_kwargs=factory_kwargs)
+        result["dense_bytes"] = 4 * sum(p.numel() for n, p in model.named_parameters() if "codebook" not in n)
+        console.print(f"wrote {out}: {result['file_bytes']:,} bytes; fp32 parameters {result['dense_bytes']:,} bytes "
+                      f"({result['dense_bytes'] / result['file_bytes']:.1f}x smaller)")
     result["timings"] = dict(settings.timings)
     return result
 
 
-def demo(seed: int = 0, console: Console | None = None) -> dict:
-    """LeNet-300-100 on scikit-learn's bundled 8x8 digits: no download, under a minute."""
+def demo(seed: int = 0, console: Console | None = None, out: str | None = None) -> dict:
+    """LeNet-300-100 on scikit-learn's bundled 8x8 digits: no download, under a minute.
+
+    Trains, prunes, shares weights, fine-tunes, writes the file (``out``, else a
+    temporary one) and prints its per-layer size table.
+    """
+    import tempfile
+    from pathlib import Path
+
     from deepshrink.data.digits import load_digits
+    from deepshrink.fileinfo import print_info
     from deepshrink.models import lenet_300_100
 
+    console = console or Console()
     model = lenet_300_100(in_features=64)
-    settings = CompressSettings(sparsity=0.9, prune_steps=3, bits=4, pretrain_epochs=15, prune_epochs=3,
+    settings = CompressSettings(sparsity=0.85, prune_steps=3, bits=4, pretrain_epochs=15, prune_epochs=3,
                                 quant_epochs=3, lr=0.05, seed=seed)
-    return compress(model, load_digits("train"), load_digits("test"), settings, console=console)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = out or str(Path(tmp) / "demo.dsz")
+        result = compress(model, load_digits("train"), load_digits("test"), settings, out=path, console=console,
+                          factory="deepshrink.models:lenet_300_100", factory_kwargs={"in_features": 64})
+        print_info(path, console)
+    return result
