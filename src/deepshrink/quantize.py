@@ -121,8 +121,8 @@ def kmeans_1d(
 
     Examples:
         >>> c, codes = kmeans_1d(np.array([0.0, 0.1, 1.0, 1.1]), 2)
-        >>> c.round(2).tolist(), codes.tolist()
-        [[0.05, 1.05], [0, 0, 1, 1]]
+        >>> [round(float(v), 2) for v in c], codes.tolist()
+        ([0.05, 1.05], [0, 0, 1, 1])
     """
     if init not in INITS:
         raise DeepShrinkError(f"init={init!r} must be one of {', '.join(INITS)}")
