@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deepshrink.errors import FileFormatError
-from deepshrink.fileformat import MAGIC, PRELUDE, EncodeOptions, decode_file, encode_file, load
+from deepshrink.fileformat import MAGIC, MAX_HEADER_BYTES, PRELUDE, EncodeOptions, decode_file, encode_file, load
 from deepshrink.models import lenet_5
 from deepshrink.prune import prune_
 from deepshrink.quantize import share_weights_
@@ -40,7 +40,8 @@ def real_file() -> bytes:
 
 def tiny_file() -> bytes:
     t = CompressedTensor((2, 3), np.array([1, 2, 5]), np.array([0, 1, 1]), np.array([-0.5, 0.25], np.float32), 1)
-    return encode_file({"w": t}, {"b": torch.tensor([1.0, -2.0])}, EncodeOptions(coder="none", layout="relative", index_bits=2))
+    options = EncodeOptions(coder="none", layout="relative", index_bits=2)
+    return encode_file({"w": t}, {"b": torch.tensor([1.0, -2.0])}, options, deflate_header=False)
 
 
 def test_tiny_file_bytes_are_pinned() -> None:
@@ -61,6 +62,9 @@ def test_tiny_file_bytes_are_pinned() -> None:
     )  # fmt: skip
     assert tiny_file() == expected
     assert decode_file(expected).tensors["w"].to_dense().tolist() == [[0.0, -0.5, 0.25], [0.0, 0.0, 0.25]]
+    deflated = PRELUDE.pack(MAGIC, 1, 1, len(zlib.compress(header)), zlib.crc32(zlib.compress(header)))
+    deflated += zlib.compress(header) + expected[PRELUDE.size + len(header) :]
+    assert decode_file(deflated).header == decode_file(expected).header
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -88,12 +92,17 @@ def test_every_single_bit_flip_of_the_header_region_is_caught(real_file: bytes) 
             decode_file(bytes(damaged))
 
 
-def forge(header: dict, sections: list[bytes], version: int = 1, magic: bytes = MAGIC) -> bytes:
+def forge(header: dict, sections: list[bytes], version: int = 1, magic: bytes = MAGIC, flags: int = 0) -> bytes:
     """A file whose checksums are all right: only the reader's own checks can stop it."""
     header = {"model": None, "meta": {}, **header}
     header.setdefault("sections", [[len(s), zlib.crc32(s)] for s in sections])
     text = json.dumps(header).encode()
-    return PRELUDE.pack(magic, version, 0, len(text), zlib.crc32(text)) + text + b"".join(sections)
+    return PRELUDE.pack(magic, version, flags, len(text), zlib.crc32(text)) + text + b"".join(sections)
+
+
+def deflated(text: bytes) -> bytes:
+    stored = zlib.compress(text)
+    return PRELUDE.pack(MAGIC, 1, 1, len(stored), zlib.crc32(stored)) + stored
 
 
 def array_entry(shape: list[int], s: int = 0, dtype: str = "float32", name: str = "x") -> dict:
@@ -143,10 +152,19 @@ def rejects_within(data: bytes, match: str, max_bytes: int = 50 << 20) -> None:
         (forge({"tensors": [compressed_entry(2, 2, shape=[1, 1])]}, [b"\x00", b"\x00", b"\x00" * 16]), "positions must be strictly increasing and inside"),
         (PRELUDE.pack(MAGIC, 1, 0, 2000, zlib.crc32(b"[" * 1000 + b"]" * 1000)) + b"[" * 1000 + b"]" * 1000, "not valid JSON|missing"),
         (b"DSHR", "shorter than the 20-byte prelude"),
+        (forge({"tensors": []}, [], flags=2), "flags 2"),
+        (forge({"tensors": []}, [], flags=1), "does not inflate"),
     ],
+    ids=lambda value: value if isinstance(value, str) else None,
 )  # fmt: skip
 def test_malicious_files(data: bytes, match: str) -> None:
     rejects_within(data, match)
+
+
+def test_deflate_bomb_stops_at_the_header_cap() -> None:
+    bomb = deflated(b" " * (MAX_HEADER_BYTES + 1))  # 16 KB that would inflate past the cap
+    # zlib grows its output by copying, so the peak is up to twice the cap: bounded, whatever the file says.
+    rejects_within(bomb, "inflates past the cap", max_bytes=2 * MAX_HEADER_BYTES + (4 << 20))
 
 
 def test_load_of_a_file_naming_foreign_code_imports_nothing(tmp_path: Path) -> None:

@@ -4,10 +4,10 @@ Layout (all little-endian; the full spec is ``docs/fileformat.md``)::
 
     magic    8 bytes   b"DSHRINK\\0"
     version  u16       FORMAT_VERSION
-    flags    u16       0
-    hlen     u32       length of the JSON header, <= MAX_HEADER_BYTES
-    hcrc     u32       zlib.crc32 of the JSON header
-    header   hlen bytes, UTF-8 JSON
+    flags    u16       bit 0: the header is deflated (zlib); other bits 0
+    hlen     u32       length of the stored header, <= MAX_HEADER_BYTES
+    hcrc     u32       zlib.crc32 of the stored header
+    header   hlen bytes, UTF-8 JSON (deflated when flag bit 0 is set)
     sections back to back, no holes, each [length, crc32] listed in the header
 
 The reader checks every count against the bytes that hold it *before* it
@@ -40,7 +40,8 @@ from deepshrink.tensor import MAX_CODE_BITS, CompressedTensor
 MAGIC = b"DSHRINK\x00"
 FORMAT_VERSION = 1
 PRELUDE = struct.Struct("<8sHHII")  # magic, version, flags, header length, header crc32
-MAX_HEADER_BYTES = 64 << 20  # a header is names and small numbers; 64 MiB is thousands of layers
+FLAG_DEFLATED_HEADER = 1  # names and CRC digits deflate to about a third: 1 KB of a 30 KB LeNet file
+MAX_HEADER_BYTES = 16 << 20  # a header is names and small numbers: about 300 bytes a tensor
 MAX_ELEMENTS = 1 << 48  # no tensor shape may claim more (products are checked in Python ints)
 DEFAULT_INDEX_BITS = {"fc": 5, "conv": 8}  # Deep Compression: 5 bits for fully connected, 8 for conv
 LAYOUTS = ("auto", "relative", "bitmap")
@@ -168,8 +169,11 @@ def encode_file(
     options: EncodeOptions = EncodeOptions(),
     model: dict | None = None,
     metadata: dict | None = None,
+    deflate_header: bool = True,
 ) -> bytes:
     """Serialise tensors and arrays into the bytes of a ``.dsz`` file.
+
+    ``deflate_header=False`` keeps the JSON header readable in the file (tests pin such bytes).
 
     Raises:
         DeepShrinkError: a name appears twice, a dtype cannot be stored, or the
@@ -189,8 +193,10 @@ def encode_file(
         raise DeepShrinkError(f"model kwargs and metadata must be plain JSON data: {err}") from err
     if len(header_bytes) > MAX_HEADER_BYTES:
         raise DeepShrinkError(f"header of {len(header_bytes)} bytes exceeds the cap of {MAX_HEADER_BYTES}")
-    prelude = PRELUDE.pack(MAGIC, FORMAT_VERSION, 0, len(header_bytes), zlib.crc32(header_bytes))
-    return b"".join([prelude, header_bytes, *sections])
+    flags = FLAG_DEFLATED_HEADER if deflate_header else 0
+    stored = zlib.compress(header_bytes, 9) if deflate_header else header_bytes
+    prelude = PRELUDE.pack(MAGIC, FORMAT_VERSION, flags, len(stored), zlib.crc32(stored))
+    return b"".join([prelude, stored, *sections])
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -238,6 +244,18 @@ def _shape(entry: dict, where: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def _inflate(stored: bytes) -> bytes:
+    """Inflate a header, never past MAX_HEADER_BYTES (a deflate bomb stops there)."""
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(stored, MAX_HEADER_BYTES)
+    except zlib.error as err:
+        raise FileFormatError(f"header does not inflate: {err}") from err
+    if not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
+        raise FileFormatError(f"header inflates past the cap of {MAX_HEADER_BYTES} bytes or has trailing bytes")
+    return text
+
+
 def split_container(data: bytes) -> tuple[dict, list[memoryview]]:
     """Check the prelude, header and section table; return the header and each section's bytes.
 
@@ -250,15 +268,17 @@ def split_container(data: bytes) -> tuple[dict, list[memoryview]]:
     magic, version, flags, header_len, header_crc = PRELUDE.unpack_from(data)
     if magic != MAGIC:
         raise FileFormatError(f"not a deepshrink file: magic {magic!r}, expected {MAGIC!r}")
-    if version != FORMAT_VERSION or flags:
+    if version != FORMAT_VERSION or flags & ~FLAG_DEFLATED_HEADER:
         raise FileFormatError(f"format version {version} (flags {flags}) is not supported; this reader reads version "
-                              f"{FORMAT_VERSION} with flags 0")  # fmt: skip
+                              f"{FORMAT_VERSION} with flags 0 or {FLAG_DEFLATED_HEADER}")  # fmt: skip
     if header_len > min(MAX_HEADER_BYTES, len(data) - PRELUDE.size):
         raise FileFormatError(f"header claims {header_len} bytes but the file has {len(data) - PRELUDE.size} "
                               f"after the prelude (cap {MAX_HEADER_BYTES})")  # fmt: skip
     header_bytes = bytes(data[PRELUDE.size : PRELUDE.size + header_len])
     if zlib.crc32(header_bytes) != header_crc:
         raise FileFormatError("header checksum mismatch: the file is damaged")
+    if flags & FLAG_DEFLATED_HEADER:
+        header_bytes = _inflate(header_bytes)
     try:
         header = json.loads(header_bytes)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
