@@ -60,25 +60,27 @@ def test_nonzero_columns(x: list[float]) -> None:
 
 @pytest.mark.parametrize("rows,cols,density", SHAPES)
 @pytest.mark.parametrize("workers", [1, 3])
-def test_csc_kernel_matches_dense(rows: int, cols: int, density: float, workers: int) -> None:
+@pytest.mark.parametrize("kernel", [kernels.csc_matvec, kernels.csc_matvec_serial], ids=["parallel", "serial"])
+def test_csc_kernel_matches_dense(rows: int, cols: int, density: float, workers: int, kernel) -> None:
     t = random_tensor(rows, cols, density)
     m = SparseMatrix(t, workers=workers)
     x = np.random.default_rng(1).standard_normal(cols).astype(np.float32)
     x[::3] = 0  # zero activations are skipped
     acc = np.zeros((workers, m.local_rows), dtype=np.float32)
-    kernels.csc_matvec(m.col_ptr, m.col_gaps, m.col_codes, m.codebook, x, acc)
+    kernel(m.col_ptr, m.col_gaps, m.col_codes, m.codebook, x, acc)
     expected = np.zeros(workers * m.local_rows, dtype=np.float32)
     expected[:rows] = t.to_dense().numpy() @ x
     np.testing.assert_allclose(acc.T.reshape(-1), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows,cols,density", SHAPES)
-def test_csr_kernel_matches_dense(rows: int, cols: int, density: float) -> None:
+@pytest.mark.parametrize("kernel", [kernels.csr_matmul, kernels.csr_matmul_serial], ids=["parallel", "serial"])
+def test_csr_kernel_matches_dense(rows: int, cols: int, density: float, kernel) -> None:
     t = random_tensor(rows, cols, density, seed=2)
     row_ptr, gaps, codes = segmented_stream(*t.rows_cols(), t.codes, rows)
     xt = np.random.default_rng(3).standard_normal((cols, 5)).astype(np.float32)
     out = np.zeros((rows, 5), dtype=np.float32)
-    kernels.csr_matmul(row_ptr, gaps, codes, t.codebook, xt, out)
+    kernel(row_ptr, gaps, codes, t.codebook, xt, out)
     np.testing.assert_allclose(out, t.to_dense().numpy() @ xt, rtol=1e-5, atol=1e-5)
 
 
@@ -284,3 +286,20 @@ def test_from_file_runs_the_saved_model(lenet300: nn.Module, mnist_test, tmp_pat
     from deepshrink.models import lenet_300_100
 
     assert_same_predictions(from_file(path, lenet_300_100()), lenet300, mnist_test[0][:500], 100)
+
+
+def test_cli_run_and_bench(lenet300: nn.Module, mnist_test, tmp_path, capsys) -> None:
+    from deepshrink.cli import main
+    from deepshrink.fileformat import save
+
+    path = tmp_path / "net.dsz"
+    save(lenet300, path, factory="deepshrink.models:lenet_300_100")
+    images = mnist_test[0][:40]
+    np.save(tmp_path / "x.npy", images.numpy())
+    assert main(["run", str(path), "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy")]) == 0
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "y.npy")), logits(lenet300, images, 40),
+                               rtol=1e-4, atol=1e-4)
+    assert main(["bench", str(path), "--input", str(tmp_path / "x.npy"), "--batch-sizes", "1", "8",
+                 "--repeats", "1"]) == 0
+    assert "speed-up" in capsys.readouterr().out
+    assert main(["run", str(path)]) == 2  # neither --input nor --data: a named error, not a traceback

@@ -48,6 +48,16 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     compress(model, train, test, settings, out=args.out, console=console)
 
 
+def _run_recipe(args: argparse.Namespace) -> None:
+    """``compress --recipe``: the recipe decides; --data-dir, --out, --state-dict, --max-steps override it."""
+    recipe = load_recipe(args.recipe)
+    if args.state_dict:
+        recipe.state_dict = args.state_dict
+    if args.max_steps:
+        recipe.max_steps = args.max_steps
+    run_recipe(recipe, data_dir=args.data_dir, out=args.out, console=console)
+
+
 def _cmd_simulate(args: argparse.Namespace) -> None:
     from deepshrink.hardware import EIEConfig, benchmark_layer, simulate_layer, synthetic_layer
     from deepshrink.hardware.layers import parse_size
@@ -81,16 +91,6 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         write_atomic(args.json, json.dumps([r.as_dict() for r in layers], indent=2).encode())
 
 
-def _run_recipe(args: argparse.Namespace) -> None:
-    """``compress --recipe``: the recipe decides; --data-dir, --out, --state-dict, --max-steps override it."""
-    recipe = load_recipe(args.recipe)
-    if args.state_dict:
-        recipe.state_dict = args.state_dict
-    if args.max_steps:
-        recipe.max_steps = args.max_steps
-    run_recipe(recipe, data_dir=args.data_dir, out=args.out, console=console)
-
-
 def _cmd_info(args: argparse.Namespace) -> None:
     from deepshrink.fileinfo import print_info
     print_info(args.file, console, json_path=args.json)
@@ -101,6 +101,71 @@ def _cmd_export(args: argparse.Namespace) -> None:
     shape = tuple(int(s) for s in args.input_shape.split(",")) if args.input_shape else None
     export_file(args.file, args.out, shape, trust_factory=args.trust_factory)
     console.print(f"wrote {args.out}")
+
+
+def _engine_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inputs for ``run`` / ``bench``: a .npy file, or the first --images test images of --data."""
+    import numba
+
+    from deepshrink.engine.runner import load_inputs
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+        numba.set_num_threads(args.threads)
+    if (args.input is None) == (args.data is None):
+        raise DeepShrinkError("give --input X.npy or --data mnist, not both or neither")
+    if args.input is not None:
+        return load_inputs(args.input), None
+    images, labels = load_data(args.data, args.data_dir, "test")
+    return images[: args.images], labels[: args.images]
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from deepshrink.engine import engine_layers, from_file
+    from deepshrink.engine.runner import predict, save_npy
+
+    inputs, labels = _engine_inputs(args)
+    model = from_file(args.file, trust_factory=args.trust_factory, fixed_point=args.fixed_point)
+    start = time.perf_counter()
+    out = predict(model, inputs, args.batch_size)
+    seconds = time.perf_counter() - start
+    names = ", ".join(n for n, _ in engine_layers(model)) or "none"
+    console.print(f"{len(inputs)} inputs in {seconds:.3f} s ({len(inputs) / seconds:,.0f}/s, first call included) "
+                  f"at batch {args.batch_size}; engine layers: {names}")
+    if labels is not None:
+        console.print(f"accuracy {float((out.argmax(1) == labels).float().mean()):.4f}")
+    if args.output:
+        save_npy(args.output, out.numpy())
+        console.print(f"wrote {args.output}")
+    elif labels is None:
+        console.print(f"predicted classes (first 20): {out.argmax(-1)[:20].tolist()}")
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from rich.table import Table
+
+    from deepshrink.engine.runner import bench_file
+
+    inputs, _ = _engine_inputs(args)
+    rows = bench_file(args.file, inputs, tuple(args.batch_sizes), args.repeats, args.trust_factory)
+    table = Table(title=f"{args.file}: engine vs dense torch ({torch.get_num_threads()} torch threads)")
+    for col in ("batch", "engine us/sample", "dense us/sample", "speed-up", "engine first call s", "max |diff|"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["batch"]), f"{r['engine_us']:.1f}", f"{r['dense_us']:.1f}", f"{r['speedup']:.2f}x",
+                      f"{r['first_call_s']:.3f}", f"{r['max_abs_diff']:.2e}")
+    console.print(table)
+
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="a .dsz file that names its model (e.g. written by compress)")
+    p.add_argument("--input", help="a .npy array of inputs, first axis = samples")
+    p.add_argument("--data", choices=DATASETS, help="use the test split of this data set instead")
+    p.add_argument("--data-dir", help="data root (default $DEEPSHRINK_DATA)")
+    p.add_argument("--images", type=int, default=1000, help="--data: how many test images")
+    p.add_argument("--threads", type=int, help="torch and numba threads (default: their own defaults)")
+    p.add_argument("--trust-factory", action="store_true",
+                   help="let the file's model factory be imported even outside deepshrink.models")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the compressed model here")
     p.set_defaults(func=_cmd_compress)
+
     p = sub.add_parser("simulate", help="cycles, time, load balance and energy of a compressed model on EIE")
     p.add_argument("file", nargs="?", help="a .dsz file (or use --synthetic)")
     p.add_argument("--synthetic", metavar="SIZE|LAYER",
@@ -159,6 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-factory", action="store_true",
                    help="ONNX: let the file's model factory be imported even outside deepshrink.models")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("run", help="run a .dsz file on the sparse inference engine (inputs from .npy or a test set)")
+    _engine_options(p)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--fixed-point", action="store_true", help="EIE's 16-bit fixed-point arithmetic")
+    p.add_argument("--output", help="write the outputs here as .npy")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("bench", help="time a .dsz file on the engine against dense torch, per batch size")
+    _engine_options(p)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--repeats", type=int, default=5, help="timed passes over the inputs per batch size")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -54,6 +54,23 @@ def nonzero_columns(x: np.ndarray) -> np.ndarray:
 # with a signed integer would promote to float64, hence the typed constants.
 
 
+@njit(cache=True, fastmath=True)
+def _csc_worker(ptr, gaps, codes, codebook, x, active, out) -> None:
+    """One worker's share of :func:`csc_matvec`: ``out`` is its row of accumulators."""
+    for t in range(active.shape[0]):
+        j = active[t]
+        xj = x[j]
+        row = np.uint64(0)  # the next row a gap of 0 would land on
+        for k in range(ptr[j], ptr[j + _ONE]):
+            gap = np.uint64(gaps[k])
+            if gap == _ESCAPE_U:  # a gap too long for 8 bits: skip, no weight
+                row += _ESCAPE_U
+                continue
+            row += gap
+            out[row] += codebook[codes[k]] * xj
+            row += _ONE
+
+
 @njit(parallel=True, cache=True, fastmath=True)
 def csc_matvec(
     col_ptr: np.ndarray,  # (workers, cols + 1) uint64 offsets into gaps / codes
@@ -71,20 +88,34 @@ def csc_matvec(
     """
     active = nonzero_columns(x)
     for w in prange(col_ptr.shape[0]):
-        ptr = col_ptr[w]
-        out = acc[w]
-        for t in range(active.shape[0]):
-            j = active[t]
-            xj = x[j]
-            row = np.uint64(0)  # the next row a gap of 0 would land on
-            for k in range(ptr[j], ptr[j + _ONE]):
-                gap = np.uint64(gaps[k])
-                if gap == _ESCAPE_U:  # a gap too long for 8 bits: skip, no weight
-                    row += _ESCAPE_U
-                    continue
-                row += gap
-                out[row] += codebook[codes[k]] * xj
-                row += _ONE
+        _csc_worker(col_ptr[w], gaps, codes, codebook, x, active, acc[w])
+
+
+@njit(cache=True, fastmath=True)
+def csc_matvec_serial(col_ptr, gaps, codes, codebook, x, acc) -> None:
+    """:func:`csc_matvec` on the calling thread, for layers too small to repay a parallel launch."""
+    active = nonzero_columns(x)
+    for w in range(col_ptr.shape[0]):
+        _csc_worker(col_ptr[w], gaps, codes, codebook, x, active, acc[w])
+
+
+@njit(cache=True, fastmath=True)
+def _csr_rows(row_ptr, gaps, codes, codebook, xt, out, first, stop) -> None:
+    """Rows ``first .. stop - 1`` of :func:`csr_matmul`."""
+    for i in range(first, stop):
+        dst = out[i]
+        col = np.uint64(0)  # the next column a gap of 0 would land on
+        for k in range(row_ptr[i], row_ptr[i + 1]):
+            gap = np.uint64(gaps[k])
+            if gap == _ESCAPE_U:
+                col += _ESCAPE_U
+                continue
+            col += gap
+            value = codebook[codes[k]]
+            src = xt[col]
+            for b in range(dst.shape[0]):
+                dst[b] += value * src[b]
+            col += _ONE
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -103,16 +134,10 @@ def csr_matmul(
     threads write one output.
     """
     for i in prange(row_ptr.shape[0] - 1):
-        dst = out[i]
-        col = np.uint64(0)  # the next column a gap of 0 would land on
-        for k in range(row_ptr[i], row_ptr[i + 1]):
-            gap = np.uint64(gaps[k])
-            if gap == _ESCAPE_U:
-                col += _ESCAPE_U
-                continue
-            col += gap
-            value = codebook[codes[k]]
-            src = xt[col]
-            for b in range(dst.shape[0]):
-                dst[b] += value * src[b]
-            col += _ONE
+        _csr_rows(row_ptr, gaps, codes, codebook, xt, out, i, i + 1)
+
+
+@njit(cache=True, fastmath=True)
+def csr_matmul_serial(row_ptr, gaps, codes, codebook, xt, out) -> None:
+    """:func:`csr_matmul` on the calling thread, for small products."""
+    _csr_rows(row_ptr, gaps, codes, codebook, xt, out, 0, row_ptr.shape[0] - 1)

@@ -31,6 +31,10 @@ from deepshrink.tensor import CompressedTensor
 #: (benchmarks/bench_engine.py, 2 threads): at 35 % activation density the
 #: per-sample CSC kernel still wins at batch 2 and loses from batch 4 on.
 CSR_MIN_BATCH = 4
+#: Fewest multiply-accumulates worth a parallel launch. A launch costs ~10 us on an
+#: idle 2-core machine and can cost milliseconds on a busy one, while this kernel
+#: does about 1 ns per weight: LeNet-sized layers run on the calling thread.
+PARALLEL_MIN_MACS = 50_000
 
 
 def segmented_stream(
@@ -164,7 +168,9 @@ class SparseMatrix:
 
     def _csc_matvec(self, x: np.ndarray) -> np.ndarray:
         acc = self._accumulators((self.workers, self.local_rows))
-        kernels.csc_matvec(self.col_ptr, self.col_gaps, self.col_codes, self.codebook, x, acc)
+        macs = self.tensor.nnz * np.count_nonzero(x) / max(self.shape[1], 1)  # expected, zero columns skipped
+        kernel = kernels.csc_matvec if macs >= PARALLEL_MIN_MACS else kernels.csc_matvec_serial
+        kernel(self.col_ptr, self.col_gaps, self.col_codes, self.codebook, x, acc)
         return acc.T.reshape(-1)[: self.shape[0]]  # row i = worker i % workers, slot i // workers
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
@@ -218,7 +224,8 @@ class SparseMatrix:
         row_ptr, gaps, codes = self._row_major()
         xk, frac = self._quantize(np.ascontiguousarray(xt))
         out = self._accumulators((self.shape[0], xt.shape[1]))
-        kernels.csr_matmul(row_ptr, gaps, codes, self.codebook, xk, out)
+        kernel = kernels.csr_matmul if self.tensor.nnz * xt.shape[1] >= PARALLEL_MIN_MACS else kernels.csr_matmul_serial
+        kernel(row_ptr, gaps, codes, self.codebook, xk, out)
         return self._finish(out, frac)
 
     def __repr__(self) -> str:

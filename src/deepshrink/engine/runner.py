@@ -1,0 +1,119 @@
+"""Run and time a compressed-model file on the engine (the ``deepshrink run`` / ``bench`` commands)."""
+
+from __future__ import annotations
+
+import io
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from deepshrink.engine.compile import engine_layers, from_file
+from deepshrink.errors import DeepShrinkError
+
+
+def decoded_model(path: str | os.PathLike, trust_factory: bool = False) -> nn.Module:
+    """The file's model with every weight decoded once into a plain dense parameter.
+
+    This is dense torch at its best (no parametrization recomputed per call): the
+    baseline the engine is measured against.
+    """
+    from deepshrink.fileformat import load
+
+    model = load(path, trust_factory=trust_factory)
+    if not isinstance(model, nn.Module):
+        raise DeepShrinkError(f"{os.fspath(path)} names no model factory, so there is no model to run")
+    for module in model.modules():
+        for name in list(getattr(module, "parametrizations", {})):
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return model.eval()
+
+
+def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``model`` over ``inputs`` in batches of ``batch_size``, concatenated."""
+    with torch.no_grad():
+        return torch.cat([model(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
+
+
+def median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved so that machine load hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up: caches, lazy layouts, compilation
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def load_inputs(path: str | os.PathLike) -> torch.Tensor:
+    """A ``.npy`` array of inputs (first axis = samples) as float32; never unpickles.
+
+    Raises:
+        DeepShrinkError: the file is missing, not ``.npy``, or not numeric.
+    """
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DeepShrinkError(f"cannot read inputs from {os.fspath(path)} (a .npy array is expected): {err}") from err
+    if not np.issubdtype(array.dtype, np.number) or array.ndim < 1:
+        raise DeepShrinkError(f"{os.fspath(path)} holds {array.dtype} of shape {array.shape}; expected numbers, "
+                              "first axis = samples")  # fmt: skip
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write ``array`` as ``.npy`` atomically."""
+    from deepshrink.fileformat import write_atomic
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    write_atomic(path, buffer.getvalue())
+
+
+def bench_file(
+    path: str | os.PathLike,
+    inputs: torch.Tensor,
+    batch_sizes: tuple[int, ...] = (1, 16),
+    repeats: int = 5,
+    trust_factory: bool = False,
+) -> list[dict]:
+    """Time the engine against dense torch on ``inputs`` at each batch size.
+
+    Returns:
+        One dict per batch size: ``batch``, ``engine_us`` and ``dense_us`` per
+        sample, ``speedup``, ``first_call_s`` (the engine's first batch, numba
+        compilation or cache load included) and ``max_abs_diff`` of the outputs.
+
+    Raises:
+        DeepShrinkError: a batch size below 1.
+    """
+    if any(b < 1 for b in batch_sizes):
+        raise DeepShrinkError(f"batch sizes {batch_sizes} must all be >= 1")
+    dense, engine = decoded_model(path, trust_factory), from_file(path, trust_factory=trust_factory)
+    if not engine_layers(engine):
+        raise DeepShrinkError(f"{os.fspath(path)} has no compressed Linear or Conv2d layer for the engine")
+    rows = []
+    for batch in batch_sizes:
+        chunks = [inputs[i : i + batch] for i in range(0, len(inputs) - batch + 1, batch)] or [inputs[:batch]]
+        start = time.perf_counter()
+        with torch.no_grad():
+            engine(chunks[0])
+        first = time.perf_counter() - start
+
+        def run(model: nn.Module) -> Callable[[], None]:
+            return lambda: predict(model, torch.cat(chunks), batch)
+
+        times = median_seconds({"engine": run(engine), "dense": run(dense)}, repeats)
+        n = sum(len(c) for c in chunks)
+        diff = float((predict(engine, chunks[0], batch) - predict(dense, chunks[0], batch)).abs().max())
+        rows.append({"batch": batch, "engine_us": times["engine"] / n * 1e6, "dense_us": times["dense"] / n * 1e6,
+                     "speedup": times["dense"] / times["engine"], "first_call_s": first, "max_abs_diff": diff})  # fmt: skip
+    return rows
