@@ -188,6 +188,7 @@ def test_factories_are_not_imported_unless_trusted(tmp_path: Path) -> None:
         ({"codebook_dtype": "int8"}, "codebook_dtype='int8' must be one of float32, float16"),
         ({"index_bits": 0}, "index_bits=0 must be an integer in 1..16"),
         ({"index_bits": {"fc1.weight": 17}}, "index_bits=17"),
+        ({"index_bits": {"fc1": 4}}, "index_bits names ['fc1'], which are not compressed tensors"),
         ({"factory": "os.system"}, "must look like 'package.module:function'"),
         ({"metadata": {"x": object()}}, "plain JSON"),
     ],

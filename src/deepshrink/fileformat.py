@@ -182,6 +182,10 @@ def encode_file(
     clash = set(tensors) & set(arrays)
     if clash:
         raise DeepShrinkError(f"names given both as compressed tensor and plain array: {sorted(clash)}")
+    unknown = set(options.index_bits) - set(tensors) if isinstance(options.index_bits, dict) else set()
+    if unknown:
+        raise DeepShrinkError(f"index_bits names {sorted(unknown)}, which are not compressed tensors; "
+                              f"they are: {', '.join(tensors) or 'none'}")  # fmt: skip
     sections: list[bytes] = []
     entries = [_encode_compressed(n, ct, options, sections) for n, ct in tensors.items()]
     entries += [_encode_array(n, a, sections) for n, a in arrays.items()]
