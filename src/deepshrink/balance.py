@@ -62,7 +62,7 @@ def balanced_mask(weight: torch.Tensor, sparsity: float, n_pe: int) -> torch.Ten
     """
     sparsity = check_sparsity(sparsity)
     n_pe = check_n_pe(n_pe)
-    matrix = weight.detach().abs().reshape(weight.shape[0], -1)  # (rows, cols)
+    matrix = weight.detach().abs().reshape(weight.shape[0], math.prod(weight.shape[1:]))  # (rows, cols)
     mask = torch.zeros(matrix.shape, dtype=torch.bool, device=weight.device)
     for pe in range(min(n_pe, matrix.shape[0])):
         sub = matrix[pe::n_pe].reshape(-1)  # this PE's rows, flattened
