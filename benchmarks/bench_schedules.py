@@ -63,13 +63,18 @@ def compare(dense: torch.nn.Module, sparsity: float, train, test, epochs: float,
             "gradual - iterative (points)": 100 * (acc_grad - acc_iter), "iterative s": t_iter, "gradual s": t_grad}
 
 
+def fmt(key: str, value: float) -> str:
+    if key.endswith("acc") or key == "sparsity":
+        return f"{value:.4f}"
+    return f"{value:+.2f}" if "points" in key else f"{value:.1f}"
+
+
 def render(rows: list[dict], title: str) -> Table:
     table = Table(title=title)
     for key in rows[0]:
         table.add_column(key, justify="right")
     for r in rows:
-        table.add_row(*(f"{v:.4f}" if k.endswith("acc") or k == "sparsity" else f"{v:+.2f}" if "points" in k
-                        else f"{v:.1f}" for k, v in r.items()))
+        table.add_row(*(fmt(k, v) for k, v in r.items()))
     return table
 
 
@@ -108,8 +113,7 @@ def main() -> None:
         {"dense_accuracy": dense_acc, "epochs": args.epochs, "steps": args.steps, "rows": rows,
          "seconds": elapsed}, indent=2).encode())
     head = "| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n"
-    body = "".join("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()) + " |\n"
-                   for r in rows)
+    body = "".join("| " + " | ".join(fmt(k, v) for k, v in r.items()) + " |\n" for r in rows)
     write_atomic(out / "bench_schedules.md", f"{title}; {elapsed:.0f} s in all.\n\n{head}{body}".encode())
     console.print(f"wrote {out / 'bench_schedules.json'} and .md")
 
