@@ -24,6 +24,7 @@ import dataclasses
 import importlib
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -133,18 +134,19 @@ class TrainStage:
     momentum: float = 0.9
     weight_decay: float = 5e-4  # L2 was best after retraining in Deep Compression
     lr_schedule: str | None = None  # None, cosine or step
+    skippable: ClassVar[bool] = False  # may epochs be 0 (the stage's transform without training)?
 
     def __post_init__(self) -> None:
-        self.epochs = _number(self.epochs, "epochs", 0)
+        self.epochs = _number(self.epochs, "epochs", 0, low_open=not self.skippable)
         self.lr = _number(self.lr, "lr", 0, low_open=True)
         self.momentum = _number(self.momentum, "momentum", 0)
         self.weight_decay = _number(self.weight_decay, "weight_decay", 0)
         _choice(self.optimizer, "optimizer", OPTIMIZERS)
         _choice(self.lr_schedule, "lr_schedule", SCHEDULES)
 
-    def config(self, recipe: "Recipe", epochs: float | None = None) -> TrainConfig:
+    def config(self, recipe: "Recipe") -> TrainConfig:
         """The :class:`TrainConfig` of this stage under ``recipe``'s batch size, seed and step cap."""
-        return TrainConfig(epochs=self.epochs if epochs is None else epochs, lr=self.lr, momentum=self.momentum,
+        return TrainConfig(epochs=self.epochs, lr=self.lr, momentum=self.momentum,
                            weight_decay=self.weight_decay, optimizer=self.optimizer, schedule=self.lr_schedule,
                            batch_size=recipe.batch_size, seed=recipe.seed, max_steps=recipe.max_steps)
 
@@ -262,6 +264,7 @@ class ShareStage(TrainStage):
     """k-means weight sharing, then centroid fine-tuning: ``share:``."""
 
     lr: float = 0.001
+    skippable: ClassVar[bool] = True
     bits: int | dict[str, int] | None = None  # None: 8 for conv, 5 for fully connected
     init: str = "linear"  # the paper's choice among random, density, linear
     layers: list[str] | None = None
@@ -284,6 +287,7 @@ class TernaryStage(TrainStage):
     """Trained ternary quantization, then training of scales and latent weights: ``ternary:``."""
 
     lr: float = 0.001
+    skippable: ClassVar[bool] = True
     optimizer: str = "adam"  # Wp/Wn get sums of ~all gradients of a layer; SGD's fixed step makes them explode
     threshold: float = DEFAULT_THRESHOLD  # t: |w| <= t * max|w| becomes 0
     layers: list[str] | None = None  # the paper keeps the first and last layers in full precision
