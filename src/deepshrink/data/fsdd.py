@@ -18,10 +18,10 @@ settings and the files' names and sizes), written atomically.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ import torch
 
 from deepshrink.data.common import data_dir
 from deepshrink.errors import DeepShrinkError
+from deepshrink.fileformat import write_atomic
 
 SAMPLE_RATE = 8000  # FSDD is recorded at 8 kHz
 TEST_TAKES = range(0, 5)  # official split: takes 0-4 test, 5-49 train
@@ -186,18 +187,6 @@ def _cache_key(files: list[tuple[Path, int]], config: FeatureConfig) -> str:
     return digest.hexdigest()[:16]
 
 
-def _save_atomic(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _read_wav(path: Path) -> np.ndarray:
     try:
         rate, signal = scipy.io.wavfile.read(path)
@@ -242,7 +231,10 @@ def split_features(
     x = np.stack([features(_read_wav(p), config) for p, _ in files])
     y = np.array([digit for _, digit in files], dtype=np.int64)
     if path is not None:
-        _save_atomic(path, x=x, y=y)
+        buffer = io.BytesIO()
+        np.savez(buffer, x=x, y=y)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, buffer.getvalue())
     return x, y
 
 

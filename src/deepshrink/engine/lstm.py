@@ -32,8 +32,8 @@ from deepshrink.tensor import CompressedTensor
 
 # Eigen's rational approximation of tanh for float32 (Eigen/src/Core/MathFunctionsImpl.h,
 # generic_fast_tanh_float): a 13/6-degree odd/even polynomial ratio on [-7.905, 7.905],
-# outside which float32 tanh is +-1. Max abs error 2.4e-7 against float64 tanh; unlike a
-# call to libm it vectorises, which makes the gate arithmetic ~10x cheaper per step.
+# outside which float32 tanh is +-1. Max abs error 2.4e-7 against float64 tanh, and about
+# 4x cheaper than numba's np.tanh here (no libm call), which matters at 5 calls per unit per step.
 _TANH_CLAMP = 7.90531110763549805
 _TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
            1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03)
@@ -90,7 +90,7 @@ def lstm_layer_kernel(
     for t in range(pre.shape[0]):
         gates[:] = pre[t]
         csc_matvec_serial(hh_ptr, hh_gaps, hh_codes, hh_codebook, h, acc)
-        # Separate flat loops over one array each vectorise; one loop over all five would not.
+        # Gate by gate over the flat (4H,) accumulator, then the state update.
         for k in range(2 * n_hidden):
             gates[k] = fast_sigmoid(gates[k])
         for k in range(2 * n_hidden, 3 * n_hidden):
@@ -227,6 +227,8 @@ class SparseLSTM:
             raise DeepShrinkError(f"input of shape {x.shape} must be (steps, {width}): one utterance, batch 1")
         if x.dtype != np.float32:
             raise DeepShrinkError(f"input dtype {x.dtype} is not supported; the engine takes float32")
+        if x.shape[0] == 0:
+            raise DeepShrinkError("an utterance needs at least one step; got an empty (0, features) input")
         return np.ascontiguousarray(x)
 
     def run_layers(self, x: np.ndarray) -> list[np.ndarray]:
