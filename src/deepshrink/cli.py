@@ -157,6 +157,24 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     console.print(table)
 
 
+def _cmd_balance(args: argparse.Namespace) -> None:
+    from rich.table import Table
+
+    from deepshrink.balance import load_balance, pe_loads
+    from deepshrink.fileformat import read
+
+    contents = read(args.file)
+    table = Table(title=f"{args.file}: surviving weights per PE (row i -> PE i mod {args.pes})")
+    for col in ("weight", "rows x cols", "kept", "min / max per PE", "balance (mean/max)"):
+        table.add_column(col, justify="left" if col == "weight" else "right")
+    for name, ct in contents.tensors.items():
+        loads = pe_loads(ct, args.pes)
+        rows, cols = ct.matrix_shape
+        table.add_row(name, f"{rows} x {cols}", f"{ct.nnz:,}", f"{loads.min():,} / {loads.max():,}",
+                      f"{load_balance(ct, args.pes):.3f}")
+    console.print(table)
+
+
 def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="a .dsz file that names its model (e.g. written by compress)")
     p.add_argument("--input", help="a .npy array of inputs, first axis = samples")
@@ -238,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--repeats", type=int, default=5, help="timed passes over the inputs per batch size")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("balance", help="load balance of a .dsz file: surviving weights per processing element")
+    p.add_argument("file", help="a .dsz file")
+    p.add_argument("--pes", type=int, default=64, help="processing elements (EIE: 64)")
+    p.set_defaults(func=_cmd_balance)
     return parser
 
 
