@@ -117,3 +117,22 @@ def test_bad_sparsity_pattern_and_shared_layer() -> None:
     share_weights_(shared, bits=2)
     with pytest.raises(DeepShrinkError, match="prune before weight sharing"):
         prune_balanced_(shared, 0.5, 2)
+
+
+def test_cli_balance_reports_per_pe_loads(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    from deepshrink.cli import main
+    from deepshrink.fileformat import save
+
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    net[0].weight.data.copy_(skewed_weight(32, 16, n_pe=8))
+    prune_balanced_(net, {"0.weight": 0.75}, n_pe=8)
+    prune_(net, {"2.weight": 0.75})
+    share_weights_(net, bits=4)
+    path = tmp_path / "net.dsz"
+    save(net, path)
+    assert main(["balance", str(path), "--pes", "8"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "0.weight" in line)
+    assert "32 x 16" in row and "16 / 16" in row and "1.000" in row
+    assert main(["balance", str(path), "--pes", "0"]) == 2
+    assert "n_pe=0 must be a positive integer" in capsys.readouterr().out
