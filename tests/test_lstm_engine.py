@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from deepshrink.engine.lstm import SparseLSTM, fast_sigmoid, fast_tanh, lstm_layer_kernel
+from deepshrink.engine.lstm import EngineLSTM, SparseLSTM, fast_sigmoid, fast_tanh, lstm_layer_kernel
 from deepshrink.engine.matrix import SparseMatrix
 from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
 from deepshrink.fileformat import load, save
@@ -150,3 +150,23 @@ def test_errors() -> None:
         engine.forward(np.zeros((2, 3)))
     with pytest.raises(DeepShrinkError, match="hidden=0 must be a positive integer"):
         LSTMClassifier(hidden=0)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_engine_module_replaces_nn_lstm(batch_first: bool) -> None:
+    torch.manual_seed(1)
+    lstm = nn.LSTM(6, 12, num_layers=2, batch_first=batch_first)
+    prune_(lstm, 0.8)
+    share_weights_(lstm, bits=4)
+    fast = EngineLSTM.from_module(lstm)
+    x = torch.randn(3, 7, 6)
+    with torch.no_grad():
+        expected, (h_n, c_n) = lstm(x)
+        out, (h, c) = fast(x)
+        np.testing.assert_allclose(out.numpy(), expected.numpy(), atol=2e-5)
+        np.testing.assert_allclose(h.numpy(), h_n.numpy(), atol=2e-5)
+        np.testing.assert_allclose(c.numpy(), c_n.numpy(), atol=2e-5)
+        single, (h1, _) = fast(x[0] if batch_first else x[:, 0])  # unbatched input
+        np.testing.assert_allclose(single.numpy(), (expected[0] if batch_first else expected[:, 0]).numpy(), atol=2e-5)
+    with pytest.raises(DeepShrinkError, match="zero state"):
+        fast(x, (h_n, c_n))

@@ -243,8 +243,12 @@ class SparseLSTM:
         Raises:
             DeepShrinkError: a wrong shape or dtype.
         """
+        return self._run(x)[0]
+
+    def _run(self, x: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Each layer's output sequence and final cell state."""
         seq = self._check_input(x)
-        outputs = []
+        outputs, cells = [], []
         for layer in self.layers:
             h = np.zeros(layer.hidden_size, dtype=np.float32)
             c = np.zeros(layer.hidden_size, dtype=np.float32)
@@ -256,8 +260,9 @@ class SparseLSTM:
             hh = layer.weight_hh
             lstm_layer_kernel(pre, hh.col_ptr, hh.col_gaps, hh.col_codes, hh.codebook, h, c, out)
             outputs.append(out)
+            cells.append(c)
             seq = out
-        return outputs
+        return outputs, cells
 
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The last layer's output sequence and the final hidden state of each layer.
@@ -297,3 +302,53 @@ class SparseLSTM:
         sizes = ", ".join(f"{layer.input_size}->{layer.hidden_size}" for layer in self.layers)
         nnz = sum(layer.weight_ih.tensor.nnz + layer.weight_hh.tensor.nnz for layer in self.layers)
         return f"SparseLSTM({sizes}, nnz={nnz})"
+
+
+class EngineLSTM(nn.Module):
+    """Inference-only stand-in for an ``nn.LSTM``, computing on :class:`SparseLSTM`.
+
+    Takes what the replaced LSTM took, ``(steps, features)`` unbatched or a batch
+    (``batch_first`` as the original), zero initial state only, and returns
+    ``(output, (h_n, c_n))`` like ``nn.LSTM``; each sequence of a batch runs at batch 1.
+
+    Args:
+        engine: the sparse LSTM.
+        batch_first: as the replaced module's.
+
+    Examples:
+        >>> lstm = nn.LSTM(3, 4, batch_first=True)
+        >>> with torch.no_grad():
+        ...     for w in (lstm.weight_ih_l0, lstm.weight_hh_l0):
+        ...         _ = w.copy_(torch.round(w * 4) / 4)
+        >>> tensors = {n: CompressedTensor.from_dense(getattr(lstm, n)) for n in ("weight_ih_l0", "weight_hh_l0")}
+        >>> fast = EngineLSTM(SparseLSTM.from_tensors(tensors, dict(lstm.named_parameters())), batch_first=True)
+        >>> x = torch.randn(2, 5, 3)
+        >>> bool(torch.allclose(fast(x)[0], lstm(x)[0], atol=1e-5))
+        True
+    """
+
+    def __init__(self, engine: SparseLSTM, batch_first: bool = False) -> None:
+        super().__init__()
+        self.engine = engine
+        self.batch_first = batch_first
+
+    @classmethod
+    def from_module(cls, lstm: nn.LSTM) -> "EngineLSTM":
+        """Replace a pruned and weight-shared ``nn.LSTM`` (see :meth:`SparseLSTM.from_module`)."""
+        return cls(SparseLSTM.from_module(lstm), lstm.batch_first)
+
+    def forward(self, x: torch.Tensor, state: object = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if state is not None:
+            raise DeepShrinkError("EngineLSTM starts from zero state; pass no (h_0, c_0)")
+        array = x.detach().cpu().to(torch.float32).numpy()
+        if array.ndim == 2:  # unbatched (steps, features)
+            outputs, cells = self.engine._run(array)
+            h_n = np.stack([o[-1] for o in outputs])
+            return torch.from_numpy(outputs[-1]), (torch.from_numpy(h_n), torch.from_numpy(np.stack(cells)))
+        sequences = array if self.batch_first else array.transpose(1, 0, 2)  # (B, T, F)
+        runs = [self.engine._run(seq) for seq in sequences]
+        out = np.stack([outputs[-1] for outputs, _ in runs])  # (B, T, H)
+        h_n = np.stack([np.stack([o[-1] for o in outputs]) for outputs, _ in runs], axis=1)  # (layers, B, H)
+        c_n = np.stack([np.stack(cells) for _, cells in runs], axis=1)
+        out = out if self.batch_first else out.transpose(1, 0, 2)
+        return torch.from_numpy(np.ascontiguousarray(out)), (torch.from_numpy(h_n), torch.from_numpy(c_n))
