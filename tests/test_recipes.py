@@ -128,3 +128,15 @@ def test_cli_compress_recipe_writes_the_file(tmp_path, data_root):
     from deepshrink.data.mnist import load_mnist
     assert evaluate(model, load_mnist(data_root, "test")) > 0.85
     assert cli.main(["compress", "--recipe", str(tmp_path / "nope.yaml")]) == 2
+
+
+def test_a_factory_outside_deepshrink_models_needs_trust():
+    recipe = parse_recipe({"model": "os:system", "model_kwargs": {"command": "echo hacked"}, "data": "digits",
+                           "stages": [{"train": {}}]})
+    with pytest.raises(DeepShrinkError, match="importing it runs its code"):
+        run_recipe(recipe)
+    trusted = parse_recipe({"model": "deepshrink.models.lenet:lenet_300_100", "model_kwargs": {"in_features": 64},
+                            "data": "digits", "max_steps": 2, "stages": [{"train": {}}]})
+    with pytest.raises(DeepShrinkError, match="deepshrink.models.lenet:lenet_300_100"):
+        run_recipe(trusted)
+    assert run_recipe(trusted, trust_factory=True)["stages"][0]["stage"] == "0: train"

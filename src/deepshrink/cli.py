@@ -55,7 +55,7 @@ def _run_recipe(args: argparse.Namespace) -> None:
         recipe.state_dict = args.state_dict
     if args.max_steps:
         recipe.max_steps = args.max_steps
-    run_recipe(recipe, data_dir=args.data_dir, out=args.out, console=console)
+    run_recipe(recipe, data_dir=args.data_dir, out=args.out, console=console, trust_factory=args.trust_factory)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> None:
@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="prune + weight-share + fine-tune a model on a data set")
     p.add_argument("--recipe", help="a YAML recipe file or built-in name (lenet-300-100, lenet-5, digits-demo); see "
                    "docs/recipes.md. With it, only --data-dir, --out, --state-dict and --max-steps apply")
+    p.add_argument("--trust-factory", action="store_true",
+                   help="--recipe: let the recipe's model be a factory outside deepshrink.models (runs its code)")
     p.add_argument("--model", default="lenet-300-100", help=f"one of {', '.join(MODELS)} or module:factory")
     p.add_argument("--model-kwargs", help="JSON keyword arguments for the factory")
     p.add_argument("--state-dict", help="trained weights (torch.save of a state_dict); else train from scratch")

@@ -33,6 +33,7 @@ from rich.console import Console
 from torch import nn
 
 from deepshrink.errors import DeepShrinkError
+from deepshrink.fileformat import SAFE_FACTORY_MODULE
 from deepshrink.granularity import GRANULARITIES, prune_groups_
 from deepshrink.prune import check_sparsity, prune_
 from deepshrink.quantize import INITS, check_bits, share_weights_
@@ -483,6 +484,7 @@ def run_recipe(
     out: str | None = None,
     model: nn.Module | None = None,
     console: Console | None = None,
+    trust_factory: bool = False,
 ) -> dict:
     """Run a recipe's stages in order and write the compressed file if it names one.
 
@@ -492,13 +494,17 @@ def run_recipe(
         out: overrides the recipe's ``out``.
         model: start from this model instead of building ``recipe.model``.
         console: where tables go.
+        trust_factory: allow a ``model`` factory outside ``deepshrink.models``;
+            importing it runs its code, so a recipe from elsewhere cannot do
+            that unless you say so (as :func:`deepshrink.fileformat.load`).
 
     Returns:
         ``{"model", "stages": [{"stage", "accuracy", "seconds"}], "start_accuracy",
         "accuracy", "out", "bytes"}``.
 
     Raises:
-        DeepShrinkError: an invalid recipe, a missing data set or model factory.
+        DeepShrinkError: an invalid recipe, a missing data set or model factory,
+            an untrusted factory.
     """
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     console = console or Console()
@@ -506,6 +512,11 @@ def run_recipe(
     out = out or recipe.out
     torch.manual_seed(recipe.seed)
     if model is None:
+        factory = MODELS.get(recipe.model, recipe.model)
+        if not trust_factory and factory.split(":", 1)[0] != SAFE_FACTORY_MODULE:
+            raise DeepShrinkError(f"the recipe names model factory {recipe.model!r}; importing it runs its code, so "
+                                  f"only {', '.join(MODELS)} are built unless you trust the recipe "
+                                  f"(--trust-factory, trust_factory=True) or pass model=")
         model = build_model(recipe.model, recipe.model_kwargs)
         if recipe.state_dict:
             model.load_state_dict(torch.load(recipe.state_dict, map_location="cpu", weights_only=True))
