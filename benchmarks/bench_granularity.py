@@ -5,16 +5,18 @@ per-layer sparsities (conv1 50%, conv2 75%, fc1 90% at that grain; fc2, whose
 filters are the classes, fine-grained at 50%) with gradual pruning, shares
 weights (8-bit conv, 5-bit fc) and fine-tunes briefly. A fully connected weight
 is a conv with 1x1 kernels, so "vector" and "kernel" prune the fc layers
-fine-grained; "filter" removes whole output channels and neurons, and
-:func:`deepshrink.granularity.shrink` turns that model into a smaller dense one.
+fine-grained; "filter" removes whole output channels and neurons, "channel"
+whole input channels of conv2 (so whole conv1 filters) and input columns of
+fc1. :func:`deepshrink.granularity.shrink` turns each model into plain dense
+modules without the channels pruning emptied.
 
 Columns: test accuracy; weights kept; bytes of the .dsz file (Huffman, 8-bit
 conv / 5-bit fc relative indices, one index per kept weight as the file stores
 them); index bits per kept weight vs. per kept group (one index per kept
 vector / kernel / filter, what a grain-aware format would store); and dense
-PyTorch time per batch of the model as it runs (a masked model is as slow as
-the dense one; the shrunk filter model is smaller), with the speed-up over the
-dense model timed in the same run.
+PyTorch time per batch of those shrunk models (a masked model is as slow as
+the dense one), with the speed-up over the dense model timed round-robin in
+the same run.
 
 The ternary rows ternarize conv2 and fc1 (the paper keeps the first and last
 layers in full precision) or all four layers, at t = 0.05, and train scales
@@ -56,6 +58,8 @@ SCHEMES = {  # granularity per layer; fc2's filters are the 10 classes, so it is
     "vector": {"conv*": "vector", "fc*": "fine"},
     "kernel": {"conv*": "kernel", "fc*": "fine"},
     "filter": {"conv*": "filter", "fc1": "filter", "fc2": "fine"},
+    # conv1 has one input channel (the image); fc1's "channels" are its 800 single input columns
+    "channel": {"conv1": "fine", "conv2": "channel", "fc1": "channel", "fc2": "fine"},
 }
 INDEX_BITS = {"conv": 8, "fc": 5}  # Deep Compression's relative-index widths
 BITS = {"conv": 8, "fc": 5}  # Deep Compression's weight-sharing widths
