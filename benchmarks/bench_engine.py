@@ -25,28 +25,33 @@ results/engine.json (not committed).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Callable
-from pathlib import Path
 
-import numba
-import numpy as np
-import scipy.sparse
-import torch
-from rich.console import Console
-from rich.table import Table
+# numba reads this when it is imported. workqueue has no spinning threads: on a busy
+# machine it was far steadier than omp. Set NUMBA_THREADING_LAYER to choose another.
+os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 
-from deepshrink.engine import SparseMatrix, from_file
-from deepshrink.engine.runner import decoded_model, median_seconds, predict
-from deepshrink.fileformat import write_atomic
-from deepshrink.hardware import EIE_BENCHMARK_LAYERS, synthetic_layer
-from deepshrink.hardware.layers import synthetic_activations
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+import scipy.sparse  # noqa: E402
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from deepshrink.engine import SparseMatrix, from_file  # noqa: E402
+from deepshrink.engine.runner import decoded_model, median_seconds, predict  # noqa: E402
+from deepshrink.fileformat import write_atomic  # noqa: E402
+from deepshrink.hardware import EIE_BENCHMARK_LAYERS, synthetic_layer  # noqa: E402
+from deepshrink.hardware.layers import synthetic_activations  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_eie import PUBLISHED_US, geomean  # noqa: E402  (published figures kept in one place)
@@ -274,8 +279,6 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="threads for torch and numba alike")
-    parser.add_argument("--threading-layer", default=os.environ.get("NUMBA_THREADING_LAYER", "workqueue"),
-                        help="numba's (workqueue: no spinning threads, far steadier than omp on a busy machine)")
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per implementation")
     parser.add_argument("--layers", nargs="*", help="EIE layer names (default: all nine)")
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 16])
@@ -288,7 +291,6 @@ def main(argv: list[str] | None = None) -> None:
     console = Console()
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)
-    numba.config.THREADING_LAYER = os.environ["NUMBA_THREADING_LAYER"] = args.threading_layer
 
     result = {"argv": sys.argv[1:] if argv is None else argv, "date": time.strftime("%Y-%m-%d %H:%M"),
               "threads": args.threads, "cpu": _cpu_name()}  # fmt: skip

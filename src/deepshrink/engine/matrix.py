@@ -37,6 +37,15 @@ CSR_MIN_BATCH = 4
 PARALLEL_MIN_MACS = 50_000
 
 
+def _parallel(macs: float) -> bool:
+    """Whether a product of ``macs`` multiply-accumulates should launch numba's threads.
+
+    With one thread a launch only hands the work to a pool thread, which on a busy
+    machine waits for a core: the calling thread does it instead.
+    """
+    return macs >= PARALLEL_MIN_MACS and numba.get_num_threads() > 1
+
+
 def segmented_stream(
     segment: np.ndarray, offset: np.ndarray, codes: np.ndarray, n_segments: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -169,7 +178,7 @@ class SparseMatrix:
     def _csc_matvec(self, x: np.ndarray) -> np.ndarray:
         acc = self._accumulators((self.workers, self.local_rows))
         macs = self.tensor.nnz * np.count_nonzero(x) / max(self.shape[1], 1)  # expected, zero columns skipped
-        kernel = kernels.csc_matvec if macs >= PARALLEL_MIN_MACS else kernels.csc_matvec_serial
+        kernel = kernels.csc_matvec if _parallel(macs) else kernels.csc_matvec_serial
         kernel(self.col_ptr, self.col_gaps, self.col_codes, self.codebook, x, acc)
         return acc.T.reshape(-1)[: self.shape[0]]  # row i = worker i % workers, slot i // workers
 
@@ -224,7 +233,7 @@ class SparseMatrix:
         row_ptr, gaps, codes = self._row_major()
         xk, frac = self._quantize(np.ascontiguousarray(xt))
         out = self._accumulators((self.shape[0], xt.shape[1]))
-        kernel = kernels.csr_matmul if self.tensor.nnz * xt.shape[1] >= PARALLEL_MIN_MACS else kernels.csr_matmul_serial
+        kernel = kernels.csr_matmul if _parallel(self.tensor.nnz * xt.shape[1]) else kernels.csr_matmul_serial
         kernel(row_ptr, gaps, codes, self.codebook, xk, out)
         return self._finish(out, frac)
 
