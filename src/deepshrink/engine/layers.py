@@ -73,10 +73,10 @@ class SparseLinear(nn.Module):
         if x.shape[-1:] != (self.in_features,):
             raise DeepShrinkError(f"SparseLinear expects inputs (..., {self.in_features}), got {tuple(x.shape)}")
         flat = _as_numpy(x, "SparseLinear").reshape(-1, self.in_features)  # (B, in)
-        y = torch.from_numpy(self.matrix.matmul(flat))  # (B, out)
+        y = self.matrix.matmul(flat)  # (B, out), freshly allocated: add the bias in place
         if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+            y += self.bias.numpy()
+        return torch.from_numpy(y).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.matrix!r}, bias={self.bias is not None}"

@@ -207,6 +207,9 @@ class SparseMatrix:
         self._check_input(x, 2)
         if x.shape[0] >= CSR_MIN_BATCH:
             return self.matmul_columns(np.ascontiguousarray(x.T)).T
+        if x.shape[0] == 1:  # the main case: no per-sample loop
+            xk, frac = self._quantize(np.ascontiguousarray(x[0]))
+            return self._finish(self._csc_matvec(xk), frac)[None]
         xk, frac = self._quantize(x)
         acc = self._accumulators((x.shape[0], self.shape[0]))
         for b in range(x.shape[0]):
