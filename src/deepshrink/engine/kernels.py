@@ -102,19 +102,18 @@ def csc_matvec_serial(col_ptr, gaps, codes, codebook, x, acc) -> None:
 @njit(cache=True, fastmath=True)
 def _csr_rows(row_ptr, gaps, codes, codebook, xt, out, first, stop) -> None:
     """Rows ``first .. stop - 1`` of :func:`csr_matmul`."""
-    for i in range(first, stop):
-        dst = out[i]
+    batch = np.uint64(xt.shape[1])
+    for i in range(np.uint64(first), np.uint64(stop)):
         col = np.uint64(0)  # the next column a gap of 0 would land on
-        for k in range(row_ptr[i], row_ptr[i + 1]):
+        for k in range(row_ptr[i], row_ptr[i + _ONE]):
             gap = np.uint64(gaps[k])
             if gap == _ESCAPE_U:
                 col += _ESCAPE_U
                 continue
             col += gap
             value = codebook[codes[k]]
-            src = xt[col]
-            for b in range(dst.shape[0]):
-                dst[b] += value * src[b]
+            for b in range(batch):  # unsigned: no wrap-around checks, so this loop vectorises
+                out[i, b] += value * xt[col, b]
             col += _ONE
 
 
