@@ -65,6 +65,14 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _device(model: nn.Module) -> torch.device:
+    """Where ``model`` lives; a model of buffers only (the engine's) counts too."""
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
 def _as_dataset(data: Dataset | tuple[torch.Tensor, torch.Tensor]) -> Dataset:
     return TensorDataset(*data) if isinstance(data, tuple) else data
 
@@ -99,7 +107,7 @@ def evaluate(model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.Tensor]
     """Top-1 accuracy of ``model`` on ``data`` (all of it, on this process)."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = _device(model)
     correct = total = 0
     for x, y in DataLoader(_as_dataset(data), batch_size=batch_size):
         correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
@@ -137,7 +145,7 @@ def fit(
     net = DistributedDataParallel(model) if _distributed() and not isinstance(model, DistributedDataParallel) else model
     optimizer = _optimizer(model, cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    device = next(model.parameters()).device
+    device = _device(model)
     show = cfg.progress and (not _distributed() or dist.get_rank() == 0)
     history: list[dict] = []
     model.train()
