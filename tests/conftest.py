@@ -41,7 +41,10 @@ def _trained_lenet300(mnist_train) -> torch.nn.Module:
     from deepshrink.train import TrainConfig, fit
     torch.manual_seed(0)
     model = lenet_300_100()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see one_thread: a busy machine makes 2 threads far slower
     fit(model, mnist_train, TrainConfig(epochs=1, lr=0.05, batch_size=128, progress=False))
+    torch.set_num_threads(threads)
     return model
 
 

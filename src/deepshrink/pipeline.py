@@ -14,9 +14,10 @@ from rich.console import Console
 from torch import nn
 
 from deepshrink.errors import DeepShrinkError
-from deepshrink.prune import check_sparsity, sparsity_schedule
+from deepshrink.prune import check_sparsity
 from deepshrink.quantize import share_weights_
 from deepshrink.report import layer_table
+from deepshrink.schedules import iterative_levels
 from deepshrink.train import TrainConfig, evaluate, fit, iterative_prune
 
 Data = tuple[torch.Tensor, torch.Tensor]
@@ -50,13 +51,6 @@ class CompressSettings:
                            max_steps=self.max_steps)
 
 
-def _steps(settings: CompressSettings) -> list[float | dict[str, float]]:
-    if isinstance(settings.sparsity, dict):
-        schedules = {k: sparsity_schedule(v, settings.prune_steps) for k, v in settings.sparsity.items()}
-        return [{k: s[i] for k, s in schedules.items()} for i in range(settings.prune_steps)]
-    return sparsity_schedule(settings.sparsity, settings.prune_steps)
-
-
 def compress(
     model: nn.Module, train: Data, test: Data, settings: CompressSettings,
     out: str | None = None, console: Console | None = None, factory: str | None = None,
@@ -88,7 +82,7 @@ def compress(
     result["dense_accuracy"] = evaluate(model, test)
     console.print(f"dense accuracy: {result['dense_accuracy']:.4f}")
     retrain = settings.train_config(settings.prune_epochs, settings.lr / 10)
-    stage("prune", lambda: iterative_prune(model, _steps(settings), train, retrain))
+    stage("prune", lambda: iterative_prune(model, iterative_levels(settings.sparsity, settings.prune_steps), train, retrain))
     result["pruned_accuracy"] = evaluate(model, test)
     console.print(f"pruned accuracy: {result['pruned_accuracy']:.4f}")
     stage("share", lambda: share_weights_(model, settings.bits, init=settings.init, seed=settings.seed))
