@@ -95,7 +95,7 @@ def check_bits(bits: object, name: str = "bits") -> int:
 
 
 def kmeans_1d(
-    values: np.ndarray, k: int, init: str = "linear", seed: int = 0, max_iter: int = 300, tol: float = 1e-7
+    values: np.ndarray, k: int, init: str = "linear", seed: int = 0, max_iter: int = 2000, tol: float = 1e-7
 ) -> tuple[np.ndarray, np.ndarray]:
     """Lloyd's k-means on scalars.
 
@@ -111,6 +111,8 @@ def kmeans_1d(
             ``"density"`` (evenly over the CDF), ``"random"`` (Forgy: k random
             weights) or ``"kmeans++"``.
         seed: for the random initialisations.
+        max_iter: Lloyd iterations at most; each costs O(k log n), and 256
+            clusters over a pruned layer need many to settle.
 
     Returns:
         ``(centroids, codes)``: sorted float32 centroids (fewer than ``k`` when
