@@ -2,6 +2,8 @@
 
 import pytest
 
+import deepshrink
+
 from deepshrink.cli import build_parser, main
 
 
@@ -18,13 +20,17 @@ def test_every_command_has_help(command, capsys):
     assert "usage: deepshrink " + command in capsys.readouterr().out
 
 
-def test_compress_on_digits_runs_and_reports(capsys):
+def test_compress_on_digits_writes_a_file_that_rebuilds_the_model(capsys, tmp_path):
+    path = tmp_path / "digits.dsz"
     code = main(["compress", "--model", "lenet-300-100", "--model-kwargs", '{"in_features": 64}',
                  "--data", "digits", "--pretrain-epochs", "1", "--sparsity", "0.8", "--prune-steps", "2",
-                 "--bits", "fc=4", "--epochs", "0.2", "--lr", "0.05"])
+                 "--bits", "fc=4", "--epochs", "0.2", "--lr", "0.05", "--out", str(path)])
     out = capsys.readouterr().out
     assert code == 0
     assert "fc1.weight" in out and "accuracy dense" in out
+    model = deepshrink.load(path)  # the factory and its kwargs were recorded
+    assert model.fc1.weight.shape == (300, 64)
+    assert float((model.fc1.weight != 0).float().mean()) == pytest.approx(0.2, abs=1e-3)
 
 
 def test_bad_input_gives_named_error(capsys):

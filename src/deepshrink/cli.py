@@ -35,7 +35,8 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         _run_recipe(args)
         return
     from deepshrink.pipeline import CompressSettings, compress
-    model = build_model(args.model, json.loads(args.model_kwargs) if args.model_kwargs else None)
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+    model = build_model(args.model, kwargs)
     if args.state_dict:
         model.load_state_dict(torch.load(args.state_dict, map_location="cpu", weights_only=True))
     train = load_data(args.data, args.data_dir, "train")
@@ -45,7 +46,8 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         pretrain_epochs=args.pretrain_epochs, prune_epochs=args.epochs, quant_epochs=args.epochs,
         lr=args.lr, seed=args.seed, max_steps=args.max_steps,
     )
-    compress(model, train, test, settings, out=args.out, console=console)
+    compress(model, train, test, settings, out=args.out, console=console,
+             factory=MODELS.get(args.model, args.model), factory_kwargs=kwargs)
 
 
 def _run_recipe(args: argparse.Namespace) -> None:
