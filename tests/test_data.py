@@ -1,0 +1,51 @@
+import gzip
+import hashlib
+import shutil
+
+import pytest
+import torch
+
+from deepshrink import DeepShrinkError
+from deepshrink.data.digits import load_digits
+from deepshrink.data.mnist import load_mnist
+
+
+def test_mnist_test_split_is_the_real_one(mnist_test):
+    images, labels = mnist_test
+    assert images.shape == (10_000, 1, 28, 28) and images.dtype == torch.float32
+    assert 0 <= float(images.min()) and float(images.max()) == 1.0
+    assert torch.bincount(labels).tolist()[:3] == [980, 1135, 1032]  # the well-known class counts
+
+
+def test_uncompressed_idx_files_read_the_same(data_root, tmp_path, mnist_test):
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        with gzip.open(data_root / "mnist" / f"{stem}.gz", "rb") as src, open(tmp_path / stem, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    # the README's MD5 of the uncompressed test images
+    assert hashlib.md5((tmp_path / "t10k-images-idx3-ubyte").read_bytes()).hexdigest() == "2646ac647ad5339dbf082846283269ea"
+    images, labels = load_mnist(tmp_path, "test")
+    assert torch.equal(images, mnist_test[0]) and torch.equal(labels, mnist_test[1])
+
+
+def test_missing_or_bad_files_name_the_problem(tmp_path, monkeypatch):
+    with pytest.raises(DeepShrinkError, match=r"t10k-images-idx3-ubyte\[\.gz\] not found"):
+        load_mnist(tmp_path, "test")
+    with pytest.raises(DeepShrinkError, match="does not exist"):
+        load_mnist(tmp_path / "nowhere", "test")
+    monkeypatch.delenv("DEEPSHRINK_DATA", raising=False)
+    with pytest.raises(DeepShrinkError, match="DEEPSHRINK_DATA"):
+        load_mnist(None, "test")
+    with pytest.raises(DeepShrinkError, match="split='val'"):
+        load_mnist(tmp_path, "val")
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 20)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05")
+    with pytest.raises(DeepShrinkError, match="IDX header says"):
+        load_mnist(tmp_path, "test")
+
+
+def test_bundled_digits_split_is_fixed_and_disjoint():
+    train_x, train_y = load_digits("train")
+    test_x, test_y = load_digits("test")
+    assert len(train_y) + len(test_y) == 1797
+    assert train_x.shape[1:] == (1, 8, 8) and float(train_x.max()) <= 1.0
+    assert torch.equal(load_digits("test")[0], test_x)
