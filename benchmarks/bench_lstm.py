@@ -41,7 +41,7 @@ from deepshrink.balance import load_balance, prune_balanced_
 from deepshrink.data.fsdd import load_fsdd
 from deepshrink.engine.lstm import SparseLSTM
 from deepshrink.engine.matrix import SparseMatrix
-from deepshrink.fileformat import load, save
+from deepshrink.fileformat import load, read, save
 from deepshrink.hardware import EIEConfig, simulate_network
 from deepshrink.models import lstm_classifier
 from deepshrink.prune import prune_, sparsity_schedule
@@ -96,16 +96,18 @@ def dense_model(args: argparse.Namespace, train: tuple) -> tuple[torch.nn.Module
     return model, time.perf_counter() - start
 
 
-def compress(args: argparse.Namespace, mode: str) -> dict:
+def compress(args: argparse.Namespace, mode: str) -> None:
     """Iterative pruning (plain or balanced), weight sharing, centroid fine-tuning; saves ``{mode}.dsz``.
 
-    Runs in its own process (one per mode, in parallel), so it reloads the data and the dense model.
+    Runs in its own process (one per mode, in parallel), so it reloads the data and the dense
+    model; the stage accuracies go into the file's metadata.
     """
     torch.set_num_threads(1)
     start = time.perf_counter()
     train, test = load_fsdd(args.data_dir, "train"), load_fsdd(args.data_dir, "test")
     model, _ = dense_model(args, train)
-    schedules = zip(*(sparsity_schedule(s, args.prune_steps) for s in (args.sparsity, args.ih_sparsity, args.fc_sparsity)))
+    finals = (args.sparsity, args.ih_sparsity, args.fc_sparsity)
+    schedules = zip(*(sparsity_schedule(s, args.prune_steps) for s in finals))
     for i, (s_hh, s_ih, s_fc) in enumerate(schedules):
         per_layer = {"lstm.weight_hh_*": s_hh, "lstm.weight_ih_*": s_ih, "fc.weight": s_fc}
         if mode == "balanced":
@@ -113,15 +115,17 @@ def compress(args: argparse.Namespace, mode: str) -> dict:
         else:
             prune_(model, per_layer)
         epochs = args.final_epochs if i == args.prune_steps - 1 else args.retrain_epochs
-        fit(model, train, train_config(epochs, 1e-3, args.seed + i), description=f"{mode} prune {i + 1}/{args.prune_steps}")
+        fit(model, train, train_config(epochs, 1e-3, args.seed + i),
+            description=f"{mode} prune {i + 1}/{args.prune_steps}")
     pruned_accuracy = evaluate(model, test)
     share_weights_(model, bits={"lstm": args.bits, "fc.weight": 5})
     shared_accuracy = evaluate(model, test)
     fit(model, train, train_config(args.share_epochs, 3e-4, args.seed), description="fine-tune centroids")
+    stages = {"pruned_accuracy": pruned_accuracy, "shared_accuracy": shared_accuracy,
+              "compress_seconds": time.perf_counter() - start}
+    # The stage figures travel in the file's metadata, so --reuse reports them too.
     save(model, Path(args.cache) / f"{mode}.dsz", factory="deepshrink.models:lstm_classifier",
-         factory_kwargs=MODEL_KWARGS)
-    return {"pruned_accuracy": pruned_accuracy, "shared_accuracy": shared_accuracy,
-            "compress_seconds": time.perf_counter() - start}
+         factory_kwargs=MODEL_KWARGS, metadata=stages)
 
 
 def engine_logits(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
@@ -132,36 +136,39 @@ def engine_logits(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
     return np.stack([head.matvec(lstm.forward(u)[1][-1]) + bias for u in x.numpy()])
 
 
-def median_latency_us(fn, inputs: list, repeats: int = 3) -> tuple[float, float]:
-    """Median over utterances of the fastest of ``repeats`` runs: (wall us, CPU us of that run).
+def timed(fn, arg) -> tuple[float, float]:
+    """(wall seconds, this thread's CPU seconds) of one call."""
+    w0, c0 = time.perf_counter(), time.thread_time()
+    fn(arg)
+    return time.perf_counter() - w0, time.thread_time() - c0
 
-    Wall clock is latency; on a shared machine the thread's CPU time of the same run
-    shows how much of it was waiting for a core.
+
+def latency(dense: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, n: int, repeats: int = 5) -> dict:
+    """Per-utterance LSTM latency at batch 1: dense torch.nn.LSTM vs the sparse engine, one thread each.
+
+    The two run alternately on each utterance (the machine is shared, so both see the
+    same load); each gets the fastest of ``repeats`` runs, then the median over utterances.
+    Wall clock is latency; the thread's CPU time of the same run shows how much was waiting.
     """
-    wall, cpu = [], []
-    for u in inputs:
-        best = (float("inf"), float("inf"))
-        for _ in range(repeats):
-            w0, c0 = time.perf_counter(), time.thread_time()
-            fn(u)
-            best = min(best, (time.perf_counter() - w0, time.thread_time() - c0))
-        wall.append(best[0])
-        cpu.append(best[1])
-    return statistics.median(wall) * 1e6, statistics.median(cpu) * 1e6
-
-
-def latency(dense: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, n: int) -> dict[str, dict]:
-    """Per-utterance LSTM latency at batch 1: dense torch.nn.LSTM vs the sparse engine, one thread each."""
     engine = SparseLSTM.from_module(model.lstm)
     utterances = list(x[:n])
-    arrays = [u.numpy() for u in utterances]
-    engine.forward(arrays[0])  # compile / load the numba cache outside the timing
+    engine.forward(utterances[0].numpy())  # compile / load the numba cache outside the timing
+    best = {"torch_dense": [], "engine": []}
     with torch.inference_mode():
         dense.lstm(utterances[0])
-        dense_us = median_latency_us(lambda u: dense.lstm(u), utterances)
-    engine_us = median_latency_us(engine.forward, arrays)
-    return {clock: {"torch_dense_us": dense_us[i], "engine_us": engine_us[i], "speedup": dense_us[i] / engine_us[i]}
-            for i, clock in enumerate(("wall", "cpu"))}
+        for u in utterances:
+            runs = {"torch_dense": [], "engine": []}
+            array = u.numpy()
+            for _ in range(repeats):
+                runs["torch_dense"].append(timed(dense.lstm, u))
+                runs["engine"].append(timed(engine.forward, array))
+            for name, times in runs.items():
+                best[name].append(min(times))
+    out = {}
+    for i, clock in enumerate(("wall", "cpu")):
+        dense_us, engine_us = (statistics.median(t[i] for t in best[k]) * 1e6 for k in ("torch_dense", "engine"))
+        out[clock] = {"torch_dense_us": dense_us, "engine_us": engine_us, "speedup": dense_us / engine_us}
+    return out
 
 
 def simulate(model: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
@@ -205,13 +212,13 @@ def run(args: argparse.Namespace) -> dict:
                "model": MODEL_KWARGS, "dense": {"accuracy": evaluate(dense, test), "bytes": dense_bytes,
                                                 "train_seconds": train_s}}
     modes = ("plain", "balanced")
-    stages = {mode: {} for mode in modes}
     if not (args.reuse and all((cache / f"{m}.dsz").is_file() for m in modes)):
         # One process per mode: each trains on one thread, so the two run side by side.
         with ProcessPoolExecutor(len(modes), mp_context=multiprocessing.get_context("spawn")) as pool:
-            stages = dict(zip(modes, pool.map(compress, [args] * len(modes), modes)))
+            list(pool.map(compress, [args] * len(modes), modes))
     for mode in modes:
         path = cache / f"{mode}.dsz"
+        stages = read(path).metadata or {}
         model = load(path).eval()
         weights, kept = weight_counts(model)
         logits = engine_logits(model, test[0])
@@ -221,7 +228,7 @@ def run(args: argparse.Namespace) -> dict:
             "accuracy": evaluate(model, test), "weights": weights, "kept": kept, "bytes": path.stat().st_size,
             "engine_accuracy": float((logits.argmax(1) == test[1].numpy()).mean()),
             "engine_max_abs_diff": float(np.abs(logits - torch_logits).max()),
-            **stages[mode], **simulate(model, test[0], args),
+            **stages, **simulate(model, test[0], args),
         }
         if mode == "balanced":
             results["latency"] = latency(dense, model, test[0], args.latency_utterances)
@@ -274,7 +281,8 @@ def markdown(results: dict) -> str:
         f"{b['engine_accuracy']:.2%}, largest logit difference to the decoded PyTorch model "
         f"{b['engine_max_abs_diff']:.2e}.", "",
         f"Latency per utterance (LSTM only, balanced model, median over {results['settings']['latency_utterances']} "
-        f"test utterances of the fastest of 3 runs, one thread each): {latency_line(results['latency'])}.", "",
+        "test utterances of the fastest of 5 runs, dense and engine alternating, one thread each): "
+        f"{latency_line(results['latency'])}.", "",
         "Simulator: EIE cycle model (`deepshrink.hardware`) at ESE's 200 MHz, rows interleaved over the PEs, "
         "4-bit relative indices, FIFO depth 8, real activations (x_t for W_ih, h_t-1 for W_hh) of "
         f"{results['settings']['sim_utterances']} test utterances; PE balance is the worst gate matrix's "
