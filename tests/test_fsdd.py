@@ -109,10 +109,9 @@ def test_fixed_length_pads_in_front_and_truncates() -> None:
     assert features(np.zeros(0, dtype=np.float32)).shape == (41, 40)  # an empty recording is silence
 
 
-def test_load_fsdd_standardises_with_train_statistics(recordings: Path) -> None:
-    # Uses the default cache: the benchmark and later runs reuse it.
-    x, y = load_fsdd(recordings, "train")
-    xt, yt = load_fsdd(recordings, "test")
+def test_load_fsdd_standardises_with_train_statistics(recordings: Path, tmp_path: Path) -> None:
+    x, y = load_fsdd(recordings, "train", cache=tmp_path)  # a fresh cache: never write to the user's home
+    xt, yt = load_fsdd(recordings, "test", cache=tmp_path)
     assert x.shape == (2700, 41, 40) and xt.shape == (300, 41, 40)
     np.testing.assert_allclose(x.mean(dim=(0, 1)).numpy(), 0, atol=1e-3)
     np.testing.assert_allclose(x.std(dim=(0, 1)).numpy(), 1, atol=1e-2)
