@@ -1,4 +1,4 @@
-"""Recurrent reference models: an LSTM spoken-digit classifier (ESE's case, small).
+"""Recurrent reference models: an LSTM spoken-digit classifier (ESE's case, small) and a character LSTM.
 
 ESE compresses an LSTM acoustic model; here the same layer type classifies the
 spoken digits of FSDD from a log-mel sequence, reading the class off the last
@@ -56,3 +56,53 @@ def lstm_classifier(
 ) -> LSTMClassifier:
     """The FSDD digit classifier; see :class:`LSTMClassifier`."""
     return LSTMClassifier(n_features, hidden, layers, num_classes, dropout)
+
+
+class CharLSTM(nn.Module):
+    """Character-level language model: embedding, ``nn.LSTM``, linear read-out of the next character.
+
+    ``forward`` returns ``(batch, vocab, steps)`` logits, the layout
+    ``nn.functional.cross_entropy`` takes with ``(batch, steps)`` targets, so
+    :func:`deepshrink.train.fit` trains it as it is.
+
+    Examples:
+        >>> net = CharLSTM(vocab=65, embed=8, hidden=16)
+        >>> net(torch.zeros(2, 5, dtype=torch.long)).shape
+        torch.Size([2, 65, 5])
+    """
+
+    def __init__(self, vocab: int = 65, embed: int = 64, hidden: int = 256, layers: int = 1) -> None:
+        super().__init__()
+        for name, value in (("vocab", vocab), ("embed", embed), ("hidden", hidden), ("layers", layers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DeepShrinkError(f"{name}={value!r} must be a positive integer")
+        self.embed = nn.Embedding(vocab, embed)
+        self.lstm = nn.LSTM(embed, hidden, layers, batch_first=True)
+        self.fc = nn.Linear(hidden, vocab)
+
+    def forward(self, ids: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        out, _ = self.lstm(self.embed(ids), state)  # (B, T, hidden)
+        return self.fc(out).transpose(1, 2)  # (B, vocab, T)
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, length: int, temperature: float = 0.8, seed: int = 0) -> list[int]:
+        """Sample ``length`` characters after the ``(steps,)`` int64 ``prompt``.
+
+        Raises:
+            DeepShrinkError: an empty prompt or a temperature <= 0.
+        """
+        if prompt.numel() == 0 or temperature <= 0:
+            raise DeepShrinkError("generate needs a non-empty prompt and a temperature > 0")
+        generator = torch.Generator().manual_seed(seed)
+        out, state = self.lstm(self.embed(prompt[None]))  # (1, T, hidden)
+        ids = []
+        for _ in range(length):
+            probs = torch.softmax(self.fc(out[:, -1]) / temperature, dim=-1)  # (1, vocab)
+            ids.append(int(torch.multinomial(probs, 1, generator=generator)))
+            out, state = self.lstm(self.embed(torch.tensor([[ids[-1]]])), state)
+        return ids
+
+
+def char_lstm(vocab: int = 65, embed: int = 64, hidden: int = 256, layers: int = 1) -> CharLSTM:
+    """The tinyshakespeare character model; see :class:`CharLSTM`."""
+    return CharLSTM(vocab, embed, hidden, layers)

@@ -1,0 +1,84 @@
+"""Character-level text corpora (tinyshakespeare): windows of character indices."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from deepshrink.data.common import data_dir
+from deepshrink.errors import DeepShrinkError
+
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class CharCorpus:
+    """A text and its character vocabulary (sorted distinct characters)."""
+
+    text: str
+    vocab: str
+
+    def encode(self, text: str) -> np.ndarray:
+        """Character indices (int64) of ``text``.
+
+        Raises:
+            DeepShrinkError: a character outside the vocabulary.
+        """
+        index = {c: i for i, c in enumerate(self.vocab)}
+        unknown = sorted(set(text) - set(index))
+        if unknown:
+            raise DeepShrinkError(f"characters {unknown!r} are not in the corpus vocabulary")
+        return np.array([index[c] for c in text], dtype=np.int64)
+
+    def decode(self, ids: np.ndarray | list[int]) -> str:
+        return "".join(self.vocab[int(i)] for i in ids)
+
+
+def load_corpus(root: str | os.PathLike | None = None, name: str = "tinyshakespeare") -> CharCorpus:
+    """Read ``<root>/<name>/input.txt`` (or ``root`` itself when it holds ``input.txt``).
+
+    Raises:
+        DeepShrinkError: the file is missing or empty.
+    """
+    folder = data_dir(root)
+    path = folder / "input.txt" if (folder / "input.txt").is_file() else folder / name / "input.txt"
+    if not path.is_file():
+        raise DeepShrinkError(f"no {name}/input.txt under {folder}")
+    text = path.read_text(encoding="utf-8")
+    if not text:
+        raise DeepShrinkError(f"{path} is empty")
+    return CharCorpus(text, "".join(sorted(set(text))))
+
+
+def char_windows(corpus: CharCorpus, split: str = "train", length: int = 128,
+                 val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-overlapping ``(input, next-character target)`` windows of one split.
+
+    The first ``1 - val_fraction`` of the text is ``"train"``, the rest ``"val"``.
+
+    Returns:
+        ``(x, y)``, both ``(windows, length)`` int64, ``y`` being ``x`` shifted by one.
+
+    Raises:
+        DeepShrinkError: unknown split, ``length < 1`` or a fraction outside (0, 1).
+
+    Examples:
+        >>> c = CharCorpus("abcabcabc", "abc")
+        >>> x, y = char_windows(c, "train", length=2, val_fraction=0.2)
+        >>> x.tolist(), y.tolist()
+        ([[0, 1], [2, 0], [1, 2]], [[1, 2], [0, 1], [2, 0]])
+    """
+    if split not in SPLITS:
+        raise DeepShrinkError(f"split={split!r} must be 'train' or 'val'")
+    if length < 1 or not 0 < val_fraction < 1:
+        raise DeepShrinkError(f"length={length} must be >= 1 and val_fraction={val_fraction} in (0, 1)")
+    ids = corpus.encode(corpus.text)
+    cut = int(len(ids) * (1 - val_fraction))
+    part = ids[:cut] if split == "train" else ids[cut:]
+    n = (len(part) - 1) // length
+    x = part[: n * length].reshape(n, length)
+    y = part[1: n * length + 1].reshape(n, length)
+    return torch.from_numpy(x), torch.from_numpy(y)
