@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from deepshrink.errors import DeepShrinkError
-from deepshrink.prune import LayerSparsity, apply_mask_, check_sparsity, layer_sparsity
-from deepshrink.targets import FilterFn, find_targets, resolve_per_layer
+from deepshrink.prune import LayerSparsity, apply_mask_, check_sparsity, layer_sparsity, sparsity_per_target
+from deepshrink.targets import FilterFn
 from deepshrink.tensor import CompressedTensor
 
 
@@ -107,16 +107,9 @@ def prune_balanced_(
         [8, 8, 8, 8]
     """
     n_pe = check_n_pe(n_pe)
-    targets = find_targets(model, layers, filter_fn)
-    if not targets:
-        raise DeepShrinkError(f"{type(model).__name__} has no compressible weight")
-    per_layer = resolve_per_layer(sparsity, targets, "sparsity")
     report = []
-    for t in targets:
-        s = per_layer[t.name]
-        if s is None:
-            continue
-        apply_mask_(t, balanced_mask(t.weight, check_sparsity(s, f"sparsity[{t.name}]"), n_pe))
+    for t, s in sparsity_per_target(model, sparsity, layers, filter_fn):
+        apply_mask_(t, balanced_mask(t.weight, s, n_pe))
         report.append(layer_sparsity(t))
     return report
 

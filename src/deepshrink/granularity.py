@@ -36,7 +36,7 @@ from torch.nn.utils import parametrize
 
 from deepshrink.coding.relative import count_escapes
 from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
-from deepshrink.prune import LayerSparsity, apply_mask_, check_sparsity, layer_sparsity, prune_
+from deepshrink.prune import LayerSparsity, apply_mask_, layer_sparsity, prune_, sparsity_per_target
 from deepshrink.targets import FilterFn, Target, find_targets, resolve_per_layer
 
 GRANULARITIES = ("fine", "vector", "kernel", "filter", "channel")
@@ -152,18 +152,12 @@ def prune_groups_(
         >>> [r.kept for r in prune_groups_(net, 0.5, "filter")]
         [36]
     """
-    targets = find_targets(model, layers, filter_fn)
-    if not targets:
-        raise DeepShrinkError(f"{type(model).__name__} has no compressible weight")
-    grains = resolve_per_layer(granularity, targets, "granularity")
-    sparsities = resolve_per_layer(sparsity, targets, "sparsity")
+    chosen = sparsity_per_target(model, sparsity, layers, filter_fn)
+    grains = resolve_per_layer(granularity, find_targets(model, layers, filter_fn, warn_unsupported=False),
+                               "granularity")
     report = []
-    for t in targets:
-        s = sparsities[t.name]
-        if s is None:
-            continue
+    for t, s in chosen:
         grain = check_granularity(grains[t.name] or "fine", f"granularity[{t.name}]")
-        check_sparsity(s, f"sparsity[{t.name}]")
         if grain == "fine":
             report += prune_(model, {t.name: s}, layers=[t.name])
             continue

@@ -195,6 +195,26 @@ def prune_(
     return report
 
 
+def sparsity_per_target(
+    model: nn.Module, sparsity: float | dict[str, float],
+    layers: Iterable[str] | None = None, filter_fn: FilterFn | None = None,
+) -> list[tuple[Target, float]]:
+    """The targets a pruning call touches, each with its checked sparsity.
+
+    A target that a ``{pattern: sparsity}`` mapping leaves out is not listed.
+
+    Raises:
+        DeepShrinkError: no compressible weight, an unknown pattern, or a
+            sparsity outside [0, 1) (named with its layer).
+    """
+    targets = find_targets(model, layers, filter_fn)
+    if not targets:
+        raise DeepShrinkError(f"{type(model).__name__} has no compressible weight")
+    per_layer = resolve_per_layer(sparsity, targets, "sparsity")
+    return [(t, check_sparsity(per_layer[t.name], f"sparsity[{t.name}]"))
+            for t in targets if per_layer[t.name] is not None]
+
+
 def apply_mask_(target: Target, mask: torch.Tensor) -> None:
     """AND ``mask`` into the target's mask, installing a :class:`Mask` if needed.
 
