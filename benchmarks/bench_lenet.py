@@ -33,9 +33,8 @@ from rich.console import Console
 from rich.table import Table
 
 from deepshrink.data.common import ENV_VAR
-from deepshrink.fileformat import load, save, write_atomic
+from deepshrink.fileformat import load, read_bytes, save, write_atomic
 from deepshrink.fileinfo import FileSize, breakdown, layer_table
-from deepshrink.fileformat import read_bytes
 from deepshrink.recipes import MODELS, EncodeStage, load_recipe, load_data, run_recipe
 from deepshrink.train import evaluate
 
