@@ -27,7 +27,7 @@ def test_compress_on_digits_writes_a_file_that_rebuilds_the_model(capsys, tmp_pa
                  "--bits", "fc=4", "--epochs", "0.2", "--lr", "0.05", "--out", str(path)])
     out = capsys.readouterr().out
     assert code == 0
-    assert "fc1.weight" in out and "accuracy dense" in out
+    assert "fc1.weight" in out and "after 2: share" in out
     model = deepshrink.load(path)  # the factory and its kwargs were recorded
     assert model.fc1.weight.shape == (300, 64)
     assert float((model.fc1.weight != 0).float().mean()) == pytest.approx(0.2, abs=1e-3)
@@ -38,3 +38,12 @@ def test_bad_input_gives_named_error(capsys):
     assert "sparsity=1.5" in capsys.readouterr().out
     assert main(["compress", "--model", "nosuch", "--data", "digits"]) == 2
     assert "'nosuch'" in capsys.readouterr().out
+
+
+def test_demo_compresses_the_bundled_digits(capsys, tmp_path):
+    path = tmp_path / "demo.dsz"
+    assert main(["demo", "--out", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "bits per symbol" in out and "dense ->" in out
+    model = deepshrink.load(path)
+    assert all(float((w != 0).float().mean()) <= 0.1 + 1e-3 for w in (model.fc1.weight, model.fc2.weight))

@@ -32,14 +32,20 @@ def layer_rows(model: nn.Module) -> list[dict]:
 
 
 def rows_table(rows: Sequence[dict], title: str = "", total: dict | None = None) -> Table:
-    """A rich table of ``rows`` (dicts with the same keys); floats get 2 decimals."""
+    """A rich table of ``rows`` (dicts with the same keys); fractions get 4 decimals, other floats 2."""
     table = Table(title=title or None)
     for key in rows[0] if rows else []:
         table.add_column(key, justify="left" if key == "layer" else "right")
     for row in rows + ([total] if total else []):
-        table.add_row(*(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()),
+        table.add_row(*(_cell(v) for v in row.values()),
                       style="bold" if row is total else None)
     return table
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1 else f"{value:.2f}"
+    return str(value)
 
 
 def layer_table(model: nn.Module, title: str = "layers") -> Table:
