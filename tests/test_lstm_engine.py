@@ -170,3 +170,33 @@ def test_engine_module_replaces_nn_lstm(batch_first: bool) -> None:
         np.testing.assert_allclose(single.numpy(), (expected[0] if batch_first else expected[:, 0]).numpy(), atol=2e-5)
     with pytest.raises(DeepShrinkError, match="zero state"):
         fast(x, (h_n, c_n))
+
+
+class _Classifier(nn.Module):
+    def __init__(self, bidirectional: bool = False) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(6, 8, num_layers=2, batch_first=True, bidirectional=bidirectional)
+        self.out = nn.Linear(16 if bidirectional else 8, 3)
+
+    def forward(self, x):
+        seq, _ = self.lstm(x)
+        return self.out(seq[:, -1])
+
+
+def test_compile_model_runs_compressed_lstms_on_the_engine():
+    from deepshrink.engine import compile_model
+
+    torch.manual_seed(0)
+    model = _Classifier()
+    prune_(model, 0.7)
+    share_weights_(model, bits=4)
+    fast = compile_model(model)
+    assert isinstance(fast.lstm, EngineLSTM)
+    x = torch.randn(3, 5, 6)
+    torch.testing.assert_close(fast(x), model(x).detach(), atol=1e-5, rtol=1e-5)
+
+    bidirectional = _Classifier(bidirectional=True)
+    prune_(bidirectional, 0.7)
+    share_weights_(bidirectional, bits=4)
+    with pytest.warns(UserWarning, match="lstm stays dense: bidirectional"):
+        assert isinstance(compile_model(bidirectional).lstm, nn.LSTM)

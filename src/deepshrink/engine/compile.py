@@ -2,9 +2,10 @@
 
 Every ``nn.Linear`` and ``nn.Conv2d`` whose weight is compressed is swapped for
 :class:`~deepshrink.engine.layers.SparseLinear` /
-:class:`~deepshrink.engine.layers.SparseConv2d`; every other module (and any
-compressed weight of a layer type the engine has no kernel for, such as an LSTM)
-keeps computing as before, with its decoded weights.
+:class:`~deepshrink.engine.layers.SparseConv2d`, and every unidirectional
+``nn.LSTM`` whose gate matrices are all compressed for
+:class:`~deepshrink.engine.lstm.EngineLSTM` (fp32 only); every other module keeps
+computing as before, with its decoded weights.
 """
 
 from __future__ import annotations
@@ -34,6 +35,23 @@ def _replacement(module: nn.Module, name: str, weight: CompressedTensor, **optio
         except UnsupportedLayerError as err:
             warnings.warn(f"{name} stays dense: {err}", stacklevel=3)
     return None
+
+
+def _lstm_replacement(module: nn.LSTM, name: str, tensors: dict[str, CompressedTensor],
+                      fixed_point: bool) -> nn.Module | None:
+    """An :class:`EngineLSTM` for ``module`` from its compressed gate matrices, or ``None`` (with a warning)."""
+    from deepshrink.engine.lstm import EngineLSTM, SparseLSTM
+
+    own = {k.rpartition(".")[2]: t for k, t in tensors.items() if k.rpartition(".")[0] == name}
+    needed = [f"weight_{kind}_l{k}" for k in range(module.num_layers) for kind in ("ih", "hh")]
+    reason = ("the engine's LSTM runs in fp32 only" if fixed_point
+              else "bidirectional or proj_size LSTMs have no engine kernel" if module.bidirectional or module.proj_size
+              else "not every gate matrix is compressed" if not all(n in own for n in needed) else None)
+    if reason is not None:
+        warnings.warn(f"{name} stays dense: {reason}", stacklevel=3)
+        return None
+    biases = {n: p for n, p in module.named_parameters() if n.startswith("bias_")}
+    return EngineLSTM(SparseLSTM.from_tensors(own, biases), module.batch_first)
 
 
 def compile_model(
@@ -75,14 +93,19 @@ def compile_model(
         warnings.warn("the model has no compressed weights: nothing runs on the engine", stacklevel=2)
     target = model if inplace else copy.deepcopy(model)
     modules = dict(target.named_modules())
+    lstms_done: set[str] = set()
     for name, weight in tensors.items():
         module_name, _, param = name.rpartition(".")
         module = modules.get(module_name)
         if module is None or not isinstance(getattr(module, param, None), torch.Tensor):
             raise DeepShrinkError(f"{name!r} is not a weight of {type(model).__name__}")
-        if param != "weight":
+        if isinstance(module, nn.LSTM):
+            replacement = None if module_name in lstms_done else _lstm_replacement(module, module_name, tensors, fixed_point)
+            lstms_done.add(module_name)
+        elif param != "weight":
             continue
-        replacement = _replacement(module, name, weight, workers=workers, fixed_point=fixed_point)
+        else:
+            replacement = _replacement(module, name, weight, workers=workers, fixed_point=fixed_point)
         if replacement is None:
             continue
         if not module_name:  # the model is itself the layer
