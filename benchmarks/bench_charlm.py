@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from deepshrink.data.text import char_windows, load_corpus
+from deepshrink.fileformat import write_atomic
 from deepshrink.models import char_lstm
 from deepshrink.prune import prune_, sparsity_report
 from deepshrink.train import TrainConfig, fit
@@ -120,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     out = ROOT / "results"
     out.mkdir(exist_ok=True)
-    (out / "charlm.json").write_text(json.dumps(results, indent=2))
-    (out / "charlm.md").write_text(markdown(results))
+    write_atomic(out / "charlm.json", json.dumps(results, indent=2).encode())
+    write_atomic(out / "charlm.md", markdown(results).encode())
     console.print(f"wrote {out / 'charlm.md'}")
     return 0
 

@@ -41,7 +41,7 @@ from deepshrink.balance import load_balance, prune_balanced_
 from deepshrink.data.fsdd import load_fsdd
 from deepshrink.engine.lstm import SparseLSTM
 from deepshrink.engine.matrix import SparseMatrix
-from deepshrink.fileformat import load, read, save
+from deepshrink.fileformat import load, read, save, write_atomic
 from deepshrink.hardware import EIEConfig, simulate_network
 from deepshrink.models import lstm_classifier
 from deepshrink.prune import prune_, sparsity_schedule
@@ -299,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print("latency per utterance: " + latency_line(results["latency"]))
     out = ROOT / "results"
     out.mkdir(exist_ok=True)
-    (out / "lstm.json").write_text(json.dumps(results, indent=2))
-    (out / "lstm.md").write_text(markdown(results))
+    write_atomic(out / "lstm.json", json.dumps(results, indent=2).encode())
+    write_atomic(out / "lstm.md", markdown(results).encode())
     console.print(f"wrote {out / 'lstm.json'} and {out / 'lstm.md'}")
     return 0
 
