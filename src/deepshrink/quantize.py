@@ -10,7 +10,6 @@ tied to their centroid, and pruned weights stay exactly zero.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -294,8 +293,3 @@ def distinct_nonzero(weight: torch.Tensor) -> int:
     """Number of distinct non-zero values in ``weight`` (an invariant tests check)."""
     w = weight.detach().reshape(-1)
     return int(torch.unique(w[w != 0]).numel())
-
-
-def bits_needed(n_values: int) -> int:
-    """Fewest bits that index ``n_values`` codebook entries."""
-    return max(1, math.ceil(math.log2(max(n_values, 1))))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rich.console import Console
 from rich.table import Table
 from torch import nn
 
@@ -56,7 +55,3 @@ def layer_table(model: nn.Module, title: str = "layers") -> Table:
     total = {"layer": "total", "shape": "", "weights": weights, "kept": kept,
              "kept %": 100 * kept / max(weights, 1), "bits": "", "codebook": ""}
     return rows_table(rows, title, total)
-
-
-def print_table(table: Table) -> None:
-    Console().print(table)
