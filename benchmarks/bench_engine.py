@@ -76,7 +76,7 @@ def touched(m: SparseMatrix, x: np.ndarray) -> tuple[int, int]:
     active = np.flatnonzero(x)
     starts, ends = m.col_ptr[:, active], m.col_ptr[:, active + 1]
     symbols = int((ends - starts).sum())
-    macs = int(sum((m.col_gaps[s:e] != 255).sum() for s, e in zip(starts.ravel(), ends.ravel())))
+    macs = int(sum((m.col_codes[s:e] != m.pad_code).sum() for s, e in zip(starts.ravel(), ends.ravel())))
     entry_bytes = m.col_gaps.itemsize + m.col_codes.itemsize
     pointer_bytes = 2 * m.col_ptr.itemsize * m.workers * len(active)
     activation_bytes = 4 * (len(x) + 2 * m.workers * m.local_rows)  # x read, accumulators written and read

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepshrink.coding.relative import encode_relative
 from deepshrink.engine import SparseConv2d, SparseLinear, SparseMatrix, compile_model, engine_layers, from_file, kernels
 from deepshrink.engine.fixedpoint import fraction_bits, from_fixed, to_fixed
 from deepshrink.engine.matrix import segmented_stream
@@ -28,28 +27,40 @@ def random_tensor(rows: int, cols: int, density: float, seed: int = 0, bits: int
     return CompressedTensor((rows, cols), positions, rng.integers(0, 1 << bits, len(positions)), codebook, bits)
 
 
-def reference_segments(segment: np.ndarray, offset: np.ndarray, n_segments: int) -> tuple[np.ndarray, np.ndarray]:
-    """One encode_relative call per segment, concatenated: the obvious layout."""
-    runs = [encode_relative(offset[segment == s], kernels.INDEX_BITS) for s in range(n_segments)]
-    ptr = np.concatenate([[0], np.cumsum([len(r) for r in runs])])
-    return ptr, np.concatenate(runs) if runs else np.zeros(0, np.uint8)
+def reference_segments(segment: np.ndarray, offset: np.ndarray, codes: np.ndarray, n_segments: int,
+                       pad_code: int) -> tuple[list[int], list[int], list[int]]:
+    """EIE's padding spelled out, one entry at a time."""
+    ptr, gaps, out_codes = [0], [], []
+    for s in range(n_segments):
+        previous = -1
+        for off, code in zip(offset[segment == s], codes[segment == s]):
+            zeros = off - previous - 1
+            while zeros > kernels.MAX_GAP:  # a padding entry: MAX_GAP zeros, then a zero weight
+                gaps.append(kernels.MAX_GAP)
+                out_codes.append(pad_code)
+                zeros -= kernels.MAX_GAP + 1
+            gaps.append(zeros)
+            out_codes.append(code)
+            previous = off
+        ptr.append(len(gaps))
+    return ptr, gaps, out_codes
 
 
 @pytest.mark.parametrize("n_segments", [0, 1, 3, 8])
-def test_segmented_stream_matches_per_segment_encoding(n_segments: int) -> None:
+def test_segmented_stream_matches_reference(n_segments: int) -> None:
     rng = np.random.default_rng(n_segments)
     n = 4 * n_segments
     segment = np.sort(rng.integers(0, max(n_segments, 1), n))
-    offset = rng.integers(0, 900, n)  # gaps of several hundred need escapes
-    keys = np.unique(segment * 1000 + offset)
+    offset = rng.integers(0, 900, n)  # gaps of several hundred need padding
+    edges = [0, 256, 257, 513, 769] if n_segments else []  # gaps of 255, 0 and 256 in segment 0
+    keys = np.unique(np.concatenate([segment * 1000 + offset, edges])).astype(np.int64)
     segment, offset = keys // 1000, keys % 1000
-    codes = rng.integers(1, 16, len(keys)).astype(np.uint8)
-    ptr, gaps, aligned = segmented_stream(segment, offset, codes, n_segments)
-    ref_ptr, ref_gaps = reference_segments(segment, offset, n_segments)
-    np.testing.assert_array_equal(ptr, ref_ptr)
-    np.testing.assert_array_equal(gaps, ref_gaps)
-    np.testing.assert_array_equal(aligned[gaps != kernels.ESCAPE], codes)
-    assert not aligned[gaps == kernels.ESCAPE].any()
+    codes = rng.integers(0, 16, len(keys)).astype(np.uint8)
+    ptr, gaps, aligned = segmented_stream(segment, offset, codes, n_segments, pad_code=16)
+    ref_ptr, ref_gaps, ref_codes = reference_segments(segment, offset, codes, n_segments, 16)
+    assert ptr.tolist() == ref_ptr and gaps.tolist() == ref_gaps and aligned.tolist() == ref_codes
+    assert aligned.dtype == np.uint8
+    assert segmented_stream(segment, offset, codes, n_segments, pad_code=256)[2].dtype == np.uint16
 
 
 @pytest.mark.parametrize("x", [[], [0.0, 0.0], [0.0, 1.5, 0.0, -2.0, 3.0]])
@@ -67,20 +78,20 @@ def test_csc_kernel_matches_dense(rows: int, cols: int, density: float, workers:
     x = np.random.default_rng(1).standard_normal(cols).astype(np.float32)
     x[::3] = 0  # zero activations are skipped
     acc = np.zeros((workers, m.local_rows), dtype=np.float32)
-    kernel(m.col_ptr, m.col_gaps, m.col_codes, m.codebook, x, acc)
-    expected = np.zeros(workers * m.local_rows, dtype=np.float32)
-    expected[:rows] = t.to_dense().numpy() @ x
-    np.testing.assert_allclose(acc.T.reshape(-1), expected, rtol=1e-5, atol=1e-5)
+    out = np.empty(rows, dtype=np.float32)
+    bias = np.arange(rows, dtype=np.float32)
+    kernel(m.col_ptr, m.col_gaps, m.col_codes, m.codebook, x, 1.0, bias, acc, out)
+    np.testing.assert_allclose(out, t.to_dense().numpy() @ x + bias, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows,cols,density", SHAPES)
 @pytest.mark.parametrize("kernel", [kernels.csr_matmul, kernels.csr_matmul_serial], ids=["parallel", "serial"])
 def test_csr_kernel_matches_dense(rows: int, cols: int, density: float, kernel) -> None:
     t = random_tensor(rows, cols, density, seed=2)
-    row_ptr, gaps, codes = segmented_stream(*t.rows_cols(), t.codes, rows)
+    m = SparseMatrix(t)
     xt = np.random.default_rng(3).standard_normal((cols, 5)).astype(np.float32)
     out = np.zeros((rows, 5), dtype=np.float32)
-    kernel(row_ptr, gaps, codes, t.codebook, xt, out)
+    kernel(*m.row_major(), m.codebook, xt, out)
     np.testing.assert_allclose(out, t.to_dense().numpy() @ xt, rtol=1e-5, atol=1e-5)
 
 
@@ -92,13 +103,14 @@ def test_kernels_in_fixed_point_are_exact_integer_sums() -> None:
     dense = np.zeros(t.numel, dtype=np.int64)
     dense[t.positions] = cb[t.codes]
     dense = dense.reshape(300, 200)
-    m = SparseMatrix(t, workers=2)
+    m = SparseMatrix(t, workers=2, fixed_point=True)
+    np.testing.assert_array_equal(m.codebook[:-1], cb)
     acc = np.zeros((2, m.local_rows), dtype=np.int64)
-    kernels.csc_matvec(m.col_ptr, m.col_gaps, m.col_codes, cb, x, acc)
+    out = np.empty(300, dtype=np.float32)
+    kernels.csc_matvec(m.col_ptr, m.col_gaps, m.col_codes, m.codebook, x, 1.0, np.zeros(300, np.float32), acc, out)
     np.testing.assert_array_equal(acc.T.reshape(-1)[:300], dense @ x.astype(np.int64))
-    row_ptr, gaps, codes = segmented_stream(*t.rows_cols(), t.codes, 300)
     out = np.zeros((300, 1), dtype=np.int64)
-    kernels.csr_matmul(row_ptr, gaps, codes, cb, x[:, None].copy(), out)
+    kernels.csr_matmul(*m.row_major(), m.codebook, x[:, None].copy(), out)
     np.testing.assert_array_equal(out[:, 0], dense @ x.astype(np.int64))
 
 
@@ -120,13 +132,15 @@ BATCHES = [1, 2, 3, 4, 16, 64]  # per-sample CSC below CSR_MIN_BATCH, CSR from t
 
 
 def fixed_point_reference(t: CompressedTensor, x: np.ndarray) -> np.ndarray:
-    """EIE arithmetic spelled out: int16 weights and activations, exact int64 dot products."""
+    """EIE arithmetic spelled out: int16 weights and activations (one Q format per sample), exact int64 sums."""
     cb, cb_frac = to_fixed(t.codebook)
-    xq, x_frac = to_fixed(x)
     dense = np.zeros(t.numel, dtype=np.int64)
     dense[t.positions] = cb[t.codes]
-    acc = xq.astype(np.int64) @ dense.reshape(t.shape[0], -1).T
-    return from_fixed(acc, cb_frac + x_frac)
+    rows = []
+    for sample in x:
+        xq, x_frac = to_fixed(sample)
+        rows.append(from_fixed(dense.reshape(t.shape[0], -1) @ xq.astype(np.int64), cb_frac + x_frac))
+    return np.stack(rows)
 
 
 @pytest.mark.parametrize("rows,cols,density", SHAPES)

@@ -72,7 +72,7 @@ def test_layer_kernel_against_numpy_reference(density: float) -> None:
     hh = SparseMatrix(w_hh, workers=1)
     h, c = np.zeros(hidden, np.float32), np.zeros(hidden, np.float32)
     out = np.empty((steps, hidden), np.float32)
-    lstm_layer_kernel(pre, hh.col_ptr, hh.col_gaps, hh.col_codes, hh.codebook, h, c, out)
+    lstm_layer_kernel(pre, hh.col_ptr[0], hh.col_gaps, hh.col_codes, hh.codebook, h, c, out)
     expected = reference_layer(x, w_ih.to_dense().numpy(), w_hh.to_dense().numpy(), bias)
     np.testing.assert_allclose(out, expected, atol=1e-5)
     np.testing.assert_array_equal(h, out[-1])

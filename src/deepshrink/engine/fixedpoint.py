@@ -18,27 +18,37 @@ _INT_MAX = (1 << (FIXED_BITS - 1)) - 1
 _INT_MIN = -(1 << (FIXED_BITS - 1))
 
 
-def fraction_bits(values: np.ndarray) -> int:
+def fraction_bits(values: np.ndarray, axis: int | None = None) -> int | np.ndarray:
     """Fraction bits of the Q format that fits ``max |values|`` in 16 signed bits.
+
+    Args:
+        values: a float array.
+        axis: ``None`` for one format for the whole array; else one per slice
+            along ``axis`` (one per sample), shaped to broadcast against ``values``.
 
     Examples:
         >>> fraction_bits(np.array([0.75, -0.1]))  # 0.75 < 2**0: Q0.15
         15
         >>> fraction_bits(np.array([3.0]))  # 3 < 2**2: Q2.13
         13
+        >>> fraction_bits(np.array([[3.0, 0.0], [0.5, 0.0]]), axis=0).ravel().tolist()
+        [13, 15]
     """
-    peak = float(np.max(np.abs(values))) if np.size(values) else 0.0
-    if peak == 0.0 or not np.isfinite(peak):
-        return FIXED_BITS - 1
+    values = np.asarray(values)
+    others = tuple(i for i in range(values.ndim) if axis is None or i != axis % values.ndim)
+    peak = np.max(np.abs(values), axis=others, keepdims=axis is not None, initial=0.0)
     _, exponent = np.frexp(peak)  # peak = f * 2**exponent, 0.5 <= f < 1
-    return FIXED_BITS - 1 - int(exponent)
+    frac = np.where((peak == 0.0) | ~np.isfinite(peak), FIXED_BITS - 1, FIXED_BITS - 1 - exponent)
+    return int(frac) if axis is None else frac.astype(np.int64)
 
 
-def to_fixed(values: np.ndarray) -> tuple[np.ndarray, int]:
+def to_fixed(values: np.ndarray, axis: int | None = None) -> tuple[np.ndarray, int | np.ndarray]:
     """Round ``values`` to int16 in their own Q format (round half to even, saturating).
 
     Args:
         values: a float array.
+        axis: as in :func:`fraction_bits`: one Q format per slice along it (per
+            sample, so a sample's result does not depend on its batch).
 
     Returns:
         ``(q, frac)``: int16 array with ``values ~= q * 2**-frac``, and ``frac``.
@@ -48,11 +58,11 @@ def to_fixed(values: np.ndarray) -> tuple[np.ndarray, int]:
         >>> q.tolist(), frac
         ([16384, -8192, 0], 15)
     """
-    frac = fraction_bits(values)
-    scaled = np.rint(np.asarray(values, dtype=np.float64) * 2.0**frac)
+    frac = fraction_bits(values, axis)
+    scaled = np.rint(np.asarray(values, dtype=np.float64) * np.exp2(frac))
     return np.clip(scaled, _INT_MIN, _INT_MAX).astype(np.int16), frac
 
 
-def from_fixed(acc: np.ndarray, frac: int) -> np.ndarray:
-    """Wide integer accumulators with ``frac`` fraction bits back to float32."""
-    return (acc.astype(np.float64) * 2.0**-frac).astype(np.float32)
+def from_fixed(acc: np.ndarray, frac: int | np.ndarray) -> np.ndarray:
+    """Wide integer accumulators with ``frac`` fraction bits (a scalar or per sample) back to float32."""
+    return (acc.astype(np.float64) * np.exp2(-np.asarray(frac, dtype=np.float64))).astype(np.float32)

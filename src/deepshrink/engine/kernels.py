@@ -1,19 +1,20 @@
-"""Numba kernels of the inference engine: sparse matrix times activations.
+"""Numba kernels of the inference engine: sparse matrix times activations, sparse convolution.
 
-Both kernels read a *segmented relative-index stream*, the layout built by
-:mod:`deepshrink.engine.layout`: for each segment (a column of one worker's rows
-for the CSC kernel, a row for the CSR kernel) a run of 8-bit gaps, each "the
-number of zeros before this weight", with the escape symbol :data:`ESCAPE`
-meaning "skip ``ESCAPE`` positions, no weight here" (the same code as
-:mod:`deepshrink.coding.relative`), and beside each gap the weight's codebook
-index. A weight's value is looked up in the codebook on the fly, as EIE does;
-the dense matrix is never built.
+Every kernel reads a *segmented relative-index stream*, the layout built by
+:func:`deepshrink.engine.matrix.segmented_stream`: for each segment (a column of
+one worker's rows for the CSC kernel, a row for the CSR and convolution kernels)
+a run of 8-bit gaps, each "the number of zeros before this weight", and beside
+each gap the weight's codebook index. A gap longer than 255 is bridged as EIE
+does, with *padding* entries: gap 255 and the index of a zero value, which the
+kernels add like any weight. So the inner loops have no branch, and every
+codebook handed to a kernel is *extended*: the real centroids, then one zero (the
+padding index). A weight's value is looked up on the fly; the dense matrix is
+never built.
 
 The kernels are dtype-generic: float32 codebook, activations and accumulators
-give the fp32 engine; int16 codebook and activations with an int64 accumulator
-give the 16-bit fixed-point mode (numba widens int16 products to int64, so no
-product overflows). Every index is int64 (``intp``) or unsigned, so nothing
-wraps at 65,536.
+give the fp32 engine; int16 codebook and activations with int64 accumulators give
+the 16-bit fixed-point mode (products are formed in int64, so none overflows).
+Loop indices are unsigned or int64 (``intp``), so nothing wraps at 65,536.
 """
 
 from __future__ import annotations
@@ -21,15 +22,14 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-#: Bits of one stored gap. One byte keeps loads aligned and escapes rare: at the
-#: EIE layers' densities (4-25 %) the mean gap inside a worker's column is 2-13.
+#: Bits of one stored gap: one byte keeps loads simple, and at the EIE layers'
+#: densities (4-25 %) the mean gap inside a worker's column is 2-13, so padding is rare.
 INDEX_BITS = 8
-#: The escape symbol, ``2**INDEX_BITS - 1``.
-ESCAPE = (1 << INDEX_BITS) - 1
+#: The largest gap one entry holds; a padding entry carries it and a zero value.
+MAX_GAP = (1 << INDEX_BITS) - 1
 
 
 _ONE = np.uint64(1)
-_ESCAPE_U = np.uint64(ESCAPE)
 
 
 @njit(cache=True)
@@ -55,48 +55,67 @@ def nonzero_columns(x: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, fastmath=True)
-def _csc_worker(ptr, gaps, codes, codebook, x, active, out) -> None:
-    """One worker's share of :func:`csc_matvec`: ``out`` is its row of accumulators."""
+def csc_worker(ptr, gaps, codes, codebook, x, active, acc, products) -> None:
+    """One worker's share of :func:`csc_matvec`: ``acc[i] += W_w[i, j] * x[j]`` over the ``active`` columns.
+
+    ``ptr`` is the worker's ``(cols + 1,)`` column pointers. Per column the
+    codebook is multiplied by ``x[j]`` once (``products``, as long as
+    ``codebook``), so each weight costs a table lookup and one add, as in EIE's
+    arithmetic unit.
+    """
     for t in range(active.shape[0]):
         j = active[t]
-        xj = x[j]
+        for c in range(codebook.shape[0]):
+            products[c] = codebook[c] * x[j]
         row = np.uint64(0)  # the next row a gap of 0 would land on
         for k in range(ptr[j], ptr[j + _ONE]):
-            gap = np.uint64(gaps[k])
-            if gap == _ESCAPE_U:  # a gap too long for 8 bits: skip, no weight
-                row += _ESCAPE_U
-                continue
-            row += gap
-            out[row] += codebook[codes[k]] * xj
+            row += np.uint64(gaps[k])
+            acc[row] += products[codes[k]]
             row += _ONE
 
 
+@njit(cache=True, fastmath=True)
+def _interleaved_output(acc, scale, bias, out) -> None:
+    """``out[w + workers * i] = acc[w, i] * scale + bias[...]``: undo the row interleaving."""
+    workers = acc.shape[0]
+    for r in range(out.shape[0]):
+        out[r] = np.float32(acc[r % workers, r // workers] * scale) + bias[r]
+
+
 @njit(parallel=True, cache=True, fastmath=True)
-def csc_matvec(
-    col_ptr: np.ndarray,  # (workers, cols + 1) uint64 offsets into gaps / codes
-    gaps: np.ndarray,  # (n_symbols,) uint8 relative local-row indices
-    codes: np.ndarray,  # (n_symbols,) uint8 / uint16 codebook indices
-    codebook: np.ndarray,  # (k,) float32 or int16
-    x: np.ndarray,  # (cols,) float32 or int16 input activations
-    acc: np.ndarray,  # (workers, local_rows) float32 or int64, zeroed
-) -> None:
-    """EIE's batch-1 kernel: ``acc[w, i] += W[w + workers * i, j] * x[j]``.
+def csc_matvec(col_ptr, gaps, codes, codebook, x, scale, bias, acc, out) -> None:
+    """EIE's batch-1 kernel: ``out = scale * (W @ x) + bias``, rows interleaved over workers.
+
+    Args:
+        col_ptr: ``(workers, cols + 1)`` uint64 offsets into ``gaps`` / ``codes``.
+        gaps: ``(n_entries,)`` uint8 relative local-row indices.
+        codes: ``(n_entries,)`` uint8 / uint16 indices into ``codebook``.
+        codebook: ``(k + 1,)`` extended codebook (float32, or int16 in fixed point).
+        x: ``(cols,)`` activations in the codebook's dtype.
+        scale: factor from accumulator units to output units (1.0 in fp32).
+        bias: ``(rows,)`` float32 added to the output.
+        acc: ``(workers, local_rows)`` zeroed accumulators (float32 or int64).
+        out: ``(rows,)`` float32 result.
 
     Worker ``w`` owns rows ``w, w + workers, ...`` (row ``i`` to worker
-    ``i mod workers``) and writes only its own row of ``acc``, so no two threads
+    ``i mod workers``) and writes only its row of ``acc``, so no two threads
     write one output. Columns whose activation is zero are never visited.
     """
     active = nonzero_columns(x)
     for w in prange(col_ptr.shape[0]):
-        _csc_worker(col_ptr[w], gaps, codes, codebook, x, active, acc[w])
+        products = np.empty(codebook.shape[0], dtype=acc.dtype)
+        csc_worker(col_ptr[w], gaps, codes, codebook, x, active, acc[w], products)
+    _interleaved_output(acc, scale, bias, out)
 
 
 @njit(cache=True, fastmath=True)
-def csc_matvec_serial(col_ptr, gaps, codes, codebook, x, acc) -> None:
+def csc_matvec_serial(col_ptr, gaps, codes, codebook, x, scale, bias, acc, out) -> None:
     """:func:`csc_matvec` on the calling thread, for layers too small to repay a parallel launch."""
     active = nonzero_columns(x)
+    products = np.empty(codebook.shape[0], dtype=acc.dtype)
     for w in range(col_ptr.shape[0]):
-        _csc_worker(col_ptr[w], gaps, codes, codebook, x, active, acc[w])
+        csc_worker(col_ptr[w], gaps, codes, codebook, x, active, acc[w], products)
+    _interleaved_output(acc, scale, bias, out)
 
 
 @njit(cache=True, fastmath=True)
@@ -106,11 +125,7 @@ def _csr_rows(row_ptr, gaps, codes, codebook, xt, out, first, stop) -> None:
     for i in range(np.uint64(first), np.uint64(stop)):
         col = np.uint64(0)  # the next column a gap of 0 would land on
         for k in range(row_ptr[i], row_ptr[i + _ONE]):
-            gap = np.uint64(gaps[k])
-            if gap == _ESCAPE_U:
-                col += _ESCAPE_U
-                continue
-            col += gap
+            col += np.uint64(gaps[k])
             value = codebook[codes[k]]
             for b in range(batch):  # unsigned: no wrap-around checks, so this loop vectorises
                 out[i, b] += value * xt[col, b]
@@ -118,15 +133,14 @@ def _csr_rows(row_ptr, gaps, codes, codebook, xt, out, first, stop) -> None:
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def csr_matmul(
-    row_ptr: np.ndarray,  # (rows + 1,) uint64 offsets into gaps / codes
-    gaps: np.ndarray,  # (n_symbols,) uint8 relative column indices
-    codes: np.ndarray,  # (n_symbols,) uint8 / uint16 codebook indices
-    codebook: np.ndarray,  # (k,) float32 or int16
-    xt: np.ndarray,  # (cols, batch) float32 or int16, batch contiguous
-    out: np.ndarray,  # (rows, batch) float32 or int64, zeroed
-) -> None:
+def csr_matmul(row_ptr, gaps, codes, codebook, xt, out) -> None:
     """Row-parallel kernel for batches: ``out[i, :] += W[i, j] * xt[j, :]``.
+
+    Args:
+        row_ptr: ``(rows + 1,)`` uint64 offsets into ``gaps`` / ``codes``.
+        gaps, codes, codebook: as in :func:`csc_matvec`, one segment per row.
+        xt: ``(cols, batch)`` activations, batch contiguous.
+        out: ``(rows, batch)`` zeroed accumulators.
 
     Each weight is decoded once and applied to the whole batch with a
     contiguous (vectorised) inner loop; rows are split over threads, so no two
@@ -140,3 +154,53 @@ def csr_matmul(
 def csr_matmul_serial(row_ptr, gaps, codes, codebook, xt, out) -> None:
     """:func:`csr_matmul` on the calling thread, for small products."""
     _csr_rows(row_ptr, gaps, codes, codebook, xt, out, 0, row_ptr.shape[0] - 1)
+
+
+@njit(cache=True, fastmath=True)
+def _conv_channel(row_ptr, gaps, codes, codebook, x, out, o, kernel, stride, dilation) -> None:
+    """Output channel ``o`` of :func:`conv2d`: each weight of filter ``o`` over every image and position."""
+    o = np.uint64(o)
+    kernel_w = np.uint64(kernel[1])
+    area = np.uint64(kernel[0]) * kernel_w  # weights per input channel
+    sh, sw = np.uint64(stride[0]), np.uint64(stride[1])
+    dh, dw = np.uint64(dilation[0]), np.uint64(dilation[1])
+    out_h, out_w = np.uint64(out.shape[2]), np.uint64(out.shape[3])
+    col = np.uint64(0)  # (channel, ky, kx) flattened, as in the weight's matrix view
+    for k in range(row_ptr[o], row_ptr[o + _ONE]):
+        col += np.uint64(gaps[k])
+        value = codebook[codes[k]]
+        if value != 0:  # padding entries (and zero centroids) would cost a whole plane each
+            c, tap = col // area, col % area
+            ky, kx = tap // kernel_w, tap % kernel_w
+            for b in range(np.uint64(x.shape[0])):
+                for oy in range(out_h):
+                    src = x[b, c, oy * sh + ky * dh]
+                    dst = out[b, o, oy]
+                    for ox in range(out_w):  # contiguous at stride 1: vectorised
+                        dst[ox] += value * src[ox * sw + kx * dw]
+        col += _ONE
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def conv2d(row_ptr, gaps, codes, codebook, x, out, kernel, stride, dilation) -> None:
+    """Direct sparse convolution: ``out[b, o] += W[o, c, ky, kx] * x[b, c, shifted window]``.
+
+    Args:
+        row_ptr, gaps, codes, codebook: the ``(out_channels, in_channels * kh * kw)``
+            matrix view, one segment per output channel (as for :func:`csr_matmul`).
+        x: ``(batch, in_channels, H, W)`` input, already zero-padded.
+        out: ``(batch, out_channels, out_h, out_w)`` zeroed accumulators.
+        kernel, stride, dilation: ``(h, w)`` pairs, as in ``nn.Conv2d``.
+
+    Each kept weight is decoded once and multiplies a whole shifted input plane,
+    so there is no im2col copy; output channels are split over threads.
+    """
+    for o in prange(row_ptr.shape[0] - 1):
+        _conv_channel(row_ptr, gaps, codes, codebook, x, out, o, kernel, stride, dilation)
+
+
+@njit(cache=True, fastmath=True)
+def conv2d_serial(row_ptr, gaps, codes, codebook, x, out, kernel, stride, dilation) -> None:
+    """:func:`conv2d` on the calling thread, for small convolutions."""
+    for o in range(row_ptr.shape[0] - 1):
+        _conv_channel(row_ptr, gaps, codes, codebook, x, out, o, kernel, stride, dilation)

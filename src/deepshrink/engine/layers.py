@@ -18,10 +18,10 @@ from deepshrink.tensor import CompressedTensor
 
 def _as_numpy(x: torch.Tensor, layer: str) -> np.ndarray:
     """A CPU float32 tensor as a NumPy view (no copy when already contiguous)."""
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu":
+    if not isinstance(x, torch.Tensor) or x.dtype is not torch.float32 or not x.is_cpu:
         got = f"{x.dtype} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise DeepShrinkError(f"{layer} takes a float32 CPU tensor, got {got}")
-    return x.detach().contiguous().numpy()
+    return (x.detach() if x.requires_grad else x).contiguous().numpy()
 
 
 def _bias_buffer(bias: torch.Tensor | None, size: int, layer: str) -> torch.Tensor | None:
@@ -72,21 +72,22 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.in_features,):
             raise DeepShrinkError(f"SparseLinear expects inputs (..., {self.in_features}), got {tuple(x.shape)}")
-        flat = _as_numpy(x, "SparseLinear").reshape(-1, self.in_features)  # (B, in)
-        y = self.matrix.matmul(flat)  # (B, out), freshly allocated: add the bias in place
-        if self.bias is not None:
-            y += self.bias.numpy()
-        return torch.from_numpy(y).reshape(*x.shape[:-1], self.out_features)
+        flat = _as_numpy(x, "SparseLinear")
+        if flat.ndim != 2:
+            flat = flat.reshape(-1, self.in_features)  # (B, in)
+        bias = self._buffers["bias"]  # not self.bias: nn.Module's attribute lookup costs more than small layers
+        y = torch.from_numpy(self.matrix.matmul(flat, None if bias is None else bias.numpy()))  # (B, out)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.matrix!r}, bias={self.bias is not None}"
 
 
 class SparseConv2d(nn.Module):
-    """A 2-D convolution as im2col times the compressed ``(out, in * kh * kw)`` matrix.
+    """A 2-D convolution computed directly from the compressed ``(out, in * kh * kw)`` matrix.
 
-    Every (image, output position) pair is one column of the batch, so even a
-    single image runs the batched row-parallel kernel.
+    Each kept weight is decoded once and multiplies a whole shifted plane of the
+    (zero-padded) input: no im2col copy, and pruned weights cost nothing.
 
     Args:
         weight: ``(out_channels, in_channels, kh, kw)`` compressed weight.
@@ -139,18 +140,13 @@ class SparseConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise DeepShrinkError(f"SparseConv2d expects (batch, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        _as_numpy(x, "SparseConv2d")  # validates dtype and device
-        batch, _, height, _ = x.shape
-        cols = F.unfold(x.detach(), self.kernel_size, self.dilation, self.padding, self.stride)  # (B, C*kh*kw, L)
-        positions = cols.shape[2]
-        xt = cols.permute(1, 0, 2).reshape(cols.shape[1], batch * positions)  # (C*kh*kw, B*L)
-        out = torch.from_numpy(self.matrix.matmul_columns(xt.contiguous().numpy()))  # (O, B*L)
-        out = out.reshape(self.out_channels, batch, positions).permute(1, 0, 2)  # (B, O, L)
+        pad_h, pad_w = _pair(self.padding)
+        padded = F.pad(x.detach(), (pad_w, pad_w, pad_h, pad_h)) if pad_h or pad_w else x
+        out = self.matrix.conv2d(_as_numpy(padded, "SparseConv2d"), self.kernel_size, _pair(self.stride),
+                                 _pair(self.dilation))  # fmt: skip
         if self.bias is not None:
-            out = out + self.bias[:, None]
-        (pad, _), (dil, _), (stride, _) = _pair(self.padding), _pair(self.dilation), _pair(self.stride)
-        out_h = (height + 2 * pad - dil * (self.kernel_size[0] - 1) - 1) // stride + 1  # as in nn.Conv2d
-        return out.reshape(batch, self.out_channels, out_h, positions // out_h)
+            out += self.bias.numpy()[:, None, None]
+        return torch.from_numpy(out)
 
     def extra_repr(self) -> str:
         return (

@@ -32,64 +32,70 @@ from deepshrink.tensor import CompressedTensor
 
 # Eigen's rational approximation of tanh for float32 (Eigen/src/Core/MathFunctionsImpl.h,
 # generic_fast_tanh_float): a 13/6-degree odd/even polynomial ratio on [-7.905, 7.905],
-# outside which float32 tanh is +-1. Max abs error 2.4e-7 against float64 tanh, and about
-# 4x cheaper than numba's np.tanh here (no libm call), which matters at 5 calls per unit per step.
-_TANH_CLAMP = 7.90531110763549805
-_TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
-           1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03)
-_TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
+# outside which float32 tanh is +-1. Max abs error 2.4e-7 against float64 tanh, and much
+# cheaper than numba's np.tanh here (no libm call, and a loop over it vectorises), which
+# matters at 5 calls per unit per step. float32 constants keep the arithmetic in float32.
+_TANH_CLAMP = np.float32(7.90531110763549805)
+_TANH_P = tuple(np.float32(a) for a in (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11,
+                                        5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04,
+                                        4.89352455891786e-03))  # fmt: skip
+_TANH_Q = tuple(np.float32(b) for b in (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03,
+                                        4.89352518554385e-03))  # fmt: skip
+_HALF = np.float32(0.5)
 
 
-@njit(cache=True, fastmath=True)
+# error_model="numpy": no ZeroDivisionError check on the division (q > 0 anyway), so loops vectorise
+@njit(cache=True, fastmath=True, error_model="numpy")
 def fast_tanh(v: float) -> float:
-    """tanh to within 2.4e-7 (see the constants above)."""
-    v = min(max(v, -_TANH_CLAMP), _TANH_CLAMP)
+    """tanh to within 2.4e-7 (see the constants above); straight-line, so loops over it vectorise."""
+    v = np.float32(v)
+    v = v if v < _TANH_CLAMP else _TANH_CLAMP  # not min/max: their NaN handling is a branch
+    v = v if v > -_TANH_CLAMP else -_TANH_CLAMP
     v2 = v * v
     p = _TANH_P[0]
-    for a in _TANH_P[1:]:
-        p = p * v2 + a
+    p = p * v2 + _TANH_P[1]
+    p = p * v2 + _TANH_P[2]
+    p = p * v2 + _TANH_P[3]
+    p = p * v2 + _TANH_P[4]
+    p = p * v2 + _TANH_P[5]
+    p = p * v2 + _TANH_P[6]
     q = _TANH_Q[0]
-    for b in _TANH_Q[1:]:
-        q = q * v2 + b
+    q = q * v2 + _TANH_Q[1]
+    q = q * v2 + _TANH_Q[2]
+    q = q * v2 + _TANH_Q[3]
     return v * p / q
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")
 def fast_sigmoid(v: float) -> float:
     """The logistic function as ``(1 + tanh(v / 2)) / 2``."""
-    return 0.5 * fast_tanh(0.5 * v) + 0.5
+    return _HALF * fast_tanh(_HALF * v) + _HALF
 
 
-# The engine's batch-1 kernel, compiled without ``parallel``: its ``prange`` over
-# workers becomes a plain loop. Called once per step, the parallel build pays a
-# thread-pool launch (~12 us measured here) for a single worker's product. Not
-# cached: the parallel build of the same function owns that cache entry.
-csc_matvec_serial = njit(fastmath=True)(kernels.csc_matvec.py_func)
-
-
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")
 def lstm_layer_kernel(
     pre: np.ndarray,  # (T, 4H) float32: W_ih x_t + b_ih + b_hh for every step
-    hh_ptr: np.ndarray,  # (1, H + 1) int64 column pointers of W_hh (4H x H)
-    hh_gaps: np.ndarray,  # (n_symbols,) uint8 relative row indices
-    hh_codes: np.ndarray,  # (n_symbols,) codebook indices
-    hh_codebook: np.ndarray,  # (k,) float32
+    hh_ptr: np.ndarray,  # (H + 1,) uint64 column pointers of W_hh (4H x H)
+    hh_gaps: np.ndarray,  # (n_entries,) uint8 relative row indices
+    hh_codes: np.ndarray,  # (n_entries,) indices into hh_codebook
+    hh_codebook: np.ndarray,  # (k + 1,) float32 extended codebook (see deepshrink.engine.kernels)
     h: np.ndarray,  # (H,) float32 initial hidden state, updated in place
     c: np.ndarray,  # (H,) float32 initial cell state, updated in place
     out: np.ndarray,  # (T, H) float32, receives h_t
 ) -> None:
     """Run the recurrence of one LSTM layer over a sequence.
 
-    ``W_hh`` is laid out by ``SparseMatrix(tensor, workers=1)``, so the
-    accumulator of :func:`~deepshrink.engine.kernels.csc_matvec` is ``(1, 4H)``
-    and row ``i`` is gate ``i // H``, unit ``i % H``.
+    ``W_hh`` is laid out by ``SparseMatrix(tensor, workers=1)``: one worker, so
+    its accumulator is the flat ``(4H,)`` gate vector and row ``i`` is gate
+    ``i // H``, unit ``i % H``. Each step runs the engine's batch-1 worker
+    (:func:`~deepshrink.engine.kernels.csc_worker`) on ``h_{t-1}``, skipping its zeros.
     """
     n_hidden = h.shape[0]
-    acc = np.empty((1, 4 * n_hidden), dtype=np.float32)
-    gates = acc[0]  # (4H,) view: i, f, g, o
+    gates = np.empty(4 * n_hidden, dtype=np.float32)  # i, f, g, o
+    products = np.empty(hh_codebook.shape[0], dtype=np.float32)
     for t in range(pre.shape[0]):
         gates[:] = pre[t]
-        csc_matvec_serial(hh_ptr, hh_gaps, hh_codes, hh_codebook, h, acc)
+        kernels.csc_worker(hh_ptr, hh_gaps, hh_codes, hh_codebook, h, kernels.nonzero_columns(h), gates, products)
         # Gate by gate over the flat (4H,) accumulator, then the state update.
         for k in range(2 * n_hidden):
             gates[k] = fast_sigmoid(gates[k])
@@ -258,7 +264,7 @@ class SparseLSTM:
             pre = np.ascontiguousarray(layer.weight_ih.matmul_columns(np.ascontiguousarray(seq.T)).T)  # (T, 4H)
             pre += layer.bias
             hh = layer.weight_hh
-            lstm_layer_kernel(pre, hh.col_ptr, hh.col_gaps, hh.col_codes, hh.codebook, h, c, out)
+            lstm_layer_kernel(pre, hh.col_ptr[0], hh.col_gaps, hh.col_codes, hh.codebook, h, c, out)
             outputs.append(out)
             cells.append(c)
             seq = out

@@ -8,10 +8,12 @@ for the kernels in :mod:`deepshrink.engine.kernels` and picks one per call:
 - batch >= :data:`CSR_MIN_BATCH`: CSR with relative column indices, rows split
   over threads, each decoded weight applied to the whole batch;
 - batches in between: the batch-1 kernel once per sample (zero skipping still
-  pays there).
+  pays there);
+- convolutions: the row-major layout, each weight applied to a shifted input
+  plane (direct sparse convolution, no im2col).
 
 The stored form stays codes plus codebook: values are looked up on the fly.
-This is the API a sparse LSTM or any other layer calls for its SpMV.
+This is the API a sparse LSTM or any other layer calls for its products.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import math
 import numba
 import numpy as np
 
-from deepshrink.coding.relative import encode_relative
 from deepshrink.engine import kernels
 from deepshrink.engine.fixedpoint import from_fixed, to_fixed
 from deepshrink.errors import DeepShrinkError
@@ -32,8 +33,8 @@ from deepshrink.tensor import CompressedTensor
 #: per-sample CSC kernel still wins at batch 2 and loses from batch 4 on.
 CSR_MIN_BATCH = 4
 #: Fewest multiply-accumulates worth a parallel launch. A launch costs ~10 us on an
-#: idle 2-core machine and can cost milliseconds on a busy one, while this kernel
-#: does about 1 ns per weight: LeNet-sized layers run on the calling thread.
+#: idle 2-core machine and can cost milliseconds on a busy one, while these kernels
+#: do about 1 ns per weight: LeNet-sized layers run on the calling thread.
 PARALLEL_MIN_MACS = 50_000
 
 
@@ -47,47 +48,52 @@ def _parallel(macs: float) -> bool:
 
 
 def segmented_stream(
-    segment: np.ndarray, offset: np.ndarray, codes: np.ndarray, n_segments: int
+    segment: np.ndarray, offset: np.ndarray, codes: np.ndarray, n_segments: int, pad_code: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Relative-index stream with one run per segment, each run's indices restarting at 0.
 
-    Entries must be sorted by ``(segment, offset)``. The gaps are encoded by
-    :func:`~deepshrink.coding.relative.encode_relative` on *virtual* positions in
-    which each segment starts right after the previous one's last entry, so the
-    first gap of a segment is its first offset.
+    Each entry's gap is the number of zeros before it in its segment. A gap over
+    :data:`~deepshrink.engine.kernels.MAX_GAP` is bridged, as in EIE, by padding
+    entries of gap ``MAX_GAP`` and code ``pad_code`` (a zero value): each stands
+    for ``MAX_GAP`` zeros and one zero weight.
 
     Args:
         segment: ``(nnz,)`` segment of each entry (column of a worker, or row).
         offset: ``(nnz,)`` position inside the segment (local row, or column).
         codes: ``(nnz,)`` codebook index of each entry.
         n_segments: the number of segments (empty ones included).
+        pad_code: the codebook index of the zero value.
+
+    Entries must be sorted by ``(segment, offset)``.
 
     Returns:
         ``ptr`` ``(n_segments + 1,)`` uint64 (segment ``s`` is ``ptr[s]:ptr[s + 1]``),
-        ``gaps`` uint8 and ``codes`` aligned with ``gaps`` (0 under an escape).
+        ``gaps`` uint8 and ``codes`` aligned with them (uint8, or uint16 when
+        ``pad_code`` needs it).
 
     Examples:
-        >>> ptr, gaps, c = segmented_stream(np.array([0, 0, 2]), np.array([1, 3, 0]),
-        ...                                 np.array([5, 6, 7]), 3)
+        >>> ptr, gaps, c = segmented_stream(np.array([0, 0, 2]), np.array([1, 300, 0]),
+        ...                                 np.array([5, 6, 7]), 3, pad_code=16)
         >>> ptr.tolist(), gaps.tolist(), c.tolist()
-        ([0, 2, 2, 3], [1, 1, 0], [5, 6, 7])
+        ([0, 3, 3, 4], [1, 255, 42, 0], [5, 16, 6, 7])
     """
     segment = np.asarray(segment, dtype=np.int64)
     offset = np.asarray(offset, dtype=np.int64)
-    counts = np.bincount(segment, minlength=n_segments)
-    starts = np.zeros(n_segments + 1, dtype=np.int64)
-    np.cumsum(counts, out=starts[1:])
-    span = np.zeros(n_segments, dtype=np.int64)  # last offset + 1 of each non-empty segment
-    filled = counts > 0
-    span[filled] = offset[starts[1:][filled] - 1] + 1
-    base = np.cumsum(span) - span
-    gaps = encode_relative(base[segment] + offset, kernels.INDEX_BITS)
-    real = np.flatnonzero(gaps != kernels.ESCAPE)  # real gaps are < ESCAPE by construction
-    after = np.zeros(len(real) + 1, dtype=np.uint64)  # stream index after entry k - 1
-    after[1:] = real + 1
-    aligned = np.zeros(len(gaps), dtype=codes.dtype)
-    aligned[real] = codes
-    return after[starts], gaps, aligned
+    first = np.ones(len(segment), dtype=bool)
+    first[1:] = segment[1:] != segment[:-1]
+    previous = np.where(first, -1, np.roll(offset, 1))  # offset of the entry before, -1 at a segment start
+    zeros = offset - previous - 1
+    pads = zeros // (kernels.MAX_GAP + 1)  # each padding entry covers MAX_GAP zeros and its own zero weight
+    slot = np.arange(len(segment)) + np.cumsum(pads)  # where each real entry lands; its pads just before it
+    n = int(slot[-1]) + 1 if len(slot) else 0
+    gaps = np.full(n, kernels.MAX_GAP, dtype=np.uint8)
+    gaps[slot] = zeros % (kernels.MAX_GAP + 1)
+    aligned = np.full(n, pad_code, dtype=np.uint8 if pad_code <= np.iinfo(np.uint8).max else np.uint16)
+    aligned[slot] = codes
+    ptr = np.zeros(n_segments + 1, dtype=np.uint64)
+    per_segment = np.bincount(segment, weights=pads + 1, minlength=n_segments).astype(np.uint64)
+    np.cumsum(per_segment, out=ptr[1:])
+    return ptr, gaps, aligned
 
 
 class SparseMatrix:
@@ -121,12 +127,17 @@ class SparseMatrix:
         self.shape = (tensor.shape[0], math.prod(tensor.shape[1:]))
         self.workers = int(workers)
         self.fixed_point = bool(fixed_point)
-        if self.fixed_point:
-            self.codebook, self.codebook_frac = to_fixed(tensor.codebook)
-        else:
-            self.codebook, self.codebook_frac = tensor.codebook, 0
+        codebook, self.codebook_frac = to_fixed(tensor.codebook) if fixed_point else (tensor.codebook, 0)
+        # the kernels' extended codebook: the centroids, then the zero that padding entries point at
+        self.codebook = np.append(codebook, codebook.dtype.type(0))
+        self.pad_code = len(codebook)
         self.col_ptr, self.col_gaps, self.col_codes = self._interleaved_csc()
         self._csr: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._no_bias = np.zeros(self.shape[0], dtype=np.float32)
+        # Chosen once: batch 1 is the latency-bound case, where a per-call choice costs more
+        # than small layers take (nnz bounds the work; zero activations only lower it).
+        parallel = self.workers > 1 and tensor.nnz >= PARALLEL_MIN_MACS
+        self._batch1_kernel = kernels.csc_matvec if parallel else kernels.csc_matvec_serial
 
     @property
     def local_rows(self) -> int:
@@ -145,15 +156,18 @@ class SparseMatrix:
         segment = worker * n_cols + cols
         # positions are row-major, so a stable sort by segment keeps each segment's rows ascending
         order = np.argsort(segment, kind="stable")
-        ptr, gaps, codes = segmented_stream(segment[order], local[order], self.tensor.codes[order], self.workers * n_cols)
+        ptr, gaps, codes = segmented_stream(
+            segment[order], local[order], self.tensor.codes[order], self.workers * n_cols, self.pad_code
+        )
         # worker w's column j is segment w * n_cols + j: view the pointers as (workers, cols + 1)
         col_ptr = ptr[np.arange(self.workers)[:, None] * n_cols + np.arange(n_cols + 1)]
         return col_ptr, gaps, codes
 
-    def _row_major(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if self._csr is None:  # built on the first large batch only
+    def row_major(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The CSR layout ``(row_ptr, gaps, codes)`` for the batch and convolution kernels (built once, on demand)."""
+        if self._csr is None:
             rows, cols = self.tensor.rows_cols()  # positions are row-major: already sorted
-            self._csr = segmented_stream(rows, cols, self.tensor.codes, self.shape[0])
+            self._csr = segmented_stream(rows, cols, self.tensor.codes, self.shape[0], self.pad_code)
         return self._csr
 
     def _check_input(self, x: np.ndarray, ndim: int) -> None:
@@ -165,25 +179,34 @@ class SparseMatrix:
         if x.dtype != np.float32:
             raise DeepShrinkError(f"input dtype {x.dtype} is not supported; the engine takes float32")
 
-    def _quantize(self, x: np.ndarray) -> tuple[np.ndarray, int]:
-        """Activations in the kernels' dtype; in fixed point one Q format per call."""
-        return to_fixed(x) if self.fixed_point else (x, 0)
+    def _check_bias(self, bias: np.ndarray | None) -> np.ndarray:
+        if bias is None:
+            return self._no_bias
+        if bias.shape != (self.shape[0],) or bias.dtype != np.float32:
+            raise DeepShrinkError(f"bias must be float32 of shape ({self.shape[0]},), got {bias.dtype} {bias.shape}")
+        return bias
 
-    def _accumulators(self, shape: tuple[int, int]) -> np.ndarray:
+    def _quantize(self, x: np.ndarray, axis: int | None = None) -> tuple[np.ndarray, int | np.ndarray]:
+        """Activations in the kernels' dtype; in fixed point one Q format per sample (along ``axis``)."""
+        return to_fixed(x, axis) if self.fixed_point else (x, 0)
+
+    def _accumulators(self, shape: tuple[int, ...]) -> np.ndarray:
         return np.zeros(shape, dtype=np.int64 if self.fixed_point else np.float32)
 
     def _finish(self, acc: np.ndarray, frac: int) -> np.ndarray:
         return from_fixed(acc, frac + self.codebook_frac) if self.fixed_point else acc
 
-    def _csc_matvec(self, x: np.ndarray) -> np.ndarray:
+    def _csc_matvec(self, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        """The batch-1 kernel on one contiguous float32 vector; ``bias`` already checked."""
+        xk, frac = self._quantize(x)
         acc = self._accumulators((self.workers, self.local_rows))
-        macs = self.tensor.nnz * np.count_nonzero(x) / max(self.shape[1], 1)  # expected, zero columns skipped
-        kernel = kernels.csc_matvec if _parallel(macs) else kernels.csc_matvec_serial
-        kernel(self.col_ptr, self.col_gaps, self.col_codes, self.codebook, x, acc)
-        return acc.T.reshape(-1)[: self.shape[0]]  # row i = worker i % workers, slot i // workers
+        out = np.empty(self.shape[0], dtype=np.float32)
+        scale = 2.0 ** -(frac + self.codebook_frac)
+        self._batch1_kernel(self.col_ptr, self.col_gaps, self.col_codes, self.codebook, xk, scale, bias, acc, out)
+        return out
 
-    def matvec(self, x: np.ndarray) -> np.ndarray:
-        """``W @ x`` for one ``(cols,)`` float32 vector, with EIE's batch-1 kernel.
+    def matvec(self, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+        """``W @ x + bias`` for one ``(cols,)`` float32 vector, with EIE's batch-1 kernel.
 
         Returns:
             ``(rows,)`` float32.
@@ -192,11 +215,10 @@ class SparseMatrix:
             DeepShrinkError: on a wrong shape or dtype.
         """
         self._check_input(x, 1)
-        xk, frac = self._quantize(np.ascontiguousarray(x))
-        return self._finish(self._csc_matvec(xk), frac)
+        return self._csc_matvec(np.ascontiguousarray(x), self._check_bias(bias))
 
-    def matmul(self, x: np.ndarray) -> np.ndarray:
-        """``x @ W.T`` for a ``(batch, cols)`` float32 batch, kernel chosen by batch size.
+    def matmul(self, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+        """``x @ W.T + bias`` for a ``(batch, cols)`` float32 batch, kernel chosen by batch size.
 
         Returns:
             ``(batch, rows)`` float32.
@@ -205,22 +227,17 @@ class SparseMatrix:
             DeepShrinkError: on a wrong shape or dtype.
         """
         self._check_input(x, 2)
-        if x.shape[0] >= CSR_MIN_BATCH:
-            return self.matmul_columns(np.ascontiguousarray(x.T)).T
-        if x.shape[0] == 1:  # the main case: no per-sample loop
-            xk, frac = self._quantize(np.ascontiguousarray(x[0]))
-            return self._finish(self._csc_matvec(xk), frac)[None]
-        xk, frac = self._quantize(x)
-        acc = self._accumulators((x.shape[0], self.shape[0]))
-        for b in range(x.shape[0]):
-            acc[b] = self._csc_matvec(np.ascontiguousarray(xk[b]))
-        return self._finish(acc, frac)
+        bias = self._check_bias(bias)
+        if x.shape[0] >= CSR_MIN_BATCH or x.shape[0] == 0:
+            out = self.matmul_columns(np.ascontiguousarray(x.T)).T
+            out += bias
+            return out
+        if x.shape[0] == 1:  # the main case, without the loop
+            return self._csc_matvec(np.ascontiguousarray(x[0]), bias)[None]
+        return np.stack([self._csc_matvec(np.ascontiguousarray(row), bias) for row in x])
 
     def matmul_columns(self, xt: np.ndarray) -> np.ndarray:
         """``W @ xt`` for a ``(cols, n)`` float32 array with the row-parallel kernel.
-
-        This is the layout im2col produces for a convolution (``n`` = batch x
-        output positions), so no transpose is needed there.
 
         Returns:
             ``(rows, n)`` float32.
@@ -233,11 +250,40 @@ class SparseMatrix:
                 f"input of shape {xt.shape} and dtype {xt.dtype} does not fit; expected float32 "
                 f"(cols, n) with cols={self.shape[1]}"
             )
-        row_ptr, gaps, codes = self._row_major()
-        xk, frac = self._quantize(np.ascontiguousarray(xt))
+        row_ptr, gaps, codes = self.row_major()
+        xk, frac = self._quantize(np.ascontiguousarray(xt), axis=1)
         out = self._accumulators((self.shape[0], xt.shape[1]))
         kernel = kernels.csr_matmul if _parallel(self.tensor.nnz * xt.shape[1]) else kernels.csr_matmul_serial
         kernel(row_ptr, gaps, codes, self.codebook, xk, out)
+        return self._finish(out, frac)
+
+    def conv2d(
+        self, x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
+    ) -> np.ndarray:
+        """A convolution by this ``(out, in * kh * kw)`` matrix: direct, each weight over a shifted plane.
+
+        Args:
+            x: ``(batch, in, H, W)`` float32, already zero-padded.
+            kernel, stride, dilation: ``(h, w)`` pairs as in ``nn.Conv2d``.
+
+        Returns:
+            ``(batch, out, out_h, out_w)`` float32, without bias.
+
+        Raises:
+            DeepShrinkError: ``x`` does not fit the matrix or is smaller than the dilated kernel.
+        """
+        channels = self.shape[1] // (kernel[0] * kernel[1])
+        if x.ndim != 4 or x.shape[1] != channels or x.dtype != np.float32 or channels * kernel[0] * kernel[1] != self.shape[1]:
+            raise DeepShrinkError(f"input of shape {x.shape} and dtype {x.dtype} does not fit a convolution of "
+                                  f"{self.shape[1]} taps with kernel {kernel}; expected float32 (batch, {channels}, H, W)")  # fmt: skip
+        out_hw = [(size - dil * (k - 1) - 1) // s + 1 for size, k, s, dil in zip(x.shape[2:], kernel, stride, dilation)]
+        if min(out_hw) < 1:
+            raise DeepShrinkError(f"input of {x.shape[2:]} is smaller than the dilated kernel {kernel}")
+        row_ptr, gaps, codes = self.row_major()
+        xk, frac = self._quantize(np.ascontiguousarray(x), axis=0)
+        out = self._accumulators((x.shape[0], self.shape[0], *out_hw))
+        fn = kernels.conv2d if _parallel(self.tensor.nnz * x.shape[0] * out_hw[0] * out_hw[1]) else kernels.conv2d_serial
+        fn(row_ptr, gaps, codes, self.codebook, xk, out, tuple(kernel), tuple(stride), tuple(dilation))
         return self._finish(out, frac)
 
     def __repr__(self) -> str:

@@ -40,16 +40,30 @@ def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Te
         return torch.cat([model(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
 
 
-def median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved so that machine load hits all alike."""
-    for fn in fns.values():
+def median_seconds(fns: dict[str, Callable[[], object]], repeats: int, block_seconds: float = 0.005) -> dict[str, float]:
+    """Median seconds per call of each function, timed in blocks of back-to-back calls.
+
+    Each sample is the mean of a block of consecutive calls lasting about
+    ``block_seconds`` (at least one call), after one untimed call, as ``timeit``
+    does: steady state, so each implementation runs with its own data in cache if
+    it fits there (a compressed layer does, a dense one often does not: the point
+    of compression). Blocks of the functions are interleaved, so that machine load
+    hits all alike.
+    """
+    calls = {}
+    for name, fn in fns.items():
         fn()  # warm-up: caches, lazy layouts, compilation
+        start = time.perf_counter()
+        fn()
+        calls[name] = max(1, int(block_seconds / max(time.perf_counter() - start, 1e-9)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            fn()  # the previous block (another function's) evicted this one's data
             start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
+            for _ in range(calls[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / calls[name])
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
