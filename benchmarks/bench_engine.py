@@ -25,36 +25,31 @@ results/engine.json (not committed).
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
 
-# numba reads this when it is imported. workqueue has no spinning threads: on a busy
-# machine it was far steadier than omp. Set NUMBA_THREADING_LAYER to choose another.
-os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+import numba
+import numpy as np
+import scipy.sparse
+import torch
+from rich.console import Console
+from rich.table import Table
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numba  # noqa: E402
-import numpy as np  # noqa: E402
-import scipy.sparse  # noqa: E402
-import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from deepshrink.engine import SparseMatrix, from_file  # noqa: E402
-from deepshrink.engine.runner import decoded_model, median_seconds, predict  # noqa: E402
-from deepshrink.fileformat import write_atomic  # noqa: E402
-from deepshrink.hardware import EIE_BENCHMARK_LAYERS, synthetic_layer  # noqa: E402
-from deepshrink.hardware.layers import synthetic_activations  # noqa: E402
+from deepshrink.engine import SparseMatrix, from_file
+from deepshrink.engine.runner import decoded_model, median_seconds, predict
+from deepshrink.fileformat import write_atomic
+from deepshrink.hardware import EIE_BENCHMARK_LAYERS, synthetic_layer
+from deepshrink.hardware.layers import synthetic_activations
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_eie import PUBLISHED_US, geomean  # noqa: E402  (published figures kept in one place)
+from bench_eie import PUBLISHED_US, geomean  # noqa: E402 (published figures kept in one place)
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_VS_DENSE = {"Alex-6": 10.0, "Alex-7": 10.0, "VGG-6": 10.0, "VGG-7": 10.0}  # the batch-1 targets
@@ -230,8 +225,10 @@ def markdown(result: dict) -> str:
         f"{result['cpu']}, {result['threads']} threads for every library (torch and numba alike; numba's "
         f"{result['threading_layer']} threading layer); "
         f"measured {rates['bandwidth_gbs']:.1f} GB/s memory bandwidth (torch add, 128 MB arrays) and "
-        f"{rates['gflops']:.1f} GFLOP/s fp32 GEMM. The machine is shared with other jobs, so times are "
-        "medians of interleaved repeats and still carry noise.",
+        f"{rates['gflops']:.1f} GFLOP/s fp32 GEMM. Each time is the median over repeats of a block of "
+        "back-to-back calls (steady state, as timeit measures: each library's data stays in cache where it "
+        "fits), blocks of the libraries interleaved; the machine is shared with other jobs, so times still "
+        "carry noise.",
         "",
         "Weights and activations are random at EIE's published densities (4-bit codes, 16-entry codebook); "
         "published figures are Core i7-5930K + MKL, batch 1 (docs/reference.md). Ratios are baseline time / "

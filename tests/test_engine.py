@@ -197,16 +197,38 @@ def test_sparse_linear_keeps_leading_dims() -> None:
     torch.testing.assert_close(SparseLinear(t, bias)(x), expected)
 
 
-@pytest.mark.parametrize("stride,padding,dilation,batch", [(1, 0, 1, 1), (2, 1, 1, 3), (1, 2, 2, 2)])
-def test_sparse_conv_matches_conv2d(stride: int, padding: int, dilation: int, batch: int) -> None:
-    conv = nn.Conv2d(3, 8, 3, stride=stride, padding=padding, dilation=dilation)
-    t = random_tensor(8, 27, 0.3, seed=stride).to_dense().reshape(8, 3, 3, 3)
+# (kernel, stride, padding, dilation, batch): the stride-1 flat path with and without
+# dilation and padding, strided and mixed geometries, a 1x1 kernel.
+CONVS = [((3, 3), 1, 0, 1, 1), ((3, 3), 2, 1, 1, 3), ((3, 3), 1, 2, 2, 2), ((2, 4), (1, 2), (0, 1), (2, 1), 2),
+         ((1, 1), 1, 0, 1, 2), ((5, 3), (2, 1), 2, (1, 3), 1)]
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,batch", CONVS)
+def test_sparse_conv_matches_conv2d(kernel, stride, padding, dilation, batch: int) -> None:
+    conv = nn.Conv2d(3, 8, kernel, stride=stride, padding=padding, dilation=dilation)
+    taps = 3 * kernel[0] * kernel[1]
+    t = random_tensor(8, taps, 0.3, seed=batch).to_dense().reshape(8, 3, *kernel)
     weight = CompressedTensor.from_dense(t)
     x = torch.relu(torch.randn(batch, 3, 11, 9))
     expected = F.conv2d(x, t, conv.bias, stride, padding, dilation)
     torch.testing.assert_close(SparseConv2d.from_conv(conv, weight)(x), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(UnsupportedLayerError, match="groups"):
         SparseConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2), CompressedTensor.from_dense(torch.ones(4, 2, 3, 3)))
+
+
+def test_sparse_conv_in_fixed_point_matches_reference_per_image() -> None:
+    t = random_tensor(6, 2 * 9, 0.4, seed=9)
+    x = np.maximum(np.random.default_rng(10).standard_normal((3, 2, 7, 8)), 0).astype(np.float32)
+    x[1] *= 50  # each image gets its own Q format: its result must not depend on the others
+    out = SparseMatrix(t, fixed_point=True).conv2d(x, (3, 3), (1, 1), (1, 1))
+    cb, cb_frac = to_fixed(t.codebook)
+    dense = np.zeros(t.numel, dtype=np.int64)
+    dense[t.positions] = cb[t.codes]
+    for b in range(3):
+        xq, frac = to_fixed(x[b])
+        cols = F.unfold(torch.from_numpy(xq.astype(np.float64))[None], 3)[0].numpy().astype(np.int64)  # exact
+        expected = from_fixed(dense.reshape(6, -1) @ cols, frac + cb_frac).reshape(6, 5, 6)
+        np.testing.assert_array_equal(out[b], expected)
 
 
 def test_compile_model_names_bad_tensors() -> None:

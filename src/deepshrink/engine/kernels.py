@@ -77,9 +77,13 @@ def csc_worker(ptr, gaps, codes, codebook, x, active, acc, products) -> None:
 @njit(cache=True, fastmath=True)
 def _interleaved_output(acc, scale, bias, out) -> None:
     """``out[w + workers * i] = acc[w, i] * scale + bias[...]``: undo the row interleaving."""
-    workers = acc.shape[0]
-    for r in range(out.shape[0]):
-        out[r] = np.float32(acc[r % workers, r // workers] * scale) + bias[r]
+    workers, rows = np.uint64(acc.shape[0]), np.uint64(out.shape[0])
+    for w in range(workers):  # no division per row: that would cost more than a small layer's product
+        r = w
+        for i in range(np.uint64(acc.shape[1])):
+            if r < rows:
+                out[r] = np.float32(acc[w, i] * scale) + bias[r]
+            r += workers
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -164,7 +168,14 @@ def _conv_channel(row_ptr, gaps, codes, codebook, x, out, o, kernel, stride, dil
     area = np.uint64(kernel[0]) * kernel_w  # weights per input channel
     sh, sw = np.uint64(stride[0]), np.uint64(stride[1])
     dh, dw = np.uint64(dilation[0]), np.uint64(dilation[1])
+    batch, width = np.uint64(x.shape[0]), np.uint64(x.shape[3])
     out_h, out_w = np.uint64(out.shape[2]), np.uint64(out.shape[3])
+    # At stride 1 with out as wide as x, output (oy, ox) reads input (oy + ky dh, ox + kx dw):
+    # one constant shift of the flattened planes, so each weight is one long vectorised loop.
+    flat = sh == _ONE and sw == _ONE and out_w == width
+    x_planes = x.reshape((x.shape[0], x.shape[1], x.shape[2] * x.shape[3]))
+    out_planes = out.reshape((out.shape[0], out.shape[1], out.shape[2] * out.shape[3]))
+    span = out_h * width - (kernel_w - _ONE) * dw  # flat positions up to the last valid output
     col = np.uint64(0)  # (channel, ky, kx) flattened, as in the weight's matrix view
     for k in range(row_ptr[o], row_ptr[o + _ONE]):
         col += np.uint64(gaps[k])
@@ -172,35 +183,57 @@ def _conv_channel(row_ptr, gaps, codes, codebook, x, out, o, kernel, stride, dil
         if value != 0:  # padding entries (and zero centroids) would cost a whole plane each
             c, tap = col // area, col % area
             ky, kx = tap // kernel_w, tap % kernel_w
-            for b in range(np.uint64(x.shape[0])):
-                for oy in range(out_h):
-                    src = x[b, c, oy * sh + ky * dh]
-                    dst = out[b, o, oy]
-                    for ox in range(out_w):  # contiguous at stride 1: vectorised
-                        dst[ox] += value * src[ox * sw + kx * dw]
+            if flat:
+                shift = ky * dh * width + kx * dw
+                for b in range(batch):
+                    for i in range(span):
+                        out_planes[b, o, i] += value * x_planes[b, c, i + shift]
+            else:
+                for b in range(batch):
+                    for oy in range(out_h):
+                        iy = oy * sh + ky * dh
+                        for ox in range(out_w):
+                            out[b, o, oy, ox] += value * x[b, c, iy, kx * dw + ox * sw]
         col += _ONE
 
 
+@njit(cache=True, fastmath=True)
+def _conv_output(acc, scale, bias, out) -> None:
+    """``out[b, o] = acc[b, o, :, :out_w] * scale[b] + bias[o]``: drop the scratch columns, finish."""
+    for b in range(out.shape[0]):
+        for o in range(out.shape[1]):
+            for oy in range(out.shape[2]):
+                for ox in range(out.shape[3]):
+                    out[b, o, oy, ox] = np.float32(acc[b, o, oy, ox] * scale[b]) + bias[o]
+
+
 @njit(parallel=True, cache=True, fastmath=True)
-def conv2d(row_ptr, gaps, codes, codebook, x, out, kernel, stride, dilation) -> None:
-    """Direct sparse convolution: ``out[b, o] += W[o, c, ky, kx] * x[b, c, shifted window]``.
+def conv2d(row_ptr, gaps, codes, codebook, x, acc, kernel, stride, dilation, scale, bias, out) -> None:
+    """Direct sparse convolution: ``out[b, o] = scale[b] * sum W[o, c, ky, kx] x[b, c, shifted] + bias[o]``.
 
     Args:
         row_ptr, gaps, codes, codebook: the ``(out_channels, in_channels * kh * kw)``
             matrix view, one segment per output channel (as for :func:`csr_matmul`).
-        x: ``(batch, in_channels, H, W)`` input, already zero-padded.
-        out: ``(batch, out_channels, out_h, out_w)`` zeroed accumulators.
+        x: ``(batch, in_channels, H, W)`` input, already zero-padded, C-contiguous.
+        acc: ``(batch, out_channels, out_h, out_w)`` zeroed accumulators, C-contiguous.
+            At stride 1 it may be ``W`` wide instead of ``out_w``: the fast layout,
+            whose columns from ``out_w`` on are scratch.
         kernel, stride, dilation: ``(h, w)`` pairs, as in ``nn.Conv2d``.
+        scale: ``(batch,)`` accumulator units to output units (ones in fp32).
+        bias: ``(out_channels,)`` float32.
+        out: ``(batch, out_channels, out_h, out_w)`` float32 result.
 
     Each kept weight is decoded once and multiplies a whole shifted input plane,
     so there is no im2col copy; output channels are split over threads.
     """
     for o in prange(row_ptr.shape[0] - 1):
-        _conv_channel(row_ptr, gaps, codes, codebook, x, out, o, kernel, stride, dilation)
+        _conv_channel(row_ptr, gaps, codes, codebook, x, acc, o, kernel, stride, dilation)
+    _conv_output(acc, scale, bias, out)
 
 
 @njit(cache=True, fastmath=True)
-def conv2d_serial(row_ptr, gaps, codes, codebook, x, out, kernel, stride, dilation) -> None:
+def conv2d_serial(row_ptr, gaps, codes, codebook, x, acc, kernel, stride, dilation, scale, bias, out) -> None:
     """:func:`conv2d` on the calling thread, for small convolutions."""
     for o in range(row_ptr.shape[0] - 1):
-        _conv_channel(row_ptr, gaps, codes, codebook, x, out, o, kernel, stride, dilation)
+        _conv_channel(row_ptr, gaps, codes, codebook, x, acc, o, kernel, stride, dilation)
+    _conv_output(acc, scale, bias, out)

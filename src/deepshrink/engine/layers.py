@@ -75,7 +75,8 @@ class SparseLinear(nn.Module):
         flat = _as_numpy(x, "SparseLinear")
         if flat.ndim != 2:
             flat = flat.reshape(-1, self.in_features)  # (B, in)
-        bias = self._buffers["bias"]  # not self.bias: nn.Module's attribute lookup costs more than small layers
+        # not self.bias: nn.Module's attribute lookup costs as much as a small layer's product
+        bias = self._buffers["bias"]
         y = torch.from_numpy(self.matrix.matmul(flat, None if bias is None else bias.numpy()))  # (B, out)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
@@ -142,10 +143,9 @@ class SparseConv2d(nn.Module):
             raise DeepShrinkError(f"SparseConv2d expects (batch, {self.in_channels}, H, W), got {tuple(x.shape)}")
         pad_h, pad_w = _pair(self.padding)
         padded = F.pad(x.detach(), (pad_w, pad_w, pad_h, pad_h)) if pad_h or pad_w else x
+        bias = self._buffers["bias"]  # see SparseLinear.forward
         out = self.matrix.conv2d(_as_numpy(padded, "SparseConv2d"), self.kernel_size, _pair(self.stride),
-                                 _pair(self.dilation))  # fmt: skip
-        if self.bias is not None:
-            out += self.bias.numpy()[:, None, None]
+                                 _pair(self.dilation), None if bias is None else bias.numpy())  # fmt: skip
         return torch.from_numpy(out)
 
     def extra_repr(self) -> str:

@@ -134,6 +134,7 @@ class SparseMatrix:
         self.col_ptr, self.col_gaps, self.col_codes = self._interleaved_csc()
         self._csr: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._no_bias = np.zeros(self.shape[0], dtype=np.float32)
+        self._acc_shape = (self.workers, self.local_rows)
         # Chosen once: batch 1 is the latency-bound case, where a per-call choice costs more
         # than small layers take (nnz bounds the work; zero activations only lower it).
         parallel = self.workers > 1 and tensor.nnz >= PARALLEL_MIN_MACS
@@ -197,12 +198,18 @@ class SparseMatrix:
         return from_fixed(acc, frac + self.codebook_frac) if self.fixed_point else acc
 
     def _csc_matvec(self, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
-        """The batch-1 kernel on one contiguous float32 vector; ``bias`` already checked."""
-        xk, frac = self._quantize(x)
-        acc = self._accumulators((self.workers, self.local_rows))
+        """The batch-1 kernel on one contiguous float32 vector; ``bias`` already checked.
+
+        Lean on purpose: at batch 1 a small layer's product takes a few microseconds,
+        so every Python step here shows in the latency.
+        """
+        if self.fixed_point:
+            x, frac = to_fixed(x)
+            acc, scale = np.zeros(self._acc_shape, dtype=np.int64), 2.0 ** -(frac + self.codebook_frac)
+        else:
+            acc, scale = np.zeros(self._acc_shape, dtype=np.float32), 1.0
         out = np.empty(self.shape[0], dtype=np.float32)
-        scale = 2.0 ** -(frac + self.codebook_frac)
-        self._batch1_kernel(self.col_ptr, self.col_gaps, self.col_codes, self.codebook, xk, scale, bias, acc, out)
+        self._batch1_kernel(self.col_ptr, self.col_gaps, self.col_codes, self.codebook, x, scale, bias, acc, out)
         return out
 
     def matvec(self, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
@@ -233,7 +240,7 @@ class SparseMatrix:
             out += bias
             return out
         if x.shape[0] == 1:  # the main case, without the loop
-            return self._csc_matvec(np.ascontiguousarray(x[0]), bias)[None]
+            return self._csc_matvec(np.ascontiguousarray(x[0]), bias).reshape(1, -1)
         return np.stack([self._csc_matvec(np.ascontiguousarray(row), bias) for row in x])
 
     def matmul_columns(self, xt: np.ndarray) -> np.ndarray:
@@ -258,16 +265,22 @@ class SparseMatrix:
         return self._finish(out, frac)
 
     def conv2d(
-        self, x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
+        self,
+        x: np.ndarray,
+        kernel: tuple[int, int],
+        stride: tuple[int, int],
+        dilation: tuple[int, int],
+        bias: np.ndarray | None = None,
     ) -> np.ndarray:
         """A convolution by this ``(out, in * kh * kw)`` matrix: direct, each weight over a shifted plane.
 
         Args:
             x: ``(batch, in, H, W)`` float32, already zero-padded.
             kernel, stride, dilation: ``(h, w)`` pairs as in ``nn.Conv2d``.
+            bias: ``(out,)`` float32 or ``None``.
 
         Returns:
-            ``(batch, out, out_h, out_w)`` float32, without bias.
+            ``(batch, out, out_h, out_w)`` float32.
 
         Raises:
             DeepShrinkError: ``x`` does not fit the matrix or is smaller than the dilated kernel.
@@ -276,15 +289,19 @@ class SparseMatrix:
         if x.ndim != 4 or x.shape[1] != channels or x.dtype != np.float32 or channels * kernel[0] * kernel[1] != self.shape[1]:
             raise DeepShrinkError(f"input of shape {x.shape} and dtype {x.dtype} does not fit a convolution of "
                                   f"{self.shape[1]} taps with kernel {kernel}; expected float32 (batch, {channels}, H, W)")  # fmt: skip
-        out_hw = [(size - dil * (k - 1) - 1) // s + 1 for size, k, s, dil in zip(x.shape[2:], kernel, stride, dilation)]
-        if min(out_hw) < 1:
+        out_h, out_w = [(size - dil * (k - 1) - 1) // s + 1 for size, k, s, dil in zip(x.shape[2:], kernel, stride, dilation)]
+        if min(out_h, out_w) < 1:
             raise DeepShrinkError(f"input of {x.shape[2:]} is smaller than the dilated kernel {kernel}")
         row_ptr, gaps, codes = self.row_major()
         xk, frac = self._quantize(np.ascontiguousarray(x), axis=0)
-        out = self._accumulators((x.shape[0], self.shape[0], *out_hw))
-        fn = kernels.conv2d if _parallel(self.tensor.nnz * x.shape[0] * out_hw[0] * out_hw[1]) else kernels.conv2d_serial
-        fn(row_ptr, gaps, codes, self.codebook, xk, out, tuple(kernel), tuple(stride), tuple(dilation))
-        return self._finish(out, frac)
+        scale = np.exp2(-(np.ravel(frac) + self.codebook_frac)) if self.fixed_point else np.ones(x.shape[0])
+        width = x.shape[3] if tuple(stride) == (1, 1) else out_w  # the kernel's flat fast path, see there
+        acc = self._accumulators((x.shape[0], self.shape[0], out_h, width))
+        out = np.empty((x.shape[0], self.shape[0], out_h, out_w), dtype=np.float32)
+        fn = kernels.conv2d if _parallel(self.tensor.nnz * acc[0, 0].size * x.shape[0]) else kernels.conv2d_serial
+        fn(row_ptr, gaps, codes, self.codebook, xk, acc, tuple(kernel), tuple(stride), tuple(dilation), scale,
+           self._check_bias(bias), out)  # fmt: skip
+        return out
 
     def __repr__(self) -> str:
         mode = "fixed16" if self.fixed_point else "fp32"
