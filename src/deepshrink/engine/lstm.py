@@ -93,20 +93,22 @@ def lstm_layer_kernel(
     n_hidden = h.shape[0]
     gates = np.empty(4 * n_hidden, dtype=np.float32)  # i, f, g, o
     products = np.empty(hh_codebook.shape[0], dtype=np.float32)
+    # unsigned indices: no wrap-around checks, so the gate loops vectorise (and no signed
+    # operand anywhere: int64 with uint64 would promote to float64)
+    n, n2, n3, n4 = np.uint64(n_hidden), np.uint64(2 * n_hidden), np.uint64(3 * n_hidden), np.uint64(4 * n_hidden)
     for t in range(pre.shape[0]):
         gates[:] = pre[t]
         kernels.csc_worker(hh_ptr, hh_gaps, hh_codes, hh_codebook, h, kernels.nonzero_columns(h), gates, products)
         # Gate by gate over the flat (4H,) accumulator, then the state update.
-        for k in range(2 * n_hidden):
+        for k in range(n2):
             gates[k] = fast_sigmoid(gates[k])
-        for k in range(2 * n_hidden, 3 * n_hidden):
+        for k in range(n2, n3):
             gates[k] = fast_tanh(gates[k])
-        for k in range(3 * n_hidden, 4 * n_hidden):
+        for k in range(n3, n4):
             gates[k] = fast_sigmoid(gates[k])
-        for j in range(n_hidden):
-            c[j] = gates[n_hidden + j] * c[j] + gates[j] * gates[2 * n_hidden + j]
-        for j in range(n_hidden):
-            h[j] = gates[3 * n_hidden + j] * fast_tanh(c[j])
+        for j in range(n):
+            c[j] = gates[n + j] * c[j] + gates[j] * gates[n2 + j]
+            h[j] = gates[n3 + j] * fast_tanh(c[j])
         out[t] = h
 
 
