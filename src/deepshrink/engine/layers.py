@@ -1,7 +1,7 @@
 """Modules that replace ``nn.Linear`` and ``nn.Conv2d`` and compute from the compressed weight.
 
 They are inference-only: inputs are detached, no gradient flows, and the dense
-weight is never built (a convolution becomes im2col times the sparse matrix).
+weight is never built (a convolution runs each kept weight over a shifted input plane).
 """
 
 from __future__ import annotations
