@@ -32,9 +32,10 @@ from deepshrink.tensor import CompressedTensor
 #: (benchmarks/bench_engine.py, 2 threads): at 35 % activation density the
 #: per-sample CSC kernel still wins at batch 2 and loses from batch 4 on.
 CSR_MIN_BATCH = 4
-#: Fewest multiply-accumulates worth a parallel launch. A launch costs ~10 us on an
-#: idle 2-core machine and can cost milliseconds on a busy one, while these kernels
-#: do about 1 ns per weight: LeNet-sized layers run on the calling thread.
+#: Fewest multiply-accumulates worth a parallel launch. A launch costs ~4 us with
+#: numba's omp layer (~100 us with workqueue) on an idle 2-core machine and more on a
+#: busy one, while these kernels do about 1 ns per weight: LeNet-sized layers run on
+#: the calling thread.
 PARALLEL_MIN_MACS = 50_000
 
 

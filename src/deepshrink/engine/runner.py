@@ -44,11 +44,11 @@ def median_seconds(fns: dict[str, Callable[[], object]], repeats: int, block_sec
     """Median seconds per call of each function, timed in blocks of back-to-back calls.
 
     Each sample is the mean of a block of consecutive calls lasting about
-    ``block_seconds`` (at least one call), after one untimed call, as ``timeit``
-    does: steady state, so each implementation runs with its own data in cache if
-    it fits there (a compressed layer does, a dense one often does not: the point
-    of compression). Blocks of the functions are interleaved, so that machine load
-    hits all alike.
+    ``block_seconds`` (at least one call; a block of several follows one untimed
+    call), as ``timeit`` does: steady state, so each implementation runs with its
+    own data in cache if it fits there (a compressed layer does, a dense one often
+    does not: the point of compression). Blocks of the functions are interleaved,
+    so that machine load hits all alike.
     """
     calls = {}
     for name, fn in fns.items():
@@ -59,7 +59,8 @@ def median_seconds(fns: dict[str, Callable[[], object]], repeats: int, block_sec
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            fn()  # the previous block (another function's) evicted this one's data
+            if calls[name] > 1:  # short calls: the previous block (another function's) evicted their data
+                fn()
             start = time.perf_counter()
             for _ in range(calls[name]):
                 fn()
