@@ -198,11 +198,14 @@ def test_sparse_linear_keeps_leading_dims() -> None:
 
 
 # (kernel, stride, padding, dilation, batch): the stride-1 flat path with and without
-# dilation and padding, strided and mixed geometries, a 1x1 kernel.
+# dilation and padding, strided and mixed geometries, a 1x1 kernel, "same" padding
+# (uneven for an even kernel), an empty batch.
 CONVS = [((3, 3), 1, 0, 1, 1), ((3, 3), 2, 1, 1, 3), ((3, 3), 1, 2, 2, 2), ((2, 4), (1, 2), (0, 1), (2, 1), 2),
-         ((1, 1), 1, 0, 1, 2), ((5, 3), (2, 1), 2, (1, 3), 1)]
+         ((1, 1), 1, 0, 1, 2), ((5, 3), (2, 1), 2, (1, 3), 1), ((2, 4), 1, "same", (1, 2), 2),
+         ((3, 3), 1, "same", 1, 1), ((3, 3), 1, "valid", 1, 0)]
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")  # PyTorch's own, on the reference
 @pytest.mark.parametrize("kernel,stride,padding,dilation,batch", CONVS)
 def test_sparse_conv_matches_conv2d(kernel, stride, padding, dilation, batch: int) -> None:
     conv = nn.Conv2d(3, 8, kernel, stride=stride, padding=padding, dilation=dilation)
@@ -214,6 +217,8 @@ def test_sparse_conv_matches_conv2d(kernel, stride, padding, dilation, batch: in
     torch.testing.assert_close(SparseConv2d.from_conv(conv, weight)(x), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(UnsupportedLayerError, match="groups"):
         SparseConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2), CompressedTensor.from_dense(torch.ones(4, 2, 3, 3)))
+    with pytest.raises(DeepShrinkError, match="'full'"):
+        SparseConv2d(weight, padding="full")
 
 
 def test_sparse_conv_in_fixed_point_matches_reference_per_image() -> None:

@@ -93,12 +93,13 @@ class SparseConv2d(nn.Module):
     Args:
         weight: ``(out_channels, in_channels, kh, kw)`` compressed weight.
         bias: ``(out_channels,)`` or ``None``.
-        stride, padding, dilation: as in ``nn.Conv2d`` (numeric padding only).
+        stride, padding, dilation: as in ``nn.Conv2d``, including ``padding="same"``
+            and ``"valid"`` (zero padding).
         workers, fixed_point: as in :class:`SparseLinear`.
 
     Raises:
-        DeepShrinkError: ``weight`` is not 4-D, ``padding`` is a string, or
-            ``bias`` does not match.
+        DeepShrinkError: ``weight`` is not 4-D, ``padding`` is an unknown string or
+            ``"same"`` with a stride, or ``bias`` does not match.
     """
 
     def __init__(
@@ -107,7 +108,7 @@ class SparseConv2d(nn.Module):
         bias: torch.Tensor | None = None,
         *,
         stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
+        padding: int | tuple[int, int] | str = 0,
         dilation: int | tuple[int, int] = 1,
         workers: int | None = None,
         fixed_point: bool = False,
@@ -115,11 +116,10 @@ class SparseConv2d(nn.Module):
         super().__init__()
         if len(weight.shape) != 4:
             raise DeepShrinkError(f"SparseConv2d needs a 4-D weight, got shape {weight.shape}")
-        if isinstance(padding, str):
-            raise DeepShrinkError(f"SparseConv2d takes numeric padding, got padding={padding!r}")
         self.out_channels, self.in_channels, *kernel = weight.shape
         self.kernel_size = tuple(kernel)
         self.stride, self.padding, self.dilation = stride, padding, dilation
+        self._pad = _pad_amounts(padding, self.kernel_size, _pair(stride), _pair(dilation))
         self.matrix = SparseMatrix(weight, workers, fixed_point)
         self.register_buffer("bias", _bias_buffer(bias, self.out_channels, "SparseConv2d"))
 
@@ -131,18 +131,17 @@ class SparseConv2d(nn.Module):
             UnsupportedLayerError: grouped convolutions and padding modes other
                 than zeros have no sparse path.
         """
-        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        if conv.groups != 1 or conv.padding_mode != "zeros":
             raise UnsupportedLayerError(
-                f"SparseConv2d supports groups=1, numeric padding and padding_mode='zeros', got "
-                f"groups={conv.groups}, padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
+                f"SparseConv2d supports groups=1 and padding_mode='zeros', got "
+                f"groups={conv.groups}, padding_mode={conv.padding_mode!r}"
             )
         return cls(weight, conv.bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise DeepShrinkError(f"SparseConv2d expects (batch, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        pad_h, pad_w = _pair(self.padding)
-        padded = F.pad(x.detach(), (pad_w, pad_w, pad_h, pad_h)) if pad_h or pad_w else x
+        padded = F.pad(x.detach(), self._pad) if any(self._pad) else x
         bias = self._buffers["bias"]  # see SparseLinear.forward
         out = self.matrix.conv2d(_as_numpy(padded, "SparseConv2d"), self.kernel_size, _pair(self.stride),
                                  _pair(self.dilation), None if bias is None else bias.numpy())  # fmt: skip
@@ -157,3 +156,28 @@ class SparseConv2d(nn.Module):
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _pad_amounts(
+    padding: int | tuple[int, int] | str, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """``F.pad``'s ``(left, right, top, bottom)`` for ``nn.Conv2d``'s ``padding``.
+
+    ``"same"`` pads ``dilation * (kernel - 1)`` per axis, the odd one on the right /
+    bottom, as PyTorch does.
+
+    Examples:
+        >>> _pad_amounts("same", (4, 3), (1, 1), (1, 2)), _pad_amounts((1, 2), (3, 3), (2, 2), (1, 1))
+        ((2, 2, 1, 2), (2, 2, 1, 1))
+    """
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":
+        if stride != (1, 1):
+            raise DeepShrinkError(f"padding='same' needs stride 1, got stride={stride}")
+        (top, bottom), (left, right) = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation)]
+        return (left, right, top, bottom)
+    if isinstance(padding, str):
+        raise DeepShrinkError(f"padding={padding!r} is not 'same', 'valid' or a number")
+    pad_h, pad_w = _pair(padding)
+    return (pad_w, pad_w, pad_h, pad_h)

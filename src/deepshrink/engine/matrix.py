@@ -299,7 +299,7 @@ class SparseMatrix:
         width = x.shape[3] if tuple(stride) == (1, 1) else out_w  # the kernel's flat fast path, see there
         acc = self._accumulators((x.shape[0], self.shape[0], out_h, width))
         out = np.empty((x.shape[0], self.shape[0], out_h, out_w), dtype=np.float32)
-        fn = kernels.conv2d if _parallel(self.tensor.nnz * acc[0, 0].size * x.shape[0]) else kernels.conv2d_serial
+        fn = kernels.conv2d if _parallel(self.tensor.nnz * out_h * width * x.shape[0]) else kernels.conv2d_serial
         fn(row_ptr, gaps, codes, self.codebook, xk, acc, tuple(kernel), tuple(stride), tuple(dilation), scale,
            self._check_bias(bias), out)  # fmt: skip
         return out
