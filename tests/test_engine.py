@@ -236,6 +236,54 @@ def test_sparse_conv_in_fixed_point_matches_reference_per_image() -> None:
         np.testing.assert_array_equal(out[b], expected)
 
 
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 0, 1), (2, 3, 1), (1, "same", 2), (3, 1, 2)])
+def test_sparse_conv1d_matches_conv1d(stride, padding, dilation) -> None:
+    from deepshrink.engine import SparseConv1d
+
+    conv = nn.Conv1d(3, 5, 4, stride=stride, padding=padding, dilation=dilation)
+    t = random_tensor(5, 12, 0.4, seed=stride).to_dense().reshape(5, 3, 4)
+    x = torch.relu(torch.randn(2, 3, 17))
+    layer = SparseConv1d.from_conv(conv, CompressedTensor.from_dense(t))
+    torch.testing.assert_close(layer(x), F.conv1d(x, t, conv.bias, stride, padding, dilation), rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match="does not run on the engine"):
+        torch.testing.assert_close(layer.weight, t)  # decoded on demand, for code that reads it
+
+
+class _Mixed(nn.Module):
+    """Layers the engine runs (Conv1d, Linear) beside ones it must leave dense."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 16, 5, stride=2, padding=2)
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.emb = nn.Embedding(10, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x)).transpose(1, 2) + self.emb(tokens)[:, None]
+        return self.head(self.enc(h).mean(1))
+
+
+def test_compile_model_keeps_what_it_cannot_run_dense_and_says_so() -> None:
+    from deepshrink.prune import prune_
+    from deepshrink.quantize import share_weights_
+
+    torch.manual_seed(0)
+    net = _Mixed().eval()
+    with pytest.warns(UserWarning):  # prune_ names the attention's in_proj_weight as unsupported
+        prune_(net, 0.6)
+        share_weights_(net)
+    with pytest.warns(UserWarning) as caught:
+        fast = compile_model(net)
+    said = " ".join(str(w.message) for w in caught)
+    for name in ("enc.self_attn.out_proj.weight", "enc.linear1.weight", "emb.weight"):
+        assert f"{name} stays dense" in said
+    assert [n for n, _ in engine_layers(fast)] == ["conv", "head"]
+    x, tokens = torch.randn(3, 4, 31), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, tokens), net(x, tokens), rtol=1e-5, atol=1e-5)
+
+
 def test_compile_model_names_bad_tensors() -> None:
     net = nn.Sequential(nn.Linear(3, 4))
     with pytest.raises(DeepShrinkError, match="not a weight"):

@@ -1,11 +1,12 @@
 """Turn a compressed model (in memory or in a file) into one that runs on the engine.
 
-Every ``nn.Linear`` and ``nn.Conv2d`` whose weight is compressed is swapped for
-:class:`~deepshrink.engine.layers.SparseLinear` /
-:class:`~deepshrink.engine.layers.SparseConv2d`, and every unidirectional
-``nn.LSTM`` whose gate matrices are all compressed for
-:class:`~deepshrink.engine.lstm.EngineLSTM` (fp32 only); every other module keeps
-computing as before, with its decoded weights.
+Every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` whose weight is compressed is
+swapped for :class:`~deepshrink.engine.layers.SparseLinear` /
+:class:`~deepshrink.engine.layers.SparseConv1d` /
+:class:`~deepshrink.engine.layers.SparseConv2d`, and every unidirectional ``nn.LSTM``
+whose gate matrices are all compressed for :class:`~deepshrink.engine.lstm.EngineLSTM`
+(fp32 only); every other module keeps computing as before, with its decoded weights,
+and a warning names each compressed one that does.
 """
 
 from __future__ import annotations
@@ -16,10 +17,16 @@ import warnings
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from deepshrink.engine.layers import SparseConv2d, SparseLinear
+from deepshrink.engine.layers import SparseConv1d, SparseConv2d, SparseLinear
 from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
 from deepshrink.tensor import CompressedTensor
+
+
+#: PyTorch modules whose forward reads their child layers' ``weight`` (attention's
+#: out_proj; the transformer layers' fused fast path): their children stay dense.
+_READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
 def _replacement(module: nn.Module, name: str, weight: CompressedTensor, **options: object) -> nn.Module | None:
@@ -29,11 +36,15 @@ def _replacement(module: nn.Module, name: str, weight: CompressedTensor, **optio
                               f"{tuple(module.weight.shape)}")  # fmt: skip
     if isinstance(module, nn.Linear):
         return SparseLinear(weight, module.bias, **options)
-    if isinstance(module, nn.Conv2d):
-        try:
-            return SparseConv2d.from_conv(module, weight, **options)
-        except UnsupportedLayerError as err:
-            warnings.warn(f"{name} stays dense: {err}", stacklevel=3)
+    kind = SparseConv1d if isinstance(module, nn.Conv1d) else SparseConv2d if isinstance(module, nn.Conv2d) else None
+    if kind is None:
+        layer = parametrize.type_before_parametrizations(module).__name__
+        warnings.warn(f"{name} stays dense: the engine has no kernel for {layer}", stacklevel=3)
+        return None
+    try:
+        return kind.from_conv(module, weight, **options)
+    except UnsupportedLayerError as err:
+        warnings.warn(f"{name} stays dense: {err}", stacklevel=3)
     return None
 
 
@@ -103,6 +114,10 @@ def compile_model(
             replacement = None if module_name in lstms_done else _lstm_replacement(module, module_name, tensors, fixed_point)
             lstms_done.add(module_name)
         elif param != "weight":
+            continue
+        elif isinstance(parent := modules.get(module_name.rpartition(".")[0]), _READS_CHILD_WEIGHTS):
+            warnings.warn(f"{name} stays dense: {type(parent).__name__} reads it directly instead of calling "
+                          "the layer", stacklevel=2)  # fmt: skip
             continue
         else:
             replacement = _replacement(module, name, weight, workers=workers, fixed_point=fixed_point)

@@ -1,10 +1,12 @@
-"""Modules that replace ``nn.Linear`` and ``nn.Conv2d`` and compute from the compressed weight.
+"""Modules that replace ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` and compute from the compressed weight.
 
 They are inference-only: inputs are detached, no gradient flows, and the dense
 weight is never built (a convolution runs each kept weight over a shifted input plane).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
@@ -33,7 +35,26 @@ def _bias_buffer(bias: torch.Tensor | None, size: int, layer: str) -> torch.Tens
     return bias
 
 
-class SparseLinear(nn.Module):
+class _EngineModule(nn.Module):
+    """What the engine's modules share: the laid-out matrix, and ``weight`` decoded only on demand."""
+
+    matrix: SparseMatrix
+    weight_shape: tuple[int, ...]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight, decoded afresh at each access.
+
+        For code that reads ``module.weight`` itself instead of calling the module
+        (weight tying, ``F.linear(x, m.weight)``): it stays correct, but that
+        computation is dense, not the engine's, hence the warning.
+        """
+        warnings.warn(f"{type(self).__name__}.weight was read: decoding the dense weight; the computation that "
+                      "uses it does not run on the engine", stacklevel=2)  # fmt: skip
+        return self.matrix.tensor.to_dense().reshape(self.weight_shape)
+
+
+class SparseLinear(_EngineModule):
     """``y = W x + b`` computed from a compressed ``W`` (drop-in for ``nn.Linear`` at inference).
 
     Batch 1 runs EIE's interleaved-CSC kernel (zero activations skipped); larger
@@ -65,7 +86,7 @@ class SparseLinear(nn.Module):
         super().__init__()
         if len(weight.shape) != 2:
             raise DeepShrinkError(f"SparseLinear needs a 2-D weight, got shape {weight.shape}")
-        self.out_features, self.in_features = weight.shape
+        self.out_features, self.in_features = self.weight_shape = weight.shape
         self.matrix = SparseMatrix(weight, workers, fixed_point)
         self.register_buffer("bias", _bias_buffer(bias, self.out_features, "SparseLinear"))
 
@@ -84,7 +105,7 @@ class SparseLinear(nn.Module):
         return f"{self.matrix!r}, bias={self.bias is not None}"
 
 
-class SparseConv2d(nn.Module):
+class SparseConv2d(_EngineModule):
     """A 2-D convolution computed directly from the compressed ``(out, in * kh * kw)`` matrix.
 
     Each kept weight is decoded once and multiplies a whole shifted plane of the
@@ -116,7 +137,7 @@ class SparseConv2d(nn.Module):
         super().__init__()
         if len(weight.shape) != 4:
             raise DeepShrinkError(f"SparseConv2d needs a 4-D weight, got shape {weight.shape}")
-        self.out_channels, self.in_channels, *kernel = weight.shape
+        self.out_channels, self.in_channels, *kernel = self.weight_shape = weight.shape
         self.kernel_size = tuple(kernel)
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self._pad = _pad_amounts(padding, self.kernel_size, _pair(stride), _pair(dilation))
@@ -124,7 +145,7 @@ class SparseConv2d(nn.Module):
         self.register_buffer("bias", _bias_buffer(bias, self.out_channels, "SparseConv2d"))
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, weight: CompressedTensor, **kwargs: object) -> "SparseConv2d":
+    def from_conv(cls, conv: nn.Conv1d | nn.Conv2d, weight: CompressedTensor, **kwargs: object) -> "SparseConv2d":
         """Take geometry and bias from ``conv``; ``kwargs`` go to the constructor.
 
         Raises:
@@ -133,7 +154,7 @@ class SparseConv2d(nn.Module):
         """
         if conv.groups != 1 or conv.padding_mode != "zeros":
             raise UnsupportedLayerError(
-                f"SparseConv2d supports groups=1 and padding_mode='zeros', got "
+                f"{cls.__name__} supports groups=1 and padding_mode='zeros', got "
                 f"groups={conv.groups}, padding_mode={conv.padding_mode!r}"
             )
         return cls(weight, conv.bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation, **kwargs)
@@ -152,6 +173,50 @@ class SparseConv2d(nn.Module):
             f"{self.matrix!r}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}"
         )
+
+
+class SparseConv1d(SparseConv2d):
+    """A 1-D convolution on the engine: a :class:`SparseConv2d` over a height-1 image.
+
+    Args:
+        weight: ``(out_channels, in_channels, k)`` compressed weight (its matrix
+            view is the 2-D kernel's: same positions, same codes).
+        bias, stride, padding, dilation, workers, fixed_point: as in ``nn.Conv1d``
+            and :class:`SparseConv2d`.
+
+    Raises:
+        DeepShrinkError: ``weight`` is not 3-D, or as :class:`SparseConv2d`.
+    """
+
+    def __init__(
+        self,
+        weight: CompressedTensor,
+        bias: torch.Tensor | None = None,
+        *,
+        stride: int | tuple[int] = 1,
+        padding: int | tuple[int] | str = 0,
+        dilation: int | tuple[int] = 1,
+        workers: int | None = None,
+        fixed_point: bool = False,
+    ) -> None:
+        if len(weight.shape) != 3:
+            raise DeepShrinkError(f"SparseConv1d needs a 3-D weight, got shape {weight.shape}")
+        out_channels, in_channels, k = weight.shape
+        as_2d = CompressedTensor((out_channels, in_channels, 1, k), weight.positions, weight.codes, weight.codebook,
+                                 weight.bits)  # fmt: skip
+        super().__init__(as_2d, bias, stride=(1, _single(stride)),
+                         padding=padding if isinstance(padding, str) else (0, _single(padding)),
+                         dilation=(1, _single(dilation)), workers=workers, fixed_point=fixed_point)  # fmt: skip
+        self.weight_shape = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3:
+            raise DeepShrinkError(f"SparseConv1d expects (batch, {self.in_channels}, L), got {tuple(x.shape)}")
+        return super().forward(x.unsqueeze(2)).squeeze(2)
+
+
+def _single(value: int | tuple[int]) -> int:
+    return value if isinstance(value, int) else value[0]
 
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
