@@ -67,7 +67,12 @@ def machine_rates(repeats: int) -> dict[str, float]:
 
 
 def touched(m: SparseMatrix, x: np.ndarray) -> tuple[int, int]:
-    """Bytes the batch-1 kernel reads and writes for ``x``, and its multiply-accumulates."""
+    """Bytes the batch-1 kernel that ``m`` picks for ``x`` reads and writes, and its multiply-accumulates."""
+    if m.prefers_rows(x):  # every weight, one pass over x per row's columns
+        row_ptr, gaps, codes = m.row_major()
+        entry_bytes = gaps.itemsize + codes.itemsize
+        macs = int((codes != m.pad_code).sum())
+        return len(gaps) * entry_bytes + row_ptr.nbytes + 4 * (len(x) + m.shape[0]), macs
     active = np.flatnonzero(x)
     starts, ends = m.col_ptr[:, active], m.col_ptr[:, active + 1]
     symbols = int((ends - starts).sum())

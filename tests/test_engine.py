@@ -85,6 +85,29 @@ def test_csc_kernel_matches_dense(rows: int, cols: int, density: float, workers:
 
 
 @pytest.mark.parametrize("rows,cols,density", SHAPES)
+@pytest.mark.parametrize("kernel", [kernels.csr_matvec, kernels.csr_matvec_serial], ids=["parallel", "serial"])
+def test_row_major_batch1_kernel_matches_dense(rows: int, cols: int, density: float, kernel) -> None:
+    t = random_tensor(rows, cols, density, seed=5)
+    m = SparseMatrix(t)
+    x = np.random.default_rng(6).standard_normal(cols).astype(np.float32)
+    out = np.empty(rows, dtype=np.float32)
+    bias = np.arange(rows, dtype=np.float32)
+    kernel(*m.row_major(), m.codebook, x, 1.0, bias, np.zeros(rows, np.float32), out)
+    np.testing.assert_allclose(out, t.to_dense().numpy() @ x + bias, rtol=1e-5, atol=1e-5)
+
+
+def test_batch1_kernel_choice_follows_the_cost_of_segments() -> None:
+    wide = SparseMatrix(random_tensor(60, 4000, 0.1), workers=2)  # few long rows, many short columns
+    dense_x, sparse_x = np.ones(4000, np.float32), np.zeros(4000, np.float32)
+    sparse_x[::20] = 1.0
+    assert wide.prefers_rows(dense_x) and not wide.prefers_rows(sparse_x)
+    tall = SparseMatrix(random_tensor(4000, 60, 0.1), workers=2)  # short rows: columns always
+    assert not tall.prefers_rows(np.ones(60, np.float32))
+    for m, x in ((wide, dense_x), (wide, sparse_x)):  # both paths, same answer
+        np.testing.assert_allclose(m.matvec(x), m.tensor.to_dense().numpy() @ x, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows,cols,density", SHAPES)
 @pytest.mark.parametrize("kernel", [kernels.csr_matmul, kernels.csr_matmul_serial], ids=["parallel", "serial"])
 def test_csr_kernel_matches_dense(rows: int, cols: int, density: float, kernel) -> None:
     t = random_tensor(rows, cols, density, seed=2)
@@ -112,6 +135,9 @@ def test_kernels_in_fixed_point_are_exact_integer_sums() -> None:
     out = np.zeros((300, 1), dtype=np.int64)
     kernels.csr_matmul(*m.row_major(), m.codebook, x[:, None].copy(), out)
     np.testing.assert_array_equal(out[:, 0], dense @ x.astype(np.int64))
+    sums = np.empty(300, dtype=np.float32)  # scale 1: the exact integer sums, as float32
+    kernels.csr_matvec(*m.row_major(), m.codebook, x, 1.0, np.zeros(300, np.float32), np.zeros(300, np.int64), sums)
+    np.testing.assert_array_equal(sums, (dense @ x.astype(np.int64)).astype(np.float32))
 
 
 def test_fixed_point_formats() -> None:

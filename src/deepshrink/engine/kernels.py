@@ -123,6 +123,61 @@ def csc_matvec_serial(col_ptr, gaps, codes, codebook, x, scale, bias, acc, out) 
 
 
 @njit(cache=True, fastmath=True)
+def _gather_row(row_ptr, gaps, codes, codebook, x, acc, i):
+    """``sum_j W[i, j] x[j]`` over row ``i``, in four interleaved sums (no single add chain)."""
+    a0 = acc[i]
+    a1 = a0 * 0  # the accumulator's type: float32, or int64 in fixed point
+    a2, a3 = a1, a1
+    col = np.uint64(0)  # the next column a gap of 0 would land on
+    k, end = row_ptr[i], row_ptr[i + _ONE]
+    while k + np.uint64(4) <= end:
+        col += np.uint64(gaps[k])
+        a0 += codebook[codes[k]] * x[col]
+        col += np.uint64(gaps[k + _ONE]) + _ONE
+        a1 += codebook[codes[k + _ONE]] * x[col]
+        col += np.uint64(gaps[k + np.uint64(2)]) + _ONE
+        a2 += codebook[codes[k + np.uint64(2)]] * x[col]
+        col += np.uint64(gaps[k + np.uint64(3)]) + _ONE
+        a3 += codebook[codes[k + np.uint64(3)]] * x[col]
+        col += _ONE
+        k += np.uint64(4)
+    while k < end:
+        col += np.uint64(gaps[k])
+        a0 += codebook[codes[k]] * x[col]
+        col += _ONE
+        k += _ONE
+    return (a0 + a1) + (a2 + a3)
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def csr_matvec(row_ptr, gaps, codes, codebook, x, scale, bias, acc, out) -> None:
+    """Batch-1 kernel for dense activations: ``out = scale * (W @ x) + bias``, row by row.
+
+    Args:
+        row_ptr, gaps, codes, codebook: the row-major layout (as for :func:`csr_matmul`).
+        x, scale, bias, out: as in :func:`csc_matvec`.
+        acc: ``(rows,)`` zeros in the accumulator's dtype.
+
+    Each row gathers its activations and sums in registers: no scattered
+    read-modify-write per weight, and one segment per row instead of one per
+    (worker, column). But it visits every weight, zero activation or not; the
+    caller picks it only when few activations are zero
+    (:meth:`~deepshrink.engine.matrix.SparseMatrix.matvec`). Rows are split over
+    threads, so no two threads write one output.
+    """
+    for i in prange(out.shape[0]):
+        row = np.uint64(i)
+        out[row] = np.float32(_gather_row(row_ptr, gaps, codes, codebook, x, acc, row) * scale) + bias[row]
+
+
+@njit(cache=True, fastmath=True)
+def csr_matvec_serial(row_ptr, gaps, codes, codebook, x, scale, bias, acc, out) -> None:
+    """:func:`csr_matvec` on the calling thread."""
+    for i in range(np.uint64(out.shape[0])):
+        out[i] = np.float32(_gather_row(row_ptr, gaps, codes, codebook, x, acc, i) * scale) + bias[i]
+
+
+@njit(cache=True, fastmath=True)
 def _csr_rows(row_ptr, gaps, codes, codebook, xt, out, first, stop) -> None:
     """Rows ``first .. stop - 1`` of :func:`csr_matmul`."""
     batch = np.uint64(xt.shape[1])

@@ -4,7 +4,9 @@
 for the kernels in :mod:`deepshrink.engine.kernels` and picks one per call:
 
 - batch 1 (EIE's case): interleaved CSC, row ``i`` to worker ``i mod workers``,
-  8-bit relative row indices, zero activations skipped;
+  8-bit relative row indices, zero activations skipped; when so few activations
+  are zero that skipping saves less than the CSC layout's short segments cost,
+  the row-major layout instead, each row summed in registers;
 - batch >= :data:`CSR_MIN_BATCH`: CSR with relative column indices, rows split
   over threads, each decoded weight applied to the whole batch;
 - batches in between: the batch-1 kernel once per sample (zero skipping still
@@ -32,6 +34,11 @@ from deepshrink.tensor import CompressedTensor
 #: (benchmarks/bench_engine.py, 2 threads): at 35 % activation density the
 #: per-sample CSC kernel still wins at batch 2 and loses from batch 4 on.
 CSR_MIN_BATCH = 4
+#: Per-segment cost of the batch-1 kernels, in weights: starting a segment (a column of
+#: one worker, or a row) costs about as much as this many weights inside one (loop set-up,
+#: the mispredicted exit). Measured on the EIE layers: it is why a 600-row layer with all
+#: activations non-zero runs 2-3x faster row by row than column by column.
+SEGMENT_COST = 16
 #: Fewest multiply-accumulates worth a parallel launch. A launch costs ~4 us with
 #: numba's omp layer (~100 us with workqueue) on an idle 2-core machine and more on a
 #: busy one, while these kernels do about 1 ns per weight: LeNet-sized layers run on
@@ -139,7 +146,11 @@ class SparseMatrix:
         # Chosen once: batch 1 is the latency-bound case, where a per-call choice costs more
         # than small layers take (nnz bounds the work; zero activations only lower it).
         parallel = self.workers > 1 and tensor.nnz >= PARALLEL_MIN_MACS
-        self._batch1_kernel = kernels.csc_matvec if parallel else kernels.csc_matvec_serial
+        self._csc_kernel = kernels.csc_matvec if parallel else kernels.csc_matvec_serial
+        self._csr_kernel = kernels.csr_matvec if parallel else kernels.csr_matvec_serial
+        # rows visited every call vs (worker, column) segments visited per active column:
+        # only when there are fewer rows can the row-major kernel win (see prefers_rows)
+        self._rows_may_win = self.shape[0] < self.shape[1] * self.workers
 
     @property
     def local_rows(self) -> int:
@@ -198,23 +209,39 @@ class SparseMatrix:
     def _finish(self, acc: np.ndarray, frac: int) -> np.ndarray:
         return from_fixed(acc, frac + self.codebook_frac) if self.fixed_point else acc
 
-    def _csc_matvec(self, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
-        """The batch-1 kernel on one contiguous float32 vector; ``bias`` already checked.
+    def prefers_rows(self, x: np.ndarray) -> bool:
+        """Whether the row-major kernel is cheaper than EIE's for ``x`` (cost in weights visited).
+
+        CSC visits the active share of the weights plus a segment per (worker,
+        active column); row by row visits every weight plus a segment per row.
+        """
+        if not self._rows_may_win:
+            return False
+        active = np.count_nonzero(x) / max(self.shape[1], 1)
+        column_major = active * (self.tensor.nnz + SEGMENT_COST * self.shape[1] * self.workers)
+        return self.tensor.nnz + SEGMENT_COST * self.shape[0] < column_major
+
+    def _matvec(self, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        """The batch-1 product of one contiguous float32 vector; ``bias`` already checked.
 
         Lean on purpose: at batch 1 a small layer's product takes a few microseconds,
         so every Python step here shows in the latency.
         """
         if self.fixed_point:
-            x, frac = to_fixed(x)
-            acc, scale = np.zeros(self._acc_shape, dtype=np.int64), 2.0 ** -(frac + self.codebook_frac)
+            xk, frac = to_fixed(x)
+            dtype, scale = np.int64, 2.0 ** -(frac + self.codebook_frac)
         else:
-            acc, scale = np.zeros(self._acc_shape, dtype=np.float32), 1.0
+            xk, dtype, scale = x, np.float32, 1.0
         out = np.empty(self.shape[0], dtype=np.float32)
-        self._batch1_kernel(self.col_ptr, self.col_gaps, self.col_codes, self.codebook, x, scale, bias, acc, out)
+        if self.prefers_rows(x):
+            self._csr_kernel(*self.row_major(), self.codebook, xk, scale, bias, np.zeros(self.shape[0], dtype), out)
+        else:
+            acc = np.zeros(self._acc_shape, dtype=dtype)
+            self._csc_kernel(self.col_ptr, self.col_gaps, self.col_codes, self.codebook, xk, scale, bias, acc, out)
         return out
 
     def matvec(self, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-        """``W @ x + bias`` for one ``(cols,)`` float32 vector, with EIE's batch-1 kernel.
+        """``W @ x + bias`` for one ``(cols,)`` float32 vector, with a batch-1 kernel (EIE's, mostly).
 
         Returns:
             ``(rows,)`` float32.
@@ -223,7 +250,7 @@ class SparseMatrix:
             DeepShrinkError: on a wrong shape or dtype.
         """
         self._check_input(x, 1)
-        return self._csc_matvec(np.ascontiguousarray(x), self._check_bias(bias))
+        return self._matvec(np.ascontiguousarray(x), self._check_bias(bias))
 
     def matmul(self, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
         """``x @ W.T + bias`` for a ``(batch, cols)`` float32 batch, kernel chosen by batch size.
@@ -241,8 +268,8 @@ class SparseMatrix:
             out += bias
             return out
         if x.shape[0] == 1:  # the main case, without the loop
-            return self._csc_matvec(np.ascontiguousarray(x[0]), bias).reshape(1, -1)
-        return np.stack([self._csc_matvec(np.ascontiguousarray(row), bias) for row in x])
+            return self._matvec(np.ascontiguousarray(x[0]), bias).reshape(1, -1)
+        return np.stack([self._matvec(np.ascontiguousarray(row), bias) for row in x])
 
     def matmul_columns(self, xt: np.ndarray) -> np.ndarray:
         """``W @ xt`` for a ``(cols, n)`` float32 array with the row-parallel kernel.
