@@ -97,10 +97,11 @@ def test_row_major_batch1_kernel_matches_dense(rows: int, cols: int, density: fl
 
 
 def test_batch1_kernel_choice_follows_the_cost_of_segments() -> None:
-    wide = SparseMatrix(random_tensor(60, 4000, 0.1), workers=2)  # few long rows, many short columns
+    wide = SparseMatrix(random_tensor(150, 4000, 0.1), workers=2)  # few long rows, many short columns
     dense_x, sparse_x = np.ones(4000, np.float32), np.zeros(4000, np.float32)
     sparse_x[::20] = 1.0
     assert wide.prefers_rows(dense_x) and not wide.prefers_rows(sparse_x)
+    assert not SparseMatrix(random_tensor(15, 4000, 0.1), workers=2).prefers_rows(dense_x)  # too small to choose
     tall = SparseMatrix(random_tensor(4000, 60, 0.1), workers=2)  # short rows: columns always
     assert not tall.prefers_rows(np.ones(60, np.float32))
     for m, x in ((wide, dense_x), (wide, sparse_x)):  # both paths, same answer

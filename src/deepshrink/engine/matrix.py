@@ -149,8 +149,9 @@ class SparseMatrix:
         self._csc_kernel = kernels.csc_matvec if parallel else kernels.csc_matvec_serial
         self._csr_kernel = kernels.csr_matvec if parallel else kernels.csr_matvec_serial
         # rows visited every call vs (worker, column) segments visited per active column:
-        # only when there are fewer rows can the row-major kernel win (see prefers_rows)
-        self._rows_may_win = self.shape[0] < self.shape[1] * self.workers
+        # only when there are fewer rows can the row-major kernel win (see prefers_rows),
+        # and on small layers counting the activations costs more than the choice saves
+        self._rows_may_win = self.shape[0] < self.shape[1] * self.workers and tensor.nnz >= PARALLEL_MIN_MACS
 
     @property
     def local_rows(self) -> int:
