@@ -216,6 +216,19 @@ def test_bad_input_is_named() -> None:
         layer(torch.zeros(2, 3, dtype=torch.float64))
 
 
+def test_sparse_linear_follows_its_bias_buffer() -> None:
+    t = random_tensor(6, 5, 0.5)
+    layer, x = SparseLinear(t), torch.randn(1, 5)
+    torch.testing.assert_close(layer(x), x @ t.to_dense().T)  # no bias
+    layer.bias = torch.ones(6)  # a new buffer object
+    torch.testing.assert_close(layer(x), x @ t.to_dense().T + 1)
+    layer.load_state_dict({"bias": torch.full((6,), 2.0)})  # copied into the same buffer
+    torch.testing.assert_close(layer(x), x @ t.to_dense().T + 2)
+    layer.bias = torch.ones(5)
+    with pytest.raises(DeepShrinkError, match=r"bias must be float32 of shape \(6,\)"):
+        layer(x)
+
+
 def test_sparse_linear_keeps_leading_dims() -> None:
     t = random_tensor(6, 5, 0.5)
     bias = torch.arange(6, dtype=torch.float32)

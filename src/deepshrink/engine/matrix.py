@@ -193,7 +193,12 @@ class SparseMatrix:
         if x.dtype != np.float32:
             raise DeepShrinkError(f"input dtype {x.dtype} is not supported; the engine takes float32")
 
-    def _check_bias(self, bias: np.ndarray | None) -> np.ndarray:
+    def check_bias(self, bias: np.ndarray | None) -> np.ndarray:
+        """``bias`` checked against the rows (float32), or zeros for ``None``.
+
+        Raises:
+            DeepShrinkError: a wrong shape or dtype.
+        """
         if bias is None:
             return self._no_bias
         if bias.shape != (self.shape[0],) or bias.dtype != np.float32:
@@ -251,7 +256,7 @@ class SparseMatrix:
             DeepShrinkError: on a wrong shape or dtype.
         """
         self._check_input(x, 1)
-        return self._matvec(np.ascontiguousarray(x), self._check_bias(bias))
+        return self._matvec(np.ascontiguousarray(x), self.check_bias(bias))
 
     def matmul(self, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
         """``x @ W.T + bias`` for a ``(batch, cols)`` float32 batch, kernel chosen by batch size.
@@ -263,7 +268,7 @@ class SparseMatrix:
             DeepShrinkError: on a wrong shape or dtype.
         """
         self._check_input(x, 2)
-        bias = self._check_bias(bias)
+        bias = self.check_bias(bias)
         if x.shape[0] >= CSR_MIN_BATCH or x.shape[0] == 0:
             out = self.matmul_columns(np.ascontiguousarray(x.T)).T
             out += bias
@@ -329,7 +334,7 @@ class SparseMatrix:
         out = np.empty((x.shape[0], self.shape[0], out_h, out_w), dtype=np.float32)
         fn = kernels.conv2d if _parallel(self.tensor.nnz * out_h * width * x.shape[0]) else kernels.conv2d_serial
         fn(row_ptr, gaps, codes, self.codebook, xk, acc, tuple(kernel), tuple(stride), tuple(dilation), scale,
-           self._check_bias(bias), out)  # fmt: skip
+           self.check_bias(bias), out)  # fmt: skip
         return out
 
     def __repr__(self) -> str:
