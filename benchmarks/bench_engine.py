@@ -12,10 +12,13 @@ the engine: test accuracy against the decoded model, fp32 and 16-bit fixed point
 and images per second at batch 1 against dense torch.
 
 Every library gets the same number of threads (``--threads``, default 2 = this
-machine's cores): ``torch.set_num_threads`` and ``numba.set_num_threads``.
+machine's cores): ``torch.set_num_threads`` and ``numba.set_num_threads``. On a
+shared machine the ratios drift with the neighbours' load, so the layer suite is
+measured ``--runs`` times one after another; the page gives medians, the spread,
+and in how many runs each target was met.
 
     python benchmarks/bench_engine.py                     # writes docs/results/engine.md
-    python benchmarks/bench_engine.py --repeats 5 --layers Alex-7 VGG-7 --no-lenet   # quick look
+    python benchmarks/bench_engine.py --runs 1 --repeats 5 --layers Alex-7 VGG-7 --no-lenet   # quick look
 
 The LeNet files default to ``results/<net>.dsz`` as ``benchmarks/bench_lenet.py``
 writes them; a missing one is made here by the net's built-in recipe, capped at
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +44,7 @@ import numpy as np
 import scipy.sparse
 import torch
 from rich.console import Console
+from rich.progress import track
 from rich.table import Table
 
 from deepshrink.engine import SparseMatrix, from_file
@@ -190,7 +195,7 @@ def bench_lenet(net: str, path: Path, test: tuple[torch.Tensor, torch.Tensor], i
 
 
 def layer_table(rows: list[dict], batch: int) -> Table:
-    table = Table(title=f"EIE layers, batch {batch}: median us per call (ratios = baseline / engine)")
+    table = Table(title=f"EIE layers, batch {batch}: median us per call over runs (ratios = baseline / engine)")
     for col in ("layer", "engine", "dense torch", "x", "torch CSR", "x", "scipy CSR", "x"):
         table.add_column(col, justify="right")
     if batch == 1:
@@ -207,16 +212,42 @@ def layer_table(rows: list[dict], batch: int) -> Table:
     return table
 
 
-def targets(rows: list[dict]) -> list[str]:
-    """One line per batch-1 target: met or missed, with the figure."""
+def targets(rows: list[dict], runs: list[list[dict]]) -> list[str]:
+    """One line per batch-1 target: the median figure over runs, met or missed, and in how many runs met."""
+
+    def line(layer: str, key: str, label: str, goal: float, median: float) -> str:
+        met = sum(r[key] >= goal for run in runs for r in run if r["layer"] == layer and r["batch"] == 1)
+        verdict = "met" if median >= goal else "MISSED"
+        return f"{layer}: {median:.1f}x vs {label} (target {goal:.0f}x) {verdict}; met in {met} of {len(runs)} runs"
+
     lines = []
     for r in (r for r in rows if r["batch"] == 1):
-        goal = TARGET_VS_DENSE.get(r["layer"])
-        if goal is not None:
-            lines.append(f"{r['layer']}: {r['vs_dense']:.1f}x vs dense torch (target {goal:.0f}x) "
-                         f"{'met' if r['vs_dense'] >= goal else 'MISSED'}")  # fmt: skip
-        lines.append(f"{r['layer']}: {r['vs_torch_csr']:.1f}x vs torch.sparse CSR (target {TARGET_VS_TORCH_CSR:.0f}x) "
-                     f"{'met' if r['vs_torch_csr'] >= TARGET_VS_TORCH_CSR else 'MISSED'}")  # fmt: skip
+        if r["layer"] in TARGET_VS_DENSE:
+            lines.append(line(r["layer"], "vs_dense", "dense torch", TARGET_VS_DENSE[r["layer"]], r["vs_dense"]))
+        lines.append(line(r["layer"], "vs_torch_csr", "torch.sparse CSR", TARGET_VS_TORCH_CSR, r["vs_torch_csr"]))
+    return lines
+
+
+def median_rows(runs: list[list[dict]]) -> list[dict]:
+    """Per (layer, batch), every numeric field's median over the runs (ratios included, each on its own)."""
+    out = []
+    for rows in zip(*runs):
+        row = dict(rows[0])
+        for key, value in row.items():
+            if isinstance(value, float):
+                row[key] = statistics.median(r[key] for r in rows)
+        out.append(row)
+    return out
+
+
+def spread(runs: list[list[dict]]) -> list[str]:
+    """Markdown rows: each batch-1 layer's lowest and highest ratios over the runs."""
+    lines = []
+    for rows in zip(*runs):
+        if rows[0]["batch"] == 1:
+            cells = [f"{min(r[k] for r in rows):.1f} - {max(r[k] for r in rows):.1f}"
+                     for k in ("vs_dense", "vs_torch_csr", "vs_scipy_csr")]  # fmt: skip
+            lines.append(f"| {rows[0]['layer']} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -232,8 +263,10 @@ def markdown(result: dict) -> str:
         f"measured {rates['bandwidth_gbs']:.1f} GB/s memory bandwidth (torch add, 128 MB arrays) and "
         f"{rates['gflops']:.1f} GFLOP/s fp32 GEMM. Each time is the median over repeats of a block of "
         "back-to-back calls (steady state, as timeit measures: each library's data stays in cache where it "
-        "fits), blocks of the libraries interleaved; the machine is shared with other jobs, so times still "
-        "carry noise.",
+        "fits), blocks of the libraries interleaved. The machine is shared with other jobs whose load moves "
+        f"the ratios from minute to minute, so the layers were measured in {len(result['runs'])} runs one "
+        "after another: the tables give each figure's median over the runs, and the spread table the "
+        "lowest and highest ratios.",
         "",
         "Weights and activations are random at EIE's published densities (4-bit codes, 16-entry codebook); "
         "published figures are Core i7-5930K + MKL, batch 1 (docs/reference.md). Ratios are baseline time / "
@@ -258,7 +291,9 @@ def markdown(result: dict) -> str:
         out += ["", f"Geometric mean speed-up: {geomean([r['vs_dense'] for r in rows]):.1f}x vs dense torch, "
                 f"{geomean([r['vs_torch_csr'] for r in rows]):.1f}x vs torch.sparse CSR, "
                 f"{geomean([r['vs_scipy_csr'] for r in rows]):.1f}x vs scipy CSR."]  # fmt: skip
-    out += ["", "## Batch-1 targets", ""] + [f"- {line}" for line in targets(layers)]
+    out += ["", "## Run-to-run spread, batch 1", "", "| layer | x dense torch | x torch CSR | x scipy CSR |",
+            "|---|---|---|---|"] + spread(result["runs"])  # fmt: skip
+    out += ["", "## Batch-1 targets", ""] + [f"- {line}" for line in targets(layers, result["runs"])]
     out += ["", "## First call (numba compilation) vs steady state", "",
             "| numba cache | import s | batch 1 first / second call s | batch 16 first / second call s |",
             "|---|---|---|---|"]  # fmt: skip
@@ -281,7 +316,8 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="threads for torch and numba alike")
-    parser.add_argument("--repeats", type=int, default=30, help="timed calls per implementation")
+    parser.add_argument("--repeats", type=int, default=20, help="timed blocks per implementation and run")
+    parser.add_argument("--runs", type=int, default=5, help="times the layer suite is measured, one after another")
     parser.add_argument("--layers", nargs="*", help="EIE layer names (default: all nine)")
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 16])
     parser.add_argument("--no-lenet", action="store_true", help="skip the end-to-end LeNet part")
@@ -302,12 +338,14 @@ def main(argv: list[str] | None = None) -> None:
     result["threading_layer"] = numba.threading_layer()
     console.print(f"bandwidth {result['machine']['bandwidth_gbs']:.1f} GB/s, GEMM {result['machine']['gflops']:.1f} GFLOP/s")
     wanted = [l for l in EIE_BENCHMARK_LAYERS if not args.layers or l.name in args.layers]
-    result["layers"] = []
+    result["runs"] = []
+    for run in track(range(args.runs), description="layer suite runs", console=console):
+        result["runs"].append([bench_layer(layer, batch, args.repeats, result["machine"])
+                               for batch in args.batches for layer in wanted])  # fmt: skip
+    result["layers"] = median_rows(result["runs"])
     for batch in args.batches:
-        rows = [bench_layer(layer, batch, args.repeats, result["machine"]) for layer in wanted]
-        result["layers"] += rows
-        console.print(layer_table(rows, batch))
-    for line in targets(result["layers"]):
+        console.print(layer_table([r for r in result["layers"] if r["batch"] == batch], batch))
+    for line in targets(result["layers"], result["runs"]):
         console.print(line)
     if not args.no_lenet:
         from deepshrink.data.mnist import load_mnist
