@@ -8,4 +8,6 @@ from deepshrink.engine.compile import compile_model, engine_layers, from_file
 from deepshrink.engine.layers import SparseConv1d, SparseConv2d, SparseLinear
 from deepshrink.engine.matrix import SparseMatrix
 
-__all__ = ["SparseConv1d", "SparseConv2d", "SparseLinear", "SparseMatrix", "compile_model", "engine_layers", "from_file"]
+__all__ = [
+    "SparseConv1d", "SparseConv2d", "SparseLinear", "SparseMatrix", "compile_model", "engine_layers", "from_file",
+]

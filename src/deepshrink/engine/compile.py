@@ -111,7 +111,8 @@ def compile_model(
         if module is None or not isinstance(getattr(module, param, None), torch.Tensor):
             raise DeepShrinkError(f"{name!r} is not a weight of {type(model).__name__}")
         if isinstance(module, nn.LSTM):
-            replacement = None if module_name in lstms_done else _lstm_replacement(module, module_name, tensors, fixed_point)
+            done = module_name in lstms_done
+            replacement = None if done else _lstm_replacement(module, module_name, tensors, fixed_point)
             lstms_done.add(module_name)
         elif param != "weight":
             continue

@@ -250,8 +250,8 @@ def _pad_amounts(
     if padding == "same":
         if stride != (1, 1):
             raise DeepShrinkError(f"padding='same' needs stride 1, got stride={stride}")
-        (top, bottom), (left, right) = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation)]
-        return (left, right, top, bottom)
+        total_h, total_w = (d * (k - 1) for k, d in zip(kernel, dilation))
+        return (total_w // 2, total_w - total_w // 2, total_h // 2, total_h - total_h // 2)
     if isinstance(padding, str):
         raise DeepShrinkError(f"padding={padding!r} is not 'same', 'valid' or a number")
     pad_h, pad_w = _pair(padding)

@@ -319,11 +319,16 @@ class SparseMatrix:
         Raises:
             DeepShrinkError: ``x`` does not fit the matrix or is smaller than the dilated kernel.
         """
-        channels = self.shape[1] // (kernel[0] * kernel[1])
-        if x.ndim != 4 or x.shape[1] != channels or x.dtype != np.float32 or channels * kernel[0] * kernel[1] != self.shape[1]:
-            raise DeepShrinkError(f"input of shape {x.shape} and dtype {x.dtype} does not fit a convolution of "
-                                  f"{self.shape[1]} taps with kernel {kernel}; expected float32 (batch, {channels}, H, W)")  # fmt: skip
-        out_h, out_w = [(size - dil * (k - 1) - 1) // s + 1 for size, k, s, dil in zip(x.shape[2:], kernel, stride, dilation)]
+        area = kernel[0] * kernel[1]
+        channels = self.shape[1] // area
+        if x.ndim != 4 or x.shape[1] != channels or x.dtype != np.float32 or channels * area != self.shape[1]:
+            raise DeepShrinkError(
+                f"input of shape {x.shape} and dtype {x.dtype} does not fit a convolution of {self.shape[1]} taps "
+                f"with kernel {kernel}; expected float32 (batch, {channels}, H, W)"
+            )
+        out_h, out_w = [
+            (size - dil * (k - 1) - 1) // s + 1 for size, k, s, dil in zip(x.shape[2:], kernel, stride, dilation)
+        ]
         if min(out_h, out_w) < 1:
             raise DeepShrinkError(f"input of {x.shape[2:]} is smaller than the dilated kernel {kernel}")
         row_ptr, gaps, codes = self.row_major()

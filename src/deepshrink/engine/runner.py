@@ -40,7 +40,9 @@ def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Te
         return torch.cat([model(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
 
 
-def median_seconds(fns: dict[str, Callable[[], object]], repeats: int, block_seconds: float = 0.005) -> dict[str, float]:
+def median_seconds(
+    fns: dict[str, Callable[[], object]], repeats: int, block_seconds: float = 0.005
+) -> dict[str, float]:
     """Median seconds per call of each function, timed in blocks of back-to-back calls.
 
     Each sample is the mean of a block of consecutive calls lasting about
