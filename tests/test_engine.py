@@ -255,10 +255,23 @@ def test_sparse_conv_matches_conv2d(kernel, stride, padding, dilation, batch: in
     x = torch.relu(torch.randn(batch, 3, 11, 9))
     expected = F.conv2d(x, t, conv.bias, stride, padding, dilation)
     torch.testing.assert_close(SparseConv2d.from_conv(conv, weight)(x), expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(UnsupportedLayerError, match="groups"):
-        SparseConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2), CompressedTensor.from_dense(torch.ones(4, 2, 3, 3)))
+    with pytest.raises(UnsupportedLayerError, match="reflect"):
+        SparseConv2d.from_conv(nn.Conv2d(3, 8, 3, padding_mode="reflect"), weight)
     with pytest.raises(DeepShrinkError, match="'full'"):
         SparseConv2d(weight, padding="full")
+
+
+@pytest.mark.parametrize("in_channels,out_channels,groups,stride", [(4, 6, 2, 1), (6, 6, 6, 1), (6, 12, 6, 2), (8, 4, 4, 1)])
+def test_grouped_and_depthwise_conv_match_conv2d(in_channels: int, out_channels: int, groups: int, stride: int) -> None:
+    conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, groups=groups)
+    taps = in_channels // groups * 9
+    t = random_tensor(out_channels, taps, 0.5, seed=groups).to_dense().reshape(out_channels, -1, 3, 3)
+    x = torch.relu(torch.randn(2, in_channels, 9, 10))
+    layer = SparseConv2d.from_conv(conv, CompressedTensor.from_dense(t))
+    expected = F.conv2d(x, t, conv.bias, stride, 1, 1, groups)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(DeepShrinkError, match="groups=4"):
+        SparseConv2d(CompressedTensor.from_dense(torch.ones(6, 1, 3, 3)), groups=4)
 
 
 def test_sparse_conv_in_fixed_point_matches_reference_per_image() -> None:

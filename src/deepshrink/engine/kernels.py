@@ -216,9 +216,12 @@ def csr_matmul_serial(row_ptr, gaps, codes, codebook, xt, out) -> None:
 
 
 @njit(cache=True, fastmath=True)
-def _conv_channel(row_ptr, gaps, codes, codebook, x, out, o, kernel, stride, dilation) -> None:
+def _conv_channel(row_ptr, gaps, codes, codebook, x, out, o, kernel, stride, dilation, groups) -> None:
     """Output channel ``o`` of :func:`conv2d`: each weight of filter ``o`` over every image and position."""
     o = np.uint64(o)
+    # filter o sees its group's input channels only: its matrix row numbers them from 0
+    group_size = np.uint64(x.shape[1] // groups)
+    first_channel = o // np.uint64((row_ptr.shape[0] - 1) // groups) * group_size
     kernel_w = np.uint64(kernel[1])
     area = np.uint64(kernel[0]) * kernel_w  # weights per input channel
     sh, sw = np.uint64(stride[0]), np.uint64(stride[1])
@@ -236,7 +239,7 @@ def _conv_channel(row_ptr, gaps, codes, codebook, x, out, o, kernel, stride, dil
         col += np.uint64(gaps[k])
         value = codebook[codes[k]]
         if value != 0:  # padding entries (and zero centroids) would cost a whole plane each
-            c, tap = col // area, col % area
+            c, tap = first_channel + col // area, col % area
             ky, kx = tap // kernel_w, tap % kernel_w
             if flat:
                 shift = ky * dh * width + kx * dw
@@ -263,17 +266,19 @@ def _conv_output(acc, scale, bias, out) -> None:
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def conv2d(row_ptr, gaps, codes, codebook, x, acc, kernel, stride, dilation, scale, bias, out) -> None:
+def conv2d(row_ptr, gaps, codes, codebook, x, acc, kernel, stride, dilation, groups, scale, bias, out) -> None:
     """Direct sparse convolution: ``out[b, o] = scale[b] * sum W[o, c, ky, kx] x[b, c, shifted] + bias[o]``.
 
     Args:
-        row_ptr, gaps, codes, codebook: the ``(out_channels, in_channels * kh * kw)``
+        row_ptr, gaps, codes, codebook: the ``(out_channels, in_channels / groups * kh * kw)``
             matrix view, one segment per output channel (as for :func:`csr_matmul`).
         x: ``(batch, in_channels, H, W)`` input, already zero-padded, C-contiguous.
         acc: ``(batch, out_channels, out_h, out_w)`` zeroed accumulators, C-contiguous.
             At stride 1 it may be ``W`` wide instead of ``out_w``: the fast layout,
             whose columns from ``out_w`` on are scratch.
         kernel, stride, dilation: ``(h, w)`` pairs, as in ``nn.Conv2d``.
+        groups: as in ``nn.Conv2d``: output channel ``o`` sees input group
+            ``o // (out_channels / groups)``.
         scale: ``(batch,)`` accumulator units to output units (ones in fp32).
         bias: ``(out_channels,)`` float32.
         out: ``(batch, out_channels, out_h, out_w)`` float32 result.
@@ -282,13 +287,13 @@ def conv2d(row_ptr, gaps, codes, codebook, x, acc, kernel, stride, dilation, sca
     so there is no im2col copy; output channels are split over threads.
     """
     for o in prange(row_ptr.shape[0] - 1):
-        _conv_channel(row_ptr, gaps, codes, codebook, x, acc, o, kernel, stride, dilation)
+        _conv_channel(row_ptr, gaps, codes, codebook, x, acc, o, kernel, stride, dilation, groups)
     _conv_output(acc, scale, bias, out)
 
 
 @njit(cache=True, fastmath=True)
-def conv2d_serial(row_ptr, gaps, codes, codebook, x, acc, kernel, stride, dilation, scale, bias, out) -> None:
+def conv2d_serial(row_ptr, gaps, codes, codebook, x, acc, kernel, stride, dilation, groups, scale, bias, out) -> None:
     """:func:`conv2d` on the calling thread, for small convolutions."""
     for o in range(row_ptr.shape[0] - 1):
-        _conv_channel(row_ptr, gaps, codes, codebook, x, acc, o, kernel, stride, dilation)
+        _conv_channel(row_ptr, gaps, codes, codebook, x, acc, o, kernel, stride, dilation, groups)
     _conv_output(acc, scale, bias, out)

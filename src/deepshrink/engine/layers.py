@@ -117,21 +117,22 @@ class SparseLinear(_EngineModule):
 
 
 class SparseConv2d(_EngineModule):
-    """A 2-D convolution computed directly from the compressed ``(out, in * kh * kw)`` matrix.
+    """A 2-D convolution computed directly from the compressed ``(out, in / groups * kh * kw)`` matrix.
 
     Each kept weight is decoded once and multiplies a whole shifted plane of the
     (zero-padded) input: no im2col copy, and pruned weights cost nothing.
 
     Args:
-        weight: ``(out_channels, in_channels, kh, kw)`` compressed weight.
+        weight: ``(out_channels, in_channels / groups, kh, kw)`` compressed weight.
         bias: ``(out_channels,)`` or ``None``.
-        stride, padding, dilation: as in ``nn.Conv2d``, including ``padding="same"``
-            and ``"valid"`` (zero padding).
+        stride, padding, dilation, groups: as in ``nn.Conv2d``, including
+            ``padding="same"`` / ``"valid"`` (zero padding) and depthwise convolutions.
         workers, fixed_point: as in :class:`SparseLinear`.
 
     Raises:
-        DeepShrinkError: ``weight`` is not 4-D, ``padding`` is an unknown string or
-            ``"same"`` with a stride, or ``bias`` does not match.
+        DeepShrinkError: ``weight`` is not 4-D, ``groups`` does not divide the output
+            channels, ``padding`` is an unknown string or ``"same"`` with a stride, or
+            ``bias`` does not match.
     """
 
     def __init__(
@@ -142,15 +143,20 @@ class SparseConv2d(_EngineModule):
         stride: int | tuple[int, int] = 1,
         padding: int | tuple[int, int] | str = 0,
         dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
         workers: int | None = None,
         fixed_point: bool = False,
     ) -> None:
         super().__init__()
         if len(weight.shape) != 4:
             raise DeepShrinkError(f"SparseConv2d needs a 4-D weight, got shape {weight.shape}")
-        self.out_channels, self.in_channels, *kernel = self.weight_shape = weight.shape
+        if not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
+            raise DeepShrinkError(f"groups={groups!r} must be a positive integer dividing the {weight.shape[0]} "
+                                  "output channels")  # fmt: skip
+        self.out_channels, per_group, *kernel = self.weight_shape = weight.shape
+        self.in_channels = per_group * groups
         self.kernel_size = tuple(kernel)
-        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self._pad = _pad_amounts(padding, self.kernel_size, _pair(stride), _pair(dilation))
         self.matrix = SparseMatrix(weight, workers, fixed_point)
         self.register_buffer("bias", _bias_buffer(bias, self.out_channels, "SparseConv2d"))
@@ -160,28 +166,26 @@ class SparseConv2d(_EngineModule):
         """Take geometry and bias from ``conv``; ``kwargs`` go to the constructor.
 
         Raises:
-            UnsupportedLayerError: grouped convolutions and padding modes other
-                than zeros have no sparse path.
+            UnsupportedLayerError: padding modes other than zeros (reflect, replicate,
+                circular) have no sparse path.
         """
-        if conv.groups != 1 or conv.padding_mode != "zeros":
-            raise UnsupportedLayerError(
-                f"{cls.__name__} supports groups=1 and padding_mode='zeros', got "
-                f"groups={conv.groups}, padding_mode={conv.padding_mode!r}"
-            )
-        return cls(weight, conv.bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation, **kwargs)
+        if conv.padding_mode != "zeros":
+            raise UnsupportedLayerError(f"{cls.__name__} supports padding_mode='zeros', got {conv.padding_mode!r}")
+        return cls(weight, conv.bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                   groups=conv.groups, **kwargs)  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise DeepShrinkError(f"SparseConv2d expects (batch, {self.in_channels}, H, W), got {tuple(x.shape)}")
         padded = F.pad(x.detach(), self._pad) if any(self._pad) else x
         out = self.matrix.conv2d(_as_numpy(padded, "SparseConv2d"), self.kernel_size, _pair(self.stride),
-                                 _pair(self.dilation), self._bias_array())  # fmt: skip
+                                 _pair(self.dilation), self._bias_array(), self.groups)  # fmt: skip
         return torch.from_numpy(out)
 
     def extra_repr(self) -> str:
         return (
             f"{self.matrix!r}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}"
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}"
         )
 
 
@@ -191,8 +195,8 @@ class SparseConv1d(SparseConv2d):
     Args:
         weight: ``(out_channels, in_channels, k)`` compressed weight (its matrix
             view is the 2-D kernel's: same positions, same codes).
-        bias, stride, padding, dilation, workers, fixed_point: as in ``nn.Conv1d``
-            and :class:`SparseConv2d`.
+        bias, stride, padding, dilation, groups, workers, fixed_point: as in
+            ``nn.Conv1d`` and :class:`SparseConv2d`.
 
     Raises:
         DeepShrinkError: ``weight`` is not 3-D, or as :class:`SparseConv2d`.
@@ -206,6 +210,7 @@ class SparseConv1d(SparseConv2d):
         stride: int | tuple[int] = 1,
         padding: int | tuple[int] | str = 0,
         dilation: int | tuple[int] = 1,
+        groups: int = 1,
         workers: int | None = None,
         fixed_point: bool = False,
     ) -> None:
@@ -216,7 +221,8 @@ class SparseConv1d(SparseConv2d):
                                  weight.bits)  # fmt: skip
         super().__init__(as_2d, bias, stride=(1, _single(stride)),
                          padding=padding if isinstance(padding, str) else (0, _single(padding)),
-                         dilation=(1, _single(dilation)), workers=workers, fixed_point=fixed_point)  # fmt: skip
+                         dilation=(1, _single(dilation)), groups=groups, workers=workers,
+                         fixed_point=fixed_point)  # fmt: skip
         self.weight_shape = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

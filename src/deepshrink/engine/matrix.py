@@ -305,13 +305,15 @@ class SparseMatrix:
         stride: tuple[int, int],
         dilation: tuple[int, int],
         bias: np.ndarray | None = None,
+        groups: int = 1,
     ) -> np.ndarray:
-        """A convolution by this ``(out, in * kh * kw)`` matrix: direct, each weight over a shifted plane.
+        """A convolution by this ``(out, in / groups * kh * kw)`` matrix: direct, each weight over a shifted plane.
 
         Args:
             x: ``(batch, in, H, W)`` float32, already zero-padded.
             kernel, stride, dilation: ``(h, w)`` pairs as in ``nn.Conv2d``.
             bias: ``(out,)`` float32 or ``None``.
+            groups: as in ``nn.Conv2d`` (``in`` channels = matrix columns / taps x groups).
 
         Returns:
             ``(batch, out, out_h, out_w)`` float32.
@@ -320,8 +322,11 @@ class SparseMatrix:
             DeepShrinkError: ``x`` does not fit the matrix or is smaller than the dilated kernel.
         """
         area = kernel[0] * kernel[1]
-        channels = self.shape[1] // area
-        if x.ndim != 4 or x.shape[1] != channels or x.dtype != np.float32 or channels * area != self.shape[1]:
+        channels = self.shape[1] // area * groups
+        if self.shape[0] % groups or channels * area != self.shape[1] * groups:
+            raise DeepShrinkError(f"a {self.shape[0]} x {self.shape[1]} matrix is no convolution with kernel "
+                                  f"{kernel} in {groups} groups")  # fmt: skip
+        if x.ndim != 4 or x.shape[1] != channels or x.dtype != np.float32:
             raise DeepShrinkError(
                 f"input of shape {x.shape} and dtype {x.dtype} does not fit a convolution of {self.shape[1]} taps "
                 f"with kernel {kernel}; expected float32 (batch, {channels}, H, W)"
@@ -338,8 +343,8 @@ class SparseMatrix:
         acc = self._accumulators((x.shape[0], self.shape[0], out_h, width))
         out = np.empty((x.shape[0], self.shape[0], out_h, out_w), dtype=np.float32)
         fn = kernels.conv2d if _parallel(self.tensor.nnz * out_h * width * x.shape[0]) else kernels.conv2d_serial
-        fn(row_ptr, gaps, codes, self.codebook, xk, acc, tuple(kernel), tuple(stride), tuple(dilation), scale,
-           self.check_bias(bias), out)  # fmt: skip
+        fn(row_ptr, gaps, codes, self.codebook, xk, acc, tuple(kernel), tuple(stride), tuple(dilation), groups,
+           scale, self.check_bias(bias), out)  # fmt: skip
         return out
 
     def __repr__(self) -> str:
