@@ -310,11 +310,12 @@ class _Mixed(nn.Module):
         self.conv = nn.Conv1d(4, 16, 5, stride=2, padding=2)
         self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
         self.emb = nn.Embedding(10, 16)
+        self.gru = nn.GRU(16, 16, batch_first=True)
         self.head = nn.Linear(16, 3)
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.conv(x)).transpose(1, 2) + self.emb(tokens)[:, None]
-        return self.head(self.enc(h).mean(1))
+        return self.head(self.gru(self.enc(h))[0].mean(1))
 
 
 def test_compile_model_keeps_what_it_cannot_run_dense_and_says_so() -> None:
@@ -329,7 +330,7 @@ def test_compile_model_keeps_what_it_cannot_run_dense_and_says_so() -> None:
     with pytest.warns(UserWarning) as caught:
         fast = compile_model(net)
     said = " ".join(str(w.message) for w in caught)
-    for name in ("enc.self_attn.out_proj.weight", "enc.linear1.weight", "emb.weight"):
+    for name in ("enc.self_attn.out_proj.weight", "enc.linear1.weight", "emb.weight", "gru.weight_hh_l0"):
         assert f"{name} stays dense" in said
     assert [n for n, _ in engine_layers(fast)] == ["conv", "head"]
     x, tokens = torch.randn(3, 4, 31), torch.tensor([1, 2, 3])

@@ -114,7 +114,9 @@ def compile_model(
             done = module_name in lstms_done
             replacement = None if done else _lstm_replacement(module, module_name, tensors, fixed_point)
             lstms_done.add(module_name)
-        elif param != "weight":
+        elif param != "weight":  # a recurrent layer's weight_hh_l0, attention's in_proj_weight, ...
+            layer = parametrize.type_before_parametrizations(module).__name__
+            warnings.warn(f"{name} stays dense: the engine has no kernel for {layer}.{param}", stacklevel=2)
             continue
         elif isinstance(parent := modules.get(module_name.rpartition(".")[0]), _READS_CHILD_WEIGHTS):
             warnings.warn(f"{name} stays dense: {type(parent).__name__} reads it directly instead of calling "
