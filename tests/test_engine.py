@@ -92,7 +92,7 @@ def test_row_major_batch1_kernel_matches_dense(rows: int, cols: int, density: fl
     x = np.random.default_rng(6).standard_normal(cols).astype(np.float32)
     out = np.empty(rows, dtype=np.float32)
     bias = np.arange(rows, dtype=np.float32)
-    kernel(*m.row_major(), m.codebook, x, 1.0, bias, np.zeros(rows, np.float32), out)
+    kernel(*m.row_major(), m.codebook, x, 1.0, bias, np.zeros(1, np.float32), out)
     np.testing.assert_allclose(out, t.to_dense().numpy() @ x + bias, rtol=1e-5, atol=1e-5)
 
 
@@ -137,7 +137,7 @@ def test_kernels_in_fixed_point_are_exact_integer_sums() -> None:
     kernels.csr_matmul(*m.row_major(), m.codebook, x[:, None].copy(), out)
     np.testing.assert_array_equal(out[:, 0], dense @ x.astype(np.int64))
     sums = np.empty(300, dtype=np.float32)  # scale 1: the exact integer sums, as float32
-    kernels.csr_matvec(*m.row_major(), m.codebook, x, 1.0, np.zeros(300, np.float32), np.zeros(300, np.int64), sums)
+    kernels.csr_matvec(*m.row_major(), m.codebook, x, 1.0, np.zeros(300, np.float32), np.zeros(1, np.int64), sums)
     np.testing.assert_array_equal(sums, (dense @ x.astype(np.int64)).astype(np.float32))
 
 

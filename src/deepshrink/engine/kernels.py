@@ -123,11 +123,9 @@ def csc_matvec_serial(col_ptr, gaps, codes, codebook, x, scale, bias, acc, out) 
 
 
 @njit(cache=True, fastmath=True)
-def _gather_row(row_ptr, gaps, codes, codebook, x, acc, i):
+def _gather_row(row_ptr, gaps, codes, codebook, x, zero, i):
     """``sum_j W[i, j] x[j]`` over row ``i``, in four interleaved sums (no single add chain)."""
-    a0 = acc[i]
-    a1 = a0 * 0  # the accumulator's type: float32, or int64 in fixed point
-    a2, a3 = a1, a1
+    a0 = a1 = a2 = a3 = zero[0]  # the accumulator's type: float32, or int64 in fixed point
     col = np.uint64(0)  # the next column a gap of 0 would land on
     k, end = row_ptr[i], row_ptr[i + _ONE]
     while k + np.uint64(4) <= end:
@@ -150,13 +148,13 @@ def _gather_row(row_ptr, gaps, codes, codebook, x, acc, i):
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def csr_matvec(row_ptr, gaps, codes, codebook, x, scale, bias, acc, out) -> None:
+def csr_matvec(row_ptr, gaps, codes, codebook, x, scale, bias, zero, out) -> None:
     """Batch-1 kernel for dense activations: ``out = scale * (W @ x) + bias``, row by row.
 
     Args:
         row_ptr, gaps, codes, codebook: the row-major layout (as for :func:`csr_matmul`).
         x, scale, bias, out: as in :func:`csc_matvec`.
-        acc: ``(rows,)`` zeros in the accumulator's dtype.
+        zero: ``(1,)`` zero in the accumulator's dtype (float32, or int64 in fixed point).
 
     Each row gathers its activations and sums in registers: no scattered
     read-modify-write per weight, and one segment per row instead of one per
@@ -167,14 +165,14 @@ def csr_matvec(row_ptr, gaps, codes, codebook, x, scale, bias, acc, out) -> None
     """
     for i in prange(out.shape[0]):
         row = np.uint64(i)
-        out[row] = np.float32(_gather_row(row_ptr, gaps, codes, codebook, x, acc, row) * scale) + bias[row]
+        out[row] = np.float32(_gather_row(row_ptr, gaps, codes, codebook, x, zero, row) * scale) + bias[row]
 
 
 @njit(cache=True, fastmath=True)
-def csr_matvec_serial(row_ptr, gaps, codes, codebook, x, scale, bias, acc, out) -> None:
+def csr_matvec_serial(row_ptr, gaps, codes, codebook, x, scale, bias, zero, out) -> None:
     """:func:`csr_matvec` on the calling thread."""
     for i in range(np.uint64(out.shape[0])):
-        out[i] = np.float32(_gather_row(row_ptr, gaps, codes, codebook, x, acc, i) * scale) + bias[i]
+        out[i] = np.float32(_gather_row(row_ptr, gaps, codes, codebook, x, zero, i) * scale) + bias[i]
 
 
 @njit(cache=True, fastmath=True)

@@ -157,7 +157,8 @@ class SparseConv2d(_EngineModule):
         self.in_channels = per_group * groups
         self.kernel_size = tuple(kernel)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-        self._pad = _pad_amounts(padding, self.kernel_size, _pair(stride), _pair(dilation))
+        self._stride, self._dilation = _pair(stride), _pair(dilation)  # as the kernel takes them
+        self._pad = _pad_amounts(padding, self.kernel_size, self._stride, self._dilation)
         self.matrix = SparseMatrix(weight, workers, fixed_point)
         self.register_buffer("bias", _bias_buffer(bias, self.out_channels, "SparseConv2d"))
 
@@ -178,8 +179,8 @@ class SparseConv2d(_EngineModule):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise DeepShrinkError(f"SparseConv2d expects (batch, {self.in_channels}, H, W), got {tuple(x.shape)}")
         padded = F.pad(x.detach(), self._pad) if any(self._pad) else x
-        out = self.matrix.conv2d(_as_numpy(padded, "SparseConv2d"), self.kernel_size, _pair(self.stride),
-                                 _pair(self.dilation), self._bias_array(), self.groups)  # fmt: skip
+        out = self.matrix.conv2d(_as_numpy(padded, "SparseConv2d"), self.kernel_size, self._stride, self._dilation,
+                                 self._bias_array(), self.groups)  # fmt: skip
         return torch.from_numpy(out)
 
     def extra_repr(self) -> str:

@@ -240,7 +240,7 @@ class SparseMatrix:
             xk, dtype, scale = x, np.float32, 1.0
         out = np.empty(self.shape[0], dtype=np.float32)
         if self.prefers_rows(x):
-            self._csr_kernel(*self.row_major(), self.codebook, xk, scale, bias, np.zeros(self.shape[0], dtype), out)
+            self._csr_kernel(*self.row_major(), self.codebook, xk, scale, bias, np.zeros(1, dtype), out)
         else:
             acc = np.zeros(self._acc_shape, dtype=dtype)
             self._csc_kernel(self.col_ptr, self.col_gaps, self.col_codes, self.codebook, xk, scale, bias, acc, out)
