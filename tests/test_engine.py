@@ -11,7 +11,7 @@ from torch import nn
 
 from deepshrink.engine import SparseConv2d, SparseLinear, SparseMatrix, compile_model, engine_layers, from_file, kernels
 from deepshrink.engine.fixedpoint import fraction_bits, from_fixed, to_fixed
-from deepshrink.engine.matrix import segmented_stream
+from deepshrink.engine.matrix import segmented_stream, sliced_rows
 from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
 from deepshrink.tensor import CompressedTensor
 
@@ -84,27 +84,49 @@ def test_csc_kernel_matches_dense(rows: int, cols: int, density: float, workers:
     np.testing.assert_allclose(out, t.to_dense().numpy() @ x + bias, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows,cols,density", SHAPES)
-@pytest.mark.parametrize("kernel", [kernels.csr_matvec, kernels.csr_matvec_serial], ids=["parallel", "serial"])
-def test_row_major_batch1_kernel_matches_dense(rows: int, cols: int, density: float, kernel) -> None:
+def test_sliced_layout_matches_reference() -> None:
+    t = random_tensor(37, 50, 0.2, seed=7)  # 37 rows: the last slice is part padding
+    ptr, packed, slice_rows, col_bits = sliced_rows(*t.rows_cols(), t.codes, t.matrix_shape, len(t.codebook))
+    assert packed.dtype == np.uint16 and col_bits == 6 and len(slice_rows) == 40
+    dense = t.to_dense().numpy()
+    lengths = (dense != 0).sum(axis=1)
+    assert lengths[slice_rows[:37]].tolist() == sorted(lengths, reverse=True)  # longest first
+    assert sorted(slice_rows.tolist()) == list(range(40))  # the rows, then the padding lanes' places
+    for s in range(len(ptr) - 1):
+        block = packed[ptr[s]:ptr[s + 1]].reshape(-1, kernels.SLICE_ROWS).astype(np.int64)
+        for lane, row in enumerate(slice_rows[8 * s:8 * s + 8]):
+            cols, codes = block[:, lane] & (2**col_bits - 1), block[:, lane] >> col_bits
+            real = cols < 50  # the rest is padding, column 50
+            assert (cols[real][:-1] < cols[real][1:]).all() and not real[real.sum():].any()
+            if row < 37:
+                np.testing.assert_array_equal(t.codebook[codes[real]], dense[row, cols[real]])
+            else:
+                assert not real.any()
+    wide = random_tensor(3, 5000, 0.01, seed=8)  # 13 column bits + 4 code bits: 32-bit entries
+    assert sliced_rows(*wide.rows_cols(), wide.codes, wide.matrix_shape, 16)[1].dtype == np.uint32
+
+
+@pytest.mark.parametrize("rows,cols,density", SHAPES + [(300, 5000, 0.02)])
+@pytest.mark.parametrize("use_table", [True, False], ids=["table", "gather"])
+@pytest.mark.parametrize("kernel", [kernels.sliced_matvec, kernels.sliced_matvec_serial], ids=["parallel", "serial"])
+def test_sliced_batch1_kernel_matches_dense(rows: int, cols: int, density: float, use_table: bool, kernel) -> None:
     t = random_tensor(rows, cols, density, seed=5)
     m = SparseMatrix(t)
     x = np.random.default_rng(6).standard_normal(cols).astype(np.float32)
     out = np.empty(rows, dtype=np.float32)
     bias = np.arange(rows, dtype=np.float32)
-    kernel(*m.row_major(), m.codebook, x, 1.0, bias, np.zeros(1, np.float32), out)
-    np.testing.assert_allclose(out, t.to_dense().numpy() @ x + bias, rtol=1e-5, atol=1e-5)
+    kernel(*m.sliced(), t.codebook, x, use_table, 1.0, bias, np.zeros(1, np.float32), out, 3)
+    np.testing.assert_allclose(out, t.to_dense().numpy() @ x + bias, rtol=1e-5, atol=1e-4)
 
 
-def test_batch1_kernel_choice_follows_the_cost_of_segments() -> None:
-    wide = SparseMatrix(random_tensor(150, 4000, 0.1), workers=2)  # few long rows, many short columns
+def test_batch1_kernel_choice_follows_activation_density() -> None:
+    m = SparseMatrix(random_tensor(600, 4000, 0.1), workers=2)
     dense_x, sparse_x = np.ones(4000, np.float32), np.zeros(4000, np.float32)
     sparse_x[::20] = 1.0
-    assert wide.prefers_rows(dense_x) and not wide.prefers_rows(sparse_x)
-    assert not SparseMatrix(random_tensor(15, 4000, 0.1), workers=2).prefers_rows(dense_x)  # too small to choose
-    tall = SparseMatrix(random_tensor(4000, 60, 0.1), workers=2)  # short rows: columns always
-    assert not tall.prefers_rows(np.ones(60, np.float32))
-    for m, x in ((wide, dense_x), (wide, sparse_x)):  # both paths, same answer
+    assert m.prefers_rows(dense_x) and not m.prefers_rows(sparse_x)
+    assert not m.use_table  # 4,000 columns x 16 codes: the table would not fit the cache
+    assert SparseMatrix(random_tensor(600, 300, 0.1), workers=2).use_table
+    for x in (dense_x, sparse_x):  # both paths, same answer
         np.testing.assert_allclose(m.matvec(x), m.tensor.to_dense().numpy() @ x, rtol=1e-5, atol=1e-4)
 
 
@@ -136,9 +158,11 @@ def test_kernels_in_fixed_point_are_exact_integer_sums() -> None:
     out = np.zeros((300, 1), dtype=np.int64)
     kernels.csr_matmul(*m.row_major(), m.codebook, x[:, None].copy(), out)
     np.testing.assert_array_equal(out[:, 0], dense @ x.astype(np.int64))
-    sums = np.empty(300, dtype=np.float32)  # scale 1: the exact integer sums, as float32
-    kernels.csr_matvec(*m.row_major(), m.codebook, x, 1.0, np.zeros(300, np.float32), np.zeros(1, np.int64), sums)
-    np.testing.assert_array_equal(sums, (dense @ x.astype(np.int64)).astype(np.float32))
+    for use_table in (True, False):
+        sums = np.empty(300, dtype=np.float32)  # scale 1: the exact integer sums, as float32
+        kernels.sliced_matvec(*m.sliced(), cb, x, use_table, 1.0, np.zeros(300, np.float32), np.zeros(1, np.int64),
+                              sums, 2)  # fmt: skip
+        np.testing.assert_array_equal(sums, (dense @ x.astype(np.int64)).astype(np.float32))
 
 
 def test_fixed_point_formats() -> None:

@@ -56,7 +56,8 @@ def test_engine_matches_torch_on_decoded_weights(input_size: int, hidden: int, l
 
 
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
-def test_layer_kernel_against_numpy_reference(density: float) -> None:
+@pytest.mark.parametrize("use_table", [True, False], ids=["table", "gather"])
+def test_layer_kernel_against_numpy_reference(density: float, use_table: bool) -> None:
     rng = np.random.default_rng(int(density * 10))
     hidden, inputs, steps = 6, 4, 7
     codebook = rng.standard_normal(16).astype(np.float32)
@@ -72,7 +73,7 @@ def test_layer_kernel_against_numpy_reference(density: float) -> None:
     hh = SparseMatrix(w_hh, workers=1)
     h, c = np.zeros(hidden, np.float32), np.zeros(hidden, np.float32)
     out = np.empty((steps, hidden), np.float32)
-    lstm_layer_kernel(pre, hh.col_ptr[0], hh.col_gaps, hh.col_codes, hh.codebook, h, c, out)
+    lstm_layer_kernel(pre, *hh.sliced(), hh.centroids, use_table, h, c, out)
     expected = reference_layer(x, w_ih.to_dense().numpy(), w_hh.to_dense().numpy(), bias)
     np.testing.assert_allclose(out, expected, atol=1e-5)
     np.testing.assert_array_equal(h, out[-1])

@@ -122,57 +122,136 @@ def csc_matvec_serial(col_ptr, gaps, codes, codebook, x, scale, bias, acc, out) 
     _interleaved_output(acc, scale, bias, out)
 
 
+#: Rows per slice of the sliced layout (:func:`sliced_matvec`): one register sum per row.
+SLICE_ROWS = 8
+_EIGHT = np.uint64(SLICE_ROWS)
+
+
 @njit(cache=True, fastmath=True)
-def _gather_row(row_ptr, gaps, codes, codebook, x, zero, i):
-    """``sum_j W[i, j] x[j]`` over row ``i``, in four interleaved sums (no single add chain)."""
-    a0 = a1 = a2 = a3 = zero[0]  # the accumulator's type: float32, or int64 in fixed point
-    col = np.uint64(0)  # the next column a gap of 0 would land on
-    k, end = row_ptr[i], row_ptr[i + _ONE]
-    while k + np.uint64(4) <= end:
-        col += np.uint64(gaps[k])
-        a0 += codebook[codes[k]] * x[col]
-        col += np.uint64(gaps[k + _ONE]) + _ONE
-        a1 += codebook[codes[k + _ONE]] * x[col]
-        col += np.uint64(gaps[k + np.uint64(2)]) + _ONE
-        a2 += codebook[codes[k + np.uint64(2)]] * x[col]
-        col += np.uint64(gaps[k + np.uint64(3)]) + _ONE
-        a3 += codebook[codes[k + np.uint64(3)]] * x[col]
-        col += _ONE
-        k += np.uint64(4)
-    while k < end:
-        col += np.uint64(gaps[k])
-        a0 += codebook[codes[k]] * x[col]
-        col += _ONE
-        k += _ONE
-    return (a0 + a1) + (a2 + a3)
+def fill_slice_values(codebook, x, col_bits, use_table, values) -> None:
+    """Fill ``values``, what a packed entry ``p = code << col_bits | col`` of the sliced layout indexes.
+
+    With ``use_table``, the product table ``values[p] = codebook[code] * x[col]``:
+    each weight then costs one lookup and one add. Otherwise ``x`` itself
+    (``values[col] = x[col]``) and the kernel multiplies by the codebook per
+    weight: the table's choice when it would not fit the cache. Either way the
+    column ``len(x)`` reads 0: padding entries point there.
+    """
+    n = np.uint64(x.shape[0])
+    if use_table:  # code by code, so the inner loop runs over x and vectorises
+        for c in range(np.uint64(codebook.shape[0])):
+            base = c << np.uint64(col_bits)
+            value = codebook[c]
+            for j in range(n):
+                values[base + j] = value * x[j]
+            values[base + n] = 0
+    else:
+        for j in range(n):
+            values[j] = x[j]
+        values[n] = 0
+
+
+@njit(cache=True)
+def slice_values(codebook, x, col_bits, use_table, zero):
+    """A new array for :func:`fill_slice_values`, in the accumulator's dtype (``zero``'s), filled."""
+    size = (np.uint64(codebook.shape[0]) << np.uint64(col_bits)) if use_table else np.uint64(x.shape[0] + 1)
+    values = np.empty(size, dtype=zero.dtype)
+    fill_slice_values(codebook, x, col_bits, use_table, values)
+    return values
+
+
+@njit(inline="always", fastmath=True)
+def _slice_value(p, values, codebook, col_bits, col_mask, use_table):
+    if use_table:  # loop-invariant: LLVM unswitches the loop, so each variant is branch-free
+        return values[p]
+    return codebook[p >> col_bits] * values[p & col_mask]
+
+
+@njit(inline="always", fastmath=True)
+def _slice_sums(ptr, packed, values, codebook, col_bits, use_table, s):
+    """The eight row sums of slice ``s``: entry ``k`` of its lane-``l`` row is ``packed[ptr[s] + 8 k + l]``."""
+    bits = np.uint64(col_bits)
+    mask = (_ONE << bits) - _ONE
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = values[0] - values[0]  # zero in the accumulator's dtype
+    for b in range(ptr[s], ptr[s + _ONE], _EIGHT):
+        a0 += _slice_value(packed[b], values, codebook, bits, mask, use_table)
+        a1 += _slice_value(packed[b + np.uint64(1)], values, codebook, bits, mask, use_table)
+        a2 += _slice_value(packed[b + np.uint64(2)], values, codebook, bits, mask, use_table)
+        a3 += _slice_value(packed[b + np.uint64(3)], values, codebook, bits, mask, use_table)
+        a4 += _slice_value(packed[b + np.uint64(4)], values, codebook, bits, mask, use_table)
+        a5 += _slice_value(packed[b + np.uint64(5)], values, codebook, bits, mask, use_table)
+        a6 += _slice_value(packed[b + np.uint64(6)], values, codebook, bits, mask, use_table)
+        a7 += _slice_value(packed[b + np.uint64(7)], values, codebook, bits, mask, use_table)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@njit(cache=True, fastmath=True)
+def sliced_worker(ptr, packed, slice_rows, col_bits, codebook, values, use_table, first, step, acc) -> None:
+    """Slices ``first, first + step, ...`` of :func:`sliced_matvec`: ``acc[slice_rows[8 s + l]] += row sum``.
+
+    ``acc`` has a place for every lane (``len(slice_rows)``), the padding lanes'
+    included, so there is no branch per row.
+    """
+    for s in range(np.uint64(first), np.uint64(ptr.shape[0] - 1), np.uint64(step)):
+        sums = _slice_sums(ptr, packed, values, codebook, col_bits, use_table, s)
+        base = s * _EIGHT
+        for lane in range(SLICE_ROWS):
+            acc[slice_rows[base + np.uint64(lane)]] += sums[lane]
+
+
+@njit(cache=True, fastmath=True)
+def _finish_rows(acc, scale, bias, out) -> None:
+    """``out = acc[:rows] * scale + bias``, in float32."""
+    for i in range(np.uint64(out.shape[0])):
+        out[i] = np.float32(acc[i] * scale) + bias[i]
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def csr_matvec(row_ptr, gaps, codes, codebook, x, scale, bias, zero, out) -> None:
-    """Batch-1 kernel for dense activations: ``out = scale * (W @ x) + bias``, row by row.
+def sliced_matvec(ptr, packed, slice_rows, col_bits, codebook, x, use_table, scale, bias, zero, out,
+                  workers) -> None:  # fmt: skip
+    """Batch-1 kernel for dense activations: ``out = scale * (W @ x) + bias``, eight rows at a time.
 
     Args:
-        row_ptr, gaps, codes, codebook: the row-major layout (as for :func:`csr_matmul`).
-        x, scale, bias, out: as in :func:`csc_matvec`.
+        ptr: ``(slices + 1,)`` uint64 offsets of each slice's entries in ``packed``.
+        packed: uint16 / uint32 entries ``code << col_bits | col``, column and codebook
+            index in one load; slice ``s`` holds its eight rows interleaved (entry ``k``
+            of lane ``l`` at ``ptr[s] + 8 k + l``), shorter rows padded with column
+            ``len(x)``, which reads 0.
+        slice_rows: ``(8 slices,)`` uint64 row of each lane, a permutation: the rows,
+            then scratch places for the last slice's padding lanes.
+        col_bits: bits of the column field.
+        codebook: ``(k,)`` centroids (float32, or int16 in fixed point), not extended.
+        x: ``(cols,)`` activations in the codebook's dtype.
+        use_table: index a product table (see :func:`fill_slice_values`) instead of ``x``.
+        scale, bias: as in :func:`csc_matvec`.
         zero: ``(1,)`` zero in the accumulator's dtype (float32, or int64 in fixed point).
+        out: ``(rows,)`` float32 result.
+        workers: how many threads share the slices.
 
-    Each row gathers its activations and sums in registers: no scattered
-    read-modify-write per weight, and one segment per row instead of one per
-    (worker, column). But it visits every weight, zero activation or not; the
-    caller picks it only when few activations are zero
-    (:meth:`~deepshrink.engine.matrix.SparseMatrix.matvec`). Rows are split over
-    threads, so no two threads write one output.
+    Each lane sums its row in a register, and a slice's rows run in step, so a
+    row's end costs no branch of its own (rows are sorted by length, so lanes
+    waste little on padding). It visits every weight, zero activation or not: the
+    caller picks it when few activations are zero
+    (:meth:`~deepshrink.engine.matrix.SparseMatrix.prefers_rows`). Slices go to
+    threads round robin (they are sorted longest first), so no two threads write
+    one output.
     """
-    for i in prange(out.shape[0]):
-        row = np.uint64(i)
-        out[row] = np.float32(_gather_row(row_ptr, gaps, codes, codebook, x, zero, row) * scale) + bias[row]
+    values = slice_values(codebook, x, col_bits, use_table, zero)
+    acc = np.zeros(slice_rows.shape[0], dtype=zero.dtype)
+    workers = np.uint64(workers)
+    for w in prange(workers):
+        sliced_worker(ptr, packed, slice_rows, col_bits, codebook, values, use_table, w, workers, acc)
+    _finish_rows(acc, scale, bias, out)
 
 
 @njit(cache=True, fastmath=True)
-def csr_matvec_serial(row_ptr, gaps, codes, codebook, x, scale, bias, zero, out) -> None:
-    """:func:`csr_matvec` on the calling thread."""
-    for i in range(np.uint64(out.shape[0])):
-        out[i] = np.float32(_gather_row(row_ptr, gaps, codes, codebook, x, zero, i) * scale) + bias[i]
+def sliced_matvec_serial(ptr, packed, slice_rows, col_bits, codebook, x, use_table, scale, bias, zero, out,
+                         workers=1) -> None:  # fmt: skip
+    """:func:`sliced_matvec` on the calling thread (``workers`` is ignored)."""
+    values = slice_values(codebook, x, col_bits, use_table, zero)
+    acc = np.zeros(slice_rows.shape[0], dtype=zero.dtype)
+    sliced_worker(ptr, packed, slice_rows, col_bits, codebook, values, use_table, 0, 1, acc)
+    _finish_rows(acc, scale, bias, out)
 
 
 @njit(cache=True, fastmath=True)

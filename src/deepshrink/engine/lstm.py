@@ -7,8 +7,9 @@ engine's kernels (:mod:`deepshrink.engine.kernels`) on the compressed layouts of
 indices, values looked up in the codebook on the fly. The dense matrices are
 never built. ``W_ih x_t`` does not depend on the recurrence, so it is computed for
 all steps at once (the batched CSR kernel); ``W_hh h_{t-1}`` runs step by step on
-the batch-1 CSC kernel, inside one compiled loop per layer, so a step costs the
-product and the gate arithmetic, not a Python round trip.
+the dense-activation batch-1 kernel (``h`` has no zeros to skip), inside one
+compiled loop per layer, so a step costs the product and the gate arithmetic,
+not a Python round trip.
 
 Gate order is PyTorch's ``(input, forget, cell, output)``; ``c_t = f * c_{t-1}
 + i * g`` and ``h_t = o * tanh(c_t)``.
@@ -75,30 +76,33 @@ def fast_sigmoid(v: float) -> float:
 @njit(cache=True, fastmath=True, error_model="numpy")
 def lstm_layer_kernel(
     pre: np.ndarray,  # (T, 4H) float32: W_ih x_t + b_ih + b_hh for every step
-    hh_ptr: np.ndarray,  # (H + 1,) uint64 column pointers of W_hh (4H x H)
-    hh_gaps: np.ndarray,  # (n_entries,) uint8 relative row indices
-    hh_codes: np.ndarray,  # (n_entries,) indices into hh_codebook
-    hh_codebook: np.ndarray,  # (k + 1,) float32 extended codebook (see deepshrink.engine.kernels)
+    hh_ptr: np.ndarray,  # W_hh (4H x H) in the sliced layout (SparseMatrix.sliced): slice offsets,
+    hh_packed: np.ndarray,  # packed column and codebook indices,
+    hh_rows: np.ndarray,  # each lane's row,
+    hh_col_bits: int,  # and the column field's width
+    hh_codebook: np.ndarray,  # (k,) float32 centroids
+    use_table: bool,  # index a product table (SparseMatrix.use_table)
     h: np.ndarray,  # (H,) float32 initial hidden state, updated in place
     c: np.ndarray,  # (H,) float32 initial cell state, updated in place
     out: np.ndarray,  # (T, H) float32, receives h_t
 ) -> None:
     """Run the recurrence of one LSTM layer over a sequence.
 
-    ``W_hh`` is laid out by ``SparseMatrix(tensor, workers=1)``: one worker, so
-    its accumulator is the flat ``(4H,)`` gate vector and row ``i`` is gate
-    ``i // H``, unit ``i % H``. Each step runs the engine's batch-1 worker
-    (:func:`~deepshrink.engine.kernels.csc_worker`) on ``h_{t-1}``, skipping its zeros.
+    Row ``i`` of ``W_hh`` is gate ``i // H``, unit ``i % H``. ``h_{t-1}`` is
+    dense (no zero to skip), so each step runs the engine's dense-activation
+    kernel (:func:`~deepshrink.engine.kernels.sliced_worker`): the product table
+    of ``h_{t-1}`` and the codebook, then eight gate rows summed at a time.
     """
     n_hidden = h.shape[0]
-    gates = np.empty(4 * n_hidden, dtype=np.float32)  # i, f, g, o
-    products = np.empty(hh_codebook.shape[0], dtype=np.float32)
+    gates = np.zeros(hh_rows.shape[0], dtype=np.float32)  # i, f, g, o, then the padding lanes' places
+    values = kernels.slice_values(hh_codebook, h, hh_col_bits, use_table, gates[:1])
     # unsigned indices: no wrap-around checks, so the gate loops vectorise (and no signed
     # operand anywhere: int64 with uint64 would promote to float64)
     n, n2, n3, n4 = np.uint64(n_hidden), np.uint64(2 * n_hidden), np.uint64(3 * n_hidden), np.uint64(4 * n_hidden)
     for t in range(pre.shape[0]):
-        gates[:] = pre[t]
-        kernels.csc_worker(hh_ptr, hh_gaps, hh_codes, hh_codebook, h, kernels.nonzero_columns(h), gates, products)
+        gates[: 4 * n_hidden] = pre[t]
+        kernels.fill_slice_values(hh_codebook, h, hh_col_bits, use_table, values)
+        kernels.sliced_worker(hh_ptr, hh_packed, hh_rows, hh_col_bits, hh_codebook, values, use_table, 0, 1, gates)
         # Gate by gate over the flat (4H,) accumulator, then the state update.
         for k in range(n2):
             gates[k] = fast_sigmoid(gates[k])
@@ -266,7 +270,7 @@ class SparseLSTM:
             pre = np.ascontiguousarray(layer.weight_ih.matmul_columns(np.ascontiguousarray(seq.T)).T)  # (T, 4H)
             pre += layer.bias
             hh = layer.weight_hh
-            lstm_layer_kernel(pre, hh.col_ptr[0], hh.col_gaps, hh.col_codes, hh.codebook, h, c, out)
+            lstm_layer_kernel(pre, *hh.sliced(), hh.centroids, hh.use_table, h, c, out)
             outputs.append(out)
             cells.append(c)
             seq = out

@@ -34,11 +34,18 @@ from deepshrink.tensor import CompressedTensor
 #: (benchmarks/bench_engine.py, 2 threads): at 35 % activation density the
 #: per-sample CSC kernel still wins at batch 2 and loses from batch 4 on.
 CSR_MIN_BATCH = 4
-#: Per-segment cost of the batch-1 kernels, in weights: starting a segment (a column of
-#: one worker, or a row) costs about as much as this many weights inside one (loop set-up,
-#: the mispredicted exit). Measured on the EIE layers: it is why a 600-row layer with all
-#: activations non-zero runs 2-3x faster row by row than column by column.
+#: Costs of the batch-1 kernels, in the time EIE's CSC kernel spends on one weight. Its
+#: per-segment cost: starting a segment (a column of one worker) costs about as much as
+#: this many weights inside one (loop set-up, the mispredicted exit).
 SEGMENT_COST = 16
+#: A weight in the sliced row kernel with a product table (one load and one add, sums in
+#: registers) and without one (a codebook lookup and a multiply more). Measured on the
+#: EIE layers with every activation non-zero (benchmarks/bench_engine.py).
+TABLE_WEIGHT_COST = 0.55
+GATHER_WEIGHT_COST = 0.7
+#: Largest product table the sliced kernel builds (bytes): beyond the core's fast
+#: caches, a lookup in it costs more than multiplying by the codebook per weight.
+TABLE_MAX_BYTES = 24 * 1024
 #: Fewest multiply-accumulates worth a parallel launch. A launch costs ~4 us with
 #: numba's omp layer (~100 us with workqueue) on an idle 2-core machine and more on a
 #: busy one, while these kernels do about 1 ns per weight: LeNet-sized layers run on
@@ -104,6 +111,67 @@ def segmented_stream(
     return ptr, gaps, aligned
 
 
+def sliced_rows(
+    rows: np.ndarray, cols: np.ndarray, codes: np.ndarray, shape: tuple[int, int], n_codes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The sliced layout of :func:`~deepshrink.engine.kernels.sliced_matvec` (SELL-8 with rows sorted by length).
+
+    Rows are ordered longest first and cut into slices of
+    :data:`~deepshrink.engine.kernels.SLICE_ROWS`; a slice stores its rows' entries
+    interleaved, each row padded to the slice's longest with column ``shape[1]``
+    (the zero the kernels append). An entry is ``code << col_bits | col`` in one
+    uint16 when that fits, else uint32: one load per weight, absolute columns (so
+    no add chain between entries), codebook indices as stored.
+
+    Args:
+        rows, cols, codes: ``(nnz,)`` coordinates and codebook index of each weight,
+            in row-major order.
+        shape: ``(rows, cols)`` of the matrix.
+        n_codes: the codebook's size.
+
+    Returns:
+        ``ptr`` ``(slices + 1,)`` uint64 entry offsets, ``packed`` entries,
+        ``slice_rows`` ``(8 slices,)`` uint64 row of each lane (``shape[0]`` on
+        for the padding lanes of the last slice: a permutation), and ``col_bits``.
+
+    Examples:
+        >>> ptr, packed, slice_rows, col_bits = sliced_rows(
+        ...     np.array([0, 0, 2]), np.array([1, 2, 0]), np.array([3, 1, 2]), (3, 3), n_codes=4)
+        >>> ptr.tolist(), col_bits, slice_rows.tolist()
+        ([0, 16], 2, [0, 2, 1, 3, 4, 5, 6, 7])
+        >>> packed.reshape(2, 8)[:, :3].tolist()  # row 0: (col 1, code 3), (col 2, code 1); row 2: (col 0, code 2)
+        [[13, 8, 3], [6, 3, 3]]
+    """
+    n_rows, n_cols = shape
+    lanes = kernels.SLICE_ROWS
+    col_bits = max(int(n_cols).bit_length(), 1)  # column n_cols is the padding's
+    entry_bits = col_bits + max(int(n_codes - 1).bit_length(), 0)
+    dtype = np.uint16 if entry_bits <= 16 else np.uint32
+    if entry_bits > 32:
+        raise DeepShrinkError(f"a {n_rows} x {n_cols} matrix with {n_codes} codes does not fit 32-bit entries")
+    length = np.bincount(rows, minlength=n_rows)
+    order = np.argsort(-length, kind="stable")  # longest first
+    n_slices = -(-n_rows // lanes)
+    slice_rows = np.arange(n_slices * lanes, dtype=np.uint64)  # the padding lanes keep their own places
+    slice_rows[:n_rows] = order
+    lane_length = np.zeros(n_slices * lanes, dtype=np.int64)
+    lane_length[:n_rows] = length[order]
+    ptr = np.zeros(n_slices + 1, dtype=np.uint64)
+    np.cumsum(lane_length.reshape(n_slices, lanes).max(axis=1, initial=0) * lanes, out=ptr[1:])
+    packed = np.full(int(ptr[-1]), n_cols, dtype=dtype)
+    slot = np.empty(n_rows, dtype=np.int64)
+    slot[order] = np.arange(n_rows)
+    first = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(length, out=first[1:])
+    rows = np.asarray(rows, dtype=np.int64)
+    k = np.arange(len(rows)) - first[rows]  # each weight's place in its row
+    lane_slot = slot[rows]
+    packed[ptr[lane_slot // lanes].astype(np.int64) + k * lanes + lane_slot % lanes] = (
+        np.asarray(codes, dtype=np.int64) << col_bits
+    ) | cols
+    return ptr, packed, slice_rows, col_bits
+
+
 class SparseMatrix:
     """A compressed weight matrix laid out for the engine's kernels.
 
@@ -138,20 +206,24 @@ class SparseMatrix:
         codebook, self.codebook_frac = to_fixed(tensor.codebook) if fixed_point else (tensor.codebook, 0)
         # the kernels' extended codebook: the centroids, then the zero that padding entries point at
         self.codebook = np.append(codebook, codebook.dtype.type(0))
+        #: the centroids in the kernels' dtype, not extended (the sliced kernel pads with a zero column)
+        self.centroids = codebook
         self.pad_code = len(codebook)
         self.col_ptr, self.col_gaps, self.col_codes = self._interleaved_csc()
         self._csr: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._slices: tuple[np.ndarray, np.ndarray, np.ndarray, int] | None = None
         self._no_bias = np.zeros(self.shape[0], dtype=np.float32)
         self._acc_shape = (self.workers, self.local_rows)
+        self._zero = np.zeros(1, dtype=np.int64 if fixed_point else np.float32)
         # Chosen once: batch 1 is the latency-bound case, where a per-call choice costs more
         # than small layers take (nnz bounds the work; zero activations only lower it).
         parallel = self.workers > 1 and tensor.nnz >= PARALLEL_MIN_MACS
         self._csc_kernel = kernels.csc_matvec if parallel else kernels.csc_matvec_serial
-        self._csr_kernel = kernels.csr_matvec if parallel else kernels.csr_matvec_serial
-        # rows visited every call vs (worker, column) segments visited per active column:
-        # only when there are fewer rows can the row-major kernel win (see prefers_rows),
-        # and on small layers counting the activations costs more than the choice saves
-        self._rows_may_win = self.shape[0] < self.shape[1] * self.workers and tensor.nnz >= PARALLEL_MIN_MACS
+        self._sliced_kernel = kernels.sliced_matvec if parallel else kernels.sliced_matvec_serial
+        table_bytes = len(codebook) * (self.shape[1] + 1) * self._zero.itemsize
+        #: whether the sliced kernel indexes a product table (see kernels.fill_slice_values)
+        self.use_table = table_bytes <= TABLE_MAX_BYTES
+        self._sliced_cost = tensor.nnz * (TABLE_WEIGHT_COST if self.use_table else GATHER_WEIGHT_COST)
 
     @property
     def local_rows(self) -> int:
@@ -183,6 +255,13 @@ class SparseMatrix:
             rows, cols = self.tensor.rows_cols()  # positions are row-major: already sorted
             self._csr = segmented_stream(rows, cols, self.tensor.codes, self.shape[0], self.pad_code)
         return self._csr
+
+    def sliced(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """The sliced layout ``(ptr, packed, slice_rows, col_bits)`` of the dense-activation kernel (on demand)."""
+        if self._slices is None:
+            rows, cols = self.tensor.rows_cols()
+            self._slices = sliced_rows(rows, cols, self.tensor.codes, self.shape, self.pad_code)
+        return self._slices
 
     def _check_input(self, x: np.ndarray, ndim: int) -> None:
         if x.ndim != ndim or x.shape[-1] != self.shape[1]:
@@ -216,16 +295,14 @@ class SparseMatrix:
         return from_fixed(acc, frac + self.codebook_frac) if self.fixed_point else acc
 
     def prefers_rows(self, x: np.ndarray) -> bool:
-        """Whether the row-major kernel is cheaper than EIE's for ``x`` (cost in weights visited).
+        """Whether the sliced row kernel is cheaper than EIE's CSC kernel for ``x``.
 
-        CSC visits the active share of the weights plus a segment per (worker,
-        active column); row by row visits every weight plus a segment per row.
+        CSC visits only the active columns' weights, plus a segment per (worker,
+        active column); the sliced kernel visits every weight, but each costs less
+        (no scattered add, see :data:`TABLE_WEIGHT_COST`).
         """
-        if not self._rows_may_win:
-            return False
-        active = np.count_nonzero(x) / max(self.shape[1], 1)
-        column_major = active * (self.tensor.nnz + SEGMENT_COST * self.shape[1] * self.workers)
-        return self.tensor.nnz + SEGMENT_COST * self.shape[0] < column_major
+        active = np.count_nonzero(x)
+        return self._sliced_cost < active * (self.tensor.nnz / max(self.shape[1], 1) + SEGMENT_COST * self.workers)
 
     def _matvec(self, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
         """The batch-1 product of one contiguous float32 vector; ``bias`` already checked.
@@ -235,14 +312,16 @@ class SparseMatrix:
         """
         if self.fixed_point:
             xk, frac = to_fixed(x)
-            dtype, scale = np.int64, 2.0 ** -(frac + self.codebook_frac)
+            scale = 2.0 ** -(frac + self.codebook_frac)
         else:
-            xk, dtype, scale = x, np.float32, 1.0
-        out = np.empty(self.shape[0], dtype=np.float32)
+            xk, scale = x, 1.0
         if self.prefers_rows(x):
-            self._csr_kernel(*self.row_major(), self.codebook, xk, scale, bias, np.zeros(1, dtype), out)
+            out = np.empty(self.shape[0], dtype=np.float32)
+            self._sliced_kernel(*self.sliced(), self.centroids, xk, self.use_table, scale, bias, self._zero, out,
+                                self.workers)  # fmt: skip
         else:
-            acc = np.zeros(self._acc_shape, dtype=dtype)
+            out = np.empty(self.shape[0], dtype=np.float32)
+            acc = np.zeros(self._acc_shape, dtype=self._zero.dtype)
             self._csc_kernel(self.col_ptr, self.col_gaps, self.col_codes, self.codebook, xk, scale, bias, acc, out)
         return out
 
