@@ -75,7 +75,8 @@ def fast_sigmoid(v: float) -> float:
 
 @njit(cache=True, fastmath=True, error_model="numpy")
 def lstm_layer_kernel(
-    pre: np.ndarray,  # (T, 4H) float32: W_ih x_t + b_ih + b_hh for every step
+    pre: np.ndarray,  # (4H, T) float32: W_ih x_t for every step t, in column t
+    bias: np.ndarray,  # (4H,) float32: b_ih + b_hh
     hh_ptr: np.ndarray,  # W_hh (4H x H) in the sliced layout (SparseMatrix.sliced): slice offsets,
     hh_packed: np.ndarray,  # packed column and codebook indices,
     hh_rows: np.ndarray,  # each lane's row,
@@ -99,8 +100,9 @@ def lstm_layer_kernel(
     # unsigned indices: no wrap-around checks, so the gate loops vectorise (and no signed
     # operand anywhere: int64 with uint64 would promote to float64)
     n, n2, n3, n4 = np.uint64(n_hidden), np.uint64(2 * n_hidden), np.uint64(3 * n_hidden), np.uint64(4 * n_hidden)
-    for t in range(pre.shape[0]):
-        gates[: 4 * n_hidden] = pre[t]
+    for t in range(pre.shape[1]):
+        for k in range(n4):  # a strided read: cheaper than transposing pre (the matmul kernel's layout)
+            gates[k] = pre[k, t] + bias[k]
         kernels.fill_slice_values(hh_codebook, h, hh_col_bits, use_table, values)
         kernels.sliced_worker(hh_ptr, hh_packed, hh_rows, hh_col_bits, hh_codebook, values, use_table, 0, 1, gates)
         # Gate by gate over the flat (4H,) accumulator, then the state update.
@@ -267,10 +269,9 @@ class SparseLSTM:
             out = np.empty((seq.shape[0], layer.hidden_size), dtype=np.float32)
             # Every x_t is known up front: one batched product over all steps (the CSR kernel
             # decodes each weight once for the whole sequence); only W_hh h_{t-1} must wait.
-            pre = np.ascontiguousarray(layer.weight_ih.matmul_columns(np.ascontiguousarray(seq.T)).T)  # (T, 4H)
-            pre += layer.bias
+            pre = layer.weight_ih.matmul_columns(np.ascontiguousarray(seq.T))  # (4H, T)
             hh = layer.weight_hh
-            lstm_layer_kernel(pre, *hh.sliced(), hh.centroids, hh.use_table, h, c, out)
+            lstm_layer_kernel(pre, layer.bias, *hh.sliced(), hh.centroids, hh.use_table, h, c, out)
             outputs.append(out)
             cells.append(c)
             seq = out
