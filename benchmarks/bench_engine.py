@@ -73,11 +73,11 @@ def machine_rates(repeats: int) -> dict[str, float]:
 
 def touched(m: SparseMatrix, x: np.ndarray) -> tuple[int, int]:
     """Bytes the batch-1 kernel that ``m`` picks for ``x`` reads and writes, and its multiply-accumulates."""
-    if m.prefers_rows(x):  # every weight, one pass over x per row's columns
-        row_ptr, gaps, codes = m.row_major()
-        entry_bytes = gaps.itemsize + codes.itemsize
-        macs = int((codes != m.pad_code).sum())
-        return len(gaps) * entry_bytes + row_ptr.nbytes + 4 * (len(x) + m.shape[0]), macs
+    if m.prefers_rows(x):  # the sliced kernel: every weight, the product table or x per weight
+        ptr, packed, slice_rows, _ = m.sliced()
+        values = len(m.centroids) * (len(x) + 1) if m.use_table else len(x) + 1
+        accumulators = 2 * len(slice_rows) + m.shape[0]  # read-modify-write, then the output
+        return packed.nbytes + ptr.nbytes + slice_rows.nbytes + 4 * (values + accumulators), m.tensor.nnz
     active = np.flatnonzero(x)
     starts, ends = m.col_ptr[:, active], m.col_ptr[:, active + 1]
     symbols = int((ends - starts).sum())

@@ -224,6 +224,9 @@ class SparseMatrix:
         #: whether the sliced kernel indexes a product table (see kernels.fill_slice_values)
         self.use_table = table_bytes <= TABLE_MAX_BYTES
         self._sliced_cost = tensor.nnz * (TABLE_WEIGHT_COST if self.use_table else GATHER_WEIGHT_COST)
+        self._csc_column_cost = tensor.nnz / max(self.shape[1], 1) + SEGMENT_COST * self.workers
+        # counting the activations (a microsecond) only pays if some count can favour rows
+        self._rows_may_win = self._sliced_cost < self.shape[1] * self._csc_column_cost
 
     @property
     def local_rows(self) -> int:
@@ -301,8 +304,8 @@ class SparseMatrix:
         active column); the sliced kernel visits every weight, but each costs less
         (no scattered add, see :data:`TABLE_WEIGHT_COST`).
         """
-        active = np.count_nonzero(x)
-        return self._sliced_cost < active * (self.tensor.nnz / max(self.shape[1], 1) + SEGMENT_COST * self.workers)
+        # Python numbers: arithmetic on NumPy scalars would cost more than the count
+        return self._rows_may_win and self._sliced_cost < int(np.count_nonzero(x)) * self._csc_column_cost
 
     def _matvec(self, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
         """The batch-1 product of one contiguous float32 vector; ``bias`` already checked.
