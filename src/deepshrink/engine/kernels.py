@@ -1,15 +1,19 @@
 """Numba kernels of the inference engine: sparse matrix times activations, sparse convolution.
 
-Every kernel reads a *segmented relative-index stream*, the layout built by
+Most kernels read a *segmented relative-index stream*, the layout built by
 :func:`deepshrink.engine.matrix.segmented_stream`: for each segment (a column of
 one worker's rows for the CSC kernel, a row for the CSR and convolution kernels)
 a run of 8-bit gaps, each "the number of zeros before this weight", and beside
 each gap the weight's codebook index. A gap longer than 255 is bridged as EIE
 does, with *padding* entries: gap 255 and the index of a zero value, which the
-kernels add like any weight. So the inner loops have no branch, and every
-codebook handed to a kernel is *extended*: the real centroids, then one zero (the
+kernels add like any weight. So the inner loops have no branch, and the codebook
+handed to these kernels is *extended*: the real centroids, then one zero (the
 padding index). A weight's value is looked up on the fly; the dense matrix is
 never built.
+
+The dense-activation batch-1 kernel (:func:`sliced_matvec`) reads the *sliced*
+layout of :func:`deepshrink.engine.matrix.sliced_rows` instead: eight rows at a
+time, each entry a column and a codebook index packed in one integer.
 
 The kernels are dtype-generic: float32 codebook, activations and accumulators
 give the fp32 engine; int16 codebook and activations with int64 accumulators give

@@ -5,8 +5,9 @@ for the kernels in :mod:`deepshrink.engine.kernels` and picks one per call:
 
 - batch 1 (EIE's case): interleaved CSC, row ``i`` to worker ``i mod workers``,
   8-bit relative row indices, zero activations skipped; when so few activations
-  are zero that skipping saves less than the CSC layout's short segments cost,
-  the row-major layout instead, each row summed in registers;
+  are zero that skipping saves less than the CSC kernel's scattered adds cost,
+  the sliced layout instead (SELL-8: rows sorted by length, eight summed in
+  registers at once; see :meth:`SparseMatrix.prefers_rows`);
 - batch >= :data:`CSR_MIN_BATCH`: CSR with relative column indices, rows split
   over threads, each decoded weight applied to the whole batch;
 - batches in between: the batch-1 kernel once per sample (zero skipping still
