@@ -69,11 +69,11 @@ def test_layer_kernel_against_numpy_reference(density: float, use_table: bool) -
     w_ih, w_hh = tensor(4 * hidden, inputs), tensor(4 * hidden, hidden)
     bias = rng.standard_normal(4 * hidden).astype(np.float32)
     x = rng.standard_normal((steps, inputs)).astype(np.float32)
-    pre = np.ascontiguousarray((x @ w_ih.to_dense().numpy().T).T, dtype=np.float32)
-    hh = SparseMatrix(w_hh, workers=1)
+    ih, hh = SparseMatrix(w_ih, workers=1), SparseMatrix(w_hh, workers=1)
     h, c = np.zeros(hidden, np.float32), np.zeros(hidden, np.float32)
     out = np.empty((steps, hidden), np.float32)
-    lstm_layer_kernel(pre, bias, *hh.sliced(), hh.centroids, use_table, h, c, out)
+    lstm_layer_kernel(np.ascontiguousarray(x.T), *ih.row_major(), ih.codebook, bias, *hh.sliced(), hh.centroids,
+                      use_table, h, c, out)  # fmt: skip
     expected = reference_layer(x, w_ih.to_dense().numpy(), w_hh.to_dense().numpy(), bias)
     np.testing.assert_allclose(out, expected, atol=1e-5)
     np.testing.assert_array_equal(h, out[-1])

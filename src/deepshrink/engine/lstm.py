@@ -7,8 +7,8 @@ engine's kernels (:mod:`deepshrink.engine.kernels`) on the compressed layouts of
 indices, values looked up in the codebook on the fly. The dense matrices are
 never built. ``W_ih x_t`` does not depend on the recurrence, so it is computed for
 all steps at once (the batched CSR kernel); ``W_hh h_{t-1}`` runs step by step on
-the dense-activation batch-1 kernel (``h`` has no zeros to skip), inside one
-compiled loop per layer, so a step costs the product and the gate arithmetic,
+the dense-activation batch-1 kernel (``h`` has no zeros to skip). Both run in one
+compiled call per layer, so a step costs the product and the gate arithmetic,
 not a Python round trip.
 
 Gate order is PyTorch's ``(input, forget, cell, output)``; ``c_t = f * c_{t-1}
@@ -75,7 +75,11 @@ def fast_sigmoid(v: float) -> float:
 
 @njit(cache=True, fastmath=True, error_model="numpy")
 def lstm_layer_kernel(
-    pre: np.ndarray,  # (4H, T) float32: W_ih x_t for every step t, in column t
+    xt: np.ndarray,  # (input, T) float32: the sequence, step t in column t
+    ih_ptr: np.ndarray,  # W_ih (4H x input) in the row-major layout (SparseMatrix.row_major): row offsets,
+    ih_gaps: np.ndarray,  # relative column indices,
+    ih_codes: np.ndarray,  # codebook indices,
+    ih_codebook: np.ndarray,  # and the extended codebook (SparseMatrix.codebook)
     bias: np.ndarray,  # (4H,) float32: b_ih + b_hh
     hh_ptr: np.ndarray,  # W_hh (4H x H) in the sliced layout (SparseMatrix.sliced): slice offsets,
     hh_packed: np.ndarray,  # packed column and codebook indices,
@@ -87,14 +91,18 @@ def lstm_layer_kernel(
     c: np.ndarray,  # (H,) float32 initial cell state, updated in place
     out: np.ndarray,  # (T, H) float32, receives h_t
 ) -> None:
-    """Run the recurrence of one LSTM layer over a sequence.
+    """Run one LSTM layer over a sequence.
 
-    Row ``i`` of ``W_hh`` is gate ``i // H``, unit ``i % H``. ``h_{t-1}`` is
-    dense (no zero to skip), so each step runs the engine's dense-activation
-    kernel (:func:`~deepshrink.engine.kernels.sliced_worker`): the product table
-    of ``h_{t-1}`` and the codebook, then eight gate rows summed at a time.
+    ``W_ih x_t`` does not depend on the recurrence: it is computed for every step
+    at once, by the engine's batched kernel. Row ``i`` of ``W_hh`` is gate
+    ``i // H``, unit ``i % H``. ``h_{t-1}`` is dense (no zero to skip), so each
+    step runs the engine's dense-activation kernel
+    (:func:`~deepshrink.engine.kernels.sliced_worker`): the product table of
+    ``h_{t-1}`` and the codebook, then eight gate rows summed at a time.
     """
     n_hidden = h.shape[0]
+    pre = np.zeros((4 * n_hidden, xt.shape[1]), dtype=np.float32)  # W_ih x_t in column t
+    kernels.csr_matmul_serial(ih_ptr, ih_gaps, ih_codes, ih_codebook, xt, pre)
     gates = np.zeros(hh_rows.shape[0], dtype=np.float32)  # i, f, g, o, then the padding lanes' places
     values = kernels.slice_values(hh_codebook, h, hh_col_bits, use_table, gates[:1])
     # unsigned indices: no wrap-around checks, so the gate loops vectorise (and no signed
@@ -267,11 +275,9 @@ class SparseLSTM:
             h = np.zeros(layer.hidden_size, dtype=np.float32)
             c = np.zeros(layer.hidden_size, dtype=np.float32)
             out = np.empty((seq.shape[0], layer.hidden_size), dtype=np.float32)
-            # Every x_t is known up front: one batched product over all steps (the CSR kernel
-            # decodes each weight once for the whole sequence); only W_hh h_{t-1} must wait.
-            pre = layer.weight_ih.matmul_columns(np.ascontiguousarray(seq.T))  # (4H, T)
-            hh = layer.weight_hh
-            lstm_layer_kernel(pre, layer.bias, *hh.sliced(), hh.centroids, hh.use_table, h, c, out)
+            ih, hh = layer.weight_ih, layer.weight_hh
+            lstm_layer_kernel(np.ascontiguousarray(seq.T), *ih.row_major(), ih.codebook, layer.bias, *hh.sliced(),
+                              hh.centroids, hh.use_table, h, c, out)  # fmt: skip
             outputs.append(out)
             cells.append(c)
             seq = out
