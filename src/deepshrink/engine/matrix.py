@@ -319,12 +319,11 @@ class SparseMatrix:
             scale = 2.0 ** -(frac + self.codebook_frac)
         else:
             xk, scale = x, 1.0
+        out = np.empty(self.shape[0], dtype=np.float32)
         if self.prefers_rows(x):
-            out = np.empty(self.shape[0], dtype=np.float32)
             self._sliced_kernel(*self.sliced(), self.centroids, xk, self.use_table, scale, bias, self._zero, out,
                                 self.workers)  # fmt: skip
         else:
-            out = np.empty(self.shape[0], dtype=np.float32)
             acc = np.zeros(self._acc_shape, dtype=self._zero.dtype)
             self._csc_kernel(self.col_ptr, self.col_gaps, self.col_codes, self.codebook, xk, scale, bias, acc, out)
         return out
