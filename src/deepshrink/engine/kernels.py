@@ -84,11 +84,11 @@ def _interleaved_output(acc, scale, bias, out) -> None:
     """``out[w + workers * i] = acc[w, i] * scale + bias[...]``: undo the row interleaving."""
     workers, rows = np.uint64(acc.shape[0]), np.uint64(out.shape[0])
     for w in range(workers):  # no division per row: that would cost more than a small layer's product
-        r = w
-        for i in range(np.uint64(acc.shape[1])):
-            if r < rows:
-                out[r] = np.float32(acc[w, i] * scale) + bias[r]
+        r, i = w, np.uint64(0)
+        while r < rows:  # acc's rows may be longer (padded): their tails are not outputs
+            out[r] = np.float32(acc[w, i] * scale) + bias[r]
             r += workers
+            i += _ONE
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -103,7 +103,7 @@ def csc_matvec(col_ptr, gaps, codes, codebook, x, scale, bias, acc, out) -> None
         x: ``(cols,)`` activations in the codebook's dtype.
         scale: factor from accumulator units to output units (1.0 in fp32).
         bias: ``(rows,)`` float32 added to the output.
-        acc: ``(workers, local_rows)`` zeroed accumulators (float32 or int64).
+        acc: ``(workers, >= local_rows)`` zeroed accumulators (float32 or int64).
         out: ``(rows,)`` float32 result.
 
     Worker ``w`` owns rows ``w, w + workers, ...`` (row ``i`` to worker
