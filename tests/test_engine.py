@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 
@@ -117,6 +119,21 @@ def test_sliced_batch1_kernel_matches_dense(rows: int, cols: int, density: float
     bias = np.arange(rows, dtype=np.float32)
     kernel(*m.sliced(), t.codebook, x, use_table, 1.0, bias, np.zeros(1, np.float32), out, 3)
     np.testing.assert_allclose(out, t.to_dense().numpy() @ x + bias, rtol=1e-5, atol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(0, 40), cols=st.integers(0, 300), density=st.floats(0, 1), bits=st.integers(1, 8),
+       active=st.floats(0, 1), fixed=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
+def test_both_batch1_kernels_match_dense_on_any_matrix(rows, cols, density, bits, active, fixed, seed) -> None:
+    t = random_tensor(rows, cols, density, seed=seed, bits=bits)
+    m = SparseMatrix(t, workers=2, fixed_point=fixed)
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(cols) * (rng.random(cols) < active)).astype(np.float32)
+    expected = t.to_dense().numpy().astype(np.float64) @ x
+    tolerance = 2e-3 * (1 + np.abs(t.codebook).max(initial=0) * np.abs(x).sum()) if fixed else 1e-4
+    for rows_first in (True, False):  # force each kernel
+        m.prefers_rows = lambda _x, choice=rows_first: choice
+        np.testing.assert_allclose(m.matvec(x), expected, rtol=1e-4, atol=tolerance)
 
 
 def test_batch1_kernel_choice_follows_activation_density() -> None:
