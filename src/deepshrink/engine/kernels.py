@@ -219,7 +219,7 @@ def _slice_accumulate(ptr, packed, values, codebook, col_bits, use_table, slice_
     """Add slice ``s``'s eight row sums to ``acc`` (entry ``k`` of its lane-``l`` row is ``packed[ptr[s] + 8 k + l]``)."""
     bits = np.uint64(col_bits)
     mask = (_ONE << bits) - _ONE
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = values[0] - values[0]  # zero in the accumulator's dtype
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = values.dtype.type(0)  # the accumulator's dtype
     for b in range(ptr[s], ptr[s + _ONE], _EIGHT):
         a0 += _slice_value(packed[b], values, codebook, bits, mask, use_table)
         a1 += _slice_value(packed[b + np.uint64(1)], values, codebook, bits, mask, use_table)
