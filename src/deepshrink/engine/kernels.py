@@ -149,9 +149,11 @@ def csc_matvec(col_ptr, gaps, codes, codebook, x, scale, bias, acc, out) -> None
     write one output. Columns whose activation is zero are never visited.
     """
     active = nonzero_columns(x)
+    # one row of products per worker, rows a cache line apart: the workers rewrite them at
+    # every column, and two small arrays allocated apart may share a line (false sharing)
+    products = np.empty((col_ptr.shape[0], (codebook.shape[0] + 31) // 16 * 16), dtype=acc.dtype)
     for w in prange(col_ptr.shape[0]):
-        products = np.empty(codebook.shape[0], dtype=acc.dtype)
-        csc_worker(col_ptr[w], gaps, codes, codebook, x, active, acc[w], products)
+        csc_worker(col_ptr[w], gaps, codes, codebook, x, active, acc[w], products[w])
     _interleaved_output(acc, scale, bias, out)
 
 
