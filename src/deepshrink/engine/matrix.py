@@ -136,8 +136,8 @@ def sliced_rows(
 
     Returns:
         ``ptr`` ``(slices + 1,)`` uint64 entry offsets, ``packed`` entries,
-        ``slice_rows`` ``(8 slices,)`` uint64 row of each lane (``shape[0]`` on
-        for the padding lanes of the last slice: a permutation), and ``col_bits``.
+        ``slice_rows`` ``(8 slices,)`` uint64 row of each lane (the last slice's
+        padding lanes get ``shape[0]`` and up, so it is a permutation), and ``col_bits``.
 
     Examples:
         >>> ptr, packed, slice_rows, col_bits = sliced_rows(
@@ -300,7 +300,7 @@ class SparseMatrix:
         return to_fixed(x, axis) if self.fixed_point else (x, 0)
 
     def _accumulators(self, shape: tuple[int, ...]) -> np.ndarray:
-        return np.zeros(shape, dtype=np.int64 if self.fixed_point else np.float32)
+        return np.zeros(shape, dtype=self._zero.dtype)
 
     def _finish(self, acc: np.ndarray, frac: int) -> np.ndarray:
         return from_fixed(acc, frac + self.codebook_frac) if self.fixed_point else acc
@@ -331,7 +331,7 @@ class SparseMatrix:
             self._sliced_kernel(*self.sliced(), self.centroids, xk, self.use_table, scale, bias, self._zero, out,
                                 self.workers)  # fmt: skip
         else:
-            acc = np.zeros(self._acc_shape, dtype=self._zero.dtype)
+            acc = self._accumulators(self._acc_shape)
             self._csc_kernel(self.col_ptr, self.col_gaps, self.col_codes, self.codebook, xk, scale, bias, acc, out)
         return out
 
