@@ -122,6 +122,17 @@ def group_mask(target: Target, granularity: str, sparsity: float) -> torch.Tenso
     return _ungrouped(expanded, w.shape, dims)
 
 
+def _layer_grain(target: Target, grain: str | None) -> str:
+    """``target``'s granularity (``None``: fine), checked against the layer's kind."""
+    grain = check_granularity(grain or "fine", f"granularity[{target.name}]")
+    if isinstance(target.module, nn.RNNBase) and grain in ("filter", "channel"):
+        raise UnsupportedLayerError(
+            f"{target.name}: granularity={grain!r} on a recurrent layer would cut its gates apart; "
+            f"use 'fine' (allowed here: fine, vector, kernel)"
+        )
+    return grain
+
+
 def prune_groups_(
     model: nn.Module,
     sparsity: float | dict[str, float],
@@ -155,19 +166,17 @@ def prune_groups_(
     chosen = sparsity_per_target(model, sparsity, layers, filter_fn)
     grains = resolve_per_layer(granularity, find_targets(model, layers, filter_fn, warn_unsupported=False),
                                "granularity")
+    # every layer's grain is checked and its group mask made before any layer is pruned:
+    # a bad one must not leave the model half pruned
+    plan = [(t, s, _layer_grain(t, grains[t.name])) for t, s in chosen]
+    masks = {t.name: group_mask(t, grain, s) for t, s, grain in plan if grain != "fine"}
     report = []
-    for t, s in chosen:
-        grain = check_granularity(grains[t.name] or "fine", f"granularity[{t.name}]")
-        if grain == "fine":
+    for t, s, _ in plan:
+        if t.name in masks:
+            apply_mask_(t, masks[t.name])
+            report.append(layer_sparsity(t))
+        else:
             report += prune_(model, {t.name: s}, layers=[t.name])
-            continue
-        if isinstance(t.module, nn.RNNBase) and grain in ("filter", "channel"):
-            raise UnsupportedLayerError(
-                f"{t.name}: granularity={grain!r} on a recurrent layer would cut its gates apart; "
-                f"use 'fine' (allowed here: fine, vector, kernel)"
-            )
-        apply_mask_(t, group_mask(t, grain, s))
-        report.append(layer_sparsity(t))
     return report
 
 
