@@ -146,10 +146,13 @@ def compile_times() -> dict:
     return result
 
 
-def lenet_file(net: str, path: Path, data_dir: str | None, max_steps: int, console: Console) -> Path:
-    """``path`` if it exists, else the net compressed by its built-in recipe (capped) and saved there."""
+def lenet_file(net: str, path: Path, data_dir: str | None, max_steps: int, console: Console) -> tuple[Path, str]:
+    """``path`` if it exists, else the net compressed by its built-in recipe (capped) and saved there.
+
+    Returns the path and where the file came from, for the page.
+    """
     if path.is_file():
-        return path
+        return path, f"`{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}` as found"
     from deepshrink.fileformat import save
     from deepshrink.recipes import load_recipe, run_recipe
 
@@ -160,7 +163,7 @@ def lenet_file(net: str, path: Path, data_dir: str | None, max_steps: int, conso
     result = run_recipe(recipe, data_dir=data_dir, console=console)
     path.parent.mkdir(parents=True, exist_ok=True)
     save(result["model"], path, factory=NETS[net])
-    return path
+    return path, f"made here by the built-in recipe capped at {max_steps} training steps per stage"
 
 
 def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> float:
@@ -303,7 +306,8 @@ def markdown(result: dict) -> str:
     if result.get("lenet"):
         out += ["", "## End to end: LeNets from their compressed files", "",
                 "Accuracy on the 10,000 MNIST test images (batch 1000); images/s at batch 1 over the first "
-                f"{result['lenet_images']} test images. Dense torch runs the decoded weights as plain parameters.",
+                f"{result['lenet_images']} test images. Dense torch runs the decoded weights as plain parameters. "
+                "Files: " + "; ".join(f"{r['net']} {r.get('origin', 'as found')}" for r in result["lenet"]) + ".",
                 "", "| net | file bytes | decoded acc | engine acc | engine fixed16 acc | engine img/s | "
                 "dense torch img/s | speed-up |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in result["lenet"]:
@@ -354,9 +358,11 @@ def main(argv: list[str] | None = None) -> None:
         result["lenet_images"] = args.lenet_images
         result["lenet"] = []
         for net in NETS:
-            path = lenet_file(net, ROOT / "results" / f"{net}.dsz", args.data_dir, args.recipe_max_steps, console)
+            path, origin = lenet_file(net, ROOT / "results" / f"{net}.dsz", args.data_dir, args.recipe_max_steps,
+                                      console)  # fmt: skip
             torch.set_num_threads(args.threads)
             result["lenet"].append(bench_lenet(net, path, test, args.lenet_images, max(3, args.repeats // 10)))
+            result["lenet"][-1]["origin"] = origin
             console.print(result["lenet"][-1])
     (ROOT / "results").mkdir(exist_ok=True)
     write_atomic(ROOT / "results" / "engine.json", json.dumps(result, indent=1).encode())
@@ -365,11 +371,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    return f"{os.cpu_count()} cores"
+    """The CPU's model, cores, and the target numba compiles for: the kernels' speed, and MKL's, moves with its SIMD."""
+    import llvmlite.binding as llvm
 
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "CPU")
+    simd = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
+    return f"{model} ({os.cpu_count()} cores, LLVM target {llvm.get_host_cpu_name()}, {simd})"
 
 if __name__ == "__main__":
     main()
