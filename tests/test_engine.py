@@ -196,7 +196,7 @@ def test_fixed_point_formats() -> None:
 # -- layers and products against the decoded dense weights ---------------------
 
 
-BATCHES = [1, 2, 3, 4, 16, 64]  # per-sample CSC below CSR_MIN_BATCH, CSR from there
+BATCHES = [1, 2, 3, 4, 16, 64]  # matmul picks per sample or the row kernel; both are checked
 
 
 def fixed_point_reference(t: CompressedTensor, x: np.ndarray) -> np.ndarray:
@@ -220,7 +220,20 @@ def test_matrix_products_match_dense(rows: int, cols: int, density: float, batch
     x[:, ::4] = 0
     m = SparseMatrix(t, workers=2)
     np.testing.assert_allclose(m.matmul(x), x @ dense.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(m.matmul_columns(np.ascontiguousarray(x.T)), dense @ x.T, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(m.matvec(x[0]), dense @ x[0], rtol=1e-5, atol=1e-5)
+
+
+def test_batches_go_per_sample_while_that_visits_fewer_weights() -> None:
+    m = SparseMatrix(random_tensor(1000, 2000, 0.25, seed=3), workers=2)
+    rng = np.random.default_rng(4)
+    sparse = (rng.random((64, 2000)) < 0.3).astype(np.float32)
+    assert m.prefers_samples(sparse[:4])  # a few samples at 30 % activation: EIE's kernel per sample
+    assert not m.prefers_samples(sparse)  # 64 of them: the row kernel's one pass
+    assert m.prefers_samples(np.zeros((16, 2000), np.float32))  # nothing active: next to nothing per sample
+    assert not m.prefers_samples(np.ones((16, 2000), np.float32))
+    tiny = SparseMatrix(random_tensor(10, 10, 0.5, seed=5))
+    assert not tiny.prefers_samples(np.ones((3, 10), np.float32))  # a few weights: one call beats three
 
 
 @pytest.mark.parametrize("batch", [1, 3, 16])

@@ -8,10 +8,10 @@ for the kernels in :mod:`deepshrink.engine.kernels` and picks one per call:
   are zero that skipping saves less than the CSC kernel's scattered adds cost,
   the sliced layout instead (SELL-8: rows sorted by length, eight summed in
   registers at once; see :meth:`SparseMatrix.prefers_rows`);
-- batch >= :data:`CSR_MIN_BATCH`: CSR with relative column indices, rows split
-  over threads, each decoded weight applied to the whole batch;
-- batches in between: the batch-1 kernel once per sample (zero skipping still
-  pays there);
+- batches: CSR with relative column indices, rows split over threads, each
+  decoded weight applied to the whole batch; or the batch-1 kernel once per
+  sample where that costs less (small batches, sparse activations: see
+  :meth:`SparseMatrix.prefers_samples`);
 - convolutions: the row-major layout, each weight applied to a shifted input
   plane (direct sparse convolution, no im2col).
 
@@ -31,10 +31,6 @@ from deepshrink.engine.fixedpoint import from_fixed, to_fixed
 from deepshrink.errors import DeepShrinkError
 from deepshrink.tensor import CompressedTensor
 
-#: Smallest batch that goes to the CSR kernel. Measured on the EIE layers
-#: (benchmarks/bench_engine.py, 2 threads): at 35 % activation density the
-#: per-sample CSC kernel still wins at batch 2 and loses from batch 4 on.
-CSR_MIN_BATCH = 4
 #: Costs of the batch-1 kernels, in the time EIE's CSC kernel spends on one weight. Its
 #: per-segment cost: starting a segment (a column of one worker) costs about as much as
 #: this many weights inside one (loop set-up, the mispredicted exit).
@@ -47,6 +43,14 @@ GATHER_WEIGHT_COST = 0.7
 #: Largest product table the sliced kernel builds (bytes): beyond the core's fast
 #: caches, a lookup in it costs more than multiplying by the codebook per weight.
 TABLE_MAX_BYTES = 24 * 1024
+#: Cost of the row (CSR) batch kernel per weight, in the same unit: a fixed part and a part
+#: per sample. Its set-up per group of four weights dominates up to ~32 samples, so a
+#: batch of 4 costs about 3.7 CSC weights per weight. Least-squares fit over the nine EIE
+#: layers at batches 4-32 (benchmarks/bench_engine.py's layers, 2 threads, Zen 4).
+ROW_WEIGHT_COST = 3.4
+ROW_SAMPLE_COST = 0.075
+#: A batch-1 product's cost outside its kernel (the Python call, ~2.6 us), in the same unit.
+CALL_COST = 5000
 #: Fewest multiply-accumulates worth a parallel launch. A launch costs ~4 us with
 #: numba's omp layer (~100 us with workqueue) on an idle 2-core machine and more on a
 #: busy one, while these kernels do about 1 ns per weight: LeNet-sized layers run on
@@ -235,6 +239,8 @@ class SparseMatrix:
         self._csc_column_cost = tensor.nnz / max(self.shape[1], 1) + SEGMENT_COST * self.workers
         # counting the activations (a microsecond) only pays if some count can favour rows
         self._rows_may_win = self._sliced_cost < self.shape[1] * self._csc_column_cost
+        #: the most a batch-1 product can cost (every activation non-zero), its call included
+        self._sample_max_cost = min(self._sliced_cost, self.shape[1] * self._csc_column_cost) + CALL_COST
 
     @property
     def local_rows(self) -> int:
@@ -315,6 +321,25 @@ class SparseMatrix:
         # Python numbers: arithmetic on NumPy scalars would cost more than the count
         return self._rows_may_win and self._sliced_cost < int(np.count_nonzero(x)) * self._csc_column_cost
 
+    def prefers_samples(self, x: np.ndarray) -> bool:
+        """Whether the batch-1 path once per sample of the ``(batch, cols)`` ``x`` is cheaper than the row kernel.
+
+        The row kernel visits every weight once for the whole batch; the batch-1
+        path visits, per sample, only its active columns' weights (or the sliced
+        kernel's every weight). Activations are counted only when the bounds do not
+        settle it.
+        """
+        batch = x.shape[0]
+        row = self.tensor.nnz * (ROW_WEIGHT_COST + ROW_SAMPLE_COST * batch) + CALL_COST
+        if batch * CALL_COST >= row:
+            return False
+        if batch * self._sample_max_cost < row:
+            return True
+        active = np.count_nonzero(x, axis=1)
+        # min(): where the sliced kernel cannot win, its cost is above any count's CSC cost
+        per_sample = np.minimum(active * self._csc_column_cost, self._sliced_cost).sum() + batch * CALL_COST
+        return float(per_sample) < row
+
     def _matvec(self, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
         """The batch-1 product of one contiguous float32 vector; ``bias`` already checked.
 
@@ -348,7 +373,7 @@ class SparseMatrix:
         return self._matvec(np.ascontiguousarray(x), self.check_bias(bias))
 
     def matmul(self, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-        """``x @ W.T + bias`` for a ``(batch, cols)`` float32 batch, kernel chosen by batch size.
+        """``x @ W.T + bias`` for a ``(batch, cols)`` float32 batch, kernel chosen by cost (:meth:`prefers_samples`).
 
         Returns:
             ``(batch, rows)`` float32.
@@ -358,12 +383,12 @@ class SparseMatrix:
         """
         self._check_input(x, 2)
         bias = self.check_bias(bias)
-        if x.shape[0] >= CSR_MIN_BATCH or x.shape[0] == 0:
+        if x.shape[0] == 1:  # the main case, without the loop
+            return self._matvec(np.ascontiguousarray(x[0]), bias).reshape(1, -1)
+        if x.shape[0] == 0 or not self.prefers_samples(x):
             out = self.matmul_columns(np.ascontiguousarray(x.T)).T
             out += bias
             return out
-        if x.shape[0] == 1:  # the main case, without the loop
-            return self._matvec(np.ascontiguousarray(x[0]), bias).reshape(1, -1)
         return np.stack([self._matvec(np.ascontiguousarray(row), bias) for row in x])
 
     def matmul_columns(self, xt: np.ndarray) -> np.ndarray:
