@@ -1,7 +1,7 @@
 """Inference-engine benchmark: EIE's nine layers and the two LeNets, against dense and sparse baselines.
 
 For each EIE benchmark layer (random weights and activations at the published
-densities; speed is all that is measured) at batch 1 and 16 it times, in the same
+densities; speed is all that is measured) at batch 1, 4 and 16 it times, in the same
 run and interleaved round-robin, our engine against dense torch fp32, torch.sparse
 CSR and scipy.sparse CSR, prints the ratios beside the published CPU figures, and
 the fraction of this machine's memory bandwidth and arithmetic rate (both
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=20, help="timed blocks per implementation and run")
     parser.add_argument("--runs", type=int, default=5, help="times the layer suite is measured, one after another")
     parser.add_argument("--layers", nargs="*", help="EIE layer names (default: all nine)")
-    parser.add_argument("--batches", type=int, nargs="*", default=[1, 16])
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 4, 16])
     parser.add_argument("--no-lenet", action="store_true", help="skip the end-to-end LeNet part")
     parser.add_argument("--lenet-images", type=int, default=500, help="test images timed at batch 1")
     parser.add_argument("--recipe-max-steps", type=int, default=400, help="cap when a LeNet file must be made")
