@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import llvmlite.binding as llvm
 import numba
 import numpy as np
 import scipy.sparse
@@ -307,7 +308,7 @@ def markdown(result: dict) -> str:
         out += ["", "## End to end: LeNets from their compressed files", "",
                 "Accuracy on the 10,000 MNIST test images (batch 1000); images/s at batch 1 over the first "
                 f"{result['lenet_images']} test images. Dense torch runs the decoded weights as plain parameters. "
-                "Files: " + "; ".join(f"{r['net']} {r.get('origin', 'as found')}" for r in result["lenet"]) + ".",
+                "Files: " + "; ".join(f"{r['net']} {r['origin']}" for r in result["lenet"]) + ".",
                 "", "| net | file bytes | decoded acc | engine acc | engine fixed16 acc | engine img/s | "
                 "dense torch img/s | speed-up |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in result["lenet"]:
@@ -372,12 +373,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def _cpu_name() -> str:
     """The CPU's model, cores, and the target numba compiles for: the kernels' speed, and MKL's, moves with its SIMD."""
-    import llvmlite.binding as llvm
-
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "CPU")
     simd = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
     return f"{model} ({os.cpu_count()} cores, LLVM target {llvm.get_host_cpu_name()}, {simd})"
+
 
 if __name__ == "__main__":
     main()

@@ -91,7 +91,6 @@ def test_bad_granularity_and_recurrent_filters_are_refused():
         prune_groups_(nn.Sequential(nn.Linear(4, 4)), 1.5, "filter")
 
 
-
 def test_a_refused_layer_leaves_the_whole_model_unpruned():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(2, 4, 3), nn.LSTM(4, 4))
@@ -100,6 +99,7 @@ def test_a_refused_layer_leaves_the_whole_model_unpruned():
         prune_groups_(net, 0.5, {"0.*": "fine", "1.*": "filter", "*": "filter"})
     after = net.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
 
 def test_group_index_bits_count_one_index_per_kept_group():
     mask = torch.zeros(4, 3, 5, 5, dtype=torch.bool)
