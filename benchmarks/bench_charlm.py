@@ -23,10 +23,10 @@ from rich.console import Console
 from rich.table import Table
 
 from deepshrink.data.text import char_windows, load_corpus
-from deepshrink.fileformat import write_atomic
+from deepshrink.fileformat.codec import write_atomic
 from deepshrink.models import char_lstm
-from deepshrink.prune import prune_, sparsity_report
-from deepshrink.train import TrainConfig, fit
+from deepshrink.compress.prune import prune_, sparsity_report
+from deepshrink.compress.train import TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 console = Console()

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from deepshrink.fileformat import write_atomic  # noqa: E402
+from deepshrink.fileformat.codec import write_atomic  # noqa: E402
 from deepshrink.hardware import EIE_BENCHMARK_LAYERS, EIEConfig, pe_layout, simulate_layer, synthetic_layer  # noqa: E402
 from deepshrink.hardware.kernels import queue_schedule  # noqa: E402
 from deepshrink.hardware.layers import synthetic_activations  # noqa: E402
@@ -133,9 +133,9 @@ def real_lenet(data_dir: str | None, console: Console) -> dict:
     from deepshrink.hardware import simulate_network
     from deepshrink.hardware.activations import layer_inputs
     from deepshrink.models import lenet_300_100
-    from deepshrink.prune import prune_
-    from deepshrink.quantize import compressed_tensors, share_weights_
-    from deepshrink.train import TrainConfig, evaluate, fit
+    from deepshrink.compress.prune import prune_
+    from deepshrink.compress.quantize import compressed_tensors, share_weights_
+    from deepshrink.compress.train import TrainConfig, evaluate, fit
 
     torch.set_num_threads(1)  # a small MLP on a shared 2-core machine trains fastest on one thread
     torch.manual_seed(0)

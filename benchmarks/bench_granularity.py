@@ -7,7 +7,7 @@ weights (8-bit conv, 5-bit fc) and fine-tunes briefly. A fully connected weight
 is a conv with 1x1 kernels, so "vector" and "kernel" prune the fc layers
 fine-grained; "filter" removes whole output channels and neurons, "channel"
 whole input channels of conv2 (so whole conv1 filters) and input columns of
-fc1. :func:`deepshrink.granularity.shrink` turns each model into plain dense
+fc1. :func:`deepshrink.compress.groups.shrink` turns each model into plain dense
 modules without the channels pruning emptied.
 
 Columns: test accuracy; weights kept; bytes of the .dsz file (Huffman, 8-bit
@@ -43,14 +43,14 @@ from rich.console import Console
 from rich.table import Table
 
 from deepshrink.data.mnist import load_mnist
-from deepshrink.fileformat import save, write_atomic
-from deepshrink.granularity import group_index_bits, shrink
+from deepshrink.fileformat.codec import save, write_atomic
+from deepshrink.compress.groups import group_index_bits, shrink
 from deepshrink.models import lenet_5
-from deepshrink.quantize import compressed_tensors, share_weights_
-from deepshrink.schedules import gradual_prune
-from deepshrink.targets import find_targets, resolve_per_layer
-from deepshrink.ternary import ternarize_
-from deepshrink.train import TrainConfig, evaluate, fit
+from deepshrink.compress.quantize import compressed_tensors, share_weights_
+from deepshrink.compress.schedules import gradual_prune
+from deepshrink.compress.targets import find_targets, resolve_per_layer
+from deepshrink.compress.ternary import ternarize_
+from deepshrink.compress.train import TrainConfig, evaluate, fit
 
 SPARSITY = {"conv1": 0.5, "conv2": 0.75, "fc1": 0.9, "fc2": 0.5}
 SCHEMES = {  # granularity per layer; fc2's filters are the 10 classes, so it is always fine-grained

@@ -1,6 +1,6 @@
 """Deep Compression's LeNet rows on real MNIST, measured on the reloaded file.
 
-For each net the script runs its recipe from scratch (``src/deepshrink/recipes/<net>.yaml``:
+For each net the script runs its recipe from scratch (``src/deepshrink/recipes/builtin/<net>.yaml``:
 train the dense model, prune, share weights and fine-tune the centroids), writes the
 ``.dsz`` file with the recipe's ``encode`` options, loads the file back into a fresh model
 and evaluates that model on the 10,000 MNIST test images. Every stage is timed.
@@ -33,10 +33,10 @@ from rich.console import Console
 from rich.table import Table
 
 from deepshrink.data.common import ENV_VAR
-from deepshrink.fileformat import load, read_bytes, save, write_atomic
-from deepshrink.fileinfo import FileSize, breakdown, layer_table
-from deepshrink.recipes import MODELS, EncodeStage, load_recipe, load_data, run_recipe
-from deepshrink.train import evaluate
+from deepshrink.fileformat.codec import load, read_bytes, save, write_atomic
+from deepshrink.fileformat.info import FileSize, breakdown, layer_table
+from deepshrink.recipes.schema import MODELS, EncodeStage, load_recipe, load_data, run_recipe
+from deepshrink.compress.train import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 NETS = ("lenet-300-100", "lenet-5")
@@ -156,7 +156,7 @@ def markdown(results: Sequence[dict]) -> str:
     """The results as the committed markdown page."""
     lines = [
         "# Deep Compression's LeNet rows on real MNIST", "",
-        "Written by `python benchmarks/bench_lenet.py --publish` (recipes in `src/deepshrink/recipes/`). Errors are "
+        "Written by `python benchmarks/bench_lenet.py --publish` (recipes in `src/deepshrink/recipes/builtin/`). Errors are "
         "top-1 on the 10,000 MNIST test images, measured on the model **loaded back from the written file**. "
         "Ratio = fp32 bytes of every weight and bias of the network / bytes of the real `.dsz` file (header "
         "included); the paper-style count adds only each layer's index stream, code stream and codebook plus the "

@@ -37,16 +37,16 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from deepshrink.balance import load_balance, prune_balanced_
+from deepshrink.compress.balance import load_balance, prune_balanced_
 from deepshrink.data.fsdd import load_fsdd
 from deepshrink.engine.lstm import SparseLSTM
 from deepshrink.engine.matrix import SparseMatrix
-from deepshrink.fileformat import load, read, save, write_atomic
+from deepshrink.fileformat.codec import load, read, save, write_atomic
 from deepshrink.hardware import EIEConfig, simulate_network
 from deepshrink.models import lstm_classifier
-from deepshrink.prune import prune_, sparsity_schedule
-from deepshrink.quantize import compressed_tensors, share_weights_
-from deepshrink.train import TrainConfig, evaluate, fit
+from deepshrink.compress.prune import prune_, sparsity_schedule
+from deepshrink.compress.quantize import compressed_tensors, share_weights_
+from deepshrink.compress.train import TrainConfig, evaluate, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 ESE_CLOCK_HZ = 200e6  # ESE on the XCKU060 FPGA runs at 200 MHz (Han et al., FPGA 2017; docs/reference.md)

@@ -32,10 +32,10 @@ from rich.console import Console
 from rich.table import Table
 
 from deepshrink.data.mnist import load_mnist
-from deepshrink.fileformat import write_atomic
+from deepshrink.fileformat.codec import write_atomic
 from deepshrink.models import lenet_300_100
-from deepshrink.schedules import gradual_prune, iterative_levels
-from deepshrink.train import TrainConfig, evaluate, fit, iterative_prune
+from deepshrink.compress.schedules import gradual_prune, iterative_levels
+from deepshrink.compress.train import TrainConfig, evaluate, fit, iterative_prune
 
 LR = 0.01  # 1/10 of the dense rate, as Deep Compression retrains LeNets
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from deepshrink.balance import balanced_mask, load_balance, pe_loads, prune_balanced_
+from deepshrink.compress.balance import balanced_mask, load_balance, pe_loads, prune_balanced_
 from deepshrink.errors import DeepShrinkError
 from deepshrink.hardware import EIEConfig, simulate_layer
-from deepshrink.prune import prune_
-from deepshrink.quantize import compressed_tensors, share_weights_
+from deepshrink.compress.prune import prune_
+from deepshrink.compress.quantize import compressed_tensors, share_weights_
 from deepshrink.tensor import CompressedTensor
 
 
@@ -121,7 +121,7 @@ def test_bad_sparsity_pattern_and_shared_layer() -> None:
 
 def test_cli_balance_reports_per_pe_loads(tmp_path, capsys: pytest.CaptureFixture) -> None:
     from deepshrink.cli import main
-    from deepshrink.fileformat import save
+    from deepshrink.fileformat.codec import save
 
     net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
     net[0].weight.data.copy_(skewed_weight(32, 16, n_pe=8))

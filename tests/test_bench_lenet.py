@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepshrink.fileformat import load
-from deepshrink.fileinfo import size_breakdown
+from deepshrink.fileformat.codec import load
+from deepshrink.fileformat.info import size_breakdown
 from deepshrink.models import lenet_5, lenet_300_100
-from deepshrink.recipes import PruneStage, load_recipe
-from deepshrink.targets import find_targets
-from deepshrink.train import evaluate
+from deepshrink.recipes.schema import PruneStage, load_recipe
+from deepshrink.compress.targets import find_targets
+from deepshrink.compress.train import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ import torch
 from deepshrink.data.text import CharCorpus, char_windows, load_corpus
 from deepshrink.errors import DeepShrinkError
 from deepshrink.models import CharLSTM, char_lstm
-from deepshrink.prune import prune_
-from deepshrink.train import TrainConfig, fit
+from deepshrink.compress.prune import prune_
+from deepshrink.compress.train import TrainConfig, fit
 
 
 def test_tinyshakespeare_windows(data_root: Path) -> None:

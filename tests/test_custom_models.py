@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from deepshrink.prune import prune_, sparsity_report
-from deepshrink.quantize import compressed_tensors, distinct_nonzero, share_weights_
-from deepshrink.targets import find_targets
-from deepshrink.train import TrainConfig, evaluate, fit
+from deepshrink.compress.prune import prune_, sparsity_report
+from deepshrink.compress.quantize import compressed_tensors, distinct_nonzero, share_weights_
+from deepshrink.compress.targets import find_targets
+from deepshrink.compress.train import TrainConfig, evaluate, fit
 
 
 class Residual(nn.Module):

@@ -2,10 +2,10 @@
 
 import torch
 
-from deepshrink.prune import prune_
-from deepshrink.quantize import compressed_tensors, distinct_nonzero, share_weights_
-from deepshrink.targets import find_targets
-from deepshrink.train import TrainConfig, evaluate, fit, scale_dropout_
+from deepshrink.compress.prune import prune_
+from deepshrink.compress.quantize import compressed_tensors, distinct_nonzero, share_weights_
+from deepshrink.compress.targets import find_targets
+from deepshrink.compress.train import TrainConfig, evaluate, fit, scale_dropout_
 
 
 def test_lenet300_prune_share_finetune_on_mnist(trained_lenet300, mnist_train, mnist_test):

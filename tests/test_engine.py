@@ -373,8 +373,8 @@ class _Mixed(nn.Module):
 
 
 def test_compile_model_keeps_what_it_cannot_run_dense_and_says_so() -> None:
-    from deepshrink.prune import prune_
-    from deepshrink.quantize import share_weights_
+    from deepshrink.compress.prune import prune_
+    from deepshrink.compress.quantize import share_weights_
 
     torch.manual_seed(0)
     net = _Mixed().eval()
@@ -406,8 +406,8 @@ def test_compile_model_names_bad_tensors() -> None:
 
 
 def compress_(model: nn.Module, sparsity: float) -> nn.Module:
-    from deepshrink.prune import prune_
-    from deepshrink.quantize import share_weights_
+    from deepshrink.compress.prune import prune_
+    from deepshrink.compress.quantize import share_weights_
 
     prune_(model, sparsity)
     share_weights_(model)  # Deep Compression's defaults: 8 bits conv, 5 bits fc
@@ -424,7 +424,7 @@ def lenet300(_trained_lenet300) -> nn.Module:
 @pytest.fixture(scope="module")
 def lenet5(mnist_train) -> nn.Module:
     from deepshrink.models import lenet_5
-    from deepshrink.train import TrainConfig, fit
+    from deepshrink.compress.train import TrainConfig, fit
 
     torch.manual_seed(0)
     model = lenet_5()
@@ -477,7 +477,7 @@ def test_fixed_point_keeps_lenet300_accuracy(lenet300: nn.Module, mnist_test) ->
 
 
 def test_from_file_runs_the_saved_model(lenet300: nn.Module, mnist_test, tmp_path) -> None:
-    from deepshrink.fileformat import save
+    from deepshrink.fileformat.codec import save
 
     path = tmp_path / "lenet300.dsz"
     save(lenet300, path, factory="deepshrink.models:lenet_300_100")
@@ -492,7 +492,7 @@ def test_from_file_runs_the_saved_model(lenet300: nn.Module, mnist_test, tmp_pat
 
 def test_cli_run_and_bench(lenet300: nn.Module, mnist_test, tmp_path, capsys) -> None:
     from deepshrink.cli import main
-    from deepshrink.fileformat import save
+    from deepshrink.fileformat.codec import save
 
     path = tmp_path / "net.dsz"
     save(lenet300, path, factory="deepshrink.models:lenet_300_100")

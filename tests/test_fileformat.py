@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from deepshrink.errors import DeepShrinkError
-from deepshrink.fileformat import read, save, load, load_into, split_model
-from deepshrink.fileinfo import size_breakdown
+from deepshrink.fileformat.codec import read, save, load, load_into, split_model
+from deepshrink.fileformat.info import size_breakdown
 from deepshrink.models import lenet_5, lenet_300_100
-from deepshrink.prune import prune_
-from deepshrink.quantize import share_weights_
+from deepshrink.compress.prune import prune_
+from deepshrink.compress.quantize import share_weights_
 from deepshrink.tensor import CompressedTensor
 
 # Kept fractions of Deep Compression's LeNets (reference.md): 8/9/26% and 66/12/8/19%.

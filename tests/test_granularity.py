@@ -11,12 +11,12 @@ from torch import nn
 
 from deepshrink.coding.relative import encode_relative
 from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
-from deepshrink.granularity import group_index_bits, prune_groups_, shrink
+from deepshrink.compress.groups import group_index_bits, prune_groups_, shrink
 from deepshrink.models import lenet_5
-from deepshrink.prune import current_mask, prune_
-from deepshrink.schedules import GradualPruner, agp_sparsity, gradual_prune
-from deepshrink.targets import find_targets
-from deepshrink.train import TrainConfig
+from deepshrink.compress.prune import current_mask, prune_
+from deepshrink.compress.schedules import GradualPruner, agp_sparsity, gradual_prune
+from deepshrink.compress.targets import find_targets
+from deepshrink.compress.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -175,7 +175,7 @@ def test_gradual_pruner_reaches_the_exact_sparsity_and_masks_hold():
     data = (torch.randn(256, 8), torch.randint(0, 3, (256,)))
     seen = []
     pruner = GradualPruner(net, {"1.weight": 0.75, "3.weight": 0.5}, every=4)
-    from deepshrink.train import fit
+    from deepshrink.compress.train import fit
     fit(net, data, TrainConfig(epochs=2, batch_size=16, progress=False),
         on_step=lambda step, total: (pruner(step, total), seen.append(float((net[1].weight == 0).float().mean()))))
     assert seen[-1] == pytest.approx(0.75) and float((net[3].weight == 0).float().mean()) == pytest.approx(0.5)

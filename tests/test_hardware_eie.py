@@ -162,9 +162,9 @@ def lenet_on_mnist():
     """LeNet-300-100 trained briefly on real MNIST, pruned to 8% and shared at 4 bits."""
     from deepshrink.data.mnist import load_mnist
     from deepshrink.models import lenet_300_100
-    from deepshrink.prune import prune_
-    from deepshrink.quantize import share_weights_
-    from deepshrink.train import TrainConfig, fit
+    from deepshrink.compress.prune import prune_
+    from deepshrink.compress.quantize import share_weights_
+    from deepshrink.compress.train import TrainConfig, fit
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on a shared 2-core machine, one thread trains this MLP many times faster
@@ -184,7 +184,7 @@ def lenet_on_mnist():
 
 
 def test_real_mnist_layers_cost_what_their_weights_and_activations_say(lenet_on_mnist):
-    from deepshrink.quantize import compressed_tensors
+    from deepshrink.compress.quantize import compressed_tensors
 
     model, x, y = lenet_on_mnist
     with torch.no_grad():

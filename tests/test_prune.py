@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from deepshrink import DeepShrinkError, UnsupportedLayerError
-from deepshrink.prune import current_mask, prune_, sparsity_report, sparsity_schedule
-from deepshrink.targets import find_targets, restore_
+from deepshrink.compress.prune import current_mask, prune_, sparsity_report, sparsity_schedule
+from deepshrink.compress.targets import find_targets, restore_
 
 
 def _net():

@@ -8,13 +8,13 @@ import yaml
 
 from deepshrink import cli
 from deepshrink.errors import DeepShrinkError
-from deepshrink.fileformat import load
+from deepshrink.fileformat.codec import load
 from deepshrink.models import lenet_300_100
-from deepshrink.prune import sparsity_report
-from deepshrink.recipes import (
+from deepshrink.compress.prune import sparsity_report
+from deepshrink.recipes.schema import (
     EncodeStage, PruneStage, ShareStage, builtin_recipes, load_recipe, parse_recipe, run_recipe,
 )
-from deepshrink.train import evaluate
+from deepshrink.compress.train import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from deepshrink.errors import DeepShrinkError
-from deepshrink.fileformat import load, read, save
-from deepshrink.prune import prune_
-from deepshrink.quantize import compressed_tensors, distinct_nonzero, share_weights_
-from deepshrink.targets import find_targets, restore_
-from deepshrink.ternary import TernaryWeight, ternarize_
-from deepshrink.train import TrainConfig, evaluate, fit
+from deepshrink.fileformat.codec import load, read, save
+from deepshrink.compress.prune import prune_
+from deepshrink.compress.quantize import compressed_tensors, distinct_nonzero, share_weights_
+from deepshrink.compress.targets import find_targets, restore_
+from deepshrink.compress.ternary import TernaryWeight, ternarize_
+from deepshrink.compress.train import TrainConfig, evaluate, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 
 from deepshrink.errors import DeepShrinkError
-from deepshrink.recipes import DATASETS, MODELS, Recipe, build_model, load_data, load_recipe, parse_recipe, run_recipe
+from deepshrink.recipes.schema import DATASETS, MODELS, Recipe, build_model, load_data, load_recipe, parse_recipe, run_recipe
 
 console = Console()
 
@@ -30,7 +30,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     import tempfile
     from pathlib import Path
 
-    from deepshrink.fileinfo import print_info
+    from deepshrink.fileformat.info import print_info
 
     recipe = load_recipe("digits-demo")
     recipe.seed = args.seed
@@ -103,17 +103,17 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         layers, samples = network.layers, (network.samples if args.data else None)
     console.print(results_table(layers, samples))
     if args.json:
-        from deepshrink.fileformat import write_atomic
+        from deepshrink.fileformat.codec import write_atomic
         write_atomic(args.json, json.dumps([r.as_dict() for r in layers], indent=2).encode())
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
-    from deepshrink.fileinfo import print_info
+    from deepshrink.fileformat.info import print_info
     print_info(args.file, console, json_path=args.json)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from deepshrink.export import export_file
+    from deepshrink.fileformat.export import export_file
     shape = tuple(int(s) for s in args.input_shape.split(",")) if args.input_shape else None
     export_file(args.file, args.out, shape, trust_factory=args.trust_factory)
     console.print(f"wrote {args.out}")
@@ -176,8 +176,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 def _cmd_balance(args: argparse.Namespace) -> None:
     from rich.table import Table
 
-    from deepshrink.balance import load_balance, pe_loads
-    from deepshrink.fileformat import read
+    from deepshrink.compress.balance import load_balance, pe_loads
+    from deepshrink.fileformat.codec import read
 
     contents = read(args.file)
     table = Table(title=f"{args.file}: surviving weights per PE (row i -> PE i mod {args.pes})")

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from rich.table import Table
 from torch import nn
 
-from deepshrink.prune import sparsity_report
-from deepshrink.targets import compression_of, find_targets
+from deepshrink.compress.prune import sparsity_report
+from deepshrink.compress.targets import compression_of, find_targets
 
 
 def layer_rows(model: nn.Module) -> list[dict]:

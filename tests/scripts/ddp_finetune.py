@@ -11,10 +11,10 @@ import torch.distributed as dist
 
 from deepshrink.data.mnist import load_mnist
 from deepshrink.models import lenet_300_100
-from deepshrink.prune import prune_
-from deepshrink.quantize import share_weights_
-from deepshrink.targets import find_targets
-from deepshrink.train import TrainConfig, fit
+from deepshrink.compress.prune import prune_
+from deepshrink.compress.quantize import share_weights_
+from deepshrink.compress.targets import find_targets
+from deepshrink.compress.train import TrainConfig, fit
 
 
 def main(data_root: str, result_path: str) -> None:

@@ -78,7 +78,7 @@ def compile_model(
     Args:
         model: a model compressed by deepshrink (or any model, with ``tensors``).
         tensors: compressed weights by parameter name (``"fc1.weight"``); default
-            :func:`deepshrink.quantize.compressed_tensors` of ``model``.
+            :func:`deepshrink.compress.quantize.compressed_tensors` of ``model``.
         workers: rows interleaved over this many workers (default: numba's threads).
         fixed_point: EIE's 16-bit fixed-point arithmetic instead of fp32.
         inplace: swap the modules in ``model`` itself instead of a deep copy.
@@ -97,7 +97,7 @@ def compile_model(
         'SparseLinear'
     """
     if tensors is None:
-        from deepshrink.quantize import compressed_tensors
+        from deepshrink.compress.quantize import compressed_tensors
 
         tensors = compressed_tensors(model)
     if not tensors:
@@ -140,7 +140,7 @@ def from_file(
     workers: int | None = None,
     fixed_point: bool = False,
 ) -> nn.Module:
-    """Build an engine model from a file written by :func:`deepshrink.fileformat.save`.
+    """Build an engine model from a file written by :func:`deepshrink.fileformat.codec.save`.
 
     Args:
         path: the compressed-model file.
@@ -156,7 +156,7 @@ def from_file(
         DeepShrinkError: the file names no model and ``model`` is not given, or
             the model does not fit the file.
     """
-    from deepshrink.fileformat import build_model, load_into, read
+    from deepshrink.fileformat.codec import build_model, load_into, read
 
     contents = read(path)
     if model is None:

@@ -27,7 +27,7 @@ from torch import nn
 from deepshrink.engine import kernels
 from deepshrink.engine.matrix import SparseMatrix
 from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
-from deepshrink.targets import compression_of
+from deepshrink.compress.targets import compression_of
 from deepshrink.tensor import CompressedTensor
 
 

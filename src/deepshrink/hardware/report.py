@@ -26,7 +26,7 @@ def simulate_file(
     """Simulate every compressed matrix of a ``.dsz`` file on EIE.
 
     Args:
-        path: a file written by :func:`deepshrink.fileformat.save`.
+        path: a file written by :func:`deepshrink.fileformat.codec.save`.
         config: the hardware.
         act_density: fraction of non-zero inputs assumed for every layer; with neither
             this nor ``data``, every input is non-zero.
@@ -44,7 +44,7 @@ def simulate_file(
         DeepShrinkError: both ``act_density`` and ``data``, an unknown data set, a file
             without a model factory when ``data`` is given, or a damaged file.
     """
-    from deepshrink import fileformat
+    from deepshrink.fileformat import codec as fileformat
 
     if data is None:
         return simulate_network(fileformat.read(path).tensors, act_density=act_density, config=config, seed=seed)
@@ -56,7 +56,7 @@ def simulate_file(
         raise DeepShrinkError(f"images={images!r} must be a positive integer")
     from deepshrink.data.mnist import load_mnist
     from deepshrink.hardware.activations import layer_inputs
-    from deepshrink.quantize import compressed_tensors
+    from deepshrink.compress.quantize import compressed_tensors
 
     model = fileformat.load(path)
     if not isinstance(model, torch.nn.Module):

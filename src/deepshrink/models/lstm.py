@@ -63,7 +63,7 @@ class CharLSTM(nn.Module):
 
     ``forward`` returns ``(batch, vocab, steps)`` logits, the layout
     ``nn.functional.cross_entropy`` takes with ``(batch, steps)`` targets, so
-    :func:`deepshrink.train.fit` trains it as it is.
+    :func:`deepshrink.compress.train.fit` trains it as it is.
 
     Examples:
         >>> net = CharLSTM(vocab=65, embed=8, hidden=16)

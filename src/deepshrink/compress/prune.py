@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from deepshrink.errors import DeepShrinkError
-from deepshrink.targets import (
+from deepshrink.compress.targets import (
     FilterFn, Target, compression_of, find_targets, register_compression, reparametrize_, resolve_per_layer,
 )
 from deepshrink.tensor import CompressedTensor
@@ -149,7 +149,7 @@ def prune_(
     """Prune ``model`` in place by weight magnitude.
 
     Args:
-        model: any ``nn.Module``; see :func:`deepshrink.targets.find_targets`.
+        model: any ``nn.Module``; see :func:`deepshrink.compress.targets.find_targets`.
         sparsity: fraction in [0, 1) of each layer's weights to remove, or
             ``{pattern: sparsity}`` (``"*"`` for the rest). Counts weights already
             pruned, so ``0.9`` after ``0.5`` prunes to 90% in all.

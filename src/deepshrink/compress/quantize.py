@@ -19,8 +19,8 @@ from sklearn.cluster import kmeans_plusplus
 from torch import nn
 
 from deepshrink.errors import DeepShrinkError
-from deepshrink.prune import current_mask
-from deepshrink.targets import (
+from deepshrink.compress.prune import current_mask
+from deepshrink.compress.targets import (
     FilterFn, compression_of, find_targets, register_compression, reparametrize_, resolve_per_layer,
 )
 from deepshrink.tensor import MAX_CODE_BITS, CompressedTensor

@@ -11,7 +11,7 @@ three sets.
 
 Like weight sharing, this is a parametrization on the weight, so masks from an
 earlier pruning hold, ``state_dict`` keeps everything, and
-:func:`deepshrink.quantize.compressed_tensors` turns each layer into a
+:func:`deepshrink.compress.quantize.compressed_tensors` turns each layer into a
 :class:`~deepshrink.tensor.CompressedTensor` with a 2-entry codebook at 2 bits,
 which the file format stores with its positions and entropy-codes.
 """
@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from deepshrink.errors import DeepShrinkError
-from deepshrink.prune import Mask, current_mask
-from deepshrink.targets import FilterFn, compression_of, find_targets, register_compression, reparametrize_
+from deepshrink.compress.prune import Mask, current_mask
+from deepshrink.compress.targets import FilterFn, compression_of, find_targets, register_compression, reparametrize_
 from deepshrink.tensor import CompressedTensor
 
 DEFAULT_THRESHOLD = 0.05  # t in the paper, a fraction of max |w|

@@ -15,7 +15,7 @@ channel an input column.
 
 A group's score is its mean magnitude (the L1 norm over equal-size groups, as
 Mao et al. rank them); the lowest-scoring groups are removed through
-:func:`deepshrink.prune.apply_mask_`, so group pruning composes with every
+:func:`deepshrink.compress.prune.apply_mask_`, so group pruning composes with every
 other stage exactly like fine-grained pruning.
 
 Coarse grains need one index per kept group rather than per weight, and
@@ -36,8 +36,8 @@ from torch.nn.utils import parametrize
 
 from deepshrink.coding.relative import count_escapes
 from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
-from deepshrink.prune import LayerSparsity, apply_mask_, layer_sparsity, prune_, sparsity_per_target
-from deepshrink.targets import FilterFn, Target, find_targets, resolve_per_layer
+from deepshrink.compress.prune import LayerSparsity, apply_mask_, layer_sparsity, prune_, sparsity_per_target
+from deepshrink.compress.targets import FilterFn, Target, find_targets, resolve_per_layer
 
 GRANULARITIES = ("fine", "vector", "kernel", "filter", "channel")
 
@@ -144,7 +144,7 @@ def prune_groups_(
     """Prune ``model`` in place at the given granularity.
 
     Args:
-        model: any ``nn.Module``; see :func:`deepshrink.targets.find_targets`.
+        model: any ``nn.Module``; see :func:`deepshrink.compress.targets.find_targets`.
         sparsity: fraction in [0, 1) of each layer's groups to remove, or
             ``{pattern: sparsity}``; a layer no pattern names is left alone.
         granularity: one of :data:`GRANULARITIES`, or ``{pattern: granularity}``
@@ -152,7 +152,7 @@ def prune_groups_(
         layers, filter_fn: which weights; see ``find_targets``.
 
     Returns:
-        One :class:`deepshrink.prune.LayerSparsity` per pruned weight.
+        One :class:`deepshrink.compress.prune.LayerSparsity` per pruned weight.
 
     Raises:
         DeepShrinkError: an unknown granularity or layer pattern, a sparsity

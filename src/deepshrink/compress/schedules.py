@@ -4,7 +4,7 @@ Zhu and Gupta's automated gradual pruning (AGP) raises the sparsity from
 ``initial`` to ``final`` along a cubic ramp, pruning every ``every`` steps of a
 single fit; the steps after the ramp fine-tune at the final sparsity. It is
 the alternative to Deep Compression's iterative pruning (prune to a level,
-retrain, prune harder), which :func:`deepshrink.train.iterative_prune` runs.
+retrain, prune harder), which :func:`deepshrink.compress.train.iterative_prune` runs.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from deepshrink.errors import DeepShrinkError
-from deepshrink.granularity import prune_groups_
-from deepshrink.prune import LayerSparsity, check_sparsity, sparsity_schedule
-from deepshrink.targets import find_targets, resolve_per_layer
-from deepshrink.train import TrainConfig, fit, scale_dropout_
+from deepshrink.compress.groups import prune_groups_
+from deepshrink.compress.prune import LayerSparsity, check_sparsity, sparsity_schedule
+from deepshrink.compress.targets import find_targets, resolve_per_layer
+from deepshrink.compress.train import TrainConfig, fit, scale_dropout_
 
 
 def agp_sparsity(step: int, total: int, final: float, initial: float = 0.0, ramp: float = 0.75) -> float:
@@ -48,13 +48,13 @@ def check_ramp(ramp: object) -> float:
 
 
 class GradualPruner:
-    """An ``on_step`` callback for :func:`deepshrink.train.fit` that prunes along AGP's ramp.
+    """An ``on_step`` callback for :func:`deepshrink.compress.train.fit` that prunes along AGP's ramp.
 
     Args:
         model: the model being trained.
         sparsity: final sparsity, or ``{pattern: sparsity}``.
         every: prune every this many optimizer steps.
-        granularity: see :func:`deepshrink.granularity.prune_groups_`.
+        granularity: see :func:`deepshrink.compress.groups.prune_groups_`.
         ramp: fraction of the run over which the sparsity rises.
         layers: which weights; see ``find_targets``.
 

@@ -22,11 +22,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from deepshrink.errors import DeepShrinkError
-from deepshrink.fileformat import write_atomic
-from deepshrink.granularity import prune_groups_
-from deepshrink.prune import check_sparsity
-from deepshrink.targets import find_targets
-from deepshrink.train import evaluate
+from deepshrink.fileformat.codec import write_atomic
+from deepshrink.compress.groups import prune_groups_
+from deepshrink.compress.prune import check_sparsity
+from deepshrink.compress.targets import find_targets
+from deepshrink.compress.train import evaluate
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 
@@ -135,13 +135,13 @@ def sensitivity_scan(
     """Prune each layer alone to each sparsity and measure accuracy on ``data``.
 
     ``model`` is not changed (each trial prunes a copy). Layers already pruned
-    count their zeros towards a sparsity, as :func:`deepshrink.prune.prune_` does.
+    count their zeros towards a sparsity, as :func:`deepshrink.compress.prune.prune_` does.
 
     Args:
         model: a trained model.
         data: ``(inputs, labels)`` to measure on (a validation split, ideally).
         sparsities: the grid, strictly increasing in [0, 1).
-        granularity: see :func:`deepshrink.granularity.prune_groups_`.
+        granularity: see :func:`deepshrink.compress.groups.prune_groups_`.
         layers: which weights; see ``find_targets``.
         progress: show a rich progress bar.
 

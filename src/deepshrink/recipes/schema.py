@@ -5,7 +5,7 @@ against the tables below before anything runs, and every unknown key or bad
 value raises :class:`~deepshrink.errors.DeepShrinkError` naming the key (with
 its place in the file, e.g. ``stages[1].prune.granularity``) and the allowed
 values. The schema is documented in ``docs/recipes.md``; examples ship in
-``deepshrink/recipes/*.yaml`` and can be named without their path.
+``deepshrink/recipes/builtin/*.yaml`` and can be named without their path.
 
 Examples:
     >>> recipe = parse_recipe({"model": "lenet-300-100", "data": "digits",
@@ -33,21 +33,21 @@ from rich.console import Console
 from torch import nn
 
 from deepshrink.errors import DeepShrinkError
-from deepshrink.fileformat import SAFE_FACTORY_MODULE
-from deepshrink.granularity import GRANULARITIES, prune_groups_
-from deepshrink.prune import check_sparsity, prune_
-from deepshrink.quantize import INITS, check_bits, share_weights_
+from deepshrink.fileformat.codec import SAFE_FACTORY_MODULE
+from deepshrink.compress.groups import GRANULARITIES, prune_groups_
+from deepshrink.compress.prune import check_sparsity, prune_
+from deepshrink.compress.quantize import INITS, check_bits, share_weights_
 from deepshrink.report import layer_table, rows_table
-from deepshrink.schedules import check_ramp, gradual_prune, iterative_levels
-from deepshrink.sensitivity import DEFAULT_SPARSITIES, check_sparsities, sensitivity_scan
-from deepshrink.ternary import DEFAULT_THRESHOLD, check_threshold, ternarize_
-from deepshrink.train import OPTIMIZERS, SCHEDULES, TrainConfig, evaluate, fit, iterative_prune
+from deepshrink.compress.schedules import check_ramp, gradual_prune, iterative_levels
+from deepshrink.compress.sensitivity import DEFAULT_SPARSITIES, check_sparsities, sensitivity_scan
+from deepshrink.compress.ternary import DEFAULT_THRESHOLD, check_threshold, ternarize_
+from deepshrink.compress.train import OPTIMIZERS, SCHEDULES, TrainConfig, evaluate, fit, iterative_prune
 
 MODELS = {"lenet-300-100": "deepshrink.models:lenet_300_100", "lenet-5": "deepshrink.models:lenet_5"}
 DATASETS = ("mnist", "digits")
 PRUNE_SCHEDULES = ("iterative", "gradual")
 SCOPES = ("layer", "global")
-BUILTIN_DIR = Path(__file__).resolve().parent / "recipes"
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 
 Data = tuple[torch.Tensor, torch.Tensor]
 
@@ -306,7 +306,7 @@ class TernaryStage(TrainStage):
 
 @dataclass
 class EncodeStage:
-    """How the output file is written: ``encode:`` (options of ``deepshrink.fileformat.save``)."""
+    """How the output file is written: ``encode:`` (options of ``deepshrink.fileformat.codec.save``)."""
 
     coder: str = "huffman"
     index_bits: int | dict[str, int] | None = None  # None: 8 for conv, 5 for fully connected
@@ -314,7 +314,7 @@ class EncodeStage:
     codebook_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        from deepshrink.fileformat import EncodeOptions  # it checks the values and names the allowed ones
+        from deepshrink.fileformat.codec import EncodeOptions  # it checks the values and names the allowed ones
 
         if self.index_bits is not None:
             self.index_bits = _per_layer(self.index_bits, "index_bits", lambda v, k: _number(v, k, 1, 16, integer=True))
@@ -496,7 +496,7 @@ def run_recipe(
         console: where tables go.
         trust_factory: allow a ``model`` factory outside ``deepshrink.models``;
             importing it runs its code, so a recipe from elsewhere cannot do
-            that unless you say so (as :func:`deepshrink.fileformat.load`).
+            that unless you say so (as :func:`deepshrink.fileformat.codec.load`).
 
     Returns:
         ``{"model", "stages": [{"stage", "accuracy", "seconds"}], "start_accuracy",
@@ -545,7 +545,7 @@ def run_recipe(
 
 
 def _save(model: nn.Module, out: str, recipe: Recipe, encode: EncodeStage) -> int:
-    from deepshrink.fileformat import save
+    from deepshrink.fileformat.codec import save
 
     factory = MODELS.get(recipe.model, recipe.model)
     return save(model, out, factory=factory, factory_kwargs=recipe.model_kwargs or None,

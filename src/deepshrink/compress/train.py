@@ -22,8 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from deepshrink.errors import DeepShrinkError
-from deepshrink.prune import LayerSparsity, current_mask, prune_
-from deepshrink.targets import find_targets
+from deepshrink.compress.prune import LayerSparsity, current_mask, prune_
+from deepshrink.compress.targets import find_targets
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = (None, "cosine", "step")
@@ -218,8 +218,8 @@ def iterative_prune(
 ) -> list[list[LayerSparsity]]:
     """Prune to each sparsity in ``steps`` in turn, fine-tuning after each.
 
-    ``prune_kwargs`` go to ``prune_fn`` (by default :func:`deepshrink.prune.prune_`:
-    ``scope``, ``layers``...; :func:`deepshrink.granularity.prune_groups_` takes
+    ``prune_kwargs`` go to ``prune_fn`` (by default :func:`deepshrink.compress.prune.prune_`:
+    ``scope``, ``layers``...; :func:`deepshrink.compress.groups.prune_groups_` takes
     ``granularity``); a step may be a ``{pattern: sparsity}`` mapping.
 
     Returns:

@@ -428,7 +428,7 @@ def _parametrization_prefix(name: str) -> str:
 
 def split_model(model: torch.nn.Module) -> tuple[dict[str, CompressedTensor], dict[str, torch.Tensor]]:
     """A model's compressed weights, and the rest of its state dict (parametrization internals left out)."""
-    from deepshrink.quantize import compressed_tensors  # the model side is only needed for models
+    from deepshrink.compress.quantize import compressed_tensors  # the model side is only needed for models
 
     tensors = compressed_tensors(model)
     internal = tuple(_parametrization_prefix(n) for n in tensors)
@@ -513,7 +513,7 @@ def load_into(model: torch.nn.Module, source: str | os.PathLike | DszContents) -
     """Make ``model`` compute with exactly the weights in ``source``: the way to rebuild your own architecture.
 
     Compressed tensors are installed as weight sharing
-    (:func:`deepshrink.quantize.load_compressed_`), the rest with ``load_state_dict``.
+    (:func:`deepshrink.compress.quantize.load_compressed_`), the rest with ``load_state_dict``.
 
     Returns:
         ``model``, changed in place.
@@ -522,7 +522,7 @@ def load_into(model: torch.nn.Module, source: str | os.PathLike | DszContents) -
         DeepShrinkError: a name in the file is not in the model, a shape differs,
             or the model has state the file does not hold.
     """
-    from deepshrink.quantize import load_compressed_
+    from deepshrink.compress.quantize import load_compressed_
 
     contents = source if isinstance(source, DszContents) else read(source)
     load_compressed_(model, contents.tensors)

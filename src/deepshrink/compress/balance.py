@@ -9,8 +9,8 @@ prunes each to the same sparsity, by magnitude inside the sub-matrix, so every
 PE gets the same number of weights.
 
 It works on any compressible weight (Linear, Conv, LSTM/GRU gates, Embedding)
-and composes with :func:`deepshrink.prune.prune_`: both AND their masks into
-the same :class:`~deepshrink.prune.Mask` through :func:`~deepshrink.prune.apply_mask_`.
+and composes with :func:`deepshrink.compress.prune.prune_`: both AND their masks into
+the same :class:`~deepshrink.compress.prune.Mask` through :func:`~deepshrink.compress.prune.apply_mask_`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from deepshrink.errors import DeepShrinkError
-from deepshrink.prune import LayerSparsity, apply_mask_, check_sparsity, layer_sparsity, sparsity_per_target
-from deepshrink.targets import FilterFn
+from deepshrink.compress.prune import LayerSparsity, apply_mask_, check_sparsity, layer_sparsity, sparsity_per_target
+from deepshrink.compress.targets import FilterFn
 from deepshrink.tensor import CompressedTensor
 
 
@@ -84,16 +84,16 @@ def prune_balanced_(
     """Prune ``model`` in place so that every PE's sub-matrix has the same sparsity.
 
     Args:
-        model: any ``nn.Module``; see :func:`deepshrink.targets.find_targets`.
+        model: any ``nn.Module``; see :func:`deepshrink.compress.targets.find_targets`.
         sparsity: fraction in [0, 1) of each layer to remove, or
             ``{pattern: sparsity}`` (``"*"`` for the rest). As with
-            :func:`~deepshrink.prune.prune_`, it counts weights already pruned.
+            :func:`~deepshrink.compress.prune.prune_`, it counts weights already pruned.
         n_pe: processing elements the rows are interleaved over (ESE and EIE:
             row ``i`` to PE ``i mod n_pe``).
         layers, filter_fn: which weights; see ``find_targets``.
 
     Returns:
-        One :class:`~deepshrink.prune.LayerSparsity` per pruned weight.
+        One :class:`~deepshrink.compress.prune.LayerSparsity` per pruned weight.
 
     Raises:
         DeepShrinkError: an out-of-range sparsity or ``n_pe``, an unknown layer

@@ -1,0 +1,1 @@
+"""The compression stages: pruning, weight sharing, ternary quantization, schedules, training."""

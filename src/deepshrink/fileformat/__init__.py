@@ -1,0 +1,1 @@
+"""The .dsz file format."""
