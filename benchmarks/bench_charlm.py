@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from deepshrink.data.text import char_windows, load_corpus
-from deepshrink.fileformat.codec import write_atomic
+from deepshrink.atomic import write_atomic
 from deepshrink.models import char_lstm
 from deepshrink.compress.prune import prune_, sparsity_report
 from deepshrink.compress.train import TrainConfig, fit

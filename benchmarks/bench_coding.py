@@ -24,7 +24,7 @@ from rich.table import Table
 
 from deepshrink.coding.relative import encode_relative
 from deepshrink.coding.streams import decode_stream, encode_with
-from deepshrink.fileformat.codec import write_atomic
+from deepshrink.atomic import write_atomic
 
 TARGET_S = 1.0  # the target per direction for 10 M symbols
 WIDTH = 5  # Deep Compression's fully connected setting for both streams

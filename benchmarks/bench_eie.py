@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from deepshrink.fileformat.codec import write_atomic  # noqa: E402
+from deepshrink.atomic import write_atomic  # noqa: E402
 from deepshrink.hardware import EIE_BENCHMARK_LAYERS, EIEConfig, pe_layout, simulate_layer, synthetic_layer  # noqa: E402
 from deepshrink.hardware.kernels import queue_schedule  # noqa: E402
 from deepshrink.hardware.layers import synthetic_activations  # noqa: E402

@@ -50,7 +50,7 @@ from rich.table import Table
 
 from deepshrink.engine import SparseMatrix, from_file
 from deepshrink.engine.runner import decoded_model, median_seconds, predict
-from deepshrink.fileformat.codec import write_atomic
+from deepshrink.atomic import write_atomic
 from deepshrink.hardware import EIE_BENCHMARK_LAYERS, synthetic_layer
 from deepshrink.hardware.layers import synthetic_activations
 
@@ -154,8 +154,8 @@ def lenet_file(net: str, path: Path, data_dir: str | None, max_steps: int, conso
     """
     if path.is_file():
         return path, f"`{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}` as found"
-    from deepshrink.fileformat.codec import save
-    from deepshrink.recipes.schema import load_recipe, run_recipe
+    from deepshrink.fileformat.model_io import save
+    from deepshrink.recipes import load_recipe, run_recipe
 
     console.print(f"{path} missing: running the {net} recipe with max_steps={max_steps}")
     recipe = load_recipe(net)

@@ -7,7 +7,7 @@ weights (8-bit conv, 5-bit fc) and fine-tunes briefly. A fully connected weight
 is a conv with 1x1 kernels, so "vector" and "kernel" prune the fc layers
 fine-grained; "filter" removes whole output channels and neurons, "channel"
 whole input channels of conv2 (so whole conv1 filters) and input columns of
-fc1. :func:`deepshrink.compress.groups.shrink` turns each model into plain dense
+fc1. :func:`deepshrink.compress.surgery.shrink` turns each model into plain dense
 modules without the channels pruning emptied.
 
 Columns: test accuracy; weights kept; bytes of the .dsz file (Huffman, 8-bit
@@ -43,8 +43,10 @@ from rich.console import Console
 from rich.table import Table
 
 from deepshrink.data.mnist import load_mnist
-from deepshrink.fileformat.codec import save, write_atomic
-from deepshrink.compress.groups import group_index_bits, shrink
+from deepshrink.atomic import write_atomic
+from deepshrink.fileformat.model_io import save
+from deepshrink.compress.groups import group_index_bits
+from deepshrink.compress.surgery import shrink
 from deepshrink.models import lenet_5
 from deepshrink.compress.quantize import compressed_tensors, share_weights_
 from deepshrink.compress.schedules import gradual_prune

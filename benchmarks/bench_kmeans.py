@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from sklearn.cluster import KMeans
 
-from deepshrink.fileformat.codec import write_atomic
+from deepshrink.atomic import write_atomic
 from deepshrink.compress.quantize import INITS, kmeans_1d
 
 TARGET_S = 2.0  # the target for a 4096x4096 layer at 10% kept

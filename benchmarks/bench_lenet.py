@@ -33,9 +33,13 @@ from rich.console import Console
 from rich.table import Table
 
 from deepshrink.data.common import ENV_VAR
-from deepshrink.fileformat.codec import load, read_bytes, save, write_atomic
+from deepshrink.atomic import read_bytes, write_atomic
+from deepshrink.fileformat.model_io import load, save
 from deepshrink.fileformat.info import FileSize, breakdown, layer_table
-from deepshrink.recipes.schema import MODELS, EncodeStage, load_recipe, load_data, run_recipe
+from deepshrink.data.registry import load_data
+from deepshrink.models.registry import MODELS
+from deepshrink.recipes import load_recipe, run_recipe
+from deepshrink.recipes.schema import EncodeStage
 from deepshrink.compress.train import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]

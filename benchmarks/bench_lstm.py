@@ -41,7 +41,8 @@ from deepshrink.compress.balance import load_balance, prune_balanced_
 from deepshrink.data.fsdd import load_fsdd
 from deepshrink.engine.lstm import SparseLSTM
 from deepshrink.engine.matrix import SparseMatrix
-from deepshrink.fileformat.codec import load, read, save, write_atomic
+from deepshrink.atomic import write_atomic
+from deepshrink.fileformat.model_io import load, read, save
 from deepshrink.hardware import EIEConfig, simulate_network
 from deepshrink.models import lstm_classifier
 from deepshrink.compress.prune import prune_, sparsity_schedule

@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from deepshrink.data.mnist import load_mnist
-from deepshrink.fileformat.codec import write_atomic
+from deepshrink.atomic import write_atomic
 from deepshrink.models import lenet_300_100
 from deepshrink.compress.schedules import gradual_prune, iterative_levels
 from deepshrink.compress.train import TrainConfig, evaluate, fit, iterative_prune

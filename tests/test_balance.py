@@ -121,7 +121,7 @@ def test_bad_sparsity_pattern_and_shared_layer() -> None:
 
 def test_cli_balance_reports_per_pe_loads(tmp_path, capsys: pytest.CaptureFixture) -> None:
     from deepshrink.cli import main
-    from deepshrink.fileformat.codec import save
+    from deepshrink.fileformat.model_io import save
 
     net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
     net[0].weight.data.copy_(skewed_weight(32, 16, n_pe=8))

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepshrink.fileformat.codec import load
+from deepshrink.fileformat.model_io import load
 from deepshrink.fileformat.info import size_breakdown
 from deepshrink.models import lenet_5, lenet_300_100
-from deepshrink.recipes.schema import PruneStage, load_recipe
+from deepshrink.recipes import load_recipe
+from deepshrink.recipes.schema import PruneStage
 from deepshrink.compress.targets import find_targets
 from deepshrink.compress.train import evaluate
 

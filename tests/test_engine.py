@@ -477,7 +477,7 @@ def test_fixed_point_keeps_lenet300_accuracy(lenet300: nn.Module, mnist_test) ->
 
 
 def test_from_file_runs_the_saved_model(lenet300: nn.Module, mnist_test, tmp_path) -> None:
-    from deepshrink.fileformat.codec import save
+    from deepshrink.fileformat.model_io import save
 
     path = tmp_path / "lenet300.dsz"
     save(lenet300, path, factory="deepshrink.models:lenet_300_100")
@@ -492,7 +492,7 @@ def test_from_file_runs_the_saved_model(lenet300: nn.Module, mnist_test, tmp_pat
 
 def test_cli_run_and_bench(lenet300: nn.Module, mnist_test, tmp_path, capsys) -> None:
     from deepshrink.cli import main
-    from deepshrink.fileformat.codec import save
+    from deepshrink.fileformat.model_io import save
 
     path = tmp_path / "net.dsz"
     save(lenet300, path, factory="deepshrink.models:lenet_300_100")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from deepshrink.errors import DeepShrinkError
-from deepshrink.fileformat.codec import read, save, load, load_into, split_model
+from deepshrink.fileformat.model_io import read, save, load, load_into, split_model
 from deepshrink.fileformat.info import size_breakdown
 from deepshrink.models import lenet_5, lenet_300_100
 from deepshrink.compress.prune import prune_

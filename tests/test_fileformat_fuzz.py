@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deepshrink.errors import FileFormatError
-from deepshrink.fileformat.codec import MAGIC, MAX_HEADER_BYTES, PRELUDE, EncodeOptions, decode_file, encode_file, load
+from deepshrink.fileformat.codec import MAGIC, MAX_HEADER_BYTES, PRELUDE, EncodeOptions, decode_file, encode_file
+from deepshrink.fileformat.model_io import load
 from deepshrink.models import lenet_5
 from deepshrink.compress.prune import prune_
 from deepshrink.compress.quantize import share_weights_
@@ -30,7 +31,7 @@ def real_file() -> bytes:
     model = lenet_5()
     prune_(model, sparsity={"conv1.*": 0.34, "conv2.*": 0.88, "fc1.*": 0.92, "fc2.*": 0.81})
     share_weights_(model, bits={"conv*": 6, "fc*": 4})
-    from deepshrink.fileformat.codec import split_model
+    from deepshrink.fileformat.model_io import split_model
 
     tensors, arrays = split_model(model)
     data = encode_file(tensors, arrays, EncodeOptions(coder="huffman"), {"factory": "deepshrink.models:lenet_5", "kwargs": {}})

@@ -5,8 +5,10 @@ import torch
 from torch import nn
 
 from deepshrink import DeepShrinkError, UnsupportedLayerError
-from deepshrink.compress.prune import current_mask, prune_, sparsity_report, sparsity_schedule
-from deepshrink.compress.targets import find_targets, restore_
+from deepshrink.compress.parametrization import current_mask
+from deepshrink.compress.prune import prune_, sparsity_report, sparsity_schedule
+from deepshrink.compress.parametrization import restore_
+from deepshrink.compress.targets import find_targets
 
 
 def _net():

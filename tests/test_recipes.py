@@ -8,12 +8,11 @@ import yaml
 
 from deepshrink import cli
 from deepshrink.errors import DeepShrinkError
-from deepshrink.fileformat.codec import load
+from deepshrink.fileformat.model_io import load
 from deepshrink.models import lenet_300_100
 from deepshrink.compress.prune import sparsity_report
-from deepshrink.recipes.schema import (
-    EncodeStage, PruneStage, ShareStage, builtin_recipes, load_recipe, parse_recipe, run_recipe,
-)
+from deepshrink.recipes import builtin_recipes, load_recipe, parse_recipe, run_recipe
+from deepshrink.recipes.schema import EncodeStage, PruneStage, ShareStage
 from deepshrink.compress.train import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")

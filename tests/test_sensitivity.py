@@ -7,7 +7,7 @@ import torch
 
 from deepshrink.errors import DeepShrinkError
 from deepshrink.compress.prune import sparsity_report
-from deepshrink.recipes.schema import parse_recipe, run_recipe
+from deepshrink.recipes import parse_recipe, run_recipe
 from deepshrink.compress.sensitivity import Sensitivity, sensitivity_scan
 
 pytestmark = pytest.mark.usefixtures("one_thread")

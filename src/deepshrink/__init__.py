@@ -1,7 +1,7 @@
 """deepshrink: Deep Compression and EIE-style inference for PyTorch models."""
 
 from deepshrink.errors import DeepShrinkError, FileFormatError, UnsupportedLayerError
-from deepshrink.fileformat.codec import load, load_into, read, save
+from deepshrink.fileformat.model_io import load, load_into, read, save
 from deepshrink.tensor import CompressedTensor
 
 __all__ = [

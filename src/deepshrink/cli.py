@@ -12,7 +12,10 @@ import torch
 from rich.console import Console
 
 from deepshrink.errors import DeepShrinkError
-from deepshrink.recipes.schema import DATASETS, MODELS, Recipe, build_model, load_data, load_recipe, parse_recipe, run_recipe
+from deepshrink.data.registry import DATASETS, load_data
+from deepshrink.models.registry import MODELS, model_factory
+from deepshrink.recipes import Recipe, load_recipe, parse_recipe, run_recipe
+from deepshrink.fileformat.model_io import build_model
 
 console = Console()
 
@@ -58,7 +61,8 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         _run_recipe(args)
         return
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
-    model = build_model(args.model, kwargs)  # named on the command line by the user: trusted
+    spec = {"factory": model_factory(args.model), "kwargs": kwargs or {}}
+    model = build_model(spec, trust_factory=True)  # named on the command line by the user: trusted
     if args.state_dict:
         model.load_state_dict(torch.load(args.state_dict, map_location="cpu", weights_only=True))
     run_recipe(_flags_recipe(args, kwargs), data_dir=args.data_dir, out=args.out, model=model, console=console)
@@ -103,7 +107,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         layers, samples = network.layers, (network.samples if args.data else None)
     console.print(results_table(layers, samples))
     if args.json:
-        from deepshrink.fileformat.codec import write_atomic
+        from deepshrink.atomic import write_atomic
         write_atomic(args.json, json.dumps([r.as_dict() for r in layers], indent=2).encode())
 
 
@@ -177,7 +181,7 @@ def _cmd_balance(args: argparse.Namespace) -> None:
     from rich.table import Table
 
     from deepshrink.compress.balance import load_balance, pe_loads
-    from deepshrink.fileformat.codec import read
+    from deepshrink.fileformat.model_io import read
 
     contents = read(args.file)
     table = Table(title=f"{args.file}: surviving weights per PE (row i -> PE i mod {args.pes})")

@@ -8,7 +8,8 @@ from rich.table import Table
 from torch import nn
 
 from deepshrink.compress.prune import sparsity_report
-from deepshrink.compress.targets import compression_of, find_targets
+from deepshrink.compress.parametrization import compression_of
+from deepshrink.compress.targets import find_targets
 
 
 def layer_rows(model: nn.Module) -> list[dict]:

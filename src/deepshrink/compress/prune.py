@@ -22,14 +22,15 @@ import torch
 from torch import nn
 
 from deepshrink.errors import DeepShrinkError
-from deepshrink.compress.targets import (
-    FilterFn, Target, compression_of, find_targets, register_compression, reparametrize_, resolve_per_layer,
+from deepshrink.compress.parametrization import (
+    Compression, compression_of, current_mask, register_compression, reparametrize_,
 )
+from deepshrink.compress.targets import FilterFn, Target, find_targets, resolve_per_layer
 from deepshrink.tensor import CompressedTensor
 
 
 @register_compression
-class Mask(nn.Module):
+class Mask(Compression):
     """Parametrization ``w -> w * mask`` (``mask`` a bool buffer of ``w``'s shape)."""
 
     state_keys = ("mask",)
@@ -77,13 +78,6 @@ def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
         raise DeepShrinkError(f"{name}={sparsity!r} must be a number in [0, 1)")
     return float(sparsity)
-
-
-def current_mask(target: Target) -> torch.Tensor:
-    """The bool mask a target computes with (all True if it was never pruned)."""
-    comp = compression_of(target.module, target.param)
-    mask = getattr(comp, "mask", None)
-    return mask if mask is not None else torch.ones_like(target.weight, dtype=torch.bool)
 
 
 def magnitude_threshold(magnitudes: torch.Tensor, sparsity: float) -> float:

@@ -19,10 +19,10 @@ from sklearn.cluster import kmeans_plusplus
 from torch import nn
 
 from deepshrink.errors import DeepShrinkError
-from deepshrink.compress.prune import current_mask
-from deepshrink.compress.targets import (
-    FilterFn, compression_of, find_targets, register_compression, reparametrize_, resolve_per_layer,
+from deepshrink.compress.parametrization import (
+    Compression, compression_of, current_mask, register_compression, reparametrize_,
 )
+from deepshrink.compress.targets import FilterFn, find_targets, resolve_per_layer
 from deepshrink.tensor import MAX_CODE_BITS, CompressedTensor
 
 INITS = ("linear", "density", "random", "kmeans++")
@@ -30,7 +30,7 @@ DEFAULT_BITS = {"conv": 8, "fc": 5}  # AlexNet's setting in Deep Compression
 
 
 @register_compression
-class SharedWeight(nn.Module):
+class SharedWeight(Compression):
     """Parametrization ``w -> where(mask, codebook[codes], 0)``; ignores ``w``."""
 
     state_keys = ("codebook", "codes", "mask", "_extra_state")
@@ -260,7 +260,7 @@ def compressed_tensors(model: nn.Module, layers: Iterable[str] | None = None) ->
     out = {}
     for t in find_targets(model, layers, warn_unsupported=False):
         comp = compression_of(t.module, t.param)
-        if comp is not None and hasattr(comp, "to_compressed"):
+        if isinstance(comp, Compression):
             out[t.name] = comp.to_compressed(t.weight.detach())
     return out
 

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from deepshrink.errors import DeepShrinkError
-from deepshrink.fileformat.codec import write_atomic
+from deepshrink.atomic import write_atomic
 from deepshrink.compress.groups import prune_groups_
 from deepshrink.compress.prune import check_sparsity
 from deepshrink.compress.targets import find_targets

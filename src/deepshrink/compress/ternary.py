@@ -26,8 +26,11 @@ import torch
 from torch import nn
 
 from deepshrink.errors import DeepShrinkError
-from deepshrink.compress.prune import Mask, current_mask
-from deepshrink.compress.targets import FilterFn, compression_of, find_targets, register_compression, reparametrize_
+from deepshrink.compress.parametrization import (
+    Compression, compression_of, current_mask, register_compression, reparametrize_,
+)
+from deepshrink.compress.prune import Mask
+from deepshrink.compress.targets import FilterFn, find_targets
 from deepshrink.tensor import CompressedTensor
 
 DEFAULT_THRESHOLD = 0.05  # t in the paper, a fraction of max |w|
@@ -46,7 +49,7 @@ def check_threshold(threshold: object) -> float:
 
 
 @register_compression
-class TernaryWeight(nn.Module):
+class TernaryWeight(Compression):
     """Parametrization ``w -> Wp * [w > d] - Wn * [w < -d]``, ``d = t * max|w * mask|``.
 
     Args:

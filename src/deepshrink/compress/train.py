@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from deepshrink.errors import DeepShrinkError
-from deepshrink.compress.prune import LayerSparsity, current_mask, prune_
+from deepshrink.compress.parametrization import current_mask
+from deepshrink.compress.prune import LayerSparsity, prune_
 from deepshrink.compress.targets import find_targets
 
 OPTIMIZERS = ("sgd", "adam")

@@ -140,7 +140,7 @@ def from_file(
     workers: int | None = None,
     fixed_point: bool = False,
 ) -> nn.Module:
-    """Build an engine model from a file written by :func:`deepshrink.fileformat.codec.save`.
+    """Build an engine model from a file written by :func:`deepshrink.save`.
 
     Args:
         path: the compressed-model file.
@@ -156,7 +156,7 @@ def from_file(
         DeepShrinkError: the file names no model and ``model`` is not given, or
             the model does not fit the file.
     """
-    from deepshrink.fileformat.codec import build_model, load_into, read
+    from deepshrink.fileformat.model_io import build_model, load_into, read
 
     contents = read(path)
     if model is None:

@@ -27,7 +27,7 @@ from torch import nn
 from deepshrink.engine import kernels
 from deepshrink.engine.matrix import SparseMatrix
 from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
-from deepshrink.compress.targets import compression_of
+from deepshrink.compress.parametrization import Compression, compression_of
 from deepshrink.tensor import CompressedTensor
 
 
@@ -145,10 +145,10 @@ class SparseLSTMLayer:
 
 def _compressed_weight(lstm: nn.LSTM, name: str) -> CompressedTensor:
     comp = compression_of(lstm, name)
-    if comp is None or not hasattr(comp, "to_compressed"):
+    if not isinstance(comp, Compression):
         raise DeepShrinkError(
             f"LSTM weight {name} is not compressed; prune and weight-share it first "
-            "(deepshrink.prune_ / share_weights_) or use SparseLSTM.from_tensors"
+            "(deepshrink.compress.prune_ / share_weights_) or use SparseLSTM.from_tensors"
         )
     return comp.to_compressed(getattr(lstm, name).detach())
 

@@ -23,7 +23,7 @@ def decoded_model(path: str | os.PathLike, trust_factory: bool = False) -> nn.Mo
     This is dense torch at its best (no parametrization recomputed per call): the
     baseline the engine is measured against.
     """
-    from deepshrink.fileformat.codec import load
+    from deepshrink.fileformat.model_io import load
 
     model = load(path, trust_factory=trust_factory)
     if not isinstance(model, nn.Module):
@@ -88,7 +88,7 @@ def load_inputs(path: str | os.PathLike) -> torch.Tensor:
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write ``array`` as ``.npy`` atomically."""
-    from deepshrink.fileformat.codec import write_atomic
+    from deepshrink.atomic import write_atomic
 
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)

@@ -1,1 +1,8 @@
-"""The .dsz file format."""
+"""The ``.dsz`` file format.
+
+- :mod:`.codec`: bytes <-> CompressedTensors and plain arrays (no model code);
+- :mod:`.model_io`: models to and from files (``save``, ``load``, ``load_into``,
+  ``read``; also ``deepshrink.save`` etc.) and the factory trust policy;
+- :mod:`.info`: where every byte of a file goes (``deepshrink info``);
+- :mod:`.export`: dense safetensors / ONNX.
+"""

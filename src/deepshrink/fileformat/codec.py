@@ -1,4 +1,8 @@
-"""The ``.dsz`` container: a set of CompressedTensors plus plain arrays, safe to open.
+"""The ``.dsz`` codec: bytes <-> a set of CompressedTensors plus plain arrays, safe to open.
+
+This module knows bytes and tensors only: it imports nothing from the model side
+(no ``nn.Module`` code, nothing of :mod:`deepshrink.compress`). Saving and
+loading models is :mod:`deepshrink.fileformat.model_io`.
 
 Layout (all little-endian; the full spec is ``docs/fileformat.md``)::
 
@@ -18,16 +22,11 @@ is executed (JSON and raw arrays only, no pickle).
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import os
-import re
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -201,24 +200,6 @@ def encode_file(
     stored = zlib.compress(header_bytes, 9) if deflate_header else header_bytes
     prelude = PRELUDE.pack(MAGIC, FORMAT_VERSION, flags, len(stored), zlib.crc32(stored))
     return b"".join([prelude, stored, *sections])
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, flush it to disk, then rename.
-
-    An interrupted write leaves any old file at ``path`` untouched.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # -- reading ------------------------------------------------------------------
@@ -403,191 +384,3 @@ def decode_file(data: bytes) -> DszContents:
     if model is not None and not isinstance(model, dict):
         raise FileFormatError("header field 'model' is not an object")
     return DszContents(tensors, arrays, model, _get(header, "meta", dict, "header"), header)
-
-
-def read_bytes(path: str | os.PathLike) -> bytes:
-    """The bytes of a file, with a DeepShrinkError (not an OSError) when it cannot be read."""
-    try:
-        return Path(path).read_bytes()
-    except OSError as err:
-        raise DeepShrinkError(f"cannot read {str(path)!r}: {err.strerror or err}") from err
-
-
-
-# -- the public API: models and files -------------------------------------------
-
-_FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
-SAFE_FACTORY_MODULE = "deepshrink.models"  # the only factories a file may name without trust_factory=True
-
-
-def _parametrization_prefix(name: str) -> str:
-    """State-dict prefix of the parametrization internals of parameter ``name``."""
-    module, _, param = name.rpartition(".")
-    return f"{module}.parametrizations.{param}." if module else f"parametrizations.{param}."
-
-
-def split_model(model: torch.nn.Module) -> tuple[dict[str, CompressedTensor], dict[str, torch.Tensor]]:
-    """A model's compressed weights, and the rest of its state dict (parametrization internals left out)."""
-    from deepshrink.compress.quantize import compressed_tensors  # the model side is only needed for models
-
-    tensors = compressed_tensors(model)
-    internal = tuple(_parametrization_prefix(n) for n in tensors)
-    arrays = {k: v for k, v in model.state_dict().items() if not (internal and k.startswith(internal))}
-    return tensors, arrays
-
-
-def _check_factory(factory: str, kwargs: object) -> dict:
-    if not isinstance(factory, str) or not _FACTORY.match(factory):
-        raise DeepShrinkError(f"factory={factory!r} must look like 'package.module:function'")
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-        raise DeepShrinkError(f"factory kwargs {kwargs!r} must be a dict with string keys")
-    return {"factory": factory, "kwargs": kwargs}
-
-
-def save(
-    obj: torch.nn.Module | dict[str, CompressedTensor | torch.Tensor | np.ndarray],
-    path: str | os.PathLike,
-    *,
-    coder: str = "huffman",
-    index_bits: int | dict[str, int] | None = None,
-    layout: str = "auto",
-    codebook_dtype: str = "float32",
-    factory: str | None = None,
-    factory_kwargs: dict | None = None,
-    metadata: dict | None = None,
-) -> int:
-    """Write a compressed model (or a dict of tensors) to ``path``, atomically.
-
-    Args:
-        obj: a model (its deepshrink-compressed weights are stored compressed,
-            every other state-dict entry as a plain array) or a dict of
-            :class:`CompressedTensor` and plain tensors/arrays.
-        path: destination; the old file survives an interrupted save.
-        coder, index_bits, layout, codebook_dtype: see :class:`EncodeOptions`.
-        factory: ``"module:function"`` that builds the architecture, e.g.
-            ``"deepshrink.models:lenet_5"``, so :func:`load` can return a model.
-        factory_kwargs: JSON keyword arguments for ``factory``.
-        metadata: free JSON data kept in the header.
-
-    Returns:
-        The file size in bytes.
-
-    Raises:
-        DeepShrinkError: a bad option (naming the allowed values), a dtype that
-            cannot be stored, or data that is not JSON.
-
-    Examples:
-        >>> import tempfile, os
-        >>> t = CompressedTensor.from_dense(torch.tensor([[0.0, 0.5], [0.5, -1.0]]))
-        >>> path = os.path.join(tempfile.mkdtemp(), "t.dsz")
-        >>> save({"w": t, "b": torch.ones(2)}, path) == os.path.getsize(path)
-        True
-        >>> load(path).tensors["w"].to_dense().tolist()
-        [[0.0, 0.5], [0.5, -1.0]]
-    """
-    options = EncodeOptions(coder, index_bits, layout, codebook_dtype)
-    spec = _check_factory(factory, factory_kwargs or {}) if factory is not None else None
-    if isinstance(obj, torch.nn.Module):
-        tensors, arrays = split_model(obj)
-    elif isinstance(obj, dict):
-        tensors = {k: v for k, v in obj.items() if isinstance(v, CompressedTensor)}
-        arrays = {k: v for k, v in obj.items() if not isinstance(v, CompressedTensor)}
-    else:
-        raise DeepShrinkError(f"save() takes an nn.Module or a dict of tensors, not {type(obj).__name__}")
-    data = encode_file(tensors, arrays, options, spec, metadata)
-    write_atomic(path, data)
-    return len(data)
-
-
-def read(path: str | os.PathLike) -> DszContents:
-    """Read and validate a file without building any model (never imports or runs anything).
-
-    Raises:
-        FileFormatError: the file is damaged, truncated or of another version.
-        DeepShrinkError: it cannot be read at all.
-    """
-    return decode_file(read_bytes(path))
-
-
-def load_into(model: torch.nn.Module, source: str | os.PathLike | DszContents) -> torch.nn.Module:
-    """Make ``model`` compute with exactly the weights in ``source``: the way to rebuild your own architecture.
-
-    Compressed tensors are installed as weight sharing
-    (:func:`deepshrink.compress.quantize.load_compressed_`), the rest with ``load_state_dict``.
-
-    Returns:
-        ``model``, changed in place.
-
-    Raises:
-        DeepShrinkError: a name in the file is not in the model, a shape differs,
-            or the model has state the file does not hold.
-    """
-    from deepshrink.compress.quantize import load_compressed_
-
-    contents = source if isinstance(source, DszContents) else read(source)
-    load_compressed_(model, contents.tensors)
-    internal = tuple(_parametrization_prefix(n) for n in contents.tensors)
-    try:
-        result = model.load_state_dict(contents.arrays, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise DeepShrinkError(f"the file does not fit {type(model).__name__}: {err}") from err
-    missing = [k for k in result.missing_keys if not (internal and k.startswith(internal))]
-    if missing or result.unexpected_keys:
-        raise DeepShrinkError(f"the file does not fit {type(model).__name__}: missing {missing}, "
-                              f"unexpected {result.unexpected_keys}")  # fmt: skip
-    return model
-
-
-def build_model(spec: dict, trust_factory: bool = False) -> torch.nn.Module:
-    """Call the factory a file names; only ``deepshrink.models`` ones unless ``trust_factory``.
-
-    Raises:
-        DeepShrinkError: the factory is not trusted (naming how to opt in),
-            malformed, or cannot be imported.
-    """
-    spec = _check_factory(spec.get("factory"), spec.get("kwargs", {}))
-    module_name, name = spec["factory"].split(":")
-    if not trust_factory:
-        if module_name != SAFE_FACTORY_MODULE:
-            raise DeepShrinkError(f"the file names factory {spec['factory']!r}; loading imports only "
-                                  f"{SAFE_FACTORY_MODULE} factories unless you pass trust_factory=True, "
-                                  "or pass model= your own instance")  # fmt: skip
-        allowed = getattr(importlib.import_module(SAFE_FACTORY_MODULE), "__all__", [])
-        if name not in allowed:
-            raise DeepShrinkError(f"{name!r} is not one of {SAFE_FACTORY_MODULE}'s models: {', '.join(allowed)}")
-    try:
-        factory = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as err:
-        raise DeepShrinkError(f"cannot import factory {spec['factory']!r}: {err}") from err
-    try:
-        return factory(**spec["kwargs"])
-    except TypeError as err:
-        raise DeepShrinkError(f"factory {spec['factory']!r} rejects kwargs {spec['kwargs']}: {err}") from err
-
-
-def load(
-    path: str | os.PathLike, model: torch.nn.Module | None = None, *, trust_factory: bool = False
-) -> torch.nn.Module | DszContents:
-    """Load a file as a model when possible, else as tensors.
-
-    Args:
-        path: a file written by :func:`save`.
-        model: your architecture, built by you; it is filled in place
-            (:func:`load_into`) and returned.
-        trust_factory: allow the file's factory to be imported even outside
-            ``deepshrink.models``. Importing runs code: only for files you trust.
-
-    Returns:
-        The model (given, or built by the file's factory), or the file's
-        :class:`DszContents` when the file names no factory.
-
-    Raises:
-        FileFormatError: the file is damaged.
-        DeepShrinkError: the model does not fit the file, or the factory is not trusted.
-    """
-    contents = read(path)
-    if model is not None:
-        return load_into(model, contents)
-    if contents.model is None:
-        return contents
-    return load_into(build_model(contents.model, trust_factory), contents)

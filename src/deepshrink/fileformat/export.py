@@ -16,7 +16,8 @@ import torch
 from torch.nn.utils import parametrize
 
 from deepshrink.errors import DeepShrinkError
-from deepshrink.fileformat.codec import DszContents, write_atomic
+from deepshrink.atomic import write_atomic
+from deepshrink.fileformat.codec import DszContents
 
 
 def dense_state_dict(source: torch.nn.Module | DszContents) -> dict[str, torch.Tensor]:
@@ -24,7 +25,7 @@ def dense_state_dict(source: torch.nn.Module | DszContents) -> dict[str, torch.T
 
     Args:
         source: a (possibly compressed) model, or a file's contents from
-            :func:`deepshrink.fileformat.codec.read`.
+            :func:`deepshrink.read`.
 
     Returns:
         ``{name: tensor}`` without parametrization internals: ``fc1.weight``,
@@ -104,7 +105,7 @@ def export_file(
         DeepShrinkError: an unknown extension, ONNX without ``input_shape``, or a
             file that names no (trusted) factory for ONNX.
     """
-    from deepshrink.fileformat.codec import build_model, load_into, read
+    from deepshrink.fileformat.model_io import build_model, load_into, read
 
     contents, suffix = read(path), os.path.splitext(str(out))[1].lower()
     if suffix == ".safetensors":

@@ -7,7 +7,7 @@ rows add up to the file size exactly.
 
 Examples:
     >>> import tempfile, os, torch
-    >>> from deepshrink.fileformat.codec import save
+    >>> from deepshrink import save
     >>> t = CompressedTensor.from_dense(torch.tensor([[0.0, 0.5], [0.5, -1.0]]))
     >>> path = os.path.join(tempfile.mkdtemp(), "t.dsz")
     >>> size = save({"w": t}, path)
@@ -27,7 +27,8 @@ from rich.table import Table
 
 from deepshrink.coding.relative import encode_relative
 from deepshrink.coding.streams import CODERS, encode_with
-from deepshrink.fileformat.codec import DszContents, decode_file, read_bytes, write_atomic
+from deepshrink.atomic import read_bytes, write_atomic
+from deepshrink.fileformat.codec import DszContents, decode_file
 from deepshrink.tensor import CompressedTensor
 
 FP32_BYTES = 4  # the dense baseline of every ratio: fp32 weights, as in Deep Compression's tables

@@ -26,7 +26,7 @@ def simulate_file(
     """Simulate every compressed matrix of a ``.dsz`` file on EIE.
 
     Args:
-        path: a file written by :func:`deepshrink.fileformat.codec.save`.
+        path: a file written by :func:`deepshrink.save`.
         config: the hardware.
         act_density: fraction of non-zero inputs assumed for every layer; with neither
             this nor ``data``, every input is non-zero.
@@ -44,10 +44,10 @@ def simulate_file(
         DeepShrinkError: both ``act_density`` and ``data``, an unknown data set, a file
             without a model factory when ``data`` is given, or a damaged file.
     """
-    from deepshrink.fileformat import codec as fileformat
+    from deepshrink.fileformat import model_io
 
     if data is None:
-        return simulate_network(fileformat.read(path).tensors, act_density=act_density, config=config, seed=seed)
+        return simulate_network(model_io.read(path).tensors, act_density=act_density, config=config, seed=seed)
     if act_density is not None:
         raise DeepShrinkError("give either an activation density or a data set, not both")
     if data != "mnist":
@@ -58,7 +58,7 @@ def simulate_file(
     from deepshrink.hardware.activations import layer_inputs
     from deepshrink.compress.quantize import compressed_tensors
 
-    model = fileformat.load(path)
+    model = model_io.load(path)
     if not isinstance(model, torch.nn.Module):
         raise DeepShrinkError(f"{path} names no model factory; simulate it with an activation density instead")
     tensors = compressed_tensors(model)

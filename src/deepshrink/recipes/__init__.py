@@ -1,1 +1,6 @@
-"""Declarative compression recipes."""
+"""Declarative compression recipes: the schema (:mod:`.schema`) and how a recipe runs (:mod:`.runner`)."""
+
+from deepshrink.recipes.runner import run_recipe
+from deepshrink.recipes.schema import Recipe, builtin_recipes, load_recipe, parse_recipe
+
+__all__ = ["Recipe", "builtin_recipes", "load_recipe", "parse_recipe", "run_recipe"]

@@ -1,4 +1,4 @@
-"""Declarative compression recipes: a YAML file naming the model, data and stages.
+"""The recipe schema: a YAML file naming the model, data and stages, checked as data.
 
 A recipe is data, never code: it is read with ``yaml.safe_load`` and checked
 against the tables below before anything runs, and every unknown key or bad
@@ -6,6 +6,7 @@ value raises :class:`~deepshrink.errors.DeepShrinkError` naming the key (with
 its place in the file, e.g. ``stages[1].prune.granularity``) and the allowed
 values. The schema is documented in ``docs/recipes.md``; examples ship in
 ``deepshrink/recipes/builtin/*.yaml`` and can be named without their path.
+:mod:`deepshrink.recipes.runner` runs a checked recipe.
 
 Examples:
     >>> recipe = parse_recipe({"model": "lenet-300-100", "data": "digits",
@@ -21,35 +22,26 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import time
 from dataclasses import dataclass, field
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
-import torch
 import yaml
-from rich.console import Console
-from torch import nn
 
+from deepshrink.compress.groups import GRANULARITIES
+from deepshrink.compress.prune import check_sparsity
+from deepshrink.compress.quantize import INITS, check_bits
+from deepshrink.compress.schedules import check_ramp
+from deepshrink.compress.sensitivity import DEFAULT_SPARSITIES, check_sparsities
+from deepshrink.compress.ternary import DEFAULT_THRESHOLD, check_threshold
+from deepshrink.compress.train import OPTIMIZERS, SCHEDULES
+from deepshrink.data.registry import DATASETS
 from deepshrink.errors import DeepShrinkError
-from deepshrink.fileformat.codec import SAFE_FACTORY_MODULE
-from deepshrink.compress.groups import GRANULARITIES, prune_groups_
-from deepshrink.compress.prune import check_sparsity, prune_
-from deepshrink.compress.quantize import INITS, check_bits, share_weights_
-from deepshrink.report import layer_table, rows_table
-from deepshrink.compress.schedules import check_ramp, gradual_prune, iterative_levels
-from deepshrink.compress.sensitivity import DEFAULT_SPARSITIES, check_sparsities, sensitivity_scan
-from deepshrink.compress.ternary import DEFAULT_THRESHOLD, check_threshold, ternarize_
-from deepshrink.compress.train import OPTIMIZERS, SCHEDULES, TrainConfig, evaluate, fit, iterative_prune
+from deepshrink.fileformat.codec import EncodeOptions
 
-MODELS = {"lenet-300-100": "deepshrink.models:lenet_300_100", "lenet-5": "deepshrink.models:lenet_5"}
-DATASETS = ("mnist", "digits")
 PRUNE_SCHEDULES = ("iterative", "gradual")
 SCOPES = ("layer", "global")
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
-
-Data = tuple[torch.Tensor, torch.Tensor]
 
 
 # -- value checks: each names the key and what it accepts --------------------------------------
@@ -125,6 +117,7 @@ def _sparsity(v: object, key: str) -> float:
 
 # -- stages ---------------------------------------------------------------------------------------
 
+
 @dataclass
 class TrainStage:
     """Train (the dense model, or any model as it is): ``train:`` in a recipe."""
@@ -144,15 +137,6 @@ class TrainStage:
         self.weight_decay = _number(self.weight_decay, "weight_decay", 0)
         _choice(self.optimizer, "optimizer", OPTIMIZERS)
         _choice(self.lr_schedule, "lr_schedule", SCHEDULES)
-
-    def config(self, recipe: "Recipe") -> TrainConfig:
-        """The :class:`TrainConfig` of this stage under ``recipe``'s batch size, seed and step cap."""
-        return TrainConfig(epochs=self.epochs, lr=self.lr, momentum=self.momentum,
-                           weight_decay=self.weight_decay, optimizer=self.optimizer, schedule=self.lr_schedule,
-                           batch_size=recipe.batch_size, seed=recipe.seed, max_steps=recipe.max_steps)
-
-    def run(self, model: nn.Module, train: Data, recipe: "Recipe", console: Console) -> None:
-        fit(model, train, self.config(recipe), description=type(self).__name__.removesuffix("Stage").lower())
 
 
 @dataclass
@@ -178,18 +162,6 @@ class SensitivitySpec:
         self.sparsities = list(check_sparsities(_coerce(s) for s in self.sparsities))
         self.samples = _number(self.samples, "samples", 1, integer=True)
         _text(self.plot, "plot")
-
-    def propose(self, model: nn.Module, train: Data, granularity: object, layers: list[str] | None,
-                console: Console) -> dict[str, float]:
-        """Scan ``model`` on the tail of ``train`` and return the per-layer sparsities."""
-        held = (train[0][-self.samples:], train[1][-self.samples:])
-        scan = sensitivity_scan(model, held, self.sparsities, granularity=granularity, layers=layers)
-        console.print(scan.table())
-        if self.plot:
-            scan.plot(self.plot, self.max_drop)
-        proposal = scan.propose(self.max_drop)
-        console.print(f"sensitivity (max drop {self.max_drop:g}) proposes: {proposal}")
-        return proposal
 
 
 @dataclass
@@ -238,27 +210,6 @@ class PruneStage(TrainStage):
         if self.scope == "global" and (coarse or self.sensitivity or isinstance(self.sparsity or self.quality, dict)):
             raise DeepShrinkError("scope: global needs granularity: fine and one scalar sparsity or quality")
 
-    def run(self, model: nn.Module, train: Data, recipe: "Recipe", console: Console) -> None:
-        if self.sensitivity is not None:
-            proposal = self.sensitivity.propose(model, train, self.granularity, self.layers, console)
-            dataclasses.replace(self, sensitivity=None, sparsity=proposal).run(model, train, recipe, console)
-        elif self.schedule == "gradual":
-            gradual_prune(model, self.sparsity, train, self.config(recipe), every=self.every,
-                          granularity=self.granularity, ramp=self.ramp, layers=self.layers)
-        elif self.quality is not None:
-            iterative_prune(model, [self.quality] * self.steps, train, self.config(recipe),
-                            prune_fn=_prune_by_quality, scope=self.scope, layers=self.layers)
-        elif self.scope == "global":
-            iterative_prune(model, iterative_levels(self.sparsity, self.steps), train, self.config(recipe),
-                            scope="global", layers=self.layers)
-        else:
-            iterative_prune(model, iterative_levels(self.sparsity, self.steps), train, self.config(recipe),
-                            prune_fn=prune_groups_, granularity=self.granularity, layers=self.layers)
-
-
-def _prune_by_quality(model: nn.Module, quality: object, **kwargs: object) -> list:
-    return prune_(model, quality=quality, **kwargs)
-
 
 @dataclass
 class ShareStage(TrainStage):
@@ -277,11 +228,6 @@ class ShareStage(TrainStage):
         _choice(self.init, "init", INITS)
         self.layers = _patterns(self.layers, "layers")
 
-    def run(self, model: nn.Module, train: Data, recipe: "Recipe", console: Console) -> None:
-        share_weights_(model, self.bits, init=self.init, seed=recipe.seed, layers=self.layers)
-        if self.epochs > 0:
-            fit(model, train, self.config(recipe), description="fine-tune centroids")
-
 
 @dataclass
 class TernaryStage(TrainStage):
@@ -298,15 +244,10 @@ class TernaryStage(TrainStage):
         self.threshold = check_threshold(_coerce(self.threshold))
         self.layers = _patterns(self.layers, "layers")
 
-    def run(self, model: nn.Module, train: Data, recipe: "Recipe", console: Console) -> None:
-        ternarize_(model, self.threshold, layers=self.layers)
-        if self.epochs > 0:
-            fit(model, train, self.config(recipe), description="train ternary")
-
 
 @dataclass
 class EncodeStage:
-    """How the output file is written: ``encode:`` (options of ``deepshrink.fileformat.codec.save``)."""
+    """How the output file is written: ``encode:`` (options of :func:`deepshrink.save`)."""
 
     coder: str = "huffman"
     index_bits: int | dict[str, int] | None = None  # None: 8 for conv, 5 for fully connected
@@ -314,10 +255,9 @@ class EncodeStage:
     codebook_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        from deepshrink.fileformat.codec import EncodeOptions  # it checks the values and names the allowed ones
-
         if self.index_bits is not None:
             self.index_bits = _per_layer(self.index_bits, "index_bits", lambda v, k: _number(v, k, 1, 16, integer=True))
+        # EncodeOptions checks the values and names the allowed ones
         EncodeOptions(coder=self.coder, index_bits=self.index_bits, layout=self.layout,
                       codebook_dtype=self.codebook_dtype)
 
@@ -441,112 +381,3 @@ def load_recipe(source: str | Path) -> Recipe:
         return parse_recipe(raw)
     except DeepShrinkError as err:
         raise DeepShrinkError(f"{path}: {err}") from None
-
-
-# -- running ------------------------------------------------------------------------------------
-
-def build_model(spec: str, kwargs: dict | None = None) -> nn.Module:
-    """A model from one of :data:`MODELS`' names or a user's ``module:factory``.
-
-    Raises:
-        DeepShrinkError: neither, or the factory cannot be imported.
-    """
-    target = MODELS.get(spec, spec)
-    if ":" not in target:
-        raise DeepShrinkError(f"model {spec!r} is neither one of {', '.join(MODELS)} nor 'module:factory'")
-    module_name, factory = target.split(":", 1)
-    try:
-        fn = getattr(importlib.import_module(module_name), factory)
-    except (ImportError, AttributeError) as err:
-        raise DeepShrinkError(f"cannot import model factory {target!r}: {err}") from err
-    return fn(**(kwargs or {}))
-
-
-def load_data(name: str, data_dir: str | None, split: str) -> Data:
-    """``(inputs, labels)`` of one of :data:`DATASETS`.
-
-    Raises:
-        DeepShrinkError: an unknown data set, or its files are missing.
-    """
-    if name == "digits":
-        from deepshrink.data.digits import load_digits
-        return load_digits(split)
-    if name == "mnist":
-        from deepshrink.data.mnist import load_mnist
-        return load_mnist(data_dir, split)
-    raise DeepShrinkError(f"data set {name!r} must be one of {', '.join(DATASETS)}")
-
-
-def run_recipe(
-    recipe: Recipe | str | Path,
-    *,
-    data_dir: str | None = None,
-    out: str | None = None,
-    model: nn.Module | None = None,
-    console: Console | None = None,
-    trust_factory: bool = False,
-) -> dict:
-    """Run a recipe's stages in order and write the compressed file if it names one.
-
-    Args:
-        recipe: a :class:`Recipe`, a YAML path or a built-in name.
-        data_dir: overrides the recipe's ``data_dir``.
-        out: overrides the recipe's ``out``.
-        model: start from this model instead of building ``recipe.model``.
-        console: where tables go.
-        trust_factory: allow a ``model`` factory outside ``deepshrink.models``;
-            importing it runs its code, so a recipe from elsewhere cannot do
-            that unless you say so (as :func:`deepshrink.fileformat.codec.load`).
-
-    Returns:
-        ``{"model", "stages": [{"stage", "accuracy", "seconds"}], "start_accuracy",
-        "accuracy", "out", "bytes"}``.
-
-    Raises:
-        DeepShrinkError: an invalid recipe, a missing data set or model factory,
-            an untrusted factory.
-    """
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    console = console or Console()
-    data_dir = data_dir or recipe.data_dir
-    out = out or recipe.out
-    torch.manual_seed(recipe.seed)
-    if model is None:
-        factory = MODELS.get(recipe.model, recipe.model)
-        if not trust_factory and factory.split(":", 1)[0] != SAFE_FACTORY_MODULE:
-            raise DeepShrinkError(f"the recipe names model factory {recipe.model!r}; importing it runs its code, so "
-                                  f"only {', '.join(MODELS)} are built unless you trust the recipe "
-                                  f"(--trust-factory, trust_factory=True) or pass model=")
-        model = build_model(recipe.model, recipe.model_kwargs)
-        if recipe.state_dict:
-            model.load_state_dict(torch.load(recipe.state_dict, map_location="cpu", weights_only=True))
-    train, test = load_data(recipe.data, data_dir, "train"), load_data(recipe.data, data_dir, "test")
-    result: dict = {"model": model, "stages": [], "start_accuracy": evaluate(model, test), "out": None, "bytes": None}
-    encode = EncodeStage()
-    for i, stage in enumerate(recipe.stages):
-        if isinstance(stage, EncodeStage):
-            encode = stage
-            continue
-        name = next(k for k, cls in STAGES.items() if type(stage) is cls)
-        start = time.perf_counter()
-        stage.run(model, train, recipe, console)
-        row = {"stage": f"{i}: {name}", "accuracy": evaluate(model, test), "seconds": time.perf_counter() - start}
-        result["stages"].append(row)
-        console.print(f"after {row['stage']}: accuracy {row['accuracy']:.4f} ({row['seconds']:.1f} s)")
-    result["accuracy"] = result["stages"][-1]["accuracy"] if result["stages"] else result["start_accuracy"]
-    console.print(rows_table(result["stages"], f"recipe {recipe.name or recipe.model}: start accuracy "
-                                               f"{result['start_accuracy']:.4f}"))
-    console.print(layer_table(model, "compressed layers"))
-    if out is not None:
-        result["bytes"] = _save(model, out, recipe, encode)
-        result["out"] = out
-        console.print(f"wrote {out}: {result['bytes']:,} bytes")
-    return result
-
-
-def _save(model: nn.Module, out: str, recipe: Recipe, encode: EncodeStage) -> int:
-    from deepshrink.fileformat.codec import save
-
-    factory = MODELS.get(recipe.model, recipe.model)
-    return save(model, out, factory=factory, factory_kwargs=recipe.model_kwargs or None,
-                metadata={"recipe": recipe.name or recipe.model}, **encode.options())

@@ -1,0 +1,177 @@
+"""Running a recipe: each stage's compression step and training, in order, then the file.
+
+:func:`run_recipe` builds the model (under the one factory trust policy,
+:func:`deepshrink.fileformat.model_io.build_model`), loads the data, runs every
+stage of a :class:`~deepshrink.recipes.schema.Recipe` and writes the compressed
+file with the recipe's ``encode`` options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from deepshrink.compress.groups import prune_groups_
+from deepshrink.compress.prune import prune_
+from deepshrink.compress.quantize import share_weights_
+from deepshrink.compress.schedules import gradual_prune, iterative_levels
+from deepshrink.compress.sensitivity import sensitivity_scan
+from deepshrink.compress.ternary import ternarize_
+from deepshrink.compress.train import TrainConfig, evaluate, fit, iterative_prune
+from deepshrink.data.registry import Data, load_data
+from deepshrink.fileformat.model_io import build_model, save
+from deepshrink.models.registry import model_factory
+from deepshrink.recipes.schema import (
+    STAGES, EncodeStage, FinetuneStage, PruneStage, Recipe, SensitivitySpec, ShareStage, TernaryStage, TrainStage,
+    load_recipe,
+)
+from deepshrink.report import layer_table, rows_table
+
+
+def train_config(stage: TrainStage, recipe: Recipe) -> TrainConfig:
+    """The :class:`TrainConfig` of ``stage`` under ``recipe``'s batch size, seed and step cap."""
+    return TrainConfig(epochs=stage.epochs, lr=stage.lr, momentum=stage.momentum,
+                       weight_decay=stage.weight_decay, optimizer=stage.optimizer, schedule=stage.lr_schedule,
+                       batch_size=recipe.batch_size, seed=recipe.seed, max_steps=recipe.max_steps)
+
+
+def _train(stage: TrainStage, model: nn.Module, train: Data, recipe: Recipe, console: Console) -> None:
+    fit(model, train, train_config(stage, recipe), description=type(stage).__name__.removesuffix("Stage").lower())
+
+
+def propose_sparsities(spec: SensitivitySpec, model: nn.Module, train: Data, granularity: object,
+                       layers: list[str] | None, console: Console) -> dict[str, float]:
+    """Scan ``model`` on the tail of ``train`` and return the per-layer sparsities ``spec`` allows."""
+    held = (train[0][-spec.samples:], train[1][-spec.samples:])
+    scan = sensitivity_scan(model, held, spec.sparsities, granularity=granularity, layers=layers)
+    console.print(scan.table())
+    if spec.plot:
+        scan.plot(spec.plot, spec.max_drop)
+    proposal = scan.propose(spec.max_drop)
+    console.print(f"sensitivity (max drop {spec.max_drop:g}) proposes: {proposal}")
+    return proposal
+
+
+def _prune(stage: PruneStage, model: nn.Module, train: Data, recipe: Recipe, console: Console) -> None:
+    if stage.sensitivity is not None:
+        proposal = propose_sparsities(stage.sensitivity, model, train, stage.granularity, stage.layers, console)
+        _prune(dataclasses.replace(stage, sensitivity=None, sparsity=proposal), model, train, recipe, console)
+        return
+    config = train_config(stage, recipe)
+    if stage.schedule == "gradual":
+        gradual_prune(model, stage.sparsity, train, config, every=stage.every,
+                      granularity=stage.granularity, ramp=stage.ramp, layers=stage.layers)
+    elif stage.quality is not None:
+        iterative_prune(model, [stage.quality] * stage.steps, train, config,
+                        prune_fn=_prune_by_quality, scope=stage.scope, layers=stage.layers)
+    elif stage.scope == "global":
+        iterative_prune(model, iterative_levels(stage.sparsity, stage.steps), train, config,
+                        scope="global", layers=stage.layers)
+    else:
+        iterative_prune(model, iterative_levels(stage.sparsity, stage.steps), train, config,
+                        prune_fn=prune_groups_, granularity=stage.granularity, layers=stage.layers)
+
+
+def _prune_by_quality(model: nn.Module, quality: object, **kwargs: object) -> list:
+    return prune_(model, quality=quality, **kwargs)
+
+
+def _share(stage: ShareStage, model: nn.Module, train: Data, recipe: Recipe, console: Console) -> None:
+    share_weights_(model, stage.bits, init=stage.init, seed=recipe.seed, layers=stage.layers)
+    if stage.epochs > 0:
+        fit(model, train, train_config(stage, recipe), description="fine-tune centroids")
+
+
+def _ternary(stage: TernaryStage, model: nn.Module, train: Data, recipe: Recipe, console: Console) -> None:
+    ternarize_(model, stage.threshold, layers=stage.layers)
+    if stage.epochs > 0:
+        fit(model, train, train_config(stage, recipe), description="train ternary")
+
+
+# How each stage runs, by its exact class (every training stage derives from TrainStage).
+RUNNERS: dict[type, Callable[..., None]] = {
+    TrainStage: _train,
+    FinetuneStage: _train,
+    PruneStage: _prune,
+    ShareStage: _share,
+    TernaryStage: _ternary,
+}
+
+
+def run_stage(stage: TrainStage, model: nn.Module, train: Data, recipe: Recipe, console: Console) -> None:
+    """Run one (non-encode) stage of ``recipe`` on ``model``, in place."""
+    RUNNERS[type(stage)](stage, model, train, recipe, console)
+
+
+def run_recipe(
+    recipe: Recipe | str | Path,
+    *,
+    data_dir: str | None = None,
+    out: str | None = None,
+    model: nn.Module | None = None,
+    console: Console | None = None,
+    trust_factory: bool = False,
+) -> dict:
+    """Run a recipe's stages in order and write the compressed file if it names one.
+
+    Args:
+        recipe: a :class:`Recipe`, a YAML path or a built-in name.
+        data_dir: overrides the recipe's ``data_dir``.
+        out: overrides the recipe's ``out``.
+        model: start from this model instead of building ``recipe.model``.
+        console: where tables go.
+        trust_factory: allow a ``model`` factory outside ``deepshrink.models``;
+            importing it runs its code, so a recipe from elsewhere cannot do
+            that unless you say so (as :func:`deepshrink.load`).
+
+    Returns:
+        ``{"model", "stages": [{"stage", "accuracy", "seconds"}], "start_accuracy",
+        "accuracy", "out", "bytes"}``.
+
+    Raises:
+        DeepShrinkError: an invalid recipe, a missing data set or model factory,
+            an untrusted factory.
+    """
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    console = console or Console()
+    data_dir = data_dir or recipe.data_dir
+    out = out or recipe.out
+    torch.manual_seed(recipe.seed)
+    if model is None:
+        spec = {"factory": model_factory(recipe.model), "kwargs": recipe.model_kwargs}
+        model = build_model(spec, trust_factory, source="the recipe")
+        if recipe.state_dict:
+            model.load_state_dict(torch.load(recipe.state_dict, map_location="cpu", weights_only=True))
+    train, test = load_data(recipe.data, data_dir, "train"), load_data(recipe.data, data_dir, "test")
+    result: dict = {"model": model, "stages": [], "start_accuracy": evaluate(model, test), "out": None, "bytes": None}
+    encode = EncodeStage()
+    for i, stage in enumerate(recipe.stages):
+        if isinstance(stage, EncodeStage):
+            encode = stage
+            continue
+        name = next(k for k, cls in STAGES.items() if type(stage) is cls)
+        start = time.perf_counter()
+        run_stage(stage, model, train, recipe, console)
+        row = {"stage": f"{i}: {name}", "accuracy": evaluate(model, test), "seconds": time.perf_counter() - start}
+        result["stages"].append(row)
+        console.print(f"after {row['stage']}: accuracy {row['accuracy']:.4f} ({row['seconds']:.1f} s)")
+    result["accuracy"] = result["stages"][-1]["accuracy"] if result["stages"] else result["start_accuracy"]
+    console.print(rows_table(result["stages"], f"recipe {recipe.name or recipe.model}: start accuracy "
+                                               f"{result['start_accuracy']:.4f}"))
+    console.print(layer_table(model, "compressed layers"))
+    if out is not None:
+        result["bytes"] = _save(model, out, recipe, encode)
+        result["out"] = out
+        console.print(f"wrote {out}: {result['bytes']:,} bytes")
+    return result
+
+
+def _save(model: nn.Module, out: str, recipe: Recipe, encode: EncodeStage) -> int:
+    return save(model, out, factory=model_factory(recipe.model), factory_kwargs=recipe.model_kwargs or None,
+                metadata={"recipe": recipe.name or recipe.model}, **encode.options())
