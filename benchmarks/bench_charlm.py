@@ -4,8 +4,8 @@ Trains a dense character model (embedding 64, LSTM 256, linear read-out; cached 
 ``--cache``), then prunes it step by step to each sparsity of ``--sparsities`` (the LSTM
 gates and the read-out; the embedding too), retraining briefly after each step, and
 reports validation perplexity and a sample of generated text, as the seed's caption
-examples do. Writes ``results/charlm.json`` and ``results/charlm.md`` (committed copy:
-``docs/results/charlm.md``). Run from the repository root: ``python benchmarks/bench_charlm.py``.
+examples do. Writes ``results/charlm.json`` and ``results/charlm.md`` (``docs/results/charlm.md`` is that
+page with a reading added by hand). Run from the repository root: ``python benchmarks/bench_charlm.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,18 +22,19 @@ from rich.console import Console
 from rich.table import Table
 
 from deepshrink.data.text import char_windows, load_corpus
-from deepshrink.atomic import write_atomic
 from deepshrink.models import char_lstm
 from deepshrink.compress.prune import prune_, sparsity_report
 from deepshrink.compress.train import TrainConfig, fit
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, add_data_dir, add_output, write_results
+
 console = Console()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", default=os.environ.get("DEEPSHRINK_DATA", str(ROOT.parent / "shared" / "data")))
+    add_data_dir(p)
+    add_output(p)
     p.add_argument("--cache", default=str(ROOT / "runs" / "charlm"))
     p.add_argument("--dense-epochs", type=float, default=4.0)
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75, 0.9, 0.95])
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> dict:
         rows.append({"sparsity": s, "kept": sum(r.kept for r in report) / sum(r.weights for r in report),
                      "perplexity_before_retraining": before, "perplexity": perplexity(model, val),
                      "text": sample(model, corpus, args.prompt, args.seed), "seconds": time.perf_counter() - start})
-    return {"settings": {k: v for k, v in vars(args).items() if k not in ("data_dir", "cache")}, "rows": rows}
+    return {"settings": {k: v for k, v in vars(args).items() if k not in ("data_dir", "cache", "out_dir", "publish")}, "rows": rows}
 
 
 def markdown(results: dict) -> str:
@@ -112,18 +112,16 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    results = run(parse_args(argv))
+    args = parse_args(argv)
+    results = run(args)
     table = Table(title="character LSTM on tinyshakespeare")
     for col in ("pruned", "kept", "val perplexity"):
         table.add_column(col, justify="right")
     for r in results["rows"]:
         table.add_row(f"{r['sparsity']:.0%}", f"{r['kept']:.1%}", f"{r['perplexity']:.2f}")
     console.print(table)
-    out = ROOT / "results"
-    out.mkdir(exist_ok=True)
-    write_atomic(out / "charlm.json", json.dumps(results, indent=2).encode())
-    write_atomic(out / "charlm.md", markdown(results).encode())
-    console.print(f"wrote {out / 'charlm.md'}")
+    for folder in write_results(args, "charlm", results, markdown):
+        console.print(f"wrote {folder / 'charlm.md'} and charlm.json")
     return 0
 
 

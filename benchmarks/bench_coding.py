@@ -7,13 +7,14 @@ measured in the same run: zlib (deflate, level 6) on the same symbols, one byte
 each.
 
 Usage:
-    python benchmarks/bench_coding.py [--symbols 10000000] [--repeats 3] [--out results]
+    python benchmarks/bench_coding.py [--symbols 10000000] [--repeats 3] [--out-dir results]
+
+Writes ``results/bench_coding.json`` and ``.md`` (``docs/results/bench_coding.md`` adds a reading by hand).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import zlib
 from pathlib import Path
@@ -24,7 +25,8 @@ from rich.table import Table
 
 from deepshrink.coding.relative import encode_relative
 from deepshrink.coding.streams import decode_stream, encode_with
-from deepshrink.atomic import write_atomic
+
+from common import add_output, write_results
 
 TARGET_S = 1.0  # the issue's target per direction for 10 M symbols
 WIDTH = 5  # Deep Compression's fully connected setting for both streams
@@ -72,11 +74,20 @@ def measure(symbols: np.ndarray, coder: str, repeats: int) -> dict:
     return {"coder": coder, "encode_s": enc_s, "decode_s": dec_s, "bits_per_symbol": 8 * n_bytes / symbols.size}
 
 
+def page(rows: list[dict]) -> str:
+    """The results as a markdown table."""
+    lines = ["| stream | coder | encode s | decode s | bits/symbol | entropy | encode x zlib | decode x zlib |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['stream']} | {r['coder']} | {r['encode_s']:.3f} | {r['decode_s']:.3f} | {r['bits_per_symbol']:.3f} | "
+              f"{r['entropy']:.3f} | {r['encode_vs_zlib']:.1f}x | {r['decode_vs_zlib']:.1f}x |" for r in rows]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--symbols", type=int, default=10_000_000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default="results", help="folder for bench_coding.json and .md")
+    add_output(parser)
     args = parser.parse_args()
 
     console = Console()
@@ -103,15 +114,8 @@ def main() -> None:
                       "-" if r["coder"] == "zlib" else ("met" if ok else "MISSED"))  # fmt: skip
     console.print(table)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "bench_coding.json", json.dumps(rows, indent=2).encode())
-    lines = ["| stream | coder | encode s | decode s | bits/symbol | entropy | encode x zlib | decode x zlib |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {r['stream']} | {r['coder']} | {r['encode_s']:.3f} | {r['decode_s']:.3f} | {r['bits_per_symbol']:.3f} | "
-              f"{r['entropy']:.3f} | {r['encode_vs_zlib']:.1f}x | {r['decode_vs_zlib']:.1f}x |" for r in rows]  # fmt: skip
-    write_atomic(out / "bench_coding.md", ("\n".join(lines) + "\n").encode())
-    console.print(f"wrote {out / 'bench_coding.json'} and {out / 'bench_coding.md'}")
+    write_results(args, "bench_coding", rows, page)
+    console.print(f"wrote {Path(args.out_dir) / 'bench_coding.json'} and .md")
 
 
 if __name__ == "__main__":

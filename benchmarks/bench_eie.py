@@ -6,17 +6,17 @@ paper's figures do, simulates a LeNet-300-100 compressed on real MNIST with its 
 activations, and times the simulator against a plain-Python cycle-stepped scheduler
 measured in the same run.
 
-    python benchmarks/bench_eie.py            # writes docs/results/eie.md and two PNGs
+    python benchmarks/bench_eie.py              # results/eie.{json,md} and two PNGs
+    python benchmarks/bench_eie.py --publish    # also docs/results/eie.md and the PNGs
 
-Outputs: docs/results/eie.md, docs/results/eie_fifo_depth.png,
-docs/results/eie_pe_scaling.png, results/eie.json (not committed).
+Outputs: eie.json, eie.md, eie_fifo_depth.png and eie_pe_scaling.png in results/ (not
+committed); with --publish the page and PNGs in docs/results/ too.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 import tempfile
@@ -31,12 +31,11 @@ import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from deepshrink.atomic import write_atomic  # noqa: E402
 from deepshrink.hardware import EIE_BENCHMARK_LAYERS, EIEConfig, pe_layout, simulate_layer, synthetic_layer  # noqa: E402
 from deepshrink.hardware.kernels import queue_schedule  # noqa: E402
 from deepshrink.hardware.layers import synthetic_activations  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, add_data_dir, add_output, write_results  # noqa: E402
 ALEX7_PUBLISHED_US = 12.2  # EIE (Han et al., ISCA 2016), Alex-7 on 64 PEs at 800 MHz
 HEADLINE_SPEEDUP = {"CPU dense": 189.0, "GPU dense": 13.0}  # EIE abstract, against uncompressed DNNs
 # Published wall-clock time per layer at batch 1, us (docs/reference.md; i7-5930K + MKL, Titan X + cuBLAS/cuSPARSE).
@@ -187,7 +186,9 @@ def plots(fifo: dict, pes: dict, out: Path) -> None:
     save_png(fig, out / "eie_pe_scaling.png")
 
 
-def markdown(rows: list[dict], fifo: dict, pes: dict, speed: dict, lenet: dict, total_s: float) -> str:
+def markdown(result: dict) -> str:
+    rows, fifo, pes, speed, lenet = (result[k] for k in ("layers", "fifo_sweep", "pe_sweep", "scheduler", "lenet"))
+    total_s = result["seconds"]
     alex7 = next(r for r in rows if r["name"] == "Alex-7")
     lines = [
         "# EIE simulator: benchmark layers",
@@ -259,9 +260,8 @@ def console_table(rows: list[dict]) -> Table:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "docs" / "results"), help="folder for eie.md and the PNGs")
-    parser.add_argument("--data-dir", default=os.environ.get("DEEPSHRINK_DATA", str(ROOT.parent / "shared" / "data")),
-                        help="data root holding mnist/ (default $DEEPSHRINK_DATA, else ../shared/data)")
+    add_data_dir(parser)
+    add_output(parser, publish=True)
     args = parser.parse_args()
     console = Console()
     began = time.perf_counter()
@@ -275,14 +275,11 @@ def main() -> None:
     console.print(console_table(rows))
     for platform in PLATFORMS:
         console.print(f"geo-mean speed-up vs {platform}: {geomean([r['speedup'][platform] for r in rows]):.0f}x")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    plots(fifo, pes, out)
-    write_atomic(out / "eie.md", markdown(rows, fifo, pes, speed, lenet, time.perf_counter() - began).encode())
-    (ROOT / "results").mkdir(exist_ok=True)
-    write_atomic(ROOT / "results" / "eie.json",
-                 json.dumps({"layers": rows, "fifo_sweep": fifo, "pe_sweep": pes, "scheduler": speed, "lenet": lenet}, indent=1).encode())
-    console.print(f"wrote {out / 'eie.md'} and the plots")
+    result = {"layers": rows, "fifo_sweep": fifo, "pe_sweep": pes, "scheduler": speed, "lenet": lenet,
+              "seconds": time.perf_counter() - began}
+    for folder in write_results(args, "eie", result, markdown):
+        plots(fifo, pes, folder)
+        console.print(f"wrote {folder / 'eie.md'} and the plots")
 
 
 if __name__ == "__main__":

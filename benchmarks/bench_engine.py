@@ -17,13 +17,14 @@ shared machine the ratios drift with the neighbours' load, so the layer suite is
 measured ``--runs`` times one after another; the page gives medians, the spread,
 and in how many runs each target was met.
 
-    python benchmarks/bench_engine.py                     # writes docs/results/engine.md
+    python benchmarks/bench_engine.py                     # writes results/engine.{json,md}
+    python benchmarks/bench_engine.py --publish           # also docs/results/engine.md
     python benchmarks/bench_engine.py --runs 1 --repeats 5 --layers Alex-7 VGG-7 --no-lenet   # quick look
 
 The LeNet files default to ``results/<net>.dsz`` as ``benchmarks/bench_lenet.py``
 writes them; a missing one is made here by the net's built-in recipe, capped at
-``--recipe-max-steps`` training steps per stage. Outputs: docs/results/engine.md,
-results/engine.json (not committed).
+``--recipe-max-steps`` training steps per stage. Outputs: results/engine.json and
+results/engine.md (not committed); with --publish the page in docs/results/ too.
 """
 
 from __future__ import annotations
@@ -50,17 +51,15 @@ from rich.table import Table
 
 from deepshrink.engine import SparseMatrix, from_file
 from deepshrink.engine.runner import decoded_model, median_seconds, predict
-from deepshrink.atomic import write_atomic
 from deepshrink.hardware import EIE_BENCHMARK_LAYERS, synthetic_layer
 from deepshrink.hardware.layers import synthetic_activations
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_eie import PUBLISHED_US, geomean  # noqa: E402 (published figures kept in one place)
+from deepshrink.models.registry import MODELS
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_eie import PUBLISHED_US, geomean  # published figures kept in one place
+from common import ROOT, add_data_dir, add_output, write_results
 TARGET_VS_DENSE = {"Alex-6": 10.0, "Alex-7": 10.0, "VGG-6": 10.0, "VGG-7": 10.0}  # the issue's batch-1 targets
 TARGET_VS_TORCH_CSR = 3.0
-NETS = {"lenet-300-100": "deepshrink.models:lenet_300_100", "lenet-5": "deepshrink.models:lenet_5"}
 
 
 def machine_rates(repeats: int) -> dict[str, float]:
@@ -163,7 +162,7 @@ def lenet_file(net: str, path: Path, data_dir: str | None, max_steps: int, conso
     torch.set_num_threads(1)  # small-model training is faster on one thread of a busy machine
     result = run_recipe(recipe, data_dir=data_dir, console=console)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save(result["model"], path, factory=NETS[net])
+    save(result["model"], path, factory=MODELS[net])
     return path, f"made here by the built-in recipe capped at {max_steps} training steps per stage"
 
 
@@ -328,8 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-lenet", action="store_true", help="skip the end-to-end LeNet part")
     parser.add_argument("--lenet-images", type=int, default=500, help="test images timed at batch 1")
     parser.add_argument("--recipe-max-steps", type=int, default=400, help="cap when a LeNet file must be made")
-    parser.add_argument("--data-dir", default=os.environ.get("DEEPSHRINK_DATA", str(ROOT.parent / "shared" / "data")))
-    parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "engine.md"))
+    add_data_dir(parser)
+    add_output(parser, publish=True)
     args = parser.parse_args(argv)
     console = Console()
     torch.set_num_threads(args.threads)
@@ -358,17 +357,15 @@ def main(argv: list[str] | None = None) -> None:
         test = load_mnist(args.data_dir, "test")
         result["lenet_images"] = args.lenet_images
         result["lenet"] = []
-        for net in NETS:
-            path, origin = lenet_file(net, ROOT / "results" / f"{net}.dsz", args.data_dir, args.recipe_max_steps,
+        for net in MODELS:
+            path, origin = lenet_file(net, Path(args.out_dir) / f"{net}.dsz", args.data_dir, args.recipe_max_steps,
                                       console)  # fmt: skip
             torch.set_num_threads(args.threads)
             result["lenet"].append(bench_lenet(net, path, test, args.lenet_images, max(3, args.repeats // 10)))
             result["lenet"][-1]["origin"] = origin
             console.print(result["lenet"][-1])
-    (ROOT / "results").mkdir(exist_ok=True)
-    write_atomic(ROOT / "results" / "engine.json", json.dumps(result, indent=1).encode())
-    write_atomic(args.out, markdown(result).encode())
-    console.print(f"wrote {args.out} and results/engine.json")
+    for folder in write_results(args, "engine", result, markdown):
+        console.print(f"wrote {folder / 'engine.md'}")
 
 
 def _cpu_name() -> str:

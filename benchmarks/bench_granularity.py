@@ -26,15 +26,15 @@ Timings on a shared 2-core machine; training uses one intra-op thread (two
 threads spinning against other processes were ~30x slower on small models).
 
 Usage:
-    python benchmarks/bench_granularity.py [--data-dir ../shared/data] [--epochs 1] [--out results]
+    python benchmarks/bench_granularity.py [--data-dir ../shared/data] [--epochs 1] [--out-dir results]
+
+Writes ``results/granularity.json`` and ``.md`` (``docs/results/granularity.md`` adds a reading by hand).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import time
 from pathlib import Path
 
@@ -43,7 +43,6 @@ from rich.console import Console
 from rich.table import Table
 
 from deepshrink.data.mnist import load_mnist
-from deepshrink.atomic import write_atomic
 from deepshrink.fileformat.model_io import save
 from deepshrink.compress.groups import group_index_bits
 from deepshrink.compress.surgery import shrink
@@ -53,6 +52,8 @@ from deepshrink.compress.schedules import gradual_prune
 from deepshrink.compress.targets import find_targets, resolve_per_layer
 from deepshrink.compress.ternary import ternarize_
 from deepshrink.compress.train import TrainConfig, evaluate, fit
+
+from common import add_data_dir, add_output, write_results
 
 SPARSITY = {"conv1": 0.5, "conv2": 0.75, "fc1": 0.9, "fc2": 0.5}
 SCHEMES = {  # granularity per layer; fc2's filters are the 10 classes, so it is always fine-grained
@@ -65,10 +66,6 @@ SCHEMES = {  # granularity per layer; fc2's filters are the 10 classes, so it is
 }
 INDEX_BITS = {"conv": 8, "fc": 5}  # Deep Compression's relative-index widths
 BITS = {"conv": 8, "fc": 5}  # Deep Compression's weight-sharing widths
-
-
-def default_data_dir() -> str:
-    return os.environ.get("DEEPSHRINK_DATA", str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 def time_forward(models: dict[str, torch.nn.Module], batch: torch.Tensor, rounds: int = 5, repeats: int = 10) -> dict[str, float]:
@@ -153,19 +150,26 @@ def markdown(rows: list[dict]) -> str:
     return head + "".join("| " + " | ".join(fmt(v) for v in r.values()) + " |\n" for r in rows)
 
 
+def page(result: dict) -> str:
+    base = result["dense_ms"]
+    return (f"Dense LeNet-5: accuracy {result['dense_accuracy']:.4f}, {result['fp32_bytes']:,} fp32 bytes; "
+            f"{base['b1']:.3f} ms at batch 1, {base['b256']:.2f} ms at batch 256; {result['seconds']:.0f} s in all.\n\n"
+            + markdown(result["granularity"]) + "\n" + markdown(result["ternary"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=default_data_dir())
+    add_data_dir(parser)
     parser.add_argument("--epochs", type=float, default=1.0, help="dense training; pruning runs half of it")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="results", help="folder for bench_granularity.json / .md")
+    add_output(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     console = Console(width=180)  # the tables are wide; logs should hold them whole
     train, test = load_mnist(args.data_dir, "train"), load_mnist(args.data_dir, "test")
-    out = Path(args.out)
+    out = Path(args.out_dir)  # the .dsz files too
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
@@ -195,11 +199,8 @@ def main() -> None:
     console.print(f"total {elapsed:.0f} s on a shared 2-core machine")
     result = {"dense_accuracy": dense_acc, "dense_ms": base, "fp32_bytes": fp32_bytes, "sparsity": SPARSITY,
               "epochs": args.epochs, "granularity": rows, "ternary": ternary, "seconds": elapsed}
-    write_atomic(out / "bench_granularity.json", json.dumps(result, indent=2).encode())
-    md = (f"Dense LeNet-5: accuracy {dense_acc:.4f}, {fp32_bytes:,} fp32 bytes; {base['b1']:.3f} ms at batch 1, "
-          f"{base['b256']:.2f} ms at batch 256; {elapsed:.0f} s in all.\n\n" + markdown(rows) + "\n" + markdown(ternary))
-    write_atomic(out / "bench_granularity.md", md.encode())
-    console.print(f"wrote {out / 'bench_granularity.json'} and .md")
+    write_results(args, "granularity", result, page)
+    console.print(f"wrote {out / 'granularity.json'} and .md")
 
 
 if __name__ == "__main__":

@@ -7,23 +7,24 @@ Each initialisation is timed at 5 bits (32 clusters, fully connected) and 8 bits
 initialisation, the same linear start) on the same values.
 
 Usage:
-    python benchmarks/bench_kmeans.py [--rows 4096] [--cols 4096] [--kept 0.1] [--out results]
+    python benchmarks/bench_kmeans.py [--rows 4096] [--cols 4096] [--kept 0.1] [--out-dir results]
+
+Writes ``results/kmeans.json`` (``docs/results/kmeans.md`` is its table with a reading, by hand).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 from sklearn.cluster import KMeans
 
-from deepshrink.atomic import write_atomic
 from deepshrink.compress.quantize import INITS, kmeans_1d
+
+from common import add_output, write_results
 
 TARGET_S = 2.0  # the issue's target for a 4096x4096 layer at 10% kept
 
@@ -46,7 +47,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--cols", type=int, default=4096)
     parser.add_argument("--kept", type=float, default=0.1)
-    parser.add_argument("--out", default="results")
+    add_output(parser)
     args = parser.parse_args()
     values = survivors(args.rows, args.cols, args.kept)
     rows = []
@@ -68,9 +69,7 @@ def main() -> None:
         table.add_row(str(r["bits"]), r["init"], f"{r['seconds']:.3f}", f"{r['sklearn_seconds']:.2f}",
                       f"{r['speedup']:.0f}", f"{r['mse']:.3g}", f"{r['sklearn_mse']:.3g}", "yes" if r["met"] else "NO")
     Console().print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "bench_kmeans.json", json.dumps(rows, indent=2).encode())
+    write_results(args, "kmeans", rows)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,8 +31,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from deepshrink.data.common import ENV_VAR
-from deepshrink.atomic import read_bytes, write_atomic
+from deepshrink.atomic import read_bytes
 from deepshrink.fileformat.model_io import load, save
 from deepshrink.fileformat.info import FileSize, breakdown, layer_table
 from deepshrink.data.registry import load_data
@@ -42,7 +40,8 @@ from deepshrink.recipes import load_recipe, run_recipe
 from deepshrink.recipes.schema import EncodeStage
 from deepshrink.compress.train import evaluate
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import add_data_dir, add_output, write_results
+
 NETS = ("lenet-300-100", "lenet-5")
 # Deep Compression (Han, Mao, Dally, ICLR 2016), table 1 and the per-layer tables (docs/reference.md).
 PAPER = {
@@ -58,11 +57,6 @@ PAPER = {
     },
 }  # per layer: (paper's name, kept %, weight bits P+Q+H, index bits P+Q+H, size vs fp32 % P+Q+H)
 GOAL_RATIO = {"lenet-300-100": 60, "lenet-5": 100}  # issue 4: beat the paper at the paper's error bar
-
-
-def default_data_dir() -> str:
-    """``$DEEPSHRINK_DATA``, else ``../shared/data`` beside the repository."""
-    return os.environ.get(ENV_VAR) or str(ROOT.parent / "shared" / "data")
 
 
 def layer_rows(report: FileSize) -> list[dict]:
@@ -206,14 +200,12 @@ def markdown(results: Sequence[dict]) -> str:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nets", nargs="+", default=list(NETS), choices=NETS)
-    parser.add_argument("--data-dir", default=default_data_dir(), help=f"data root (default ${ENV_VAR} or ../shared/data)")
-    parser.add_argument("--out-dir", default=str(ROOT / "results"), help="where the .dsz files, JSON and markdown go")
+    add_data_dir(parser)
+    add_output(parser, publish=True)
     parser.add_argument("--recipe-dir", help="read <net>.yaml from here instead of the built-in recipes")
     parser.add_argument("--max-steps", type=int, help="cap every training stage (the short variant the tests run)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 avoids oversubscribing a machine shared with other jobs")
-    parser.add_argument("--publish", nargs="?", const=str(ROOT / "docs" / "results"), metavar="DIR",
-                        help="also write lenet.{json,md} here (default docs/results), keeping the other nets' rows")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     console = Console()
@@ -224,11 +216,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     console.print(summary_table(results))
     for r in results:
         console.print(f"{r['net']} stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items()))
-    targets = [out_dir] + ([Path(args.publish)] if args.publish else [])
-    for folder in targets:
-        rows = merge_results(folder / "lenet.json", results)
-        write_atomic(folder / "lenet.md", markdown(rows).encode())
-        write_atomic(folder / "lenet.json", json.dumps(rows, indent=2).encode())
+    for folder in write_results(args, "lenet", results, markdown, merge=merge_results):
         console.print(f"wrote {folder / 'lenet.md'} and lenet.json")
     return results
 

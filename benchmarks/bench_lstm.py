@@ -15,8 +15,8 @@ Run from the repository root: ``python benchmarks/bench_lstm.py``. On our shared
 machine: dense training ~9 min (then cached in ``--cache``), compression ~7 min (the two
 modes in parallel, one thread each), evaluation, simulation and timing ~3 min;
 ``--reuse`` skips compression when ``plain.dsz`` and ``balanced.dsz`` are in the cache.
-Writes ``results/lstm.json`` and ``results/lstm.md``; the committed copy is
-``docs/results/lstm.md``.
+Writes ``results/lstm.json`` and ``results/lstm.md`` (``docs/results/lstm.md`` is that page
+with a reading added by hand).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import statistics
 import sys
 import time
@@ -41,7 +40,6 @@ from deepshrink.compress.balance import load_balance, prune_balanced_
 from deepshrink.data.fsdd import load_fsdd
 from deepshrink.engine.lstm import SparseLSTM
 from deepshrink.engine.matrix import SparseMatrix
-from deepshrink.atomic import write_atomic
 from deepshrink.fileformat.model_io import load, read, save
 from deepshrink.hardware import EIEConfig, simulate_network
 from deepshrink.models import lstm_classifier
@@ -49,7 +47,8 @@ from deepshrink.compress.prune import prune_, sparsity_schedule
 from deepshrink.compress.quantize import compressed_tensors, share_weights_
 from deepshrink.compress.train import TrainConfig, evaluate, fit
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, add_data_dir, add_output, write_results
+
 ESE_CLOCK_HZ = 200e6  # ESE on the XCKU060 FPGA runs at 200 MHz (Han et al., FPGA 2017; docs/reference.md)
 MODEL_KWARGS = {"n_features": 40, "hidden": 256, "layers": 1, "dropout": 0.2}
 console = Console()
@@ -57,7 +56,8 @@ console = Console()
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", default=os.environ.get("DEEPSHRINK_DATA", str(ROOT.parent / "shared" / "data")))
+    add_data_dir(p)
+    add_output(p)
     p.add_argument("--cache", default=str(ROOT / "runs" / "lstm"), help="dense model and .dsz files (git-ignored)")
     p.add_argument("--sparsity", type=float, default=0.935, help="final sparsity of W_hh (the recurrent gates)")
     p.add_argument("--ih-sparsity", type=float, default=0.7, help="final sparsity of W_ih (the input gates)")
@@ -234,7 +234,7 @@ def run(args: argparse.Namespace) -> dict:
     dense, train_s = dense_model(args, train)
     dense.eval()
     dense_bytes = save(dense, cache / "dense.dsz")
-    results = {"settings": {k: v for k, v in vars(args).items() if k not in ("data_dir", "cache")},
+    results = {"settings": {k: v for k, v in vars(args).items() if k not in ("data_dir", "cache", "out_dir")},
                "model": MODEL_KWARGS, "dense": {"accuracy": evaluate(dense, test), "bytes": dense_bytes,
                                                 "train_seconds": train_s}}
     modes = ("plain", "balanced")
@@ -332,11 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args)
     console.print(table(results))
     console.print("latency per utterance: " + latency_line(results["latency"]))
-    out = ROOT / "results"
-    out.mkdir(exist_ok=True)
-    write_atomic(out / "lstm.json", json.dumps(results, indent=2).encode())
-    write_atomic(out / "lstm.md", markdown(results).encode())
-    console.print(f"wrote {out / 'lstm.json'} and {out / 'lstm.md'}")
+    write_results(args, "lstm", results, markdown)
+    console.print(f"wrote {Path(args.out_dir) / 'lstm.json'} and lstm.md")
     return 0
 
 

@@ -16,14 +16,14 @@ Columns: test accuracy after pruning and retraining, and the wall time of each
 
 Usage:
     python benchmarks/bench_schedules.py [--data-dir ../shared/data] [--epochs 2] [--sparsities 0.9 0.95 0.98]
+
+Writes ``results/schedules.json`` and ``.md`` (``docs/results/schedules.md`` adds a reading by hand).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import time
 from pathlib import Path
 
@@ -32,16 +32,13 @@ from rich.console import Console
 from rich.table import Table
 
 from deepshrink.data.mnist import load_mnist
-from deepshrink.atomic import write_atomic
 from deepshrink.models import lenet_300_100
 from deepshrink.compress.schedules import gradual_prune, iterative_levels
 from deepshrink.compress.train import TrainConfig, evaluate, fit, iterative_prune
 
+from common import add_data_dir, add_output, write_results
+
 LR = 0.01  # 1/10 of the dense rate, as Deep Compression retrains LeNets
-
-
-def default_data_dir() -> str:
-    return os.environ.get("DEEPSHRINK_DATA", str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 def timed(fn) -> float:
@@ -80,14 +77,14 @@ def render(rows: list[dict], title: str) -> Table:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=default_data_dir())
+    add_data_dir(parser)
     parser.add_argument("--dense-epochs", type=float, default=2.0)
     parser.add_argument("--epochs", type=float, default=2.0, help="retraining budget E of each schedule")
     parser.add_argument("--steps", type=int, default=3, help="iterative rounds")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95, 0.98])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="results", help="folder for bench_schedules.json / .md")
+    add_output(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -107,15 +104,17 @@ def main() -> None:
              f"(dense accuracy {dense_acc:.4f})")
     console.print(render(rows, title))
     console.print(f"total {elapsed:.0f} s on a shared 2-core machine")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "bench_schedules.json", json.dumps(
-        {"dense_accuracy": dense_acc, "epochs": args.epochs, "steps": args.steps, "rows": rows,
-         "seconds": elapsed}, indent=2).encode())
+    result = {"dense_accuracy": dense_acc, "epochs": args.epochs, "steps": args.steps, "rows": rows,
+              "seconds": elapsed}
+    write_results(args, "schedules", result, lambda r: page(r, title))
+    console.print(f"wrote {Path(args.out_dir) / 'schedules.json'} and .md")
+
+
+def page(result: dict, title: str) -> str:
+    rows = result["rows"]
     head = "| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n"
     body = "".join("| " + " | ".join(fmt(k, v) for k, v in r.items()) + " |\n" for r in rows)
-    write_atomic(out / "bench_schedules.md", f"{title}; {elapsed:.0f} s in all.\n\n{head}{body}".encode())
-    console.print(f"wrote {out / 'bench_schedules.json'} and .md")
+    return f"{title}; {result['seconds']:.0f} s in all.\n\n{head}{body}"
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench():
+    if str(ROOT / "benchmarks") not in sys.path:  # the script imports its neighbour common.py, as when run
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("bench_lenet", ROOT / "benchmarks" / "bench_lenet.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
