@@ -21,10 +21,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from deepshrink.data.text import char_windows, load_corpus
-from deepshrink.models import char_lstm
 from deepshrink.compress.prune import prune_, sparsity_report
 from deepshrink.compress.train import TrainConfig, fit
+from deepshrink.data.text import char_windows, load_corpus
+from deepshrink.models import char_lstm
 
 from common import ROOT, add_data_dir, add_output, write_results
 

@@ -36,6 +36,7 @@ from deepshrink.hardware.kernels import queue_schedule  # noqa: E402
 from deepshrink.hardware.layers import synthetic_activations  # noqa: E402
 
 from common import ROOT, add_data_dir, add_output, write_results  # noqa: E402
+
 ALEX7_PUBLISHED_US = 12.2  # EIE (Han et al., ISCA 2016), Alex-7 on 64 PEs at 800 MHz
 HEADLINE_SPEEDUP = {"CPU dense": 189.0, "GPU dense": 13.0}  # EIE abstract, against uncompressed DNNs
 # Published wall-clock time per layer at batch 1, us (docs/reference.md; i7-5930K + MKL, Titan X + cuBLAS/cuSPARSE).
@@ -128,13 +129,13 @@ def real_lenet(data_dir: str | None, console: Console) -> dict:
     """LeNet-300-100 compressed on real MNIST (EIE's 4-bit codes), simulated on its real activations."""
     import torch
 
+    from deepshrink.compress.prune import prune_
+    from deepshrink.compress.quantize import compressed_tensors, share_weights_
+    from deepshrink.compress.train import TrainConfig, evaluate, fit
     from deepshrink.data.mnist import load_mnist
     from deepshrink.hardware import simulate_network
     from deepshrink.hardware.activations import layer_inputs
     from deepshrink.models import lenet_300_100
-    from deepshrink.compress.prune import prune_
-    from deepshrink.compress.quantize import compressed_tensors, share_weights_
-    from deepshrink.compress.train import TrainConfig, evaluate, fit
 
     torch.set_num_threads(1)  # a small MLP on a shared 2-core machine trains fastest on one thread
     torch.manual_seed(0)

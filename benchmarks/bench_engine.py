@@ -53,11 +53,11 @@ from deepshrink.engine import SparseMatrix, from_file
 from deepshrink.engine.runner import decoded_model, median_seconds, predict
 from deepshrink.hardware import EIE_BENCHMARK_LAYERS, synthetic_layer
 from deepshrink.hardware.layers import synthetic_activations
-
 from deepshrink.models.registry import MODELS
 
 from bench_eie import PUBLISHED_US, geomean  # published figures kept in one place
 from common import ROOT, add_data_dir, add_output, write_results
+
 TARGET_VS_DENSE = {"Alex-6": 10.0, "Alex-7": 10.0, "VGG-6": 10.0, "VGG-7": 10.0}  # the batch-1 targets
 TARGET_VS_TORCH_CSR = 3.0
 
@@ -341,9 +341,9 @@ def main(argv: list[str] | None = None) -> None:
     SparseMatrix(synthetic_layer(512, 512, 0.5)).matvec(np.ones(512, np.float32))  # starts numba's thread pool
     result["threading_layer"] = numba.threading_layer()
     console.print(f"bandwidth {result['machine']['bandwidth_gbs']:.1f} GB/s, GEMM {result['machine']['gflops']:.1f} GFLOP/s")
-    wanted = [l for l in EIE_BENCHMARK_LAYERS if not args.layers or l.name in args.layers]
+    wanted = [layer for layer in EIE_BENCHMARK_LAYERS if not args.layers or layer.name in args.layers]
     result["runs"] = []
-    for run in track(range(args.runs), description="layer suite runs", console=console):
+    for _ in track(range(args.runs), description="layer suite runs", console=console):
         result["runs"].append([bench_layer(layer, batch, args.repeats, result["machine"])
                                for batch in args.batches for layer in wanted])  # fmt: skip
     result["layers"] = median_rows(result["runs"])

@@ -42,16 +42,16 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from deepshrink.data.mnist import load_mnist
-from deepshrink.fileformat.model_io import save
 from deepshrink.compress.groups import group_index_bits
-from deepshrink.compress.surgery import shrink
-from deepshrink.models import lenet_5
 from deepshrink.compress.quantize import compressed_tensors, share_weights_
 from deepshrink.compress.schedules import gradual_prune
+from deepshrink.compress.surgery import shrink
 from deepshrink.compress.targets import find_targets, resolve_per_layer
 from deepshrink.compress.ternary import ternarize_
 from deepshrink.compress.train import TrainConfig, evaluate, fit
+from deepshrink.data.mnist import load_mnist
+from deepshrink.fileformat.model_io import save
+from deepshrink.models import lenet_5
 
 from common import add_data_dir, add_output, write_results
 

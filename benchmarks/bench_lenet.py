@@ -32,13 +32,13 @@ from rich.console import Console
 from rich.table import Table
 
 from deepshrink.atomic import read_bytes
-from deepshrink.fileformat.model_io import load, save
-from deepshrink.fileformat.info import FileSize, breakdown, layer_table
+from deepshrink.compress.train import evaluate
 from deepshrink.data.registry import load_data
+from deepshrink.fileformat.info import FileSize, breakdown, layer_table
+from deepshrink.fileformat.model_io import load, save
 from deepshrink.models.registry import MODELS
 from deepshrink.recipes import load_recipe, run_recipe
 from deepshrink.recipes.schema import EncodeStage
-from deepshrink.compress.train import evaluate
 
 from common import add_data_dir, add_output, write_results
 

@@ -37,15 +37,15 @@ from rich.console import Console
 from rich.table import Table
 
 from deepshrink.compress.balance import load_balance, prune_balanced_
+from deepshrink.compress.prune import prune_, sparsity_schedule
+from deepshrink.compress.quantize import compressed_tensors, share_weights_
+from deepshrink.compress.train import TrainConfig, evaluate, fit
 from deepshrink.data.fsdd import load_fsdd
 from deepshrink.engine.lstm import SparseLSTM
 from deepshrink.engine.matrix import SparseMatrix
 from deepshrink.fileformat.model_io import load, read, save
 from deepshrink.hardware import EIEConfig, simulate_network
 from deepshrink.models import lstm_classifier
-from deepshrink.compress.prune import prune_, sparsity_schedule
-from deepshrink.compress.quantize import compressed_tensors, share_weights_
-from deepshrink.compress.train import TrainConfig, evaluate, fit
 
 from common import ROOT, add_data_dir, add_output, write_results
 
@@ -166,7 +166,7 @@ def latency(dense: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, n: 
         dense.lstm(utterances[0])
         for u in utterances:
             array = u.numpy()
-            calls = {"torch_dense": lambda: timed(dense.lstm, u), "engine": lambda: timed(engine.forward, array)}
+            calls = {"torch_dense": lambda: timed(dense.lstm, u), "engine": lambda: timed(engine.forward, array)}  # noqa: B023 (called in this iteration)
             if back_to_back:
                 runs = {name: [call() for _ in range(repeats)] for name, call in calls.items()}
             else:

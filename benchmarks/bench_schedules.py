@@ -31,10 +31,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from deepshrink.data.mnist import load_mnist
-from deepshrink.models import lenet_300_100
 from deepshrink.compress.schedules import gradual_prune, iterative_levels
 from deepshrink.compress.train import TrainConfig, evaluate, fit, iterative_prune
+from deepshrink.data.mnist import load_mnist
+from deepshrink.models import lenet_300_100
 
 from common import add_data_dir, add_output, write_results
 

@@ -37,8 +37,8 @@ def mnist_test(data_root: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="session")
 def _trained_lenet300(mnist_train) -> torch.nn.Module:
-    from deepshrink.models import lenet_300_100
     from deepshrink.compress.train import TrainConfig, fit
+    from deepshrink.models import lenet_300_100
     torch.manual_seed(0)
     model = lenet_300_100()
     threads = torch.get_num_threads()

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from deepshrink.compress.balance import balanced_mask, load_balance, pe_loads, prune_balanced_
-from deepshrink.errors import DeepShrinkError
-from deepshrink.hardware import EIEConfig, simulate_layer
 from deepshrink.compress.prune import prune_
 from deepshrink.compress.quantize import compressed_tensors, share_weights_
+from deepshrink.errors import DeepShrinkError
+from deepshrink.hardware import EIEConfig, simulate_layer
 from deepshrink.tensor import CompressedTensor
 
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepshrink.fileformat.model_io import load
+from deepshrink.compress.targets import find_targets
+from deepshrink.compress.train import evaluate
 from deepshrink.fileformat.info import size_breakdown
+from deepshrink.fileformat.model_io import load
 from deepshrink.models import lenet_5, lenet_300_100
 from deepshrink.recipes import load_recipe
 from deepshrink.recipes.schema import PruneStage
-from deepshrink.compress.targets import find_targets
-from deepshrink.compress.train import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from deepshrink.compress.prune import prune_
+from deepshrink.compress.train import TrainConfig, fit
 from deepshrink.data.text import CharCorpus, char_windows, load_corpus
 from deepshrink.errors import DeepShrinkError
 from deepshrink.models import CharLSTM, char_lstm
-from deepshrink.compress.prune import prune_
-from deepshrink.compress.train import TrainConfig, fit
 
 
 def test_tinyshakespeare_windows(data_root: Path) -> None:

@@ -3,7 +3,6 @@
 import pytest
 
 import deepshrink
-
 from deepshrink.cli import build_parser, main
 
 

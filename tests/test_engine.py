@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch.nn.functional as F
 from torch import nn
 
 from deepshrink.engine import SparseConv2d, SparseLinear, SparseMatrix, compile_model, engine_layers, from_file, kernels
@@ -423,8 +423,8 @@ def lenet300(_trained_lenet300) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def lenet5(mnist_train) -> nn.Module:
-    from deepshrink.models import lenet_5
     from deepshrink.compress.train import TrainConfig, fit
+    from deepshrink.models import lenet_5
 
     torch.manual_seed(0)
     model = lenet_5()

@@ -13,12 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from deepshrink.errors import DeepShrinkError
-from deepshrink.fileformat.model_io import read, save, load, load_into, split_model
-from deepshrink.fileformat.info import size_breakdown
-from deepshrink.models import lenet_5, lenet_300_100
 from deepshrink.compress.prune import prune_
 from deepshrink.compress.quantize import share_weights_
+from deepshrink.errors import DeepShrinkError
+from deepshrink.fileformat.info import size_breakdown
+from deepshrink.fileformat.model_io import load, load_into, read, save, split_model
+from deepshrink.models import lenet_5, lenet_300_100
 from deepshrink.tensor import CompressedTensor
 
 # Kept fractions of Deep Compression's LeNets (reference.md): 8/9/26% and 66/12/8/19%.

@@ -15,12 +15,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from deepshrink.compress.prune import prune_
+from deepshrink.compress.quantize import share_weights_
 from deepshrink.errors import FileFormatError
 from deepshrink.fileformat.codec import MAGIC, MAX_HEADER_BYTES, PRELUDE, EncodeOptions, decode_file, encode_file
 from deepshrink.fileformat.model_io import load
 from deepshrink.models import lenet_5
-from deepshrink.compress.prune import prune_
-from deepshrink.compress.quantize import share_weights_
 from deepshrink.tensor import CompressedTensor
 
 

@@ -10,15 +10,15 @@ import torch
 from torch import nn
 
 from deepshrink.coding.relative import encode_relative
-from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
 from deepshrink.compress.groups import group_index_bits, prune_groups_
-from deepshrink.compress.surgery import shrink
-from deepshrink.models import lenet_5
 from deepshrink.compress.parametrization import current_mask
 from deepshrink.compress.prune import prune_
 from deepshrink.compress.schedules import GradualPruner, agp_sparsity, gradual_prune
+from deepshrink.compress.surgery import shrink
 from deepshrink.compress.targets import find_targets
 from deepshrink.compress.train import TrainConfig
+from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
+from deepshrink.models import lenet_5
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

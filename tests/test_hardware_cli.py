@@ -45,10 +45,10 @@ def test_bad_arguments_exit_2_with_a_message(capsys):
 
 
 def test_a_file_with_real_mnist_activations(tmp_path, capsys):
-    from deepshrink.fileformat.model_io import save
-    from deepshrink.models import lenet_300_100
     from deepshrink.compress.prune import prune_
     from deepshrink.compress.quantize import share_weights_
+    from deepshrink.fileformat.model_io import save
+    from deepshrink.models import lenet_300_100
 
     torch.manual_seed(0)
     model = lenet_300_100()

@@ -160,11 +160,11 @@ def test_bad_inputs_are_named(alex7):
 @pytest.fixture(scope="module")
 def lenet_on_mnist():
     """LeNet-300-100 trained briefly on real MNIST, pruned to 8% and shared at 4 bits."""
-    from deepshrink.data.mnist import load_mnist
-    from deepshrink.models import lenet_300_100
     from deepshrink.compress.prune import prune_
     from deepshrink.compress.quantize import share_weights_
     from deepshrink.compress.train import TrainConfig, fit
+    from deepshrink.data.mnist import load_mnist
+    from deepshrink.models import lenet_300_100
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on a shared 2-core machine, one thread trains this MLP many times faster

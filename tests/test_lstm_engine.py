@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
+from deepshrink.compress.prune import prune_
+from deepshrink.compress.quantize import compressed_tensors, share_weights_
 from deepshrink.engine.lstm import EngineLSTM, SparseLSTM, fast_sigmoid, fast_tanh, lstm_layer_kernel
 from deepshrink.engine.matrix import SparseMatrix
 from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
 from deepshrink.fileformat.model_io import load, save
 from deepshrink.models import LSTMClassifier, lstm_classifier
-from deepshrink.compress.prune import prune_
-from deepshrink.compress.quantize import compressed_tensors, share_weights_
 from deepshrink.tensor import CompressedTensor
 
 

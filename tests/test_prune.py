@@ -5,9 +5,8 @@ import torch
 from torch import nn
 
 from deepshrink import DeepShrinkError, UnsupportedLayerError
-from deepshrink.compress.parametrization import current_mask
+from deepshrink.compress.parametrization import current_mask, restore_
 from deepshrink.compress.prune import prune_, sparsity_report, sparsity_schedule
-from deepshrink.compress.parametrization import restore_
 from deepshrink.compress.targets import find_targets
 
 

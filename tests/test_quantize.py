@@ -5,7 +5,14 @@ from torch import nn
 
 from deepshrink import DeepShrinkError
 from deepshrink.compress.prune import prune_
-from deepshrink.compress.quantize import INITS, compressed_tensors, distinct_nonzero, kmeans_1d, load_compressed_, share_weights_
+from deepshrink.compress.quantize import (
+    INITS,
+    compressed_tensors,
+    distinct_nonzero,
+    kmeans_1d,
+    load_compressed_,
+    share_weights_,
+)
 
 
 def _lloyd_reference(x, centroids, iters=300):

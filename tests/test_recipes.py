@@ -7,13 +7,13 @@ import torch
 import yaml
 
 from deepshrink import cli
+from deepshrink.compress.prune import sparsity_report
+from deepshrink.compress.train import evaluate
 from deepshrink.errors import DeepShrinkError
 from deepshrink.fileformat.model_io import load
 from deepshrink.models import lenet_300_100
-from deepshrink.compress.prune import sparsity_report
 from deepshrink.recipes import builtin_recipes, load_recipe, parse_recipe, run_recipe
 from deepshrink.recipes.schema import EncodeStage, PruneStage, ShareStage
-from deepshrink.compress.train import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

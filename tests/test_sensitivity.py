@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepshrink.errors import DeepShrinkError
 from deepshrink.compress.prune import sparsity_report
-from deepshrink.recipes import parse_recipe, run_recipe
 from deepshrink.compress.sensitivity import Sensitivity, sensitivity_scan
+from deepshrink.errors import DeepShrinkError
+from deepshrink.recipes import parse_recipe, run_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

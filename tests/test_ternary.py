@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from deepshrink.errors import DeepShrinkError
-from deepshrink.fileformat.model_io import load, read, save
+from deepshrink.compress.parametrization import restore_
 from deepshrink.compress.prune import prune_
 from deepshrink.compress.quantize import compressed_tensors, distinct_nonzero, share_weights_
-from deepshrink.compress.parametrization import restore_
 from deepshrink.compress.targets import find_targets
 from deepshrink.compress.ternary import TernaryWeight, ternarize_
 from deepshrink.compress.train import TrainConfig, evaluate, fit
+from deepshrink.errors import DeepShrinkError
+from deepshrink.fileformat.model_io import load, read, save
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

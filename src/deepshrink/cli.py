@@ -11,11 +11,11 @@ from collections.abc import Sequence
 import torch
 from rich.console import Console
 
-from deepshrink.errors import DeepShrinkError
 from deepshrink.data.registry import DATASETS, load_data
+from deepshrink.errors import DeepShrinkError
+from deepshrink.fileformat.model_io import build_model
 from deepshrink.models.registry import MODELS, model_factory
 from deepshrink.recipes import Recipe, load_recipe, parse_recipe, run_recipe
-from deepshrink.fileformat.model_io import build_model
 
 console = Console()
 

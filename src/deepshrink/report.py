@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from rich.table import Table
 from torch import nn
 
-from deepshrink.compress.prune import sparsity_report
 from deepshrink.compress.parametrization import compression_of
+from deepshrink.compress.prune import sparsity_report
 from deepshrink.compress.targets import find_targets
 
 

@@ -89,7 +89,7 @@ class CompressedTensor:
     # -- construction -------------------------------------------------------
 
     @classmethod
-    def from_dense(cls, dense: torch.Tensor | np.ndarray, bits: int | None = None) -> "CompressedTensor":
+    def from_dense(cls, dense: torch.Tensor | np.ndarray, bits: int | None = None) -> CompressedTensor:
         """Losslessly wrap a dense tensor whose non-zeros take few distinct values.
 
         The codebook is the sorted distinct non-zero values. ``bits`` defaults to

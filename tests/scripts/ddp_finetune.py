@@ -9,12 +9,12 @@ import sys
 import torch
 import torch.distributed as dist
 
-from deepshrink.data.mnist import load_mnist
-from deepshrink.models import lenet_300_100
 from deepshrink.compress.prune import prune_
 from deepshrink.compress.quantize import share_weights_
 from deepshrink.compress.targets import find_targets
 from deepshrink.compress.train import TrainConfig, fit
+from deepshrink.data.mnist import load_mnist
+from deepshrink.models import lenet_300_100
 
 
 def main(data_root: str, result_path: str) -> None:

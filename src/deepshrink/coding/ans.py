@@ -77,7 +77,7 @@ def ans_frequencies(counts: np.ndarray) -> np.ndarray:
     return best
 
 
-def _model(frequencies: np.ndarray) -> "constriction.stream.model.Categorical":
+def _model(frequencies: np.ndarray) -> constriction.stream.model.Categorical:
     probabilities = np.zeros(max(2, len(frequencies)))  # constriction rejects a one-symbol alphabet
     probabilities[: len(frequencies)] = frequencies
     return constriction.stream.model.Categorical(probabilities, perfect=False)

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepshrink.errors import DeepShrinkError
 from deepshrink.compress.prune import LayerSparsity, apply_mask_, check_sparsity, layer_sparsity, sparsity_per_target
 from deepshrink.compress.targets import FilterFn
+from deepshrink.errors import DeepShrinkError
 from deepshrink.tensor import CompressedTensor
 
 

@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from deepshrink.coding.relative import count_escapes
-from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
 from deepshrink.compress.prune import LayerSparsity, apply_mask_, layer_sparsity, prune_, sparsity_per_target
 from deepshrink.compress.targets import FilterFn, Target, find_targets, resolve_per_layer
+from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
 
 GRANULARITIES = ("fine", "vector", "kernel", "filter", "channel")
 

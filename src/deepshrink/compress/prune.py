@@ -21,11 +21,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepshrink.errors import DeepShrinkError
 from deepshrink.compress.parametrization import (
-    Compression, compression_of, current_mask, register_compression, reparametrize_,
+    Compression,
+    compression_of,
+    current_mask,
+    register_compression,
+    reparametrize_,
 )
 from deepshrink.compress.targets import FilterFn, Target, find_targets, resolve_per_layer
+from deepshrink.errors import DeepShrinkError
 from deepshrink.tensor import CompressedTensor
 
 
@@ -43,7 +47,7 @@ class Mask(Compression):
         return weight * self.mask
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor]) -> "Mask":
+    def from_state(cls, state: dict[str, torch.Tensor]) -> Mask:
         return cls(state["mask"])
 
     def to_compressed(self, weight: torch.Tensor) -> CompressedTensor:

@@ -18,11 +18,15 @@ import torch
 from sklearn.cluster import kmeans_plusplus
 from torch import nn
 
-from deepshrink.errors import DeepShrinkError
 from deepshrink.compress.parametrization import (
-    Compression, compression_of, current_mask, register_compression, reparametrize_,
+    Compression,
+    compression_of,
+    current_mask,
+    register_compression,
+    reparametrize_,
 )
 from deepshrink.compress.targets import FilterFn, find_targets, resolve_per_layer
+from deepshrink.errors import DeepShrinkError
 from deepshrink.tensor import MAX_CODE_BITS, CompressedTensor
 
 INITS = ("linear", "density", "random", "kmeans++")
@@ -54,7 +58,7 @@ class SharedWeight(Compression):
         self.bits = int(state["bits"])
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor]) -> "SharedWeight":
+    def from_state(cls, state: dict[str, torch.Tensor]) -> SharedWeight:
         return cls(state["codebook"], state["codes"], state["mask"], int(state["_extra_state"]["bits"]))
 
     def to_compressed(self, weight: torch.Tensor) -> CompressedTensor:

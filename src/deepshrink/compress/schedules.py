@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from deepshrink.errors import DeepShrinkError
 from deepshrink.compress.groups import prune_groups_
 from deepshrink.compress.prune import LayerSparsity, check_sparsity, sparsity_schedule
 from deepshrink.compress.targets import find_targets, resolve_per_layer
 from deepshrink.compress.train import TrainConfig, fit, scale_dropout_
+from deepshrink.errors import DeepShrinkError
 
 
 def agp_sparsity(step: int, total: int, final: float, initial: float = 0.0, ramp: float = 0.75) -> float:

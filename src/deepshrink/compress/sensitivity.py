@@ -21,12 +21,12 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import Dataset
 
-from deepshrink.errors import DeepShrinkError
 from deepshrink.atomic import write_atomic
 from deepshrink.compress.groups import prune_groups_
 from deepshrink.compress.prune import check_sparsity
 from deepshrink.compress.targets import find_targets
 from deepshrink.compress.train import evaluate
+from deepshrink.errors import DeepShrinkError
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 

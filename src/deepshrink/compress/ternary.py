@@ -25,12 +25,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepshrink.errors import DeepShrinkError
 from deepshrink.compress.parametrization import (
-    Compression, compression_of, current_mask, register_compression, reparametrize_,
+    Compression,
+    compression_of,
+    current_mask,
+    register_compression,
+    reparametrize_,
 )
 from deepshrink.compress.prune import Mask
 from deepshrink.compress.targets import FilterFn, find_targets
+from deepshrink.errors import DeepShrinkError
 from deepshrink.tensor import CompressedTensor
 
 DEFAULT_THRESHOLD = 0.05  # t in the paper, a fraction of max |w|
@@ -95,7 +99,7 @@ class TernaryWeight(Compression):
         self.threshold = check_threshold(state["threshold"])
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor]) -> "TernaryWeight":
+    def from_state(cls, state: dict[str, torch.Tensor]) -> TernaryWeight:
         return cls(state["wp"], state["wn"], state["mask"], state["_extra_state"]["threshold"])
 
     def to_compressed(self, weight: torch.Tensor) -> CompressedTensor:

@@ -21,10 +21,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-from deepshrink.errors import DeepShrinkError
 from deepshrink.compress.parametrization import current_mask
 from deepshrink.compress.prune import LayerSparsity, prune_
 from deepshrink.compress.targets import find_targets
+from deepshrink.errors import DeepShrinkError
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = (None, "cosine", "step")

@@ -30,9 +30,9 @@ import scipy.fft
 import scipy.io.wavfile
 import torch
 
+from deepshrink.atomic import write_atomic
 from deepshrink.data.common import data_dir
 from deepshrink.errors import DeepShrinkError
-from deepshrink.atomic import write_atomic
 
 SAMPLE_RATE = 8000  # FSDD is recorded at 8 kHz
 TEST_TAKES = range(0, 5)  # official split: takes 0-4 test, 5-49 train

@@ -23,7 +23,6 @@ from deepshrink.engine.layers import SparseConv1d, SparseConv2d, SparseLinear
 from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
 from deepshrink.tensor import CompressedTensor
 
-
 #: PyTorch modules whose forward reads their child layers' ``weight`` (attention's
 #: out_proj; the transformer layers' fused fast path): their children stay dense.
 _READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)

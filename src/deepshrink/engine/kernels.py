@@ -332,7 +332,7 @@ def _csr_rows(row_ptr, gaps, codes, codebook, xt, out, first, stop) -> None:
                 out[i, b] += v0 * xt[c0, b] + v1 * xt[c1, b] + v2 * xt[c2, b] + v3 * xt[c3, b]
             col = c3 + _ONE
             k += four
-        for k in range(k, end):
+        for k in range(k, end):  # noqa: B020 (the tail after the blocks of four)
             col += np.uint64(gaps[k])
             value = codebook[codes[k]]
             for b in range(batch):

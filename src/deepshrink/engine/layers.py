@@ -163,7 +163,7 @@ class SparseConv2d(_EngineModule):
         self.register_buffer("bias", _bias_buffer(bias, self.out_channels, "SparseConv2d"))
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv1d | nn.Conv2d, weight: CompressedTensor, **kwargs: object) -> "SparseConv2d":
+    def from_conv(cls, conv: nn.Conv1d | nn.Conv2d, weight: CompressedTensor, **kwargs: object) -> SparseConv2d:
         """Take geometry and bias from ``conv``; ``kwargs`` go to the constructor.
 
         Raises:

@@ -24,12 +24,11 @@ import torch
 from numba import njit
 from torch import nn
 
+from deepshrink.compress.parametrization import Compression, compression_of
 from deepshrink.engine import kernels
 from deepshrink.engine.matrix import SparseMatrix
 from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
-from deepshrink.compress.parametrization import Compression, compression_of
 from deepshrink.tensor import CompressedTensor
-
 
 # Eigen's rational approximation of tanh for float32 (Eigen/src/Core/MathFunctionsImpl.h,
 # generic_fast_tanh_float): a 13/6-degree odd/even polynomial ratio on [-7.905, 7.905],
@@ -191,7 +190,7 @@ class SparseLSTM:
     @classmethod
     def from_tensors(
         cls, tensors: dict[str, CompressedTensor], biases: dict[str, torch.Tensor | np.ndarray] | None = None
-    ) -> "SparseLSTM":
+    ) -> SparseLSTM:
         """Build from PyTorch-named tensors: ``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``.
 
         Names may carry a module prefix (``"lstm.weight_ih_l0"``); missing biases count as zero.
@@ -220,7 +219,7 @@ class SparseLSTM:
         return cls(layers)
 
     @classmethod
-    def from_module(cls, lstm: nn.LSTM) -> "SparseLSTM":
+    def from_module(cls, lstm: nn.LSTM) -> SparseLSTM:
         """Build from a pruned and weight-shared ``nn.LSTM`` (its parametrizations give the tensors).
 
         Raises:
@@ -352,7 +351,7 @@ class EngineLSTM(nn.Module):
         self.batch_first = batch_first
 
     @classmethod
-    def from_module(cls, lstm: nn.LSTM) -> "EngineLSTM":
+    def from_module(cls, lstm: nn.LSTM) -> EngineLSTM:
         """Replace a pruned and weight-shared ``nn.LSTM`` (see :meth:`SparseLSTM.from_module`)."""
         return cls(SparseLSTM.from_module(lstm), lstm.batch_first)
 

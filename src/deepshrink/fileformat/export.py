@@ -15,8 +15,8 @@ import warnings
 import torch
 from torch.nn.utils import parametrize
 
-from deepshrink.errors import DeepShrinkError
 from deepshrink.atomic import write_atomic
+from deepshrink.errors import DeepShrinkError
 from deepshrink.fileformat.codec import DszContents
 
 

@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass
 from rich.console import Console
 from rich.table import Table
 
+from deepshrink.atomic import read_bytes, write_atomic
 from deepshrink.coding.relative import encode_relative
 from deepshrink.coding.streams import CODERS, encode_with
-from deepshrink.atomic import read_bytes, write_atomic
 from deepshrink.fileformat.codec import DszContents, decode_file
 from deepshrink.tensor import CompressedTensor
 

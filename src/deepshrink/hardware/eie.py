@@ -23,8 +23,8 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Union
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from deepshrink.hardware.kernels import pe_column_entries, queue_schedule
 from deepshrink.hardware.layers import synthetic_activations
 from deepshrink.tensor import CompressedTensor
 
-ActivationInput = Union[np.ndarray, torch.Tensor]
+ActivationInput = np.ndarray | torch.Tensor
 
 
 @dataclass(frozen=True)

@@ -54,9 +54,9 @@ def simulate_file(
         raise DeepShrinkError(f"data set {data!r} must be 'mnist'")
     if not isinstance(images, int) or images < 1:
         raise DeepShrinkError(f"images={images!r} must be a positive integer")
+    from deepshrink.compress.quantize import compressed_tensors
     from deepshrink.data.mnist import load_mnist
     from deepshrink.hardware.activations import layer_inputs
-    from deepshrink.compress.quantize import compressed_tensors
 
     model = model_io.load(path)
     if not isinstance(model, torch.nn.Module):

@@ -28,7 +28,15 @@ from deepshrink.data.registry import Data, load_data
 from deepshrink.fileformat.model_io import build_model, save
 from deepshrink.models.registry import model_factory
 from deepshrink.recipes.schema import (
-    STAGES, EncodeStage, FinetuneStage, PruneStage, Recipe, SensitivitySpec, ShareStage, TernaryStage, TrainStage,
+    STAGES,
+    EncodeStage,
+    FinetuneStage,
+    PruneStage,
+    Recipe,
+    SensitivitySpec,
+    ShareStage,
+    TernaryStage,
+    TrainStage,
     load_recipe,
 )
 from deepshrink.report import layer_table, rows_table
