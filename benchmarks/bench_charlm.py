@@ -45,8 +45,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def config(epochs: float, lr: float, seed: int) -> TrainConfig:
-    return TrainConfig(epochs=epochs, lr=lr, optimizer="adam", weight_decay=0.0, batch_size=64,
-                       schedule="cosine", seed=seed, progress=sys.stdout.isatty())
+    return TrainConfig(
+        epochs=epochs,
+        lr=lr,
+        optimizer="adam",
+        weight_decay=0.0,
+        batch_size=64,
+        schedule="cosine",
+        seed=seed,
+        progress=sys.stdout.isatty(),
+    )
 
 
 @torch.no_grad()
@@ -54,8 +62,10 @@ def perplexity(model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor]) 
     """exp(mean next-character cross-entropy) over every window of ``data``."""
     model.eval()
     x, y = data
-    total = sum(float(torch.nn.functional.cross_entropy(model(xb), yb, reduction="sum"))
-                for xb, yb in zip(x.split(256), y.split(256)))
+    total = sum(
+        float(torch.nn.functional.cross_entropy(model(xb), yb, reduction="sum"))
+        for xb, yb in zip(x.split(256), y.split(256))
+    )
     model.train()
     return math.exp(total / y.numel())
 
@@ -81,27 +91,49 @@ def run(args: argparse.Namespace) -> dict:
         fit(model, train, config(args.dense_epochs, 3e-3, args.seed), description="train dense")
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), path)
-    rows = [{"sparsity": 0.0, "kept": 1.0, "perplexity": perplexity(model, val),
-             "text": sample(model, corpus, args.prompt, args.seed), "seconds": time.perf_counter() - start}]
+    rows = [
+        {
+            "sparsity": 0.0,
+            "kept": 1.0,
+            "perplexity": perplexity(model, val),
+            "text": sample(model, corpus, args.prompt, args.seed),
+            "seconds": time.perf_counter() - start,
+        }
+    ]
     for i, s in enumerate(args.sparsities):
         start = time.perf_counter()
         prune_(model, s)
         before = perplexity(model, val)
         fit(model, train, config(args.retrain_epochs, 1e-3, args.seed + i + 1), description=f"prune {s:.0%}")
         report = sparsity_report(model)
-        rows.append({"sparsity": s, "kept": sum(r.kept for r in report) / sum(r.weights for r in report),
-                     "perplexity_before_retraining": before, "perplexity": perplexity(model, val),
-                     "text": sample(model, corpus, args.prompt, args.seed), "seconds": time.perf_counter() - start})
-    return {"settings": {k: v for k, v in vars(args).items() if k not in ("data_dir", "cache", "out_dir", "publish")}, "rows": rows}
+        rows.append(
+            {
+                "sparsity": s,
+                "kept": sum(r.kept for r in report) / sum(r.weights for r in report),
+                "perplexity_before_retraining": before,
+                "perplexity": perplexity(model, val),
+                "text": sample(model, corpus, args.prompt, args.seed),
+                "seconds": time.perf_counter() - start,
+            }
+        )
+    return {
+        "settings": {k: v for k, v in vars(args).items() if k not in ("data_dir", "cache", "out_dir", "publish")},
+        "rows": rows,
+    }
 
 
 def markdown(results: dict) -> str:
-    lines = ["# Character LSTM on tinyshakespeare: perplexity against sparsity", "",
-             "`python benchmarks/bench_charlm.py`: embedding 64, LSTM 256, linear read-out; the first 90% of the "
-             "text trains, the last 10% is the validation set (perplexity = exp of the mean next-character "
-             "cross-entropy). Each row prunes the previous one further (magnitude, per layer) and retrains "
-             f"briefly. Settings: `{json.dumps(results['settings'])}`. Shared two-core machine.", "",
-             "| weights pruned | kept | val perplexity (before retraining) | val perplexity |", "|---|---|---|---|"]
+    lines = [
+        "# Character LSTM on tinyshakespeare: perplexity against sparsity",
+        "",
+        "`python benchmarks/bench_charlm.py`: embedding 64, LSTM 256, linear read-out; the first 90% of the "
+        "text trains, the last 10% is the validation set (perplexity = exp of the mean next-character "
+        "cross-entropy). Each row prunes the previous one further (magnitude, per layer) and retrains "
+        f"briefly. Settings: `{json.dumps(results['settings'])}`. Shared two-core machine.",
+        "",
+        "| weights pruned | kept | val perplexity (before retraining) | val perplexity |",
+        "|---|---|---|---|",
+    ]
     for r in results["rows"]:
         before = f"{r['perplexity_before_retraining']:.2f}" if "perplexity_before_retraining" in r else ""
         lines.append(f"| {r['sparsity']:.0%} | {r['kept']:.1%} | {before} | {r['perplexity']:.2f} |")

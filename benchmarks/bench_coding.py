@@ -104,8 +104,20 @@ def main() -> None:
         rows.append({**baseline, "stream": name, "entropy": entropy_bits(symbols), "encode_vs_zlib": 1.0,
                      "decode_vs_zlib": 1.0})  # fmt: skip
 
-    table = Table(title=f"{args.symbols:,} symbols per stream, best of {args.repeats} (target < {TARGET_S:.0f} s each way)")
-    for col in ("stream", "coder", "encode s", "decode s", "bits/symbol", "entropy", "encode x zlib", "decode x zlib", "target"):
+    table = Table(
+        title=f"{args.symbols:,} symbols per stream, best of {args.repeats} (target < {TARGET_S:.0f} s each way)"
+    )
+    for col in (
+        "stream",
+        "coder",
+        "encode s",
+        "decode s",
+        "bits/symbol",
+        "entropy",
+        "encode x zlib",
+        "decode x zlib",
+        "target",
+    ):
         table.add_column(col, justify="left" if col in ("stream", "coder") else "right")
     for r in rows:
         ok = r["coder"] == "zlib" or max(r["encode_s"], r["decode_s"]) < TARGET_S * args.symbols / 10_000_000

@@ -41,10 +41,14 @@ ALEX7_PUBLISHED_US = 12.2  # EIE (Han et al., ISCA 2016), Alex-7 on 64 PEs at 80
 HEADLINE_SPEEDUP = {"CPU dense": 189.0, "GPU dense": 13.0}  # EIE abstract, against uncompressed DNNs
 # Published wall-clock time per layer at batch 1, us (docs/reference.md; i7-5930K + MKL, Titan X + cuBLAS/cuSPARSE).
 PUBLISHED_US = {
-    "Alex-6": (7516.2, 3066.5, 541.5, 134.8), "Alex-7": (6187.1, 1282.1, 243.0, 65.8),
-    "Alex-8": (1134.9, 890.5, 80.5, 54.6), "VGG-6": (35022.8, 3774.3, 1467.8, 167.0),
-    "VGG-7": (5372.8, 545.1, 243.0, 39.8), "VGG-8": (774.2, 777.3, 80.5, 48.0),
-    "NT-We": (605.0, 261.2, 65.0, 17.7), "NT-Wd": (1361.4, 437.4, 90.1, 41.1),
+    "Alex-6": (7516.2, 3066.5, 541.5, 134.8),
+    "Alex-7": (6187.1, 1282.1, 243.0, 65.8),
+    "Alex-8": (1134.9, 890.5, 80.5, 54.6),
+    "VGG-6": (35022.8, 3774.3, 1467.8, 167.0),
+    "VGG-7": (5372.8, 545.1, 243.0, 39.8),
+    "VGG-8": (774.2, 777.3, 80.5, 48.0),
+    "NT-We": (605.0, 261.2, 65.0, 17.7),
+    "NT-Wd": (1361.4, 437.4, 90.1, 41.1),
     "NT-LSTM": (470.5, 260.0, 51.9, 18.5),
 }
 PLATFORMS = ("CPU dense", "CPU sparse", "GPU dense", "GPU sparse")
@@ -84,9 +88,13 @@ def run_layers(tensors: dict, console: Console) -> list[dict]:
         r = simulate_layer(ct, act_density=layer.act_density, name=layer.name)
         wall = time.perf_counter() - start
         us = r.time_per_vector_s * 1e6
-        row = r.as_dict() | {"sim_wall_s": wall, "weight_density": ct.density, "us": us,
-                             "padding_fraction": r.padding_macs / max(r.macs + r.padding_macs, 1),
-                             "ideal_us": r.ideal_cycles / r.config.clock_hz * 1e6}
+        row = r.as_dict() | {
+            "sim_wall_s": wall,
+            "weight_density": ct.density,
+            "us": us,
+            "padding_fraction": r.padding_macs / max(r.macs + r.padding_macs, 1),
+            "ideal_us": r.ideal_cycles / r.config.clock_hz * 1e6,
+        }
         row["speedup"] = {p: t / us for p, t in zip(PLATFORMS, PUBLISHED_US[layer.name])}
         rows.append(row)
         console.log(f"{layer.name}: {us:.2f} us, simulated in {wall:.2f} s")
@@ -154,22 +162,42 @@ def real_lenet(data_dir: str | None, console: Console) -> dict:
     real = simulate_network(tensors, layer_inputs(model, tensors, images))
     dense_inputs = simulate_network(tensors)  # the same weights, every input assumed non-zero
     console.log(f"LeNet-300-100: accuracy {dense_accuracy:.2%} dense -> {accuracy:.2%} compressed")
-    layers = [{"name": r.name, "rows": r.matrix_shape[0], "cols": r.matrix_shape[1],
-               "kept": tensors[r.name].density, "act": r.active_columns / (r.vectors * r.matrix_shape[1]),
-               "cycles": r.cycles / r.vectors, "us": r.time_per_vector_s * 1e6, "load_efficiency": r.load_efficiency,
-               "uj": r.energy_total_pj * 1e-6 / r.vectors, "dense_input_us": d.time_s * 1e6}
-              for r, d in zip(real.layers, dense_inputs.layers)]
-    return {"dense_accuracy": dense_accuracy, "accuracy": accuracy, "images": len(images), "layers": layers,
-            "us": real.time_s / len(images) * 1e6, "uj": real.energy_total_pj * 1e-6 / len(images),
-            "dense_input_us": dense_inputs.time_s * 1e6}
+    layers = [
+        {
+            "name": r.name,
+            "rows": r.matrix_shape[0],
+            "cols": r.matrix_shape[1],
+            "kept": tensors[r.name].density,
+            "act": r.active_columns / (r.vectors * r.matrix_shape[1]),
+            "cycles": r.cycles / r.vectors,
+            "us": r.time_per_vector_s * 1e6,
+            "load_efficiency": r.load_efficiency,
+            "uj": r.energy_total_pj * 1e-6 / r.vectors,
+            "dense_input_us": d.time_s * 1e6,
+        }
+        for r, d in zip(real.layers, dense_inputs.layers)
+    ]
+    return {
+        "dense_accuracy": dense_accuracy,
+        "accuracy": accuracy,
+        "images": len(images),
+        "layers": layers,
+        "us": real.time_s / len(images) * 1e6,
+        "uj": real.energy_total_pj * 1e-6 / len(images),
+        "dense_input_us": dense_inputs.time_s * 1e6,
+    }
 
 
 def plots(fifo: dict, pes: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, values in fifo.items():
         ax.plot(SWEEP, [100 * v for v in values], marker="o", label=name)
-    ax.set(xscale="log", xlabel="FIFO depth", ylabel="load-balance efficiency (%)",
-           title="EIE simulator: load balance against activation-queue depth (64 PEs)")
+    ax.set(
+        xscale="log",
+        xlabel="FIFO depth",
+        ylabel="load-balance efficiency (%)",
+        title="EIE simulator: load balance against activation-queue depth (64 PEs)",
+    )
     ax.set_xticks(SWEEP, [str(n) for n in SWEEP])
     ax.grid(alpha=0.3)
     ax.legend(ncol=3, fontsize=8)
@@ -179,8 +207,13 @@ def plots(fifo: dict, pes: dict, out: Path) -> None:
     for name, cycles in pes.items():
         ax.plot(SWEEP, [cycles[0] / c for c in cycles], marker="o", label=name)
     ax.plot(SWEEP, SWEEP, "k--", linewidth=1, label="linear")
-    ax.set(xscale="log", yscale="log", xlabel="processing elements", ylabel="speed-up over 1 PE",
-           title="EIE simulator: scalability (FIFO depth 8)")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="processing elements",
+        ylabel="speed-up over 1 PE",
+        title="EIE simulator: scalability (FIFO depth 8)",
+    )
     ax.set_xticks(SWEEP, [str(n) for n in SWEEP])
     ax.grid(alpha=0.3, which="both")
     ax.legend(ncol=3, fontsize=8)
@@ -214,38 +247,73 @@ def markdown(result: dict) -> str:
             f"{r['power_w']:.2f} | {'yes' if r['fits_on_chip'] else 'no'} | {r['speedup']['CPU dense']:.0f}x | "
             f"{r['speedup']['GPU dense']:.1f}x | {r['speedup']['GPU sparse']:.1f}x | {r['sim_wall_s']:.2f} |"
         )
-    lines += ["", "Geometric-mean speed-up over the nine layers (published CPU / GPU times of docs/reference.md):", "",
-              "| against | simulated | EIE paper |", "|---|---|---|"]
+    lines += [
+        "",
+        "Geometric-mean speed-up over the nine layers (published CPU / GPU times of docs/reference.md):",
+        "",
+        "| against | simulated | EIE paper |",
+        "|---|---|---|",
+    ]
     for platform in PLATFORMS:
         published = HEADLINE_SPEEDUP.get(platform)
-        lines.append(f"| {platform} | {geomean([r['speedup'][platform] for r in rows]):.0f}x | "
-                     f"{f'{published:.0f}x' if published else '-'} |")
-    lines += ["", "Load-balance efficiency against FIFO depth (64 PEs), `eie_fifo_depth.png`:", "",
-              "| layer | " + " | ".join(str(d) for d in SWEEP) + " |", "|---|" + "---|" * len(SWEEP)]
+        lines.append(
+            f"| {platform} | {geomean([r['speedup'][platform] for r in rows]):.0f}x | "
+            f"{f'{published:.0f}x' if published else '-'} |"
+        )
+    lines += [
+        "",
+        "Load-balance efficiency against FIFO depth (64 PEs), `eie_fifo_depth.png`:",
+        "",
+        "| layer | " + " | ".join(str(d) for d in SWEEP) + " |",
+        "|---|" + "---|" * len(SWEEP),
+    ]
     for name, values in fifo.items():
         lines.append(f"| {name} | " + " | ".join(f"{100 * v:.0f}%" for v in values) + " |")
-    lines += ["", "Speed-up over one PE (FIFO depth 8), `eie_pe_scaling.png`:", "",
-              "| layer | " + " | ".join(str(n) for n in SWEEP) + " |", "|---|" + "---|" * len(SWEEP)]
+    lines += [
+        "",
+        "Speed-up over one PE (FIFO depth 8), `eie_pe_scaling.png`:",
+        "",
+        "| layer | " + " | ".join(str(n) for n in SWEEP) + " |",
+        "|---|" + "---|" * len(SWEEP),
+    ]
     for name, cycles in pes.items():
         lines.append(f"| {name} | " + " | ".join(f"{cycles[0] / c:.1f}" for c in cycles) + " |")
-    lines += ["", "## A real compressed model: LeNet-300-100 on MNIST", "",
-              f"Trained 1 epoch, pruned to 8/9/26% (Deep Compression's per-layer figures), 4-bit weight sharing "
-              f"(EIE's codebook), retrained; test accuracy {lenet['dense_accuracy']:.2%} dense -> "
-              f"{lenet['accuracy']:.2%} compressed (10,000 images). Simulated on the real inputs of "
-              f"{lenet['images']} test images (ReLU and background zeros skipped), per image:", "",
-              "| layer | matrix | kept | act. non-zero | cycles | time (us) | load eff. | energy (uJ) |"
-              " time with every input non-zero (us) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## A real compressed model: LeNet-300-100 on MNIST",
+        "",
+        f"Trained 1 epoch, pruned to 8/9/26% (Deep Compression's per-layer figures), 4-bit weight sharing "
+        f"(EIE's codebook), retrained; test accuracy {lenet['dense_accuracy']:.2%} dense -> "
+        f"{lenet['accuracy']:.2%} compressed (10,000 images). Simulated on the real inputs of "
+        f"{lenet['images']} test images (ReLU and background zeros skipped), per image:",
+        "",
+        "| layer | matrix | kept | act. non-zero | cycles | time (us) | load eff. | energy (uJ) |"
+        " time with every input non-zero (us) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in lenet["layers"]:
-        lines.append(f"| {r['name']} | {r['rows']}x{r['cols']} | {r['kept']:.1%} | {r['act']:.1%} | "
-                     f"{r['cycles']:,.0f} | {r['us']:.2f} | {r['load_efficiency']:.1%} | {r['uj']:.3f} | "
-                     f"{r['dense_input_us']:.2f} |")
-    lines += [f"| total | | | | | {lenet['us']:.2f} | | {lenet['uj']:.3f} | {lenet['dense_input_us']:.2f} |", "",
-              f"Skipping zero activations makes the network {lenet['dense_input_us'] / lenet['us']:.1f}x faster than "
-              "the same weights with dense inputs (baseline simulated in the same run)."]
-    lines += ["", f"Scheduler speed on Alex-7 (same cost matrix, same result): numba "
-              f"{speed['numba_s'] * 1e3:.2f} ms, plain-Python cycle stepping {speed['python_reference_s']:.2f} s "
-              f"({speed['ratio']:,.0f}x). Whole benchmark: {total_s:.0f} s.", "",
-              "![FIFO depth](eie_fifo_depth.png)", "", "![PE scaling](eie_pe_scaling.png)", ""]
+        lines.append(
+            f"| {r['name']} | {r['rows']}x{r['cols']} | {r['kept']:.1%} | {r['act']:.1%} | "
+            f"{r['cycles']:,.0f} | {r['us']:.2f} | {r['load_efficiency']:.1%} | {r['uj']:.3f} | "
+            f"{r['dense_input_us']:.2f} |"
+        )
+    lines += [
+        f"| total | | | | | {lenet['us']:.2f} | | {lenet['uj']:.3f} | {lenet['dense_input_us']:.2f} |",
+        "",
+        f"Skipping zero activations makes the network {lenet['dense_input_us'] / lenet['us']:.1f}x faster than "
+        "the same weights with dense inputs (baseline simulated in the same run).",
+    ]
+    lines += [
+        "",
+        f"Scheduler speed on Alex-7 (same cost matrix, same result): numba "
+        f"{speed['numba_s'] * 1e3:.2f} ms, plain-Python cycle stepping {speed['python_reference_s']:.2f} s "
+        f"({speed['ratio']:,.0f}x). Whole benchmark: {total_s:.0f} s.",
+        "",
+        "![FIFO depth](eie_fifo_depth.png)",
+        "",
+        "![PE scaling](eie_pe_scaling.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -254,8 +322,15 @@ def console_table(rows: list[dict]) -> Table:
     for header in ("layer", "us", "load eff.", "energy uJ", "vs CPU dense", "vs GPU dense", "sim s"):
         table.add_column(header, justify="left" if header == "layer" else "right")
     for r in rows:
-        table.add_row(r["name"], f"{r['us']:.2f}", f"{r['load_efficiency']:.1%}", f"{r['energy_per_vector_uj']:.2f}",
-                      f"{r['speedup']['CPU dense']:.0f}x", f"{r['speedup']['GPU dense']:.1f}x", f"{r['sim_wall_s']:.2f}")
+        table.add_row(
+            r["name"],
+            f"{r['us']:.2f}",
+            f"{r['load_efficiency']:.1%}",
+            f"{r['energy_per_vector_uj']:.2f}",
+            f"{r['speedup']['CPU dense']:.0f}x",
+            f"{r['speedup']['GPU dense']:.1f}x",
+            f"{r['sim_wall_s']:.2f}",
+        )
     return table
 
 
@@ -266,8 +341,10 @@ def main() -> None:
     args = parser.parse_args()
     console = Console()
     began = time.perf_counter()
-    tensors = {layer.name: synthetic_layer(layer.outputs, layer.inputs, layer.weight_density, seed=0)
-               for layer in EIE_BENCHMARK_LAYERS}
+    tensors = {
+        layer.name: synthetic_layer(layer.outputs, layer.inputs, layer.weight_density, seed=0)
+        for layer in EIE_BENCHMARK_LAYERS
+    }
     rows = run_layers(tensors, console)
     speed = scheduler_speed(tensors["Alex-7"], console)
     fifo = sweep(tensors, "fifo_depth", console)
@@ -276,8 +353,14 @@ def main() -> None:
     console.print(console_table(rows))
     for platform in PLATFORMS:
         console.print(f"geo-mean speed-up vs {platform}: {geomean([r['speedup'][platform] for r in rows]):.0f}x")
-    result = {"layers": rows, "fifo_sweep": fifo, "pe_sweep": pes, "scheduler": speed, "lenet": lenet,
-              "seconds": time.perf_counter() - began}
+    result = {
+        "layers": rows,
+        "fifo_sweep": fifo,
+        "pe_sweep": pes,
+        "scheduler": speed,
+        "lenet": lenet,
+        "seconds": time.perf_counter() - began,
+    }
     for folder in write_results(args, "eie", result, markdown):
         plots(fifo, pes, folder)
         console.print(f"wrote {folder / 'eie.md'} and the plots")

@@ -340,7 +340,9 @@ def main(argv: list[str] | None = None) -> None:
     result["machine"] = machine_rates(args.repeats)
     SparseMatrix(synthetic_layer(512, 512, 0.5)).matvec(np.ones(512, np.float32))  # starts numba's thread pool
     result["threading_layer"] = numba.threading_layer()
-    console.print(f"bandwidth {result['machine']['bandwidth_gbs']:.1f} GB/s, GEMM {result['machine']['gflops']:.1f} GFLOP/s")
+    console.print(
+        f"bandwidth {result['machine']['bandwidth_gbs']:.1f} GB/s, GEMM {result['machine']['gflops']:.1f} GFLOP/s"
+    )
     wanted = [layer for layer in EIE_BENCHMARK_LAYERS if not args.layers or layer.name in args.layers]
     result["runs"] = []
     for _ in track(range(args.runs), description="layer suite runs", console=console):

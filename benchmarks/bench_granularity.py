@@ -68,7 +68,9 @@ INDEX_BITS = {"conv": 8, "fc": 5}  # Deep Compression's relative-index widths
 BITS = {"conv": 8, "fc": 5}  # Deep Compression's weight-sharing widths
 
 
-def time_forward(models: dict[str, torch.nn.Module], batch: torch.Tensor, rounds: int = 5, repeats: int = 10) -> dict[str, float]:
+def time_forward(
+    models: dict[str, torch.nn.Module], batch: torch.Tensor, rounds: int = 5, repeats: int = 10
+) -> dict[str, float]:
     """Best milliseconds of one forward pass of each model, timed round-robin.
 
     Interleaving the models spreads the load of a shared machine evenly over
@@ -112,9 +114,16 @@ def run_scheme(name: str, dense: torch.nn.Module, train, test, args, tmp: Path) 
     size = save(model, path, coder="huffman", index_bits={t.name: INDEX_BITS[t.kind] for t in find_targets(model)})
     kept = sum(int((t.weight != 0).sum()) for t in find_targets(model))
     runnable = shrink(model, test[0][:256])  # plain dense modules, without the channels pruning emptied
-    row = {"granularity": name, "pruned acc": pruned_acc, "accuracy": evaluate(model, test), "kept": kept,
-           "file bytes": size, "index bits/weight": per_weight, "index bits/group": per_group,
-           "dense params": sum(p.numel() for p in runnable.parameters())}
+    row = {
+        "granularity": name,
+        "pruned acc": pruned_acc,
+        "accuracy": evaluate(model, test),
+        "kept": kept,
+        "file bytes": size,
+        "index bits/weight": per_weight,
+        "index bits/group": per_group,
+        "dense params": sum(p.numel() for p in runnable.parameters()),
+    }
     return row, runnable
 
 
@@ -122,12 +131,22 @@ def ternary_row(label: str, dense: torch.nn.Module, layers, train, test, args, t
     model = copy.deepcopy(dense)
     ternarize_(model, 0.05, layers=layers)
     start_acc = evaluate(model, test)
-    fit(model, train, TrainConfig(epochs=args.epochs / 2, lr=0.001, optimizer="adam", batch_size=128,
-                                  schedule="cosine", progress=False))
+    fit(
+        model,
+        train,
+        TrainConfig(
+            epochs=args.epochs / 2, lr=0.001, optimizer="adam", batch_size=128, schedule="cosine", progress=False
+        ),
+    )
     size = save(model, tmp / f"ternary-{label}.dsz", coder="huffman")
     nonzero = sum(int((t.weight != 0).sum()) for t in find_targets(model))
-    return {"ternary layers": label, "accuracy after ternarize": start_acc, "accuracy": evaluate(model, test),
-            "non-zero weights": nonzero, "file bytes": size}
+    return {
+        "ternary layers": label,
+        "accuracy after ternarize": start_acc,
+        "accuracy": evaluate(model, test),
+        "non-zero weights": nonzero,
+        "file bytes": size,
+    }
 
 
 def fmt(value: object) -> str:
@@ -152,9 +171,13 @@ def markdown(rows: list[dict]) -> str:
 
 def page(result: dict) -> str:
     base = result["dense_ms"]
-    return (f"Dense LeNet-5: accuracy {result['dense_accuracy']:.4f}, {result['fp32_bytes']:,} fp32 bytes; "
-            f"{base['b1']:.3f} ms at batch 1, {base['b256']:.2f} ms at batch 256; {result['seconds']:.0f} s in all.\n\n"
-            + markdown(result["granularity"]) + "\n" + markdown(result["ternary"]))
+    return (
+        f"Dense LeNet-5: accuracy {result['dense_accuracy']:.4f}, {result['fp32_bytes']:,} fp32 bytes; "
+        f"{base['b1']:.3f} ms at batch 1, {base['b256']:.2f} ms at batch 256; {result['seconds']:.0f} s in all.\n\n"
+        + markdown(result["granularity"])
+        + "\n"
+        + markdown(result["ternary"])
+    )
 
 
 def main() -> None:
@@ -189,16 +212,26 @@ def main() -> None:
     for row in rows:
         name = row["granularity"]
         row.update({"ms b1": b1[name], "ms b256": b256[name], "speed-up b256": base["b256"] / b256[name]})
-    ternary = [ternary_row("conv2+fc1", dense, ["conv2", "fc1"], train, test, args, out),
-               ternary_row("all", dense, None, train, test, args, out)]
+    ternary = [
+        ternary_row("conv2+fc1", dense, ["conv2", "fc1"], train, test, args, out),
+        ternary_row("all", dense, None, train, test, args, out),
+    ]
     elapsed = time.perf_counter() - start
 
     fp32_bytes = 4 * sum(p.numel() for p in dense.parameters())
     console.print(table(rows, f"LeNet-5 granularity (dense accuracy {dense_acc:.4f}, {fp32_bytes:,} fp32 bytes)"))
     console.print(table(ternary, "LeNet-5 trained ternary quantization (t = 0.05)"))
     console.print(f"total {elapsed:.0f} s on a shared 2-core machine")
-    result = {"dense_accuracy": dense_acc, "dense_ms": base, "fp32_bytes": fp32_bytes, "sparsity": SPARSITY,
-              "epochs": args.epochs, "granularity": rows, "ternary": ternary, "seconds": elapsed}
+    result = {
+        "dense_accuracy": dense_acc,
+        "dense_ms": base,
+        "fp32_bytes": fp32_bytes,
+        "sparsity": SPARSITY,
+        "epochs": args.epochs,
+        "granularity": rows,
+        "ternary": ternary,
+        "seconds": elapsed,
+    }
     write_results(args, "granularity", result, page)
     console.print(f"wrote {out / 'granularity.json'} and .md")
 

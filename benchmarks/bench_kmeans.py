@@ -58,16 +58,33 @@ def main() -> None:
         base_mse = float(base.inertia_ / values.size)
         for init in INITS:
             seconds, (centroids, codes) = timed(lambda: kmeans_1d(values, k, init))  # noqa: B023 (called in this iteration)
-            rows.append({"bits": bits, "init": init, "weights": int(values.size), "seconds": seconds,
-                         "sklearn_seconds": base_s, "speedup": base_s / seconds,
-                         "mse": float(np.mean((values - centroids[codes]) ** 2)), "sklearn_mse": base_mse,
-                         "met": seconds < TARGET_S})
+            rows.append(
+                {
+                    "bits": bits,
+                    "init": init,
+                    "weights": int(values.size),
+                    "seconds": seconds,
+                    "sklearn_seconds": base_s,
+                    "speedup": base_s / seconds,
+                    "mse": float(np.mean((values - centroids[codes]) ** 2)),
+                    "sklearn_mse": base_mse,
+                    "met": seconds < TARGET_S,
+                }
+            )
     table = Table(title=f"k-means of a {args.rows}x{args.cols} layer at {args.kept:.0%} kept ({values.size:,} weights)")
     for col in ("bits", "init", "seconds", "sklearn KMeans s", "x", "MSE", "sklearn MSE", f"< {TARGET_S:g} s"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["bits"]), r["init"], f"{r['seconds']:.3f}", f"{r['sklearn_seconds']:.2f}",
-                      f"{r['speedup']:.0f}", f"{r['mse']:.3g}", f"{r['sklearn_mse']:.3g}", "yes" if r["met"] else "NO")
+        table.add_row(
+            str(r["bits"]),
+            r["init"],
+            f"{r['seconds']:.3f}",
+            f"{r['sklearn_seconds']:.2f}",
+            f"{r['speedup']:.0f}",
+            f"{r['mse']:.3g}",
+            f"{r['sklearn_mse']:.3g}",
+            "yes" if r["met"] else "NO",
+        )
     Console().print(table)
     write_results(args, "kmeans", rows)
 

@@ -46,14 +46,29 @@ NETS = ("lenet-300-100", "lenet-5")
 # Deep Compression (Han, Mao, Dally, ICLR 2016), table 1 and the per-layer tables (docs/reference.md).
 PAPER = {
     "lenet-300-100": {
-        "ref_error": 1.64, "error": 1.58, "dense_kb": 1070, "kb": 27, "ratio": 40,
-        "layers": {"fc1.weight": ("ip1", 8, 4.4, 3.7, 2.32), "fc2.weight": ("ip2", 9, 4.4, 4.3, 3.04),
-                   "fc3.weight": ("ip3", 26, 4.3, 3.2, 12.70)},
+        "ref_error": 1.64,
+        "error": 1.58,
+        "dense_kb": 1070,
+        "kb": 27,
+        "ratio": 40,
+        "layers": {
+            "fc1.weight": ("ip1", 8, 4.4, 3.7, 2.32),
+            "fc2.weight": ("ip2", 9, 4.4, 4.3, 3.04),
+            "fc3.weight": ("ip3", 26, 4.3, 3.2, 12.70),
+        },
     },
     "lenet-5": {
-        "ref_error": 0.80, "error": 0.74, "dense_kb": 1720, "kb": 44, "ratio": 39,
-        "layers": {"conv1.weight": ("conv1", 66, 7.2, 1.5, 67.45), "conv2.weight": ("conv2", 12, 7.2, 3.9, 5.28),
-                   "fc1.weight": ("ip1", 8, 4.5, 4.5, 2.45), "fc2.weight": ("ip2", 19, 5.2, 3.7, 6.13)},
+        "ref_error": 0.80,
+        "error": 0.74,
+        "dense_kb": 1720,
+        "kb": 44,
+        "ratio": 39,
+        "layers": {
+            "conv1.weight": ("conv1", 66, 7.2, 1.5, 67.45),
+            "conv2.weight": ("conv2", 12, 7.2, 3.9, 5.28),
+            "fc1.weight": ("ip1", 8, 4.5, 4.5, 2.45),
+            "fc2.weight": ("ip2", 19, 5.2, 3.7, 6.13),
+        },
     },
 }  # per layer: (paper's name, kept %, weight bits P+Q+H, index bits P+Q+H, size vs fp32 % P+Q+H)
 GOAL_RATIO = {"lenet-300-100": 60, "lenet-5": 100}  # issue 4: beat the paper at the paper's error bar
@@ -73,8 +88,9 @@ def layer_rows(report: FileSize) -> list[dict]:
     return rows
 
 
-def run_net(net: str, data_dir: str, out_dir: Path, max_steps: int | None, console: Console,
-            recipe_dir: str | None = None) -> dict:
+def run_net(
+    net: str, data_dir: str, out_dir: Path, max_steps: int | None, console: Console, recipe_dir: str | None = None
+) -> dict:
     """Run ``net``'s recipe, write and reload its file, and gather every figure.
 
     The recipe is the built-in one, or ``<recipe_dir>/<net>.yaml`` to try a variant.
@@ -92,8 +108,14 @@ def run_net(net: str, data_dir: str, out_dir: Path, max_steps: int | None, conso
 
     path = out_dir / f"{net}.dsz"
     tick = time.perf_counter()
-    size = save(result["model"], path, factory=MODELS[recipe.model], factory_kwargs=recipe.model_kwargs or None,
-                metadata={"recipe": recipe.name or net}, **encode.options())
+    size = save(
+        result["model"],
+        path,
+        factory=MODELS[recipe.model],
+        factory_kwargs=recipe.model_kwargs or None,
+        metadata={"recipe": recipe.name or net},
+        **encode.options(),
+    )
     timings["encode + write"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -138,15 +160,33 @@ def merge_results(path: Path, results: Sequence[dict]) -> list[dict]:
 def summary_table(results: Sequence[dict]) -> Table:
     """Ours beside the paper's row, one line per net."""
     table = Table(title="Deep Compression's LeNet rows: paper vs this run (errors on the 10,000 MNIST test images)")
-    for col in ("net", "paper error", "paper ratio", "ref error", "error (reloaded)", "file bytes", "ratio (file)",
-                "ratio (paper count)", "wall s", "paper / goal met"):
+    for col in (
+        "net",
+        "paper error",
+        "paper ratio",
+        "ref error",
+        "error (reloaded)",
+        "file bytes",
+        "ratio (file)",
+        "ratio (paper count)",
+        "wall s",
+        "paper / goal met",
+    ):
         table.add_column(col, justify="left" if col == "net" else "right")
     for r in results:
         p = PAPER[r["net"]]
-        table.add_row(r["net"], f"{p['ref_error']:.2f}% -> {p['error']:.2f}%", f"{p['ratio']}x",
-                      f"{r['ref_error']:.2f}%", f"{r['error']:.2f}%", f"{r['file_bytes']:,}", f"{r['ratio']:.1f}x",
-                      f"{r['paper_style_ratio']:.1f}x", f"{r['timings']['total']:.0f} ({r['cpu_seconds']:.0f} cpu)",
-                      f"{'yes' if r['meets_paper'] else 'no'} / {'yes' if r['meets_goal'] else 'no'}")
+        table.add_row(
+            r["net"],
+            f"{p['ref_error']:.2f}% -> {p['error']:.2f}%",
+            f"{p['ratio']}x",
+            f"{r['ref_error']:.2f}%",
+            f"{r['error']:.2f}%",
+            f"{r['file_bytes']:,}",
+            f"{r['ratio']:.1f}x",
+            f"{r['paper_style_ratio']:.1f}x",
+            f"{r['timings']['total']:.0f} ({r['cpu_seconds']:.0f} cpu)",
+            f"{'yes' if r['meets_paper'] else 'no'} / {'yes' if r['meets_goal'] else 'no'}",
+        )
     return table
 
 
@@ -191,8 +231,12 @@ def markdown(results: Sequence[dict]) -> str:
                 f"| {row['weight_bits']:.2f} | {wbits} | {row['index_bits']:.2f} | {ibits} | {row['layout']} "
                 f"| {row['coders']} | {row['bytes']:,} | {row['size_pct']:.2f}% ({row['ratio']:.0f}x) | {size}% |"
             )
-        lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items())
-                  + f"; CPU time of the whole run {r['cpu_seconds']:.0f} s on {r.get('threads', 1)} torch thread(s)."]
+        lines += [
+            "",
+            "Stage wall times (s): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items())
+            + f"; CPU time of the whole run {r['cpu_seconds']:.0f} s on {r.get('threads', 1)} torch thread(s).",
+        ]
     lines += ["", "Every attempt on the way, including misses: [lenet-attempts.md](lenet-attempts.md).", ""]
     return "\n".join(lines)
 
@@ -204,15 +248,21 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     add_output(parser, publish=True)
     parser.add_argument("--recipe-dir", help="read <net>.yaml from here instead of the built-in recipes")
     parser.add_argument("--max-steps", type=int, help="cap every training stage (the short variant the tests run)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; 1 avoids oversubscribing a machine shared with other jobs")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 1 avoids oversubscribing a machine shared with other jobs",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     console = Console()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = [run_net(net, args.data_dir, out_dir, args.max_steps, console, args.recipe_dir) | {"threads": args.threads}
-               for net in args.nets]
+    results = [
+        run_net(net, args.data_dir, out_dir, args.max_steps, console, args.recipe_dir) | {"threads": args.threads}
+        for net in args.nets
+    ]
     console.print(summary_table(results))
     for r in results:
         console.print(f"{r['net']} stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items()))

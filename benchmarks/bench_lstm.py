@@ -71,17 +71,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--share-epochs", type=float, default=2.0, help="centroid fine-tuning after weight sharing")
     p.add_argument("--sim-utterances", type=int, default=30, help="test utterances run through the simulator")
     p.add_argument("--latency-utterances", type=int, default=100)
-    p.add_argument("--latency-runs", type=int, default=5,
-                   help="latency measured this many times in a row (the machine's load drifts): median and range")
+    p.add_argument(
+        "--latency-runs",
+        type=int,
+        default=5,
+        help="latency measured this many times in a row (the machine's load drifts): median and range",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--reuse", action="store_true",
-                   help="load the compressed models of an earlier run from --cache instead of compressing again")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="load the compressed models of an earlier run from --cache instead of compressing again",
+    )
     return p.parse_args(argv)
 
 
 def train_config(epochs: float, lr: float, seed: int) -> TrainConfig:
-    return TrainConfig(epochs=epochs, lr=lr, optimizer="adam", weight_decay=0.0, batch_size=64,
-                       schedule="cosine", seed=seed, progress=sys.stdout.isatty())
+    return TrainConfig(
+        epochs=epochs,
+        lr=lr,
+        optimizer="adam",
+        weight_decay=0.0,
+        batch_size=64,
+        schedule="cosine",
+        seed=seed,
+        progress=sys.stdout.isatty(),
+    )
 
 
 def dense_model(args: argparse.Namespace, train: tuple) -> tuple[torch.nn.Module, float]:
@@ -118,17 +133,29 @@ def compress(args: argparse.Namespace, mode: str) -> None:
         else:
             prune_(model, per_layer)
         epochs = args.final_epochs if i == args.prune_steps - 1 else args.retrain_epochs
-        fit(model, train, train_config(epochs, 1e-3, args.seed + i),
-            description=f"{mode} prune {i + 1}/{args.prune_steps}")
+        fit(
+            model,
+            train,
+            train_config(epochs, 1e-3, args.seed + i),
+            description=f"{mode} prune {i + 1}/{args.prune_steps}",
+        )
     pruned_accuracy = evaluate(model, test)
     share_weights_(model, bits={"lstm": args.bits, "fc.weight": 5})
     shared_accuracy = evaluate(model, test)
     fit(model, train, train_config(args.share_epochs, 3e-4, args.seed), description="fine-tune centroids")
-    stages = {"pruned_accuracy": pruned_accuracy, "shared_accuracy": shared_accuracy,
-              "compress_seconds": time.perf_counter() - start}
+    stages = {
+        "pruned_accuracy": pruned_accuracy,
+        "shared_accuracy": shared_accuracy,
+        "compress_seconds": time.perf_counter() - start,
+    }
     # The stage figures travel in the file's metadata, so --reuse reports them too.
-    save(model, Path(args.cache) / f"{mode}.dsz", factory="deepshrink.models:lstm_classifier",
-         factory_kwargs=MODEL_KWARGS, metadata=stages)
+    save(
+        model,
+        Path(args.cache) / f"{mode}.dsz",
+        factory="deepshrink.models:lstm_classifier",
+        factory_kwargs=MODEL_KWARGS,
+        metadata=stages,
+    )
 
 
 def engine_logits(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
@@ -234,9 +261,11 @@ def run(args: argparse.Namespace) -> dict:
     dense, train_s = dense_model(args, train)
     dense.eval()
     dense_bytes = save(dense, cache / "dense.dsz")
-    results = {"settings": {k: v for k, v in vars(args).items() if k not in ("data_dir", "cache", "out_dir")},
-               "model": MODEL_KWARGS, "dense": {"accuracy": evaluate(dense, test), "bytes": dense_bytes,
-                                                "train_seconds": train_s}}
+    results = {
+        "settings": {k: v for k, v in vars(args).items() if k not in ("data_dir", "cache", "out_dir")},
+        "model": MODEL_KWARGS,
+        "dense": {"accuracy": evaluate(dense, test), "bytes": dense_bytes, "train_seconds": train_s},
+    }
     modes = ("plain", "balanced")
     if not (args.reuse and all((cache / f"{m}.dsz").is_file() for m in modes)):
         # One process per mode: each trains on one thread, so the two run side by side.
@@ -251,18 +280,32 @@ def run(args: argparse.Namespace) -> dict:
         with torch.inference_mode():
             torch_logits = model(test[0]).numpy()
         results[mode] = {
-            "accuracy": evaluate(model, test), "weights": weights, "kept": kept, "bytes": path.stat().st_size,
+            "accuracy": evaluate(model, test),
+            "weights": weights,
+            "kept": kept,
+            "bytes": path.stat().st_size,
             "engine_accuracy": float((logits.argmax(1) == test[1].numpy()).mean()),
             "engine_max_abs_diff": float(np.abs(logits - torch_logits).max()),
-            **stages, **simulate(model, test[0], args),
+            **stages,
+            **simulate(model, test[0], args),
         }
         if mode == "balanced":
             results["latency"] = latency_runs(dense, model, test[0], args)
     return results
 
 
-COLUMNS = ("model", "test acc", "pruned / shared acc", "weights kept", ".dsz bytes", "vs dense file",
-           "PE balance", "sim cycles/utt", "sim load eff.", "sim us/utt")
+COLUMNS = (
+    "model",
+    "test acc",
+    "pruned / shared acc",
+    "weights kept",
+    ".dsz bytes",
+    "vs dense file",
+    "PE balance",
+    "sim cycles/utt",
+    "sim load eff.",
+    "sim us/utt",
+)
 
 
 def rows(results: dict) -> list[list[str]]:
@@ -271,12 +314,21 @@ def rows(results: dict) -> list[list[str]]:
     out = [["dense", f"{d['accuracy']:.2%}", "", "100%", f"{d['bytes']:,}", "1.0x", "", "", "", ""]]
     for mode in ("plain", "balanced"):
         r = results[mode]
-        stages = (f"{r['pruned_accuracy']:.2%} / {r['shared_accuracy']:.2%}" if "pruned_accuracy" in r
-                  else "(reused)")
-        out.append([f"{mode} pruning", f"{r['accuracy']:.2%}", stages,
-                    f"{r['kept'] / r['weights']:.1%} ({r['weights'] / r['kept']:.1f}x fewer)", f"{r['bytes']:,}",
-                    f"{d['bytes'] / r['bytes']:.1f}x", f"{r['pe_balance']:.3f}", f"{r['cycles_per_utterance']:,.0f}",
-                    f"{r['load_efficiency']:.1%}", f"{r['us_per_utterance']:.1f}"])
+        stages = f"{r['pruned_accuracy']:.2%} / {r['shared_accuracy']:.2%}" if "pruned_accuracy" in r else "(reused)"
+        out.append(
+            [
+                f"{mode} pruning",
+                f"{r['accuracy']:.2%}",
+                stages,
+                f"{r['kept'] / r['weights']:.1%} ({r['weights'] / r['kept']:.1f}x fewer)",
+                f"{r['bytes']:,}",
+                f"{d['bytes'] / r['bytes']:.1f}x",
+                f"{r['pe_balance']:.3f}",
+                f"{r['cycles_per_utterance']:,.0f}",
+                f"{r['load_efficiency']:.1%}",
+                f"{r['us_per_utterance']:.1f}",
+            ]
+        )
     return out
 
 
@@ -293,31 +345,42 @@ def latency_line(lat: dict) -> str:
     """Each order's median run and the range of the speed-ups over the runs."""
     lines = []
     for order, result in lat.items():
-        clocks = "; ".join(f"{clock} time: dense torch.nn.LSTM {v['torch_dense_us']:.0f} us, sparse engine "
-                           f"{v['engine_us']:.0f} us, {v['speedup']:.2f}x" for clock, v in result["median_run"].items())
+        clocks = "; ".join(
+            f"{clock} time: dense torch.nn.LSTM {v['torch_dense_us']:.0f} us, sparse engine "
+            f"{v['engine_us']:.0f} us, {v['speedup']:.2f}x"
+            for clock, v in result["median_run"].items()
+        )
         speedups = result["speedups"]
-        lines.append(f"{order}: {clocks} (median of {len(speedups)} runs; wall-clock speed-up "
-                     f"{min(speedups):.2f}-{max(speedups):.2f}x over the runs)")
+        lines.append(
+            f"{order}: {clocks} (median of {len(speedups)} runs; wall-clock speed-up "
+            f"{min(speedups):.2f}-{max(speedups):.2f}x over the runs)"
+        )
     return "; ".join(lines)
 
 
 def markdown(results: dict) -> str:
     b = results["balanced"]
     lines = [
-        "# LSTM on spoken digits (ESE)", "",
+        "# LSTM on spoken digits (ESE)",
+        "",
         "`python benchmarks/bench_lstm.py` on the Free Spoken Digit Dataset (official split: 2,700 train, "
         "300 test), 41 frames x 40 log-mel per utterance, LSTM 40->256 (1 layer) + linear head on the last step. "
-        f"Settings: `{json.dumps(results['settings'])}`.", "",
-        "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS),
+        f"Settings: `{json.dumps(results['settings'])}`.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
         *("| " + " | ".join(row) + " |" for row in rows(results)),
-        "", f"Sparse LSTM engine (balanced model, batch 1, step by step): test accuracy "
+        "",
+        f"Sparse LSTM engine (balanced model, batch 1, step by step): test accuracy "
         f"{b['engine_accuracy']:.2%}, largest logit difference to the decoded PyTorch model "
-        f"{b['engine_max_abs_diff']:.2e}.", "",
+        f"{b['engine_max_abs_diff']:.2e}.",
+        "",
         f"Latency per utterance (LSTM only, balanced model, one thread each; median over "
         f"{results['settings']['latency_utterances']} test utterances of the fastest of 5 runs each; each "
         "library's runs back to back, warm caches as when utterances stream through, or alternating call by "
         "call, each run after the other library's; the whole measured several times one after another): "
-        f"{latency_line(results['latency'])}.", "",
+        f"{latency_line(results['latency'])}.",
+        "",
         "Simulator: EIE cycle model (`deepshrink.hardware`) at ESE's 200 MHz, rows interleaved over the PEs, "
         "4-bit relative indices, FIFO depth 8, real activations (x_t for W_ih, h_t-1 for W_hh) of "
         f"{results['settings']['sim_utterances']} test utterances; PE balance is the worst gate matrix's "

@@ -56,8 +56,14 @@ def compare(dense: torch.nn.Module, sparsity: float, train, test, epochs: float,
     run_cfg = TrainConfig(epochs=epochs, lr=LR, batch_size=128, progress=False)
     t_grad = timed(lambda: gradual_prune(gradual, sparsity, train, run_cfg, every=50, ramp=0.5))
     acc_iter, acc_grad = evaluate(iterative, test), evaluate(gradual, test)
-    return {"sparsity": sparsity, "iterative acc": acc_iter, "gradual acc": acc_grad,
-            "gradual - iterative (points)": 100 * (acc_grad - acc_iter), "iterative s": t_iter, "gradual s": t_grad}
+    return {
+        "sparsity": sparsity,
+        "iterative acc": acc_iter,
+        "gradual acc": acc_grad,
+        "gradual - iterative (points)": 100 * (acc_grad - acc_iter),
+        "iterative s": t_iter,
+        "gradual s": t_grad,
+    }
 
 
 def fmt(key: str, value: float) -> str:
@@ -100,12 +106,10 @@ def main() -> None:
         rows.append(compare(dense, s, train, test, args.epochs, args.steps))
         console.print(render(rows[-1:], f"sparsity {s}"))
     elapsed = time.perf_counter() - start
-    title = (f"LeNet-300-100 pruning schedules, {args.epochs:g} retraining epochs each "
-             f"(dense accuracy {dense_acc:.4f})")
+    title = f"LeNet-300-100 pruning schedules, {args.epochs:g} retraining epochs each (dense accuracy {dense_acc:.4f})"
     console.print(render(rows, title))
     console.print(f"total {elapsed:.0f} s on a shared 2-core machine")
-    result = {"dense_accuracy": dense_acc, "epochs": args.epochs, "steps": args.steps, "rows": rows,
-              "seconds": elapsed}
+    result = {"dense_accuracy": dense_acc, "epochs": args.epochs, "steps": args.steps, "rows": rows, "seconds": elapsed}
     write_results(args, "schedules", result, lambda r: page(r, title))
     console.print(f"wrote {Path(args.out_dir) / 'schedules.json'} and .md")
 

@@ -37,11 +37,19 @@ def add_data_dir(parser: argparse.ArgumentParser) -> None:
 
 def add_output(parser: argparse.ArgumentParser, publish: bool = False) -> None:
     """``--out-dir`` (default ``results/``) and, for a page generated whole, ``--publish [DIR]``."""
-    parser.add_argument("--out-dir", default=str(RESULTS),
-                        help="where the JSON, the page and any large files go (default results/, not committed)")
+    parser.add_argument(
+        "--out-dir",
+        default=str(RESULTS),
+        help="where the JSON, the page and any large files go (default results/, not committed)",
+    )
     if publish:
-        parser.add_argument("--publish", nargs="?", const=str(PUBLISHED), metavar="DIR",
-                            help="also write the page and its images here (default docs/results/)")
+        parser.add_argument(
+            "--publish",
+            nargs="?",
+            const=str(PUBLISHED),
+            metavar="DIR",
+            help="also write the page and its images here (default docs/results/)",
+        )
 
 
 def write_results(

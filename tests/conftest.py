@@ -26,12 +26,14 @@ def data_root() -> Path:
 @pytest.fixture(scope="session")
 def mnist_train(data_root: Path) -> tuple[torch.Tensor, torch.Tensor]:
     from deepshrink.data.mnist import load_mnist
+
     return load_mnist(data_root, "train")
 
 
 @pytest.fixture(scope="session")
 def mnist_test(data_root: Path) -> tuple[torch.Tensor, torch.Tensor]:
     from deepshrink.data.mnist import load_mnist
+
     return load_mnist(data_root, "test")
 
 
@@ -39,6 +41,7 @@ def mnist_test(data_root: Path) -> tuple[torch.Tensor, torch.Tensor]:
 def _trained_lenet300(mnist_train) -> torch.nn.Module:
     from deepshrink.compress.train import TrainConfig, fit
     from deepshrink.models import lenet_300_100
+
     torch.manual_seed(0)
     model = lenet_300_100()
     threads = torch.get_num_threads()

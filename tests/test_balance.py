@@ -38,10 +38,17 @@ def skewed_weight(rows: int, cols: int, n_pe: int, seed: int = 0) -> torch.Tenso
     return torch.from_numpy((rng.standard_normal((rows, cols)) * scale[:, None]).astype(np.float32))
 
 
-@pytest.mark.parametrize("shape, sparsity, n_pe", [
-    ((64, 30), 0.9, 8), ((37, 11), 0.75, 5), ((8, 3, 3, 3), 0.5, 4), ((3, 10), 0.6, 8), ((16, 16), 0.0, 4),
-    ((0, 4), 0.5, 2),
-])
+@pytest.mark.parametrize(
+    "shape, sparsity, n_pe",
+    [
+        ((64, 30), 0.9, 8),
+        ((37, 11), 0.75, 5),
+        ((8, 3, 3, 3), 0.5, 4),
+        ((3, 10), 0.6, 8),
+        ((16, 16), 0.0, 4),
+        ((0, 4), 0.5, 2),
+    ],
+)
 def test_balanced_mask_matches_reference(shape: tuple, sparsity: float, n_pe: int) -> None:
     w = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     np.testing.assert_array_equal(balanced_mask(w, sparsity, n_pe).numpy(), reference_mask(w.numpy(), sparsity, n_pe))

@@ -41,8 +41,20 @@ def short_run(tmp_path_factory, data_root):
     """One short run of the script on LeNet-300-100, published to a temporary folder."""
     bench = _bench()
     out, published = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("published")
-    results = bench.main(["--nets", "lenet-300-100", "--max-steps", "120", "--data-dir", str(data_root),
-                          "--out-dir", str(out), "--publish", str(published)])
+    results = bench.main(
+        [
+            "--nets",
+            "lenet-300-100",
+            "--max-steps",
+            "120",
+            "--data-dir",
+            str(data_root),
+            "--out-dir",
+            str(out),
+            "--publish",
+            str(published),
+        ]
+    )
     return bench, results[0], out, published
 
 

@@ -21,9 +21,31 @@ def test_every_command_has_help(command, capsys):
 
 def test_compress_on_digits_writes_a_file_that_rebuilds_the_model(capsys, tmp_path):
     path = tmp_path / "digits.dsz"
-    code = main(["compress", "--model", "lenet-300-100", "--model-kwargs", '{"in_features": 64}',
-                 "--data", "digits", "--pretrain-epochs", "1", "--sparsity", "0.8", "--prune-steps", "2",
-                 "--bits", "fc=4", "--epochs", "0.2", "--lr", "0.05", "--out", str(path)])
+    code = main(
+        [
+            "compress",
+            "--model",
+            "lenet-300-100",
+            "--model-kwargs",
+            '{"in_features": 64}',
+            "--data",
+            "digits",
+            "--pretrain-epochs",
+            "1",
+            "--sparsity",
+            "0.8",
+            "--prune-steps",
+            "2",
+            "--bits",
+            "fc=4",
+            "--epochs",
+            "0.2",
+            "--lr",
+            "0.05",
+            "--out",
+            str(path),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "fc1.weight" in out and "after 2: share" in out

@@ -22,7 +22,10 @@ def test_uncompressed_idx_files_read_the_same(data_root, tmp_path, mnist_test):
         with gzip.open(data_root / "mnist" / f"{stem}.gz", "rb") as src, open(tmp_path / stem, "wb") as dst:
             shutil.copyfileobj(src, dst)
     # the README's MD5 of the uncompressed test images
-    assert hashlib.md5((tmp_path / "t10k-images-idx3-ubyte").read_bytes()).hexdigest() == "2646ac647ad5339dbf082846283269ea"
+    assert (
+        hashlib.md5((tmp_path / "t10k-images-idx3-ubyte").read_bytes()).hexdigest()
+        == "2646ac647ad5339dbf082846283269ea"
+    )
     images, labels = load_mnist(tmp_path, "test")
     assert torch.equal(images, mnist_test[0]) and torch.equal(labels, mnist_test[1])
 

@@ -9,9 +9,16 @@ from pathlib import Path
 def test_torchrun_two_ranks_keep_masks_and_codebooks_in_sync(data_root, tmp_path):
     out = tmp_path / "result.txt"
     script = Path(__file__).parent / "scripts" / "ddp_finetune.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(script), str(data_root), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(data_root),
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.read_text() == "ok"

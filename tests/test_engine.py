@@ -29,8 +29,9 @@ def random_tensor(rows: int, cols: int, density: float, seed: int = 0, bits: int
     return CompressedTensor((rows, cols), positions, rng.integers(0, 1 << bits, len(positions)), codebook, bits)
 
 
-def reference_segments(segment: np.ndarray, offset: np.ndarray, codes: np.ndarray, n_segments: int,
-                       pad_code: int) -> tuple[list[int], list[int], list[int]]:
+def reference_segments(
+    segment: np.ndarray, offset: np.ndarray, codes: np.ndarray, n_segments: int, pad_code: int
+) -> tuple[list[int], list[int], list[int]]:
     """EIE's padding spelled out, one entry at a time."""
     ptr, gaps, out_codes = [0], [], []
     for s in range(n_segments):
@@ -95,11 +96,11 @@ def test_sliced_layout_matches_reference() -> None:
     assert lengths[slice_rows[:37]].tolist() == sorted(lengths, reverse=True)  # longest first
     assert sorted(slice_rows.tolist()) == list(range(40))  # the rows, then the padding lanes' places
     for s in range(len(ptr) - 1):
-        block = packed[ptr[s]:ptr[s + 1]].reshape(-1, kernels.SLICE_ROWS).astype(np.int64)
-        for lane, row in enumerate(slice_rows[8 * s:8 * s + 8]):
+        block = packed[ptr[s] : ptr[s + 1]].reshape(-1, kernels.SLICE_ROWS).astype(np.int64)
+        for lane, row in enumerate(slice_rows[8 * s : 8 * s + 8]):
             cols, codes = block[:, lane] & (2**col_bits - 1), block[:, lane] >> col_bits
             real = cols < 50  # the rest is padding, column 50
-            assert (cols[real][:-1] < cols[real][1:]).all() and not real[real.sum():].any()
+            assert (cols[real][:-1] < cols[real][1:]).all() and not real[real.sum() :].any()
             if row < 37:
                 np.testing.assert_array_equal(t.codebook[codes[real]], dense[row, cols[real]])
             else:
@@ -294,9 +295,17 @@ def test_sparse_linear_keeps_leading_dims() -> None:
 # (kernel, stride, padding, dilation, batch): the stride-1 flat path with and without
 # dilation and padding, strided and mixed geometries, a 1x1 kernel, "same" padding
 # (uneven for an even kernel), an empty batch.
-CONVS = [((3, 3), 1, 0, 1, 1), ((3, 3), 2, 1, 1, 3), ((3, 3), 1, 2, 2, 2), ((2, 4), (1, 2), (0, 1), (2, 1), 2),
-         ((1, 1), 1, 0, 1, 2), ((5, 3), (2, 1), 2, (1, 3), 1), ((2, 4), 1, "same", (1, 2), 2),
-         ((3, 3), 1, "same", 1, 1), ((3, 3), 1, "valid", 1, 0)]
+CONVS = [
+    ((3, 3), 1, 0, 1, 1),
+    ((3, 3), 2, 1, 1, 3),
+    ((3, 3), 1, 2, 2, 2),
+    ((2, 4), (1, 2), (0, 1), (2, 1), 2),
+    ((1, 1), 1, 0, 1, 2),
+    ((5, 3), (2, 1), 2, (1, 3), 1),
+    ((2, 4), 1, "same", (1, 2), 2),
+    ((3, 3), 1, "same", 1, 1),
+    ((3, 3), 1, "valid", 1, 0),
+]
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")  # PyTorch's own, on the reference
@@ -315,7 +324,9 @@ def test_sparse_conv_matches_conv2d(kernel, stride, padding, dilation, batch: in
         SparseConv2d(weight, padding="full")
 
 
-@pytest.mark.parametrize("in_channels,out_channels,groups,stride", [(4, 6, 2, 1), (6, 6, 6, 1), (6, 12, 6, 2), (8, 4, 4, 1)])
+@pytest.mark.parametrize(
+    "in_channels,out_channels,groups,stride", [(4, 6, 2, 1), (6, 6, 6, 1), (6, 12, 6, 2), (8, 4, 4, 1)]
+)
 def test_grouped_and_depthwise_conv_match_conv2d(in_channels: int, out_channels: int, groups: int, stride: int) -> None:
     conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, groups=groups)
     taps = in_channels // groups * 9
@@ -499,9 +510,11 @@ def test_cli_run_and_bench(lenet300: nn.Module, mnist_test, tmp_path, capsys) ->
     images = mnist_test[0][:40]
     np.save(tmp_path / "x.npy", images.numpy())
     assert main(["run", str(path), "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy")]) == 0
-    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "y.npy")), logits(lenet300, images, 40),
-                               rtol=1e-4, atol=1e-4)
-    assert main(["bench", str(path), "--input", str(tmp_path / "x.npy"), "--batch-sizes", "1", "8",
-                 "--repeats", "1"]) == 0
+    torch.testing.assert_close(
+        torch.from_numpy(np.load(tmp_path / "y.npy")), logits(lenet300, images, 40), rtol=1e-4, atol=1e-4
+    )
+    assert (
+        main(["bench", str(path), "--input", str(tmp_path / "x.npy"), "--batch-sizes", "1", "8", "--repeats", "1"]) == 0
+    )
     assert "speed-up" in capsys.readouterr().out
     assert main(["run", str(path)]) == 2  # neither --input nor --data: a named error, not a traceback

@@ -34,7 +34,9 @@ def real_file() -> bytes:
     from deepshrink.fileformat.model_io import split_model
 
     tensors, arrays = split_model(model)
-    data = encode_file(tensors, arrays, EncodeOptions(coder="huffman"), {"factory": "deepshrink.models:lenet_5", "kwargs": {}})
+    data = encode_file(
+        tensors, arrays, EncodeOptions(coder="huffman"), {"factory": "deepshrink.models:lenet_5", "kwargs": {}}
+    )
     decode_file(data)  # sanity: the intact file reads
     return data
 

@@ -33,7 +33,7 @@ def reference_features(signal: np.ndarray, config: FeatureConfig) -> np.ndarray:
     edges = [700 * (10 ** (m / 2595) - 1) for m in np.linspace(0, mel(4000), config.n_mels + 2)]
     out = []
     for t in range(config.n_frames):
-        frame = x[t * config.hop: t * config.hop + config.n_fft] * window
+        frame = x[t * config.hop : t * config.hop + config.n_fft] * window
         spectrum = np.abs(np.fft.rfft(frame)) ** 2
         energies = []
         for m in range(config.n_mels):
@@ -118,13 +118,16 @@ def test_load_fsdd_standardises_with_train_statistics(recordings: Path, tmp_path
     assert abs(float(xt.mean())) < 0.3  # test standardised by train statistics, not its own
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"kind": "spectrogram"}, "kind='spectrogram' must be one of logmel, mfcc"),
-    ({"seconds": 0}, "seconds=0 must be"),
-    ({"hop": 0}, "hop=0 must be a positive integer"),
-    ({"n_fft": 4096, "seconds": 0.1}, "fewer samples than n_fft"),
-    ({"kind": "mfcc", "n_mfcc": 50}, "n_mfcc=50 must be <= n_mels=40"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"kind": "spectrogram"}, "kind='spectrogram' must be one of logmel, mfcc"),
+        ({"seconds": 0}, "seconds=0 must be"),
+        ({"hop": 0}, "hop=0 must be a positive integer"),
+        ({"n_fft": 4096, "seconds": 0.1}, "fewer samples than n_fft"),
+        ({"kind": "mfcc", "n_mfcc": 50}, "n_mfcc=50 must be <= n_mels=40"),
+    ],
+)
 def test_bad_feature_config(kwargs: dict, message: str) -> None:
     with pytest.raises(DeepShrinkError, match=re.escape(message)):
         FeatureConfig(**kwargs)

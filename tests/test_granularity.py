@@ -129,8 +129,14 @@ def test_shrink_lenet5_after_filter_pruning_keeps_the_function():
 
 def test_shrink_cuts_batch_norms_and_channel_pruned_inputs():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                        nn.Conv2d(8, 6, 3), nn.Flatten(), nn.Linear(6 * 6 * 6, 5))
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 3),
+        nn.Flatten(),
+        nn.Linear(6 * 6 * 6, 5),
+    )
     with torch.no_grad():
         net[1].running_mean.normal_()
         net[1].running_var.uniform_(0.5, 2)
@@ -168,7 +174,7 @@ def test_agp_ramp_is_cubic_monotone_and_ends_at_the_target():
     levels = [agp_sparsity(s, 100, 0.9, ramp=0.5) for s in range(101)]
     assert levels[0] == 0 and levels[50] == pytest.approx(0.9) and levels[-1] == pytest.approx(0.9)
     assert all(b >= a for a, b in zip(levels, levels[1:]))
-    assert levels[25] == pytest.approx(0.9 * (1 - 0.5 ** 3))
+    assert levels[25] == pytest.approx(0.9 * (1 - 0.5**3))
 
 
 def test_gradual_pruner_reaches_the_exact_sparsity_and_masks_hold():
@@ -178,13 +184,19 @@ def test_gradual_pruner_reaches_the_exact_sparsity_and_masks_hold():
     seen = []
     pruner = GradualPruner(net, {"1.weight": 0.75, "3.weight": 0.5}, every=4)
     from deepshrink.compress.train import fit
-    fit(net, data, TrainConfig(epochs=2, batch_size=16, progress=False),
-        on_step=lambda step, total: (pruner(step, total), seen.append(float((net[1].weight == 0).float().mean()))))
+
+    fit(
+        net,
+        data,
+        TrainConfig(epochs=2, batch_size=16, progress=False),
+        on_step=lambda step, total: (pruner(step, total), seen.append(float((net[1].weight == 0).float().mean()))),
+    )
     assert seen[-1] == pytest.approx(0.75) and float((net[3].weight == 0).float().mean()) == pytest.approx(0.5)
     assert all(b >= a for a, b in zip(seen, seen[1:]))  # never un-prunes
     assert len(pruner.reports) == 32 // 4
-    report = gradual_prune(nn.Sequential(nn.Linear(8, 4)), 0.5, data, TrainConfig(epochs=1, progress=False),
-                           granularity="filter", every=3)
+    report = gradual_prune(
+        nn.Sequential(nn.Linear(8, 4)), 0.5, data, TrainConfig(epochs=1, progress=False), granularity="filter", every=3
+    )
     assert report[0].kept == 16
 
 

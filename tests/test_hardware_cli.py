@@ -25,14 +25,30 @@ def test_synthetic_benchmark_layer_prints_a_table_and_writes_json(tmp_path, caps
 
 def test_synthetic_size_matches_the_api(tmp_path):
     out = tmp_path / "r.json"
-    argv = ["simulate", "--synthetic", "600x300", "--density", "0.1", "--act-density", "0.5", "--pes", "16",
-            "--fifo", "4", "--seed", "3", "--json", str(out)]
+    argv = [
+        "simulate",
+        "--synthetic",
+        "600x300",
+        "--density",
+        "0.1",
+        "--act-density",
+        "0.5",
+        "--pes",
+        "16",
+        "--fifo",
+        "4",
+        "--seed",
+        "3",
+        "--json",
+        str(out),
+    ]
     assert main(argv) == 0
     [row] = json.loads(out.read_text())
     from deepshrink.hardware import EIEConfig
 
-    api = simulate_layer(synthetic_layer(300, 600, 0.1, seed=3), act_density=0.5, seed=3,
-                         config=EIEConfig(n_pe=16, fifo_depth=4))
+    api = simulate_layer(
+        synthetic_layer(300, 600, 0.1, seed=3), act_density=0.5, seed=3, config=EIEConfig(n_pe=16, fifo_depth=4)
+    )
     assert (row["rows"], row["cols"], row["cycles"]) == (300, 600, api.cycles)
 
 
@@ -57,8 +73,10 @@ def test_a_file_with_real_mnist_activations(tmp_path, capsys):
     path = tmp_path / "lenet.dsz"
     save(model, path, factory="deepshrink.models:lenet_300_100")
     real, assumed = tmp_path / "real.json", tmp_path / "assumed.json"
-    assert main(["simulate", str(path), "--data", "mnist", "--data-dir", str(DATA), "--images", "20",
-                 "--json", str(real)]) == 0
+    assert (
+        main(["simulate", str(path), "--data", "mnist", "--data-dir", str(DATA), "--images", "20", "--json", str(real)])
+        == 0
+    )
     assert main(["simulate", str(path), "--act-density", "1.0", "--json", str(assumed)]) == 0
     assert "fc1.weight" in capsys.readouterr().out
     real_rows, assumed_rows = json.loads(real.read_text()), json.loads(assumed.read_text())

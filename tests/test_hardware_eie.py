@@ -46,8 +46,9 @@ def test_fifo_depth_one_leaves_about_half_the_cycles_idle(alex7):
 
 
 def test_deeper_queues_never_slow_a_layer_down(alex7):
-    cycles = [simulate_layer(alex7, act_density=0.353, config=EIEConfig(fifo_depth=d)).cycles
-              for d in (1, 2, 4, 8, 16, 64)]
+    cycles = [
+        simulate_layer(alex7, act_density=0.353, config=EIEConfig(fifo_depth=d)).cycles for d in (1, 2, 4, 8, 16, 64)
+    ]
     assert cycles == sorted(cycles, reverse=True)
     assert cycles[0] > 1.5 * cycles[-1]
 
@@ -129,8 +130,13 @@ def test_more_pes_go_faster_on_a_big_layer(alex7):
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"n_pe": 0}, "n_pe"), ({"fifo_depth": 0}, "fifo_depth"), ({"clock_hz": -1.0}, "clock_hz"),
-     ({"index_bits": 17}, "index_bits"), ({"energy": {"mac": 1}}, "EnergyTable")],
+    [
+        ({"n_pe": 0}, "n_pe"),
+        ({"fifo_depth": 0}, "fifo_depth"),
+        ({"clock_hz": -1.0}, "clock_hz"),
+        ({"index_bits": 17}, "index_bits"),
+        ({"energy": {"mac": 1}}, "EnergyTable"),
+    ],
 )
 def test_bad_config_is_named(kwargs, match):
     with pytest.raises(DeepShrinkError, match=match):

@@ -33,14 +33,23 @@ def reference_entries(dense: np.ndarray, n_pe: int, index_bits: int) -> tuple[np
 
 def run_entries(dense: np.ndarray, n_pe: int, index_bits: int) -> tuple[np.ndarray, np.ndarray]:
     rows, cols = np.nonzero(dense)  # row-major order, as CompressedTensor.positions
-    return pe_column_entries(rows.astype(np.int64), cols.astype(np.int64), np.int64(n_pe),
-                             np.int64(dense.shape[1]), np.int64(index_bits))
+    return pe_column_entries(
+        rows.astype(np.int64), cols.astype(np.int64), np.int64(n_pe), np.int64(dense.shape[1]), np.int64(index_bits)
+    )
 
 
 @pytest.mark.parametrize(
     "shape,density,n_pe,index_bits",
-    [((0, 5), 0.5, 4, 4), ((7, 0), 0.5, 4, 4), ((40, 30), 0.0, 4, 4), ((40, 30), 1.0, 3, 2),
-     ((200, 17), 0.05, 4, 4), ((300, 9), 0.02, 1, 3), ((65, 33), 0.3, 64, 1), ((10, 10), 0.5, 16, 4)],
+    [
+        ((0, 5), 0.5, 4, 4),
+        ((7, 0), 0.5, 4, 4),
+        ((40, 30), 0.0, 4, 4),
+        ((40, 30), 1.0, 3, 2),
+        ((200, 17), 0.05, 4, 4),
+        ((300, 9), 0.02, 1, 3),
+        ((65, 33), 0.3, 64, 1),
+        ((10, 10), 0.5, 16, 4),
+    ],
 )
 def test_pe_column_entries_matches_reference(shape, density, n_pe, index_bits):
     rng = np.random.default_rng(sum(shape) + n_pe)
@@ -52,7 +61,9 @@ def test_pe_column_entries_matches_reference(shape, density, n_pe, index_bits):
     assert kept.sum() == np.count_nonzero(dense)
 
 
-@pytest.mark.parametrize("zeros_before,expected_padding", [(0, 0), (15, 0), (16, 1), (31, 1), (32, 2), (47, 2), (48, 3)])
+@pytest.mark.parametrize(
+    "zeros_before,expected_padding", [(0, 0), (15, 0), (16, 1), (31, 1), (32, 2), (47, 2), (48, 3)]
+)
 def test_padding_rule_at_the_4_bit_boundaries(zeros_before, expected_padding):
     # One PE, one column: a weight after `zeros_before` zero rows.
     dense = np.zeros((zeros_before + 1, 1))

@@ -33,18 +33,30 @@ def reference_layer(x: np.ndarray, w_ih: np.ndarray, w_hh: np.ndarray, bias: np.
     sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
     for x_t in x.astype(np.float64):
         g = w_ih @ x_t + w_hh @ h + bias
-        i, f, gg, o = sig(g[:hidden]), sig(g[hidden:2 * hidden]), np.tanh(g[2 * hidden:3 * hidden]), sig(g[3 * hidden:])
+        i, f, gg, o = (
+            sig(g[:hidden]),
+            sig(g[hidden : 2 * hidden]),
+            np.tanh(g[2 * hidden : 3 * hidden]),
+            sig(g[3 * hidden :]),
+        )
         c = f * c + i * gg
         h = o * np.tanh(c)
         out.append(h)
     return np.array(out).reshape(len(x), hidden)
 
 
-@pytest.mark.parametrize("input_size, hidden, layers, sparsity, steps", [
-    (13, 32, 1, 0.9, 20), (7, 24, 2, 0.7, 9), (5, 8, 1, 0.0, 3), (40, 256, 1, 0.95, 5),
-])
-def test_engine_matches_torch_on_decoded_weights(input_size: int, hidden: int, layers: int, sparsity: float,
-                                                 steps: int) -> None:
+@pytest.mark.parametrize(
+    "input_size, hidden, layers, sparsity, steps",
+    [
+        (13, 32, 1, 0.9, 20),
+        (7, 24, 2, 0.7, 9),
+        (5, 8, 1, 0.0, 3),
+        (40, 256, 1, 0.95, 5),
+    ],
+)
+def test_engine_matches_torch_on_decoded_weights(
+    input_size: int, hidden: int, layers: int, sparsity: float, steps: int
+) -> None:
     lstm = compressed_lstm(input_size, hidden, layers, sparsity)
     engine = SparseLSTM.from_module(lstm)
     x = torch.randn(steps, input_size, generator=torch.Generator().manual_seed(3))
@@ -80,8 +92,10 @@ def test_layer_kernel_against_numpy_reference(density: float, use_table: bool) -
 
 
 def test_empty_sequence_and_all_zero_weights() -> None:
-    zeros = {"weight_ih_l0": CompressedTensor.from_dense(torch.zeros(8, 3)),
-             "weight_hh_l0": CompressedTensor.from_dense(torch.zeros(8, 2))}
+    zeros = {
+        "weight_ih_l0": CompressedTensor.from_dense(torch.zeros(8, 3)),
+        "weight_hh_l0": CompressedTensor.from_dense(torch.zeros(8, 2)),
+    }
     engine = SparseLSTM.from_tensors(zeros, {"bias_ih_l0": torch.ones(8)})
     out, h_n = engine.forward(np.ones((4, 3), np.float32))
     # gates = bias = 1: c_t = s(1) c_{t-1} + s(1) tanh(1), h_t = s(1) tanh(c_t)
@@ -142,8 +156,12 @@ def test_errors() -> None:
     with pytest.raises(DeepShrinkError, match="no weight_ih_l0"):
         SparseLSTM.from_tensors({"fc.weight": CompressedTensor.from_dense(torch.eye(2))})
     with pytest.raises(DeepShrinkError, match="4 \\* hidden"):
-        SparseLSTM.from_tensors({"weight_ih_l0": CompressedTensor.from_dense(torch.eye(6)),
-                                 "weight_hh_l0": CompressedTensor.from_dense(torch.eye(6))})
+        SparseLSTM.from_tensors(
+            {
+                "weight_ih_l0": CompressedTensor.from_dense(torch.eye(6)),
+                "weight_hh_l0": CompressedTensor.from_dense(torch.eye(6)),
+            }
+        )
     engine = SparseLSTM.from_module(compressed_lstm(3, 4, 1, 0.5))
     with pytest.raises(DeepShrinkError, match=r"must be \(steps, 3\)"):
         engine.forward(np.zeros((2, 5), np.float32))

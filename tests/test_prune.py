@@ -60,7 +60,11 @@ def test_per_layer_mapping_and_pruning_only_grows():
         (dict(sparsity=-0.1), DeepShrinkError, "sparsity=-0.1"),
         (dict(sparsity=0.5, quality=1.0), DeepShrinkError, "exactly one"),
         (dict(sparsity=0.5, scope="row"), DeepShrinkError, "scope='row'"),
-        (dict(sparsity=0.5, layers=["fc9"]), DeepShrinkError, "matches no compressible weight; available: 0.weight, 2.weight"),
+        (
+            dict(sparsity=0.5, layers=["fc9"]),
+            DeepShrinkError,
+            "matches no compressible weight; available: 0.weight, 2.weight",
+        ),
         (dict(sparsity={"nope": 0.5}), DeepShrinkError, "'nope' matches no target"),
         (dict(sparsity={"*": 0.5}, scope="global"), DeepShrinkError, "one scalar"),
     ],
@@ -144,8 +148,14 @@ def test_schedules():
 def test_lstm_gates_and_conv_are_pruned():
     model = nn.ModuleDict({"conv": nn.Conv1d(3, 4, 3), "lstm": nn.LSTM(5, 6, num_layers=2), "emb": nn.Embedding(10, 5)})
     report = prune_(model, 0.5)
-    assert [r.name for r in report] == ["conv.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0",
-                                        "lstm.weight_ih_l1", "lstm.weight_hh_l1", "emb.weight"]
+    assert [r.name for r in report] == [
+        "conv.weight",
+        "lstm.weight_ih_l0",
+        "lstm.weight_hh_l0",
+        "lstm.weight_ih_l1",
+        "lstm.weight_hh_l1",
+        "emb.weight",
+    ]
     out, _ = model["lstm"](torch.randn(7, 2, 5))
     out.sum().backward()
     grad = model["lstm"].parametrizations.weight_hh_l0.original.grad

@@ -80,8 +80,7 @@ def test_centroid_gradient_is_sum_of_member_gradients():
     w = layer.weight.detach().requires_grad_(True)
     (x @ w.T).pow(2).sum().backward()  # the same loss, gradient w.r.t. the dense weight
     layer(x).sub(layer.bias).pow(2).sum().backward()
-    expected = torch.zeros(shared.codebook.numel()).index_add_(
-        0, shared.codes[shared.mask].long(), w.grad[shared.mask])
+    expected = torch.zeros(shared.codebook.numel()).index_add_(0, shared.codes[shared.mask].long(), w.grad[shared.mask])
     torch.testing.assert_close(shared.codebook.grad, expected)
 
 

@@ -22,33 +22,41 @@ def _recipe(*stages: dict, **top: object) -> dict:
     return {"model": "lenet-300-100", "data": "mnist", "stages": list(stages), **top}
 
 
-@pytest.mark.parametrize("raw, message", [
-    (_recipe({"prune": {"sparsty": 0.9}}), "stages[0].prune: unknown key 'sparsty'; allowed: epochs, lr"),
-    (_recipe({"prune": {"sparsity": 1.0}}), "stages[0].prune: sparsity=1.0 must be a number in [0, 1)"),
-    (_recipe({"prune": {"sparsity": {"fc1": "lots"}}}), "sparsity[fc1]='lots' must be a number in [0, 1)"),
-    (_recipe({"prune": {"sparsity": 0.5, "granularity": "row"}}),
-     "granularity='row' must be one of fine, vector, kernel, filter, channel"),
-    (_recipe({"prune": {"sparsity": 0.5, "schedule": "cubic"}}), "schedule='cubic' must be one of iterative, gradual"),
-    (_recipe({"prune": {"sparsity": 0.5, "quality": 1.0}}), "give exactly one of sparsity"),
-    (_recipe({"prune": {"quality": 1.0, "schedule": "gradual"}}), "quality works with schedule: iterative"),
-    (_recipe({"prune": {"sparsity": {"fc1": 0.5}, "scope": "global"}}), "scope: global needs"),
-    (_recipe({"prune": {"sparsity": 0.5, "steps": 0}}), "steps=0 must be an integer >= 1"),
-    (_recipe({"share": {"bits": 17}}), "stages[0].share: bits=17 must be an integer >= 1 and <= 16"),
-    (_recipe({"share": {"bits": {"fc1": 2.5}}}), "bits[fc1]=2.5 must be an integer"),
-    (_recipe({"share": {"init": "zeros"}}), "init='zeros' must be one of linear, density, random, kmeans++"),
-    (_recipe({"train": {"lr": 0}}), "stages[0].train: lr=0 must be a number > 0"),
-    (_recipe({"train": {"optimizer": "lbfgs"}}), "optimizer='lbfgs' must be one of sgd, adam"),
-    (_recipe({"encode": {"coder": "zip"}}), "coder='zip' must be one of"),
-    (_recipe({"encode": {}}, {"train": {}}), "encode must be the last stage"),
-    (_recipe({"shrink": {}}), "stages[0]: unknown stage 'shrink'; allowed: train, prune, share"),
-    (_recipe({"train": {}, "share": {}}), "stages[0] must be a mapping with one key"),
-    (_recipe({"train": [1]}), "stages[0].train must be a mapping of settings"),
-    (_recipe({"train": {}}, data="cifar"), "data='cifar' must be one of mnist, digits"),
-    (_recipe({"train": {}}, epochs=3), "recipe: unknown key 'epochs'; allowed: model, stages"),
-    (_recipe(), "stages must be a non-empty list"),
-    ({"stages": [{"train": {}}]}, "recipe: missing key 'model'"),
-    ([1, 2], "a recipe must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (_recipe({"prune": {"sparsty": 0.9}}), "stages[0].prune: unknown key 'sparsty'; allowed: epochs, lr"),
+        (_recipe({"prune": {"sparsity": 1.0}}), "stages[0].prune: sparsity=1.0 must be a number in [0, 1)"),
+        (_recipe({"prune": {"sparsity": {"fc1": "lots"}}}), "sparsity[fc1]='lots' must be a number in [0, 1)"),
+        (
+            _recipe({"prune": {"sparsity": 0.5, "granularity": "row"}}),
+            "granularity='row' must be one of fine, vector, kernel, filter, channel",
+        ),
+        (
+            _recipe({"prune": {"sparsity": 0.5, "schedule": "cubic"}}),
+            "schedule='cubic' must be one of iterative, gradual",
+        ),
+        (_recipe({"prune": {"sparsity": 0.5, "quality": 1.0}}), "give exactly one of sparsity"),
+        (_recipe({"prune": {"quality": 1.0, "schedule": "gradual"}}), "quality works with schedule: iterative"),
+        (_recipe({"prune": {"sparsity": {"fc1": 0.5}, "scope": "global"}}), "scope: global needs"),
+        (_recipe({"prune": {"sparsity": 0.5, "steps": 0}}), "steps=0 must be an integer >= 1"),
+        (_recipe({"share": {"bits": 17}}), "stages[0].share: bits=17 must be an integer >= 1 and <= 16"),
+        (_recipe({"share": {"bits": {"fc1": 2.5}}}), "bits[fc1]=2.5 must be an integer"),
+        (_recipe({"share": {"init": "zeros"}}), "init='zeros' must be one of linear, density, random, kmeans++"),
+        (_recipe({"train": {"lr": 0}}), "stages[0].train: lr=0 must be a number > 0"),
+        (_recipe({"train": {"optimizer": "lbfgs"}}), "optimizer='lbfgs' must be one of sgd, adam"),
+        (_recipe({"encode": {"coder": "zip"}}), "coder='zip' must be one of"),
+        (_recipe({"encode": {}}, {"train": {}}), "encode must be the last stage"),
+        (_recipe({"shrink": {}}), "stages[0]: unknown stage 'shrink'; allowed: train, prune, share"),
+        (_recipe({"train": {}, "share": {}}), "stages[0] must be a mapping with one key"),
+        (_recipe({"train": [1]}), "stages[0].train must be a mapping of settings"),
+        (_recipe({"train": {}}, data="cifar"), "data='cifar' must be one of mnist, digits"),
+        (_recipe({"train": {}}, epochs=3), "recipe: unknown key 'epochs'; allowed: model, stages"),
+        (_recipe(), "stages must be a non-empty list"),
+        ({"stages": [{"train": {}}]}, "recipe: missing key 'model'"),
+        ([1, 2], "a recipe must be a mapping"),
+    ],
+)
 def test_bad_recipes_name_the_key_and_the_allowed_values(raw, message):
     with pytest.raises(DeepShrinkError) as err:
         parse_recipe(raw)
@@ -56,11 +64,13 @@ def test_bad_recipes_name_the_key_and_the_allowed_values(raw, message):
 
 
 def test_values_are_parsed_into_typed_stages():
-    recipe = parse_recipe(_recipe(
-        {"prune": {"sparsity": {"fc1": 0.9, "fc*": "0.5"}, "granularity": {"fc1": "filter"}, "lr": "1e-3"}},
-        {"share": {"bits": {"fc": 4}}},
-        {"encode": {"coder": "ans", "index_bits": 4}},
-    ))
+    recipe = parse_recipe(
+        _recipe(
+            {"prune": {"sparsity": {"fc1": 0.9, "fc*": "0.5"}, "granularity": {"fc1": "filter"}, "lr": "1e-3"}},
+            {"share": {"bits": {"fc": 4}}},
+            {"encode": {"coder": "ans", "index_bits": 4}},
+        )
+    )
     prune, share, encode = recipe.stages
     assert isinstance(prune, PruneStage) and prune.sparsity == {"fc1": 0.9, "fc*": 0.5} and prune.lr == 0.001
     assert isinstance(share, ShareStage) and share.bits == {"fc": 4}
@@ -87,13 +97,23 @@ def test_yaml_tags_are_never_executed(tmp_path):
 
 
 def test_gradual_filter_recipe_runs_on_mnist_and_the_file_reloads(trained_lenet300, data_root, tmp_path):
-    recipe = parse_recipe(_recipe(
-        {"prune": {"sparsity": {"fc1": 0.9, "fc2": 0.8}, "schedule": "gradual", "every": 10, "epochs": 0.15,
-                   "granularity": {"fc2": "channel"}, "lr": 0.01}},
-        {"share": {"bits": 5, "epochs": 0.05, "lr": 0.005}},
-        {"encode": {"coder": "huffman", "index_bits": 5}},
-        batch_size=128,
-    ))
+    recipe = parse_recipe(
+        _recipe(
+            {
+                "prune": {
+                    "sparsity": {"fc1": 0.9, "fc2": 0.8},
+                    "schedule": "gradual",
+                    "every": 10,
+                    "epochs": 0.15,
+                    "granularity": {"fc2": "channel"},
+                    "lr": 0.01,
+                }
+            },
+            {"share": {"bits": 5, "epochs": 0.05, "lr": 0.005}},
+            {"encode": {"coder": "huffman", "index_bits": 5}},
+            batch_size=128,
+        )
+    )
     out = tmp_path / "lenet.dsz"
     result = run_recipe(recipe, model=trained_lenet300, data_dir=str(data_root), out=str(out))
     model = result["model"]
@@ -114,28 +134,57 @@ def test_cli_compress_recipe_writes_the_file(tmp_path, data_root):
     state = tmp_path / "dense.pt"
     torch.save(lenet_300_100().state_dict(), state)
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(_recipe(
-        {"train": {"epochs": 1, "lr": 0.05}},
-        {"prune": {"quality": 0.5, "steps": 2, "epochs": 0.1}},
-        {"share": {"bits": 4, "epochs": 0}},
-        batch_size=256,
-    )))
+    path.write_text(
+        yaml.safe_dump(
+            _recipe(
+                {"train": {"epochs": 1, "lr": 0.05}},
+                {"prune": {"quality": 0.5, "steps": 2, "epochs": 0.1}},
+                {"share": {"bits": 4, "epochs": 0}},
+                batch_size=256,
+            )
+        )
+    )
     out = tmp_path / "r.dsz"
-    assert cli.main(["compress", "--recipe", str(path), "--data-dir", str(data_root), "--out", str(out),
-                     "--state-dict", str(state), "--max-steps", "60"]) == 0
+    assert (
+        cli.main(
+            [
+                "compress",
+                "--recipe",
+                str(path),
+                "--data-dir",
+                str(data_root),
+                "--out",
+                str(out),
+                "--state-dict",
+                str(state),
+                "--max-steps",
+                "60",
+            ]
+        )
+        == 0
+    )
     model = load(out)
     from deepshrink.data.mnist import load_mnist
+
     assert evaluate(model, load_mnist(data_root, "test")) > 0.85
     assert cli.main(["compress", "--recipe", str(tmp_path / "nope.yaml")]) == 2
 
 
 def test_a_factory_outside_deepshrink_models_needs_trust():
-    recipe = parse_recipe({"model": "os:system", "model_kwargs": {"command": "echo hacked"}, "data": "digits",
-                           "stages": [{"train": {}}]})
+    recipe = parse_recipe(
+        {"model": "os:system", "model_kwargs": {"command": "echo hacked"}, "data": "digits", "stages": [{"train": {}}]}
+    )
     with pytest.raises(DeepShrinkError, match="importing it runs its code"):
         run_recipe(recipe)
-    trusted = parse_recipe({"model": "deepshrink.models.lenet:lenet_300_100", "model_kwargs": {"in_features": 64},
-                            "data": "digits", "max_steps": 2, "stages": [{"train": {}}]})
+    trusted = parse_recipe(
+        {
+            "model": "deepshrink.models.lenet:lenet_300_100",
+            "model_kwargs": {"in_features": 64},
+            "data": "digits",
+            "max_steps": 2,
+            "stages": [{"train": {}}],
+        }
+    )
     with pytest.raises(DeepShrinkError, match="deepshrink.models.lenet:lenet_300_100"):
         run_recipe(trusted)
     assert run_recipe(trusted, trust_factory=True)["stages"][0]["stage"] == "0: train"

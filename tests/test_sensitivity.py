@@ -42,19 +42,36 @@ def test_propose_stops_at_the_first_point_beyond_the_drop_and_checks_its_input()
     with pytest.raises(DeepShrinkError, match=r"max_drop=5 must be a number in \[0, 1\]"):
         scan.propose(5)
     with pytest.raises(DeepShrinkError, match="strictly increasing"):
-        sensitivity_scan(torch.nn.Sequential(torch.nn.Linear(2, 2)), (torch.zeros(1, 2), torch.zeros(1).long()), [0.9, 0.5])
+        sensitivity_scan(
+            torch.nn.Sequential(torch.nn.Linear(2, 2)), (torch.zeros(1, 2), torch.zeros(1).long()), [0.9, 0.5]
+        )
     with pytest.raises(DeepShrinkError, match=r"sparsities\[0\]=1.0 must be a number in \[0, 1\)"):
         sensitivity_scan(torch.nn.Sequential(torch.nn.Linear(2, 2)), (torch.zeros(1, 2), torch.zeros(1).long()), [1.0])
 
 
 def test_a_recipe_prunes_to_the_sparsities_the_scan_proposes(trained_lenet300, data_root, tmp_path):
     plot = tmp_path / "s.png"
-    recipe = parse_recipe({
-        "model": "lenet-300-100", "data": "mnist", "batch_size": 128,
-        "stages": [{"prune": {"sensitivity": {"max_drop": 0.02, "sparsities": [0.5, 0.8, 0.95], "samples": 1500,
-                                              "plot": str(plot)},
-                              "steps": 1, "epochs": 0.05}}],
-    })
+    recipe = parse_recipe(
+        {
+            "model": "lenet-300-100",
+            "data": "mnist",
+            "batch_size": 128,
+            "stages": [
+                {
+                    "prune": {
+                        "sensitivity": {
+                            "max_drop": 0.02,
+                            "sparsities": [0.5, 0.8, 0.95],
+                            "samples": 1500,
+                            "plot": str(plot),
+                        },
+                        "steps": 1,
+                        "epochs": 0.05,
+                    }
+                }
+            ],
+        }
+    )
     result = run_recipe(recipe, model=trained_lenet300, data_dir=str(data_root))
     kept = {r.name: r.kept_fraction for r in sparsity_report(result["model"])}
     assert plot.is_file()

@@ -73,7 +73,9 @@ def test_state_dict_restores_and_refusals():
         ternarize_(shared)
 
 
-def test_lenet300_ternary_on_mnist_trains_and_reloads_from_the_file(trained_lenet300, mnist_train, mnist_test, tmp_path):
+def test_lenet300_ternary_on_mnist_trains_and_reloads_from_the_file(
+    trained_lenet300, mnist_train, mnist_test, tmp_path
+):
     model = trained_lenet300
     dense = evaluate(model, mnist_test)
     ternarize_(model, layers=["fc1", "fc2"])  # the paper keeps the last layer in full precision

@@ -5,6 +5,12 @@ from deepshrink.fileformat.model_io import load, load_into, read, save
 from deepshrink.tensor import CompressedTensor
 
 __all__ = [
-    "CompressedTensor", "DeepShrinkError", "FileFormatError", "UnsupportedLayerError",
-    "load", "load_into", "read", "save",
+    "CompressedTensor",
+    "DeepShrinkError",
+    "FileFormatError",
+    "UnsupportedLayerError",
+    "load",
+    "load_into",
+    "read",
+    "save",
 ]

@@ -19,6 +19,7 @@ from deepshrink.recipes import Recipe, load_recipe, parse_recipe, run_recipe
 
 console = Console()
 
+
 def _parse_bits(text: str | None) -> int | dict[str, int] | None:
     """``"5"`` or ``"conv=8,fc=5,fc3.weight=6"``."""
     if text is None:
@@ -41,8 +42,10 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         out = args.out or str(Path(tmp) / "digits-demo.dsz")
         result = run_recipe(recipe, out=out, console=console)
         print_info(out, console)
-    console.print(f"accuracy {result['stages'][0]['accuracy']:.4f} dense -> {result['accuracy']:.4f} compressed; "
-                  f"{result['bytes']:,} bytes")
+    console.print(
+        f"accuracy {result['stages'][0]['accuracy']:.4f} dense -> {result['accuracy']:.4f} compressed; "
+        f"{result['bytes']:,} bytes"
+    )
 
 
 def _flags_recipe(args: argparse.Namespace, kwargs: dict | None) -> Recipe:
@@ -50,10 +53,20 @@ def _flags_recipe(args: argparse.Namespace, kwargs: dict | None) -> Recipe:
     pruning and weight sharing, retraining at 1/10 of the learning rate (the paper's LeNet setting)."""
     retrain = {"epochs": args.epochs, "lr": args.lr / 10}
     stages = [{"train": {"epochs": args.pretrain_epochs, "lr": args.lr}}] if args.pretrain_epochs > 0 else []
-    stages += [{"prune": {"sparsity": args.sparsity, "steps": args.prune_steps, **retrain}},
-               {"share": {"bits": _parse_bits(args.bits), **retrain}}]
-    return parse_recipe({"model": args.model, "model_kwargs": kwargs or {}, "data": args.data, "seed": args.seed,
-                         "max_steps": args.max_steps, "stages": stages})
+    stages += [
+        {"prune": {"sparsity": args.sparsity, "steps": args.prune_steps, **retrain}},
+        {"share": {"bits": _parse_bits(args.bits), **retrain}},
+    ]
+    return parse_recipe(
+        {
+            "model": args.model,
+            "model_kwargs": kwargs or {},
+            "data": args.data,
+            "seed": args.seed,
+            "max_steps": args.max_steps,
+            "stages": stages,
+        }
+    )
 
 
 def _cmd_compress(args: argparse.Namespace) -> None:
@@ -98,26 +111,39 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         if density is None:
             raise DeepShrinkError("--synthetic INxOUT needs --density (fraction of weights kept)")
         ct = synthetic_layer(outputs, inputs, density, seed=args.seed)
-        layers = [simulate_layer(ct, act_density=1.0 if act_density is None else act_density,
-                                 config=config, seed=args.seed, name=name)]
+        layers = [
+            simulate_layer(
+                ct, act_density=1.0 if act_density is None else act_density, config=config, seed=args.seed, name=name
+            )
+        ]
         samples = None
     else:
-        network = simulate_file(args.file, config=config, act_density=args.act_density, data=args.data,
-                                data_dir=args.data_dir, images=args.images, seed=args.seed)
+        network = simulate_file(
+            args.file,
+            config=config,
+            act_density=args.act_density,
+            data=args.data,
+            data_dir=args.data_dir,
+            images=args.images,
+            seed=args.seed,
+        )
         layers, samples = network.layers, (network.samples if args.data else None)
     console.print(results_table(layers, samples))
     if args.json:
         from deepshrink.atomic import write_atomic
+
         write_atomic(args.json, json.dumps([r.as_dict() for r in layers], indent=2).encode())
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
     from deepshrink.fileformat.info import print_info
+
     print_info(args.file, console, json_path=args.json)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from deepshrink.fileformat.export import export_file
+
     shape = tuple(int(s) for s in args.input_shape.split(",")) if args.input_shape else None
     export_file(args.file, args.out, shape, trust_factory=args.trust_factory)
     console.print(f"wrote {args.out}")
@@ -150,8 +176,10 @@ def _cmd_run(args: argparse.Namespace) -> None:
     out = predict(model, inputs, args.batch_size)
     seconds = time.perf_counter() - start
     names = ", ".join(n for n, _ in engine_layers(model)) or "none"
-    console.print(f"{len(inputs)} inputs in {seconds:.3f} s ({len(inputs) / seconds:,.0f}/s, first call included) "
-                  f"at batch {args.batch_size}; engine layers: {names}")
+    console.print(
+        f"{len(inputs)} inputs in {seconds:.3f} s ({len(inputs) / seconds:,.0f}/s, first call included) "
+        f"at batch {args.batch_size}; engine layers: {names}"
+    )
     if labels is not None:
         console.print(f"accuracy {float((out.argmax(1) == labels).float().mean()):.4f}")
     if args.output:
@@ -172,8 +200,14 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     for col in ("batch", "engine us/sample", "dense us/sample", "speed-up", "engine first call s", "max |diff|"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["batch"]), f"{r['engine_us']:.1f}", f"{r['dense_us']:.1f}", f"{r['speedup']:.2f}x",
-                      f"{r['first_call_s']:.3f}", f"{r['max_abs_diff']:.2e}")
+        table.add_row(
+            str(r["batch"]),
+            f"{r['engine_us']:.1f}",
+            f"{r['dense_us']:.1f}",
+            f"{r['speedup']:.2f}x",
+            f"{r['first_call_s']:.3f}",
+            f"{r['max_abs_diff']:.2e}",
+        )
     console.print(table)
 
 
@@ -190,8 +224,13 @@ def _cmd_balance(args: argparse.Namespace) -> None:
     for name, ct in contents.tensors.items():
         loads = pe_loads(ct, args.pes)
         rows, cols = ct.matrix_shape
-        table.add_row(name, f"{rows} x {cols}", f"{ct.nnz:,}", f"{loads.min():,} / {loads.max():,}",
-                      f"{load_balance(ct, args.pes):.3f}")
+        table.add_row(
+            name,
+            f"{rows} x {cols}",
+            f"{ct.nnz:,}",
+            f"{loads.min():,} / {loads.max():,}",
+            f"{load_balance(ct, args.pes):.3f}",
+        )
     console.print(table)
 
 
@@ -202,24 +241,35 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="data root (default $DEEPSHRINK_DATA)")
     p.add_argument("--images", type=int, default=1000, help="--data: how many test images")
     p.add_argument("--threads", type=int, help="torch and numba threads (default: their own defaults)")
-    p.add_argument("--trust-factory", action="store_true",
-                   help="let the file's model factory be imported even outside deepshrink.models")
+    p.add_argument(
+        "--trust-factory",
+        action="store_true",
+        help="let the file's model factory be imported even outside deepshrink.models",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepshrink", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="train, prune, weight-share and fine-tune a LeNet on bundled 8x8 digits (no download)")
+    p = sub.add_parser(
+        "demo", help="train, prune, weight-share and fine-tune a LeNet on bundled 8x8 digits (no download)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="keep the compressed file here (default: a temporary file)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("compress", help="prune + weight-share + fine-tune a model on a data set")
-    p.add_argument("--recipe", help="a YAML recipe file or built-in name (lenet-300-100, lenet-5, digits-demo); see "
-                   "docs/recipes.md. With it, only --data-dir, --out, --state-dict and --max-steps apply")
-    p.add_argument("--trust-factory", action="store_true",
-                   help="--recipe: let the recipe's model be a factory outside deepshrink.models (runs its code)")
+    p.add_argument(
+        "--recipe",
+        help="a YAML recipe file or built-in name (lenet-300-100, lenet-5, digits-demo); see "
+        "docs/recipes.md. With it, only --data-dir, --out, --state-dict and --max-steps apply",
+    )
+    p.add_argument(
+        "--trust-factory",
+        action="store_true",
+        help="--recipe: let the recipe's model be a factory outside deepshrink.models (runs its code)",
+    )
     p.add_argument("--model", default="lenet-300-100", help=f"one of {', '.join(MODELS)} or module:factory")
     p.add_argument("--model-kwargs", help="JSON keyword arguments for the factory")
     p.add_argument("--state-dict", help="trained weights (torch.save of a state_dict); else train from scratch")
@@ -228,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, default=0.9, help="final fraction of weights removed, in [0, 1)")
     p.add_argument("--prune-steps", type=int, default=3, help="iterative pruning rounds")
     p.add_argument("--bits", help="bits per code: N, or conv=8,fc=5,<layer>=N (default conv 8, fc 5)")
-    p.add_argument("--pretrain-epochs", type=float, default=0, help="train the dense model first (0: use --state-dict as is)")
+    p.add_argument(
+        "--pretrain-epochs", type=float, default=0, help="train the dense model first (0: use --state-dict as is)"
+    )
     p.add_argument("--epochs", type=float, default=1, help="fine-tuning epochs after each stage")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--max-steps", type=int, help="cap every training stage at this many steps")
@@ -238,12 +290,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="cycles, time, load balance and energy of a compressed model on EIE")
     p.add_argument("file", nargs="?", help="a .dsz file (or use --synthetic)")
-    p.add_argument("--synthetic", metavar="SIZE|LAYER",
-                   help="a random layer INPUTSxOUTPUTS (as EIE's table writes sizes, e.g. 4096x4096) "
-                        "or an EIE benchmark layer name (Alex-6..8, VGG-6..8, NT-We, NT-Wd, NT-LSTM)")
+    p.add_argument(
+        "--synthetic",
+        metavar="SIZE|LAYER",
+        help="a random layer INPUTSxOUTPUTS (as EIE's table writes sizes, e.g. 4096x4096) "
+        "or an EIE benchmark layer name (Alex-6..8, VGG-6..8, NT-We, NT-Wd, NT-LSTM)",
+    )
     p.add_argument("--density", type=float, help="--synthetic: fraction of weights kept")
-    p.add_argument("--act-density", type=float,
-                   help="fraction of non-zero input activations (default: the benchmark layer's, else 1.0)")
+    p.add_argument(
+        "--act-density",
+        type=float,
+        help="fraction of non-zero input activations (default: the benchmark layer's, else 1.0)",
+    )
     p.add_argument("--data", choices=["mnist"], help="FILE: run the model on real test images for its activations")
     p.add_argument("--data-dir", help="data root (default $DEEPSHRINK_DATA)")
     p.add_argument("--images", type=int, default=100, help="--data: test images to simulate")
@@ -263,8 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("out", help="output path ending in .safetensors or .onnx")
     p.add_argument("--input-shape", help="ONNX: example input shape, e.g. 1,1,28,28")
-    p.add_argument("--trust-factory", action="store_true",
-                   help="ONNX: let the file's model factory be imported even outside deepshrink.models")
+    p.add_argument(
+        "--trust-factory",
+        action="store_true",
+        help="ONNX: let the file's model factory be imported even outside deepshrink.models",
+    )
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("run", help="run a .dsz file on the sparse inference engine (inputs from .npy or a test set)")

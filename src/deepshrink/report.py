@@ -19,15 +19,17 @@ def layer_rows(model: nn.Module) -> list[dict]:
     for r in sparsity_report(model):
         comp = compression_of(by_name[r.name].module, by_name[r.name].param)
         codebook = getattr(comp, "codebook", None)
-        rows.append({
-            "layer": r.name,
-            "shape": "x".join(map(str, r.shape)),
-            "weights": r.weights,
-            "kept": r.kept,
-            "kept %": 100 * r.kept_fraction,
-            "bits": getattr(comp, "bits", 32),
-            "codebook": codebook.numel() if codebook is not None else 0,
-        })
+        rows.append(
+            {
+                "layer": r.name,
+                "shape": "x".join(map(str, r.shape)),
+                "weights": r.weights,
+                "kept": r.kept,
+                "kept %": 100 * r.kept_fraction,
+                "bits": getattr(comp, "bits", 32),
+                "codebook": codebook.numel() if codebook is not None else 0,
+            }
+        )
     return rows
 
 
@@ -37,8 +39,7 @@ def rows_table(rows: Sequence[dict], title: str = "", total: dict | None = None)
     for key in rows[0] if rows else []:
         table.add_column(key, justify="left" if key == "layer" else "right")
     for row in rows + ([total] if total else []):
-        table.add_row(*(_cell(v) for v in row.values()),
-                      style="bold" if row is total else None)
+        table.add_row(*(_cell(v) for v in row.values()), style="bold" if row is total else None)
     return table
 
 
@@ -53,6 +54,13 @@ def layer_table(model: nn.Module, title: str = "layers") -> Table:
     rows = layer_rows(model)
     weights = sum(r["weights"] for r in rows)
     kept = sum(r["kept"] for r in rows)
-    total = {"layer": "total", "shape": "", "weights": weights, "kept": kept,
-             "kept %": 100 * kept / max(weights, 1), "bits": "", "codebook": ""}
+    total = {
+        "layer": "total",
+        "shape": "",
+        "weights": weights,
+        "kept": kept,
+        "kept %": 100 * kept / max(weights, 1),
+        "bits": "",
+        "codebook": "",
+    }
     return rows_table(rows, title, total)

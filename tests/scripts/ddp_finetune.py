@@ -49,5 +49,6 @@ def main(data_root: str, result_path: str) -> None:
             f.write("ok" if agree and zeros else f"ranks agree: {agree}, pruned weights zero: {zeros}")
     dist.destroy_process_group()
 
+
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])

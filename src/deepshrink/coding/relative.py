@@ -23,9 +23,7 @@ MAX_INDEX_BITS = 16
 
 def _escape(index_bits: int) -> int:
     if not isinstance(index_bits, (int, np.integer)) or not 1 <= index_bits <= MAX_INDEX_BITS:
-        raise DeepShrinkError(
-            f"index_bits={index_bits!r} must be an integer in 1..{MAX_INDEX_BITS}"
-        )
+        raise DeepShrinkError(f"index_bits={index_bits!r} must be an integer in 1..{MAX_INDEX_BITS}")
     return (1 << int(index_bits)) - 1
 
 

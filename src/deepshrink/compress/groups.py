@@ -163,8 +163,9 @@ def prune_groups_(
         [36]
     """
     chosen = sparsity_per_target(model, sparsity, layers, filter_fn)
-    grains = resolve_per_layer(granularity, find_targets(model, layers, filter_fn, warn_unsupported=False),
-                               "granularity")
+    grains = resolve_per_layer(
+        granularity, find_targets(model, layers, filter_fn, warn_unsupported=False), "granularity"
+    )
     # every layer's grain is checked and its group mask made before any layer is pruned:
     # a bad one must not leave the model half pruned
     plan = [(t, s, _layer_grain(t, grains[t.name])) for t, s in chosen]

@@ -194,8 +194,10 @@ def prune_(
 
 
 def sparsity_per_target(
-    model: nn.Module, sparsity: float | dict[str, float],
-    layers: Iterable[str] | None = None, filter_fn: FilterFn | None = None,
+    model: nn.Module,
+    sparsity: float | dict[str, float],
+    layers: Iterable[str] | None = None,
+    filter_fn: FilterFn | None = None,
 ) -> list[tuple[Target, float]]:
     """The targets a pruning call touches, each with its checked sparsity.
 
@@ -209,8 +211,9 @@ def sparsity_per_target(
     if not targets:
         raise DeepShrinkError(f"{type(model).__name__} has no compressible weight")
     per_layer = resolve_per_layer(sparsity, targets, "sparsity")
-    return [(t, check_sparsity(per_layer[t.name], f"sparsity[{t.name}]"))
-            for t in targets if per_layer[t.name] is not None]
+    return [
+        (t, check_sparsity(per_layer[t.name], f"sparsity[{t.name}]")) for t in targets if per_layer[t.name] is not None
+    ]
 
 
 def apply_mask_(target: Target, mask: torch.Tensor) -> None:

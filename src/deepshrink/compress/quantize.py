@@ -239,7 +239,9 @@ def share_weights_(
     report = []
     for t in targets:
         b = per_layer.get(t.name)
-        b = check_bits(DEFAULT_BITS[t.kind] if b is None else b, "bits" if not isinstance(bits, dict) else f"bits[{t.name}]")
+        b = check_bits(
+            DEFAULT_BITS[t.kind] if b is None else b, "bits" if not isinstance(bits, dict) else f"bits[{t.name}]"
+        )
         mask = current_mask(t) & (t.weight.detach() != 0)
         weight = t.weight.detach()
         centroids, codes = kmeans_1d(weight[mask].cpu().numpy(), 1 << b, init, seed)
@@ -279,8 +281,9 @@ def load_compressed_(model: nn.Module, tensors: dict[str, CompressedTensor]) -> 
     targets = {t.name: t for t in find_targets(model, warn_unsupported=False)}
     for name, ct in tensors.items():
         if name not in targets:
-            raise DeepShrinkError(f"{name!r} is not a compressible weight of {type(model).__name__}; "
-                                  f"it has: {', '.join(targets)}")
+            raise DeepShrinkError(
+                f"{name!r} is not a compressible weight of {type(model).__name__}; it has: {', '.join(targets)}"
+            )
         t = targets[name]
         if tuple(t.weight.shape) != ct.shape:
             raise DeepShrinkError(f"{name}: file holds shape {ct.shape}, model has {tuple(t.weight.shape)}")
@@ -288,8 +291,9 @@ def load_compressed_(model: nn.Module, tensors: dict[str, CompressedTensor]) -> 
         mask[torch.from_numpy(ct.positions)] = True
         codes = torch.zeros(ct.numel, dtype=torch.int32)
         codes[torch.from_numpy(ct.positions)] = torch.from_numpy(ct.codes.astype(np.int32))
-        shared = SharedWeight(torch.from_numpy(ct.codebook.copy()), codes.reshape(ct.shape),
-                              mask.reshape(ct.shape), ct.bits)
+        shared = SharedWeight(
+            torch.from_numpy(ct.codebook.copy()), codes.reshape(ct.shape), mask.reshape(ct.shape), ct.bits
+        )
         reparametrize_(t.module, t.param, shared.to(t.weight.device))
 
 

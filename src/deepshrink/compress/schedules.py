@@ -62,9 +62,15 @@ class GradualPruner:
         DeepShrinkError: ``every < 1``, a bad ramp, sparsity or granularity.
     """
 
-    def __init__(self, model: nn.Module, sparsity: float | dict[str, float], every: int = 50,
-                 granularity: str | dict[str, str] = "fine", ramp: float = 0.75,
-                 layers: Iterable[str] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: float | dict[str, float],
+        every: int = 50,
+        granularity: str | dict[str, str] = "fine",
+        ramp: float = 0.75,
+        layers: Iterable[str] | None = None,
+    ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise DeepShrinkError(f"every={every!r} must be an integer >= 1 (optimizer steps between prunings)")
         self.model, self.every, self.granularity, self.ramp = model, every, granularity, check_ramp(ramp)

@@ -47,7 +47,9 @@ def _chain(model: nn.Module) -> list[tuple[str, nn.Module, list[nn.Module]]]:
     for name, module in model.named_modules():
         if isinstance(module, _CHAIN_TYPES):
             if not isinstance(module, nn.Linear) and module.groups != 1:
-                raise UnsupportedLayerError(f"{name}: shrink() needs groups=1 convolutions, this one has {module.groups}")
+                raise UnsupportedLayerError(
+                    f"{name}: shrink() needs groups=1 convolutions, this one has {module.groups}"
+                )
             chain.append((name, module, []))
         elif isinstance(module, _NORM_TYPES) and chain:
             chain[-1][2].append(module)
@@ -91,8 +93,9 @@ def _dead_channels(producer: nn.Module, consumer: nn.Module, per_channel: int) -
 def _capture_inputs(model: nn.Module, modules: list[nn.Module], example: torch.Tensor) -> list[torch.Tensor]:
     """The input each of ``modules`` receives when ``model`` runs on ``example``."""
     seen: dict[int, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.__setitem__(id(mod), args[0].detach()))
-             for m in modules]
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args: seen.__setitem__(id(mod), args[0].detach())) for m in modules
+    ]
     try:
         with torch.no_grad():
             model(example)
@@ -133,8 +136,13 @@ def _fold_constant_inputs(consumer: nn.Module, inputs: torch.Tensor, drop: torch
 def _slice_param(module: nn.Module, name: str, keep: torch.Tensor, dim: int) -> None:
     param = getattr(module, name)
     if param is not None:
-        setattr(module, name, nn.Parameter(param.detach().index_select(dim, keep.nonzero().reshape(-1)).clone(),
-                                           requires_grad=param.requires_grad))
+        setattr(
+            module,
+            name,
+            nn.Parameter(
+                param.detach().index_select(dim, keep.nonzero().reshape(-1)).clone(), requires_grad=param.requires_grad
+            ),
+        )
 
 
 def _shrink_norm(norm: nn.Module, keep: torch.Tensor) -> None:
@@ -197,8 +205,9 @@ def shrink(model: nn.Module, example: torch.Tensor, atol: float = 1e-4) -> nn.Mo
     return small
 
 
-def _remove_channels(producer: nn.Module, norms: list[nn.Module], consumer: nn.Module,
-                     keep: torch.Tensor, per_channel: int) -> None:
+def _remove_channels(
+    producer: nn.Module, norms: list[nn.Module], consumer: nn.Module, keep: torch.Tensor, per_channel: int
+) -> None:
     """Cut the channels not in ``keep`` out of a producer, its norms and its consumer."""
     _slice_param(producer, "weight", keep, 0)
     _slice_param(producer, "bias", keep, 0)

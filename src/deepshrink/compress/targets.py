@@ -81,7 +81,8 @@ def _own_matrices(module: nn.Module) -> list[str]:
 
 def _matches(target: Target, patterns: Iterable[str]) -> bool:
     return any(
-        fnmatch.fnmatchcase(target.name, p) or fnmatch.fnmatchcase(target.module_name, p)
+        fnmatch.fnmatchcase(target.name, p)
+        or fnmatch.fnmatchcase(target.module_name, p)
         or p in (target.type_name, target.kind)
         for p in patterns
     )
@@ -117,8 +118,9 @@ def find_targets(
             continue  # holds the original of a weight we already compress
         kind = _kind(module)
         if kind is None:
-            unsupported += [f"{module_name}.{p}".lstrip(".") + f" ({type(module).__name__})"
-                            for p in _own_matrices(module)]
+            unsupported += [
+                f"{module_name}.{p}".lstrip(".") + f" ({type(module).__name__})" for p in _own_matrices(module)
+            ]
             continue
         for param in _weight_params(module):
             name = f"{module_name}.{param}" if module_name else param
@@ -126,8 +128,11 @@ def find_targets(
     if patterns is not None:
         for p in patterns:
             if not any(_matches(t, [p]) for t in found):
-                bad = [u for u in unsupported if fnmatch.fnmatchcase(u.split(" ")[0], p)
-                       or u.split(" ")[0].startswith(p + ".")]
+                bad = [
+                    u
+                    for u in unsupported
+                    if fnmatch.fnmatchcase(u.split(" ")[0], p) or u.split(" ")[0].startswith(p + ".")
+                ]
                 if bad:
                     raise UnsupportedLayerError(
                         f"layer pattern {p!r} selects {', '.join(bad)}: no compression handler for "
@@ -141,9 +146,7 @@ def find_targets(
     if filter_fn is not None:
         found = [t for t in found if filter_fn(t.module, t.module_name)]
     if warn_unsupported and unsupported and patterns is None:
-        warnings.warn(
-            "not compressed, unsupported layer type: " + ", ".join(unsupported), stacklevel=3
-        )
+        warnings.warn("not compressed, unsupported layer type: " + ", ".join(unsupported), stacklevel=3)
     return found
 
 
@@ -164,9 +167,6 @@ def resolve_per_layer(value: object, targets: list[Target], what: str) -> dict[s
             continue
         hit = [t for t in targets if _matches(t, [pattern])]
         if not hit:
-            raise DeepShrinkError(
-                f"{what} pattern {pattern!r} matches no target; targets: {', '.join(out)}"
-            )
+            raise DeepShrinkError(f"{what} pattern {pattern!r} matches no target; targets: {', '.join(out)}")
         out.update({t.name: v for t in hit})
     return out
-

@@ -65,8 +65,13 @@ class TernaryWeight(Compression):
     state_keys = ("wp", "wn", "mask", "_extra_state")
     bits = TERNARY_BITS
 
-    def __init__(self, wp: float | torch.Tensor, wn: float | torch.Tensor, mask: torch.Tensor,
-                 threshold: float = DEFAULT_THRESHOLD) -> None:
+    def __init__(
+        self,
+        wp: float | torch.Tensor,
+        wn: float | torch.Tensor,
+        mask: torch.Tensor,
+        threshold: float = DEFAULT_THRESHOLD,
+    ) -> None:
         super().__init__()
         self.threshold = check_threshold(threshold)
         self.wp = nn.Parameter(torch.as_tensor(wp, dtype=torch.float32).reshape(()).clone())

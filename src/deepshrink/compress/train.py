@@ -78,7 +78,9 @@ def _as_dataset(data: Dataset | tuple[torch.Tensor, torch.Tensor]) -> Dataset:
     return TensorDataset(*data) if isinstance(data, tuple) else data
 
 
-def make_loader(data: Dataset | tuple[torch.Tensor, torch.Tensor], batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+def make_loader(
+    data: Dataset | tuple[torch.Tensor, torch.Tensor], batch_size: int, shuffle: bool, seed: int = 0
+) -> DataLoader:
     """A DataLoader that shards across ranks when running under torchrun."""
     dataset = _as_dataset(data)
     if _distributed():
@@ -150,8 +152,13 @@ def fit(
     show = cfg.progress and (not _distributed() or dist.get_rank() == 0)
     history: list[dict] = []
     model.train()
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}"), TimeRemainingColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}"),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, disable=not show, transient=False) as bar:
         task = bar.add_task(description, total=total_steps, loss=float("nan"), acc=float("nan"))
         step, epoch, window = 0, 0, []
@@ -199,7 +206,7 @@ def scale_dropout_(model: nn.Module) -> dict[str, float]:
     for i, (name, module) in enumerate(order):
         if not isinstance(module, nn.Dropout):
             continue
-        after = next((targets[n] for n, _ in order[i + 1:] if n in targets), None)
+        after = next((targets[n] for n, _ in order[i + 1 :] if n in targets), None)
         if after is None:
             continue
         p0 = module.__dict__.setdefault("_deepshrink_p0", module.p)

@@ -37,7 +37,7 @@ def _parse_idx(raw: bytes, stem: str) -> np.ndarray:
     ndim = _IDX_MAGIC.get(magic)
     if ndim is None:
         raise DeepShrinkError(f"{stem}: not an unsigned-byte IDX file (magic {magic:#010x})")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
     if len(raw) != offset + int(np.prod(dims)):
         raise DeepShrinkError(f"{stem}: IDX header says {dims} but the file holds {len(raw) - offset} bytes")

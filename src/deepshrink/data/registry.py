@@ -19,8 +19,10 @@ def load_data(name: str, data_dir: str | None, split: str) -> Data:
     """
     if name == "digits":
         from deepshrink.data.digits import load_digits
+
         return load_digits(split)
     if name == "mnist":
         from deepshrink.data.mnist import load_mnist
+
         return load_mnist(data_dir, split)
     raise DeepShrinkError(f"data set {name!r} must be one of {', '.join(DATASETS)}")

@@ -53,8 +53,9 @@ def load_corpus(root: str | os.PathLike | None = None, name: str = "tinyshakespe
     return CharCorpus(text, "".join(sorted(set(text))))
 
 
-def char_windows(corpus: CharCorpus, split: str = "train", length: int = 128,
-                 val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+def char_windows(
+    corpus: CharCorpus, split: str = "train", length: int = 128, val_fraction: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-overlapping ``(input, next-character target)`` windows of one split.
 
     The first ``1 - val_fraction`` of the text is ``"train"``, the rest ``"val"``.
@@ -80,5 +81,5 @@ def char_windows(corpus: CharCorpus, split: str = "train", length: int = 128,
     part = ids[:cut] if split == "train" else ids[cut:]
     n = (len(part) - 1) // length
     x = part[: n * length].reshape(n, length)
-    y = part[1: n * length + 1].reshape(n, length)
+    y = part[1 : n * length + 1].reshape(n, length)
     return torch.from_numpy(x), torch.from_numpy(y)

@@ -9,5 +9,11 @@ from deepshrink.engine.layers import SparseConv1d, SparseConv2d, SparseLinear
 from deepshrink.engine.matrix import SparseMatrix
 
 __all__ = [
-    "SparseConv1d", "SparseConv2d", "SparseLinear", "SparseMatrix", "compile_model", "engine_layers", "from_file",
+    "SparseConv1d",
+    "SparseConv2d",
+    "SparseLinear",
+    "SparseMatrix",
+    "compile_model",
+    "engine_layers",
+    "from_file",
 ]

@@ -47,16 +47,23 @@ def _replacement(module: nn.Module, name: str, weight: CompressedTensor, **optio
     return None
 
 
-def _lstm_replacement(module: nn.LSTM, name: str, tensors: dict[str, CompressedTensor],
-                      fixed_point: bool) -> nn.Module | None:
+def _lstm_replacement(
+    module: nn.LSTM, name: str, tensors: dict[str, CompressedTensor], fixed_point: bool
+) -> nn.Module | None:
     """An :class:`EngineLSTM` for ``module`` from its compressed gate matrices, or ``None`` (with a warning)."""
     from deepshrink.engine.lstm import EngineLSTM, SparseLSTM
 
     own = {k.rpartition(".")[2]: t for k, t in tensors.items() if k.rpartition(".")[0] == name}
     needed = [f"weight_{kind}_l{k}" for k in range(module.num_layers) for kind in ("ih", "hh")]
-    reason = ("the engine's LSTM runs in fp32 only" if fixed_point
-              else "bidirectional or proj_size LSTMs have no engine kernel" if module.bidirectional or module.proj_size
-              else "not every gate matrix is compressed" if not all(n in own for n in needed) else None)
+    reason = (
+        "the engine's LSTM runs in fp32 only"
+        if fixed_point
+        else "bidirectional or proj_size LSTMs have no engine kernel"
+        if module.bidirectional or module.proj_size
+        else "not every gate matrix is compressed"
+        if not all(n in own for n in needed)
+        else None
+    )
     if reason is not None:
         warnings.warn(f"{name} stays dense: {reason}", stacklevel=3)
         return None

@@ -198,6 +198,7 @@ class SparseLSTM:
         Raises:
             DeepShrinkError: no ``weight_ih_l0``, or a layer without both matrices.
         """
+
         def strip(d: dict) -> dict:
             return {k.rsplit(".", 1)[-1]: v for k, v in d.items()}
 

@@ -143,7 +143,9 @@ def _encode_compressed(name: str, ct: CompressedTensor, options: EncodeOptions, 
     layout, index_stream = encode_positions(ct, index_bits, options.layout, options.coder)
     codebook = ct.codebook.astype(CODEBOOK_DTYPES[options.codebook_dtype])
     if not np.isfinite(codebook).all() and np.isfinite(ct.codebook).all():
-        raise DeepShrinkError(f"{name}: codebook values overflow {options.codebook_dtype}; use codebook_dtype='float32'")
+        raise DeepShrinkError(
+            f"{name}: codebook values overflow {options.codebook_dtype}; use codebook_dtype='float32'"
+        )
     entry = {"name": name, "kind": "compressed", "shape": list(ct.shape), "bits": ct.bits, "nnz": ct.nnz}
     entry["index"] = {"layout": layout, "ib": index_bits, **_stream_entry(index_stream, sections)}
     entry["codes"] = _stream_entry(encode_stream(ct.codes, options.coder, ct.bits), sections)

@@ -96,7 +96,9 @@ def export_onnx(model: torch.nn.Module, example_input: torch.Tensor, path: str |
 
 
 def export_file(
-    path: str | os.PathLike, out: str | os.PathLike, input_shape: tuple[int, ...] | None = None,
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    input_shape: tuple[int, ...] | None = None,
     trust_factory: bool = False,
 ) -> None:
     """Export a ``.dsz`` file to ``out``: ``.safetensors``, or ``.onnx`` (needs the file's model factory).

@@ -152,7 +152,9 @@ def coder_comparison(ct: CompressedTensor, index_bits: int) -> dict[str, dict[st
         out[stream] = {}
         for coder in CODERS:
             encoded = encode_with(symbols, coder, width)
-            out[stream][coder] = encoded.nbytes * 8 / symbols.size if encoded is not None and symbols.size else float("nan")
+            out[stream][coder] = (
+                encoded.nbytes * 8 / symbols.size if encoded is not None and symbols.size else float("nan")
+            )
     return out
 
 
@@ -213,7 +215,6 @@ def coder_table(contents: DszContents, report: FileSize, title: str = "") -> Tab
     return table
 
 
-
 def print_info(path: str | os.PathLike, console: Console, json_path: str | os.PathLike | None = None) -> FileSize:
     """``deepshrink info``: the per-layer table and the coder comparison, optionally as JSON too.
 
@@ -224,7 +225,9 @@ def print_info(path: str | os.PathLike, console: Console, json_path: str | os.Pa
     contents = decode_file(data)
     report = breakdown(data, contents)
     console.print(layer_table(report, f"{path}: {report.total_bytes:,} bytes"))
-    console.print(coder_table(contents, report, "bits per symbol of each stream under each coder (code tables included)"))
+    console.print(
+        coder_table(contents, report, "bits per symbol of each stream under each coder (code tables included)")
+    )
     if json_path is not None:
         write_atomic(json_path, json.dumps(report.to_dict(), indent=2).encode())
     return report

@@ -19,7 +19,19 @@ from deepshrink.hardware.layers import (
 )
 
 __all__ = [
-    "EIE_BENCHMARK_LAYERS", "BenchmarkLayer", "EIEConfig", "EnergyTable", "LayerEvents", "LayerResult",
-    "NetworkResult", "PELayout", "benchmark_layer", "layer_energy", "pe_layout", "simulate_layer",
-    "simulate_network", "synthetic_activations", "synthetic_layer",
+    "EIE_BENCHMARK_LAYERS",
+    "BenchmarkLayer",
+    "EIEConfig",
+    "EnergyTable",
+    "LayerEvents",
+    "LayerResult",
+    "NetworkResult",
+    "PELayout",
+    "benchmark_layer",
+    "layer_energy",
+    "pe_layout",
+    "simulate_layer",
+    "simulate_network",
+    "synthetic_activations",
+    "synthetic_layer",
 ]

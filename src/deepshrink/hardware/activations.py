@@ -21,8 +21,10 @@ from deepshrink.errors import UnsupportedLayerError
 def _owner(model: nn.Module, param_name: str) -> nn.Module:
     module_name, _, param = param_name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
-    if param != "weight" or not isinstance(module, (nn.Linear, nn.Conv2d)) or (
-        isinstance(module, nn.Conv2d) and module.groups != 1
+    if (
+        param != "weight"
+        or not isinstance(module, (nn.Linear, nn.Conv2d))
+        or (isinstance(module, nn.Conv2d) and module.groups != 1)
     ):
         raise UnsupportedLayerError(
             f"cannot record the inputs of {param_name!r} ({type(module).__name__}); activations are recorded "
@@ -36,14 +38,18 @@ def _matrix_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.Linear):
         return x.reshape(-1, module.in_features)
     if isinstance(module.padding, str) or module.padding_mode != "zeros":
-        raise UnsupportedLayerError(f"Conv2d with padding={module.padding!r}, padding_mode={module.padding_mode!r}: "
-                                    "give an activation density instead")
+        raise UnsupportedLayerError(
+            f"Conv2d with padding={module.padding!r}, padding_mode={module.padding_mode!r}: "
+            "give an activation density instead"
+        )
     patches = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # (B, C*kh*kw, L)
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (B*L, C*kh*kw)
 
 
 @torch.no_grad()
-def layer_inputs(model: nn.Module, names: Iterable[str], inputs: torch.Tensor, batch_size: int = 256) -> dict[str, np.ndarray]:
+def layer_inputs(
+    model: nn.Module, names: Iterable[str], inputs: torch.Tensor, batch_size: int = 256
+) -> dict[str, np.ndarray]:
     """Record the input vectors each named weight multiplies while ``model`` runs on ``inputs``.
 
     Args:
@@ -75,7 +81,7 @@ def layer_inputs(model: nn.Module, names: Iterable[str], inputs: torch.Tensor, b
     model.eval()
     try:
         for start in range(0, len(inputs), batch_size):
-            model(inputs[start:start + batch_size])
+            model(inputs[start : start + batch_size])
     finally:
         for hook in hooks:
             hook.remove()

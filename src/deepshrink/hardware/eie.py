@@ -72,9 +72,16 @@ class EIEConfig:
     energy: EnergyTable = field(default_factory=EnergyTable)
 
     def __post_init__(self) -> None:
-        limits = {"n_pe": (1, 1 << 16), "fifo_depth": (1, 1 << 20), "index_bits": (1, 16),
-                  "pointer_bits": (1, 64), "activation_bits": (1, 64), "sram_width_bits": (1, 4096),
-                  "matrix_sram_bytes": (0, 1 << 40), "pointer_sram_bytes": (0, 1 << 40)}
+        limits = {
+            "n_pe": (1, 1 << 16),
+            "fifo_depth": (1, 1 << 20),
+            "index_bits": (1, 16),
+            "pointer_bits": (1, 64),
+            "activation_bits": (1, 64),
+            "sram_width_bits": (1, 4096),
+            "matrix_sram_bytes": (0, 1 << 40),
+            "pointer_sram_bytes": (0, 1 << 40),
+        }
         for name, (low, high) in limits.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
@@ -192,8 +199,10 @@ class LayerResult:
 
     @property
     def fits_on_chip(self) -> bool:
-        return (self.matrix_bytes_per_pe <= self.config.matrix_sram_bytes
-                and self.pointer_bytes_per_pe <= self.config.pointer_sram_bytes)
+        return (
+            self.matrix_bytes_per_pe <= self.config.matrix_sram_bytes
+            and self.pointer_bytes_per_pe <= self.config.pointer_sram_bytes
+        )
 
     @property
     def energy_total_pj(self) -> float:
@@ -207,15 +216,28 @@ class LayerResult:
     def as_dict(self) -> dict[str, object]:
         """JSON-ready summary (figures per simulated vector where it matters)."""
         return {
-            "name": self.name, "rows": self.matrix_shape[0], "cols": self.matrix_shape[1],
-            "n_pe": self.config.n_pe, "fifo_depth": self.config.fifo_depth, "clock_hz": self.config.clock_hz,
-            "vectors": self.vectors, "active_columns": self.active_columns, "cycles": self.cycles,
-            "ideal_cycles": self.ideal_cycles, "time_per_vector_us": self.time_per_vector_s * 1e6,
-            "load_efficiency": self.load_efficiency, "broadcast_stalls": self.broadcast_stalls,
-            "macs": self.macs, "padding_macs": self.padding_macs, "empty_slices": self.empty_slices,
-            "pe_utilisation_min": float(self.pe_utilisation.min()), "events": asdict(self.events),
-            "energy_pj": self.energy_pj, "energy_per_vector_uj": self.energy_total_pj * 1e-6 / max(self.vectors, 1),
-            "power_w": self.power_w, "fits_on_chip": self.fits_on_chip,
+            "name": self.name,
+            "rows": self.matrix_shape[0],
+            "cols": self.matrix_shape[1],
+            "n_pe": self.config.n_pe,
+            "fifo_depth": self.config.fifo_depth,
+            "clock_hz": self.config.clock_hz,
+            "vectors": self.vectors,
+            "active_columns": self.active_columns,
+            "cycles": self.cycles,
+            "ideal_cycles": self.ideal_cycles,
+            "time_per_vector_us": self.time_per_vector_s * 1e6,
+            "load_efficiency": self.load_efficiency,
+            "broadcast_stalls": self.broadcast_stalls,
+            "macs": self.macs,
+            "padding_macs": self.padding_macs,
+            "empty_slices": self.empty_slices,
+            "pe_utilisation_min": float(self.pe_utilisation.min()),
+            "events": asdict(self.events),
+            "energy_pj": self.energy_pj,
+            "energy_per_vector_uj": self.energy_total_pj * 1e-6 / max(self.vectors, 1),
+            "power_w": self.power_w,
+            "fits_on_chip": self.fits_on_chip,
         }
 
 
@@ -247,7 +269,9 @@ def _sram_rows_read(entries: np.ndarray, start: np.ndarray, per_row: int) -> int
     return int(np.where(entries > 0, last - first + 1, 0).sum())
 
 
-def _run_vector(layout: PELayout, active: np.ndarray, config: EIEConfig, per_row: int) -> tuple[dict[str, int], np.ndarray]:
+def _run_vector(
+    layout: PELayout, active: np.ndarray, config: EIEConfig, per_row: int
+) -> tuple[dict[str, int], np.ndarray]:
     """Counts of one matrix-vector product whose non-zero inputs are the columns ``active``."""
     slice_entries = layout.entries[:, active]  # (n_pe, n_active), in broadcast (column) order
     cost = np.maximum(slice_entries, 1)  # an empty slice still takes its pointer-read cycle
@@ -316,8 +340,10 @@ def simulate_layer(
     matrix_bits = entries.sum(axis=1) * layout.entry_bits  # (n_pe,)
     pointer_bits = (n_cols + 1) * config.pointer_bits
     # What does not fit in a PE's SRAM is streamed from DRAM on every run (spill model).
-    spill_bits = int(np.maximum(matrix_bits - 8 * config.matrix_sram_bytes, 0).sum()
-                     + config.n_pe * max(pointer_bits - 8 * config.pointer_sram_bytes, 0))
+    spill_bits = int(
+        np.maximum(matrix_bits - 8 * config.matrix_sram_bytes, 0).sum()
+        + config.n_pe * max(pointer_bits - 8 * config.pointer_sram_bytes, 0)
+    )
 
     totals = dict.fromkeys(("cycles", "ideal", "stalls", "active", "macs", "padding", "empty", "sram_rows"), 0)
     busy = np.zeros(config.n_pe, dtype=np.int64)
@@ -338,13 +364,28 @@ def simulate_layer(
         macs=all_macs,
         dram_bits=n_vectors * spill_bits,
     )
-    energy = layer_energy(events, config.energy, sram_width_bits=config.sram_width_bits,
-                          pointer_bits=config.pointer_bits, activation_bits=config.activation_bits)
+    energy = layer_energy(
+        events,
+        config.energy,
+        sram_width_bits=config.sram_width_bits,
+        pointer_bits=config.pointer_bits,
+        activation_bits=config.activation_bits,
+    )
     return LayerResult(
-        name=name, matrix_shape=(n_rows, n_cols), config=config, vectors=n_vectors,
-        active_columns=totals["active"], cycles=totals["cycles"], ideal_cycles=totals["ideal"],
-        broadcast_stalls=totals["stalls"], pe_busy_cycles=busy, macs=totals["macs"],
-        padding_macs=totals["padding"], empty_slices=totals["empty"], events=events, energy_pj=energy,
+        name=name,
+        matrix_shape=(n_rows, n_cols),
+        config=config,
+        vectors=n_vectors,
+        active_columns=totals["active"],
+        cycles=totals["cycles"],
+        ideal_cycles=totals["ideal"],
+        broadcast_stalls=totals["stalls"],
+        pe_busy_cycles=busy,
+        macs=totals["macs"],
+        padding_macs=totals["padding"],
+        empty_slices=totals["empty"],
+        events=events,
+        energy_pj=energy,
         matrix_bytes_per_pe=math.ceil(int(matrix_bits.max(initial=0)) / 8),
         pointer_bytes_per_pe=math.ceil(pointer_bits / 8),
     )
@@ -412,6 +453,7 @@ def simulate_network(
         density = densities.get(name) if isinstance(act_density, Mapping) else act_density
         if name in activations:
             density = None
-        results.append(simulate_layer(ct, activations.get(name), act_density=density,
-                                      config=config, seed=seed, name=name))
+        results.append(
+            simulate_layer(ct, activations.get(name), act_density=density, config=config, seed=seed, name=name)
+        )
     return NetworkResult(results)

@@ -91,8 +91,11 @@ def results_table(layers: Sequence[LayerResult], samples: int | None = None, tit
     notes = [f"figures per {unit}", "PE util: mean busy fraction (load efficiency)", "min PE: least busy PE"]
     if not all(r.fits_on_chip for r in layers):
         notes.append("uJ*: includes DRAM traffic (the layer does not fit in the PEs' SRAM)")
-    table = Table(title=f"{title}: {config.n_pe} PEs, {config.clock_hz / 1e6:g} MHz, FIFO depth {config.fifo_depth}",
-                  caption="; ".join(notes), box=box.SIMPLE_HEAD)
+    table = Table(
+        title=f"{title}: {config.n_pe} PEs, {config.clock_hz / 1e6:g} MHz, FIFO depth {config.fifo_depth}",
+        caption="; ".join(notes),
+        box=box.SIMPLE_HEAD,
+    )
     # Short headers and unwrapped cells keep layer names whole in an 80-column terminal.
     table.add_column("layer", no_wrap=True, min_width=max(len(r.name) for r in layers))
     table.add_column("matrix", no_wrap=True)
@@ -102,13 +105,27 @@ def results_table(layers: Sequence[LayerResult], samples: int | None = None, tit
     for r, n in zip(layers, per):
         rows, cols = r.matrix_shape
         table.add_row(
-            r.name, f"{rows}x{cols}", f"{r.active_columns / (max(r.vectors, 1) * cols):.1%}" if cols else "-",
-            f"{r.cycles / n:,.0f}", f"{r.time_s / n * 1e6:.2f}", f"{r.load_efficiency:.1%}",
-            f"{r.pe_utilisation.min():.1%}", f"{r.energy_total_pj * 1e-6 / n:.3f}" + ("" if r.fits_on_chip else "*"),
+            r.name,
+            f"{rows}x{cols}",
+            f"{r.active_columns / (max(r.vectors, 1) * cols):.1%}" if cols else "-",
+            f"{r.cycles / n:,.0f}",
+            f"{r.time_s / n * 1e6:.2f}",
+            f"{r.load_efficiency:.1%}",
+            f"{r.pe_utilisation.min():.1%}",
+            f"{r.energy_total_pj * 1e-6 / n:.3f}" + ("" if r.fits_on_chip else "*"),
         )
     if len(layers) > 1:
         cycles = sum(r.cycles / n for r, n in zip(layers, per))
         energy = sum(r.energy_total_pj / n for r, n in zip(layers, per))
-        table.add_row("total", "", "", f"{cycles:,.0f}", f"{cycles / config.clock_hz * 1e6:.2f}", "", "",
-                      f"{energy * 1e-6:.3f}" + ("" if all(r.fits_on_chip for r in layers) else "*"), style="bold")
+        table.add_row(
+            "total",
+            "",
+            "",
+            f"{cycles:,.0f}",
+            f"{cycles / config.clock_hz * 1e6:.2f}",
+            "",
+            "",
+            f"{energy * 1e-6:.3f}" + ("" if all(r.fits_on_chip for r in layers) else "*"),
+            style="bold",
+        )
     return table

@@ -36,8 +36,12 @@ class LSTMClassifier(nn.Module):
         self, n_features: int = 40, hidden: int = 256, layers: int = 1, num_classes: int = 10, dropout: float = 0.0
     ) -> None:
         super().__init__()
-        for name, value in (("n_features", n_features), ("hidden", hidden), ("layers", layers),
-                            ("num_classes", num_classes)):
+        for name, value in (
+            ("n_features", n_features),
+            ("hidden", hidden),
+            ("layers", layers),
+            ("num_classes", num_classes),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DeepShrinkError(f"{name}={value!r} must be a positive integer")
         if not 0 <= dropout < 1:

@@ -44,19 +44,33 @@ from deepshrink.report import layer_table, rows_table
 
 def train_config(stage: TrainStage, recipe: Recipe) -> TrainConfig:
     """The :class:`TrainConfig` of ``stage`` under ``recipe``'s batch size, seed and step cap."""
-    return TrainConfig(epochs=stage.epochs, lr=stage.lr, momentum=stage.momentum,
-                       weight_decay=stage.weight_decay, optimizer=stage.optimizer, schedule=stage.lr_schedule,
-                       batch_size=recipe.batch_size, seed=recipe.seed, max_steps=recipe.max_steps)
+    return TrainConfig(
+        epochs=stage.epochs,
+        lr=stage.lr,
+        momentum=stage.momentum,
+        weight_decay=stage.weight_decay,
+        optimizer=stage.optimizer,
+        schedule=stage.lr_schedule,
+        batch_size=recipe.batch_size,
+        seed=recipe.seed,
+        max_steps=recipe.max_steps,
+    )
 
 
 def _train(stage: TrainStage, model: nn.Module, train: Data, recipe: Recipe, console: Console) -> None:
     fit(model, train, train_config(stage, recipe), description=type(stage).__name__.removesuffix("Stage").lower())
 
 
-def propose_sparsities(spec: SensitivitySpec, model: nn.Module, train: Data, granularity: object,
-                       layers: list[str] | None, console: Console) -> dict[str, float]:
+def propose_sparsities(
+    spec: SensitivitySpec,
+    model: nn.Module,
+    train: Data,
+    granularity: object,
+    layers: list[str] | None,
+    console: Console,
+) -> dict[str, float]:
     """Scan ``model`` on the tail of ``train`` and return the per-layer sparsities ``spec`` allows."""
-    held = (train[0][-spec.samples:], train[1][-spec.samples:])
+    held = (train[0][-spec.samples :], train[1][-spec.samples :])
     scan = sensitivity_scan(model, held, spec.sparsities, granularity=granularity, layers=layers)
     console.print(scan.table())
     if spec.plot:
@@ -73,17 +87,40 @@ def _prune(stage: PruneStage, model: nn.Module, train: Data, recipe: Recipe, con
         return
     config = train_config(stage, recipe)
     if stage.schedule == "gradual":
-        gradual_prune(model, stage.sparsity, train, config, every=stage.every,
-                      granularity=stage.granularity, ramp=stage.ramp, layers=stage.layers)
+        gradual_prune(
+            model,
+            stage.sparsity,
+            train,
+            config,
+            every=stage.every,
+            granularity=stage.granularity,
+            ramp=stage.ramp,
+            layers=stage.layers,
+        )
     elif stage.quality is not None:
-        iterative_prune(model, [stage.quality] * stage.steps, train, config,
-                        prune_fn=_prune_by_quality, scope=stage.scope, layers=stage.layers)
+        iterative_prune(
+            model,
+            [stage.quality] * stage.steps,
+            train,
+            config,
+            prune_fn=_prune_by_quality,
+            scope=stage.scope,
+            layers=stage.layers,
+        )
     elif stage.scope == "global":
-        iterative_prune(model, iterative_levels(stage.sparsity, stage.steps), train, config,
-                        scope="global", layers=stage.layers)
+        iterative_prune(
+            model, iterative_levels(stage.sparsity, stage.steps), train, config, scope="global", layers=stage.layers
+        )
     else:
-        iterative_prune(model, iterative_levels(stage.sparsity, stage.steps), train, config,
-                        prune_fn=prune_groups_, granularity=stage.granularity, layers=stage.layers)
+        iterative_prune(
+            model,
+            iterative_levels(stage.sparsity, stage.steps),
+            train,
+            config,
+            prune_fn=prune_groups_,
+            granularity=stage.granularity,
+            layers=stage.layers,
+        )
 
 
 def _prune_by_quality(model: nn.Module, quality: object, **kwargs: object) -> list:
@@ -170,8 +207,11 @@ def run_recipe(
         result["stages"].append(row)
         console.print(f"after {row['stage']}: accuracy {row['accuracy']:.4f} ({row['seconds']:.1f} s)")
     result["accuracy"] = result["stages"][-1]["accuracy"] if result["stages"] else result["start_accuracy"]
-    console.print(rows_table(result["stages"], f"recipe {recipe.name or recipe.model}: start accuracy "
-                                               f"{result['start_accuracy']:.4f}"))
+    console.print(
+        rows_table(
+            result["stages"], f"recipe {recipe.name or recipe.model}: start accuracy {result['start_accuracy']:.4f}"
+        )
+    )
     console.print(layer_table(model, "compressed layers"))
     if out is not None:
         result["bytes"] = _save(model, out, recipe, encode)
@@ -181,5 +221,11 @@ def run_recipe(
 
 
 def _save(model: nn.Module, out: str, recipe: Recipe, encode: EncodeStage) -> int:
-    return save(model, out, factory=model_factory(recipe.model), factory_kwargs=recipe.model_kwargs or None,
-                metadata={"recipe": recipe.name or recipe.model}, **encode.options())
+    return save(
+        model,
+        out,
+        factory=model_factory(recipe.model),
+        factory_kwargs=recipe.model_kwargs or None,
+        metadata={"recipe": recipe.name or recipe.model},
+        **encode.options(),
+    )

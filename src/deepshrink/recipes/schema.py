@@ -46,6 +46,7 @@ BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 
 # -- value checks: each names the key and what it accepts --------------------------------------
 
+
 def _coerce(value: object) -> object:
     """Numeric strings such as ``"1e-3"`` (YAML 1.1 reads them as text) become floats."""
     if isinstance(value, str):
@@ -56,8 +57,14 @@ def _coerce(value: object) -> object:
     return value
 
 
-def _number(value: object, key: str, low: float | None = None, high: float | None = None,
-            integer: bool = False, low_open: bool = False) -> float | int:
+def _number(
+    value: object,
+    key: str,
+    low: float | None = None,
+    high: float | None = None,
+    integer: bool = False,
+    low_open: bool = False,
+) -> float | int:
     """A number in range, else an error naming ``key``, the value and the range."""
     value = _coerce(value)
     kind = "an integer" if integer else "a number"
@@ -69,7 +76,10 @@ def _number(value: object, key: str, low: float | None = None, high: float | Non
     if ok and high is not None:
         ok = value <= high
     if not ok:
-        bounds = [f"{'>' if low_open else '>='} {low}" if low is not None else "", f"<= {high}" if high is not None else ""]
+        bounds = [
+            f"{'>' if low_open else '>='} {low}" if low is not None else "",
+            f"<= {high}" if high is not None else "",
+        ]
         raise DeepShrinkError(f"{key}={value!r} must be {kind} {' and '.join(b for b in bounds if b)}".rstrip())
     return int(value) if integer else float(value)
 
@@ -188,8 +198,10 @@ class PruneStage(TrainStage):
         super().__post_init__()
         given = [k for k in ("sparsity", "quality", "sensitivity") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise DeepShrinkError(f"give exactly one of sparsity (fraction removed), quality (x std threshold) or "
-                                  f"sensitivity (scan settings); got {', '.join(given) or 'none'}")
+            raise DeepShrinkError(
+                f"give exactly one of sparsity (fraction removed), quality (x std threshold) or "
+                f"sensitivity (scan settings); got {', '.join(given) or 'none'}"
+            )
         if self.sparsity is not None:
             self.sparsity = _per_layer(self.sparsity, "sparsity", _sparsity)
         elif self.quality is not None:
@@ -205,8 +217,10 @@ class PruneStage(TrainStage):
         self.layers = _patterns(self.layers, "layers")
         coarse = self.granularity != "fine"
         if self.quality is not None and (coarse or self.schedule != "iterative"):
-            raise DeepShrinkError("quality works with schedule: iterative and granularity: fine; "
-                                  "use sparsity for gradual or coarse-grained pruning")
+            raise DeepShrinkError(
+                "quality works with schedule: iterative and granularity: fine; "
+                "use sparsity for gradual or coarse-grained pruning"
+            )
         if self.scope == "global" and (coarse or self.sensitivity or isinstance(self.sparsity or self.quality, dict)):
             raise DeepShrinkError("scope: global needs granularity: fine and one scalar sparsity or quality")
 
@@ -258,8 +272,9 @@ class EncodeStage:
         if self.index_bits is not None:
             self.index_bits = _per_layer(self.index_bits, "index_bits", lambda v, k: _number(v, k, 1, 16, integer=True))
         # EncodeOptions checks the values and names the allowed ones
-        EncodeOptions(coder=self.coder, index_bits=self.index_bits, layout=self.layout,
-                      codebook_dtype=self.codebook_dtype)
+        EncodeOptions(
+            coder=self.coder, index_bits=self.index_bits, layout=self.layout, codebook_dtype=self.codebook_dtype
+        )
 
     def options(self) -> dict:
         return dataclasses.asdict(self)
@@ -304,9 +319,12 @@ class Recipe:
         if self.max_steps is not None:
             self.max_steps = _number(self.max_steps, "max_steps", 1, integer=True)
         if not isinstance(self.stages, list) or not self.stages:
-            raise DeepShrinkError(f"stages must be a non-empty list of {{stage: settings}}; stages: {', '.join(STAGES)}")
-        self.stages = [s if isinstance(s, tuple(STAGES.values())) else _parse_stage(s, i)
-                       for i, s in enumerate(self.stages)]
+            raise DeepShrinkError(
+                f"stages must be a non-empty list of {{stage: settings}}; stages: {', '.join(STAGES)}"
+            )
+        self.stages = [
+            s if isinstance(s, tuple(STAGES.values())) else _parse_stage(s, i) for i, s in enumerate(self.stages)
+        ]
         encodes = [i for i, s in enumerate(self.stages) if isinstance(s, EncodeStage)]
         if encodes and encodes != [len(self.stages) - 1]:
             raise DeepShrinkError("encode must be the last stage, and appear once")
@@ -334,7 +352,7 @@ def _parse_stage(raw: object, index: int) -> object:
     where = f"stages[{index}]"
     if not isinstance(raw, dict) or len(raw) != 1:
         raise DeepShrinkError(f"{where} must be a mapping with one key, the stage: one of {', '.join(STAGES)}")
-    (kind, settings), = raw.items()
+    ((kind, settings),) = raw.items()
     if kind not in STAGES:
         raise DeepShrinkError(f"{where}: unknown stage {kind!r}; allowed: {', '.join(STAGES)}")
     return _build(STAGES[kind], settings, f"{where}.{kind}")
@@ -347,7 +365,9 @@ def parse_recipe(raw: object) -> Recipe:
         DeepShrinkError: an unknown key or stage, or a bad value, named with its place.
     """
     if not isinstance(raw, dict):
-        raise DeepShrinkError(f"a recipe must be a mapping with keys {', '.join(f.name for f in dataclasses.fields(Recipe))}")
+        raise DeepShrinkError(
+            f"a recipe must be a mapping with keys {', '.join(f.name for f in dataclasses.fields(Recipe))}"
+        )
     for key in ("model", "stages"):
         if key not in raw:
             raise DeepShrinkError(f"recipe: missing key {key!r}")
@@ -370,8 +390,10 @@ def load_recipe(source: str | Path) -> Recipe:
     if not path.is_file():
         builtin = BUILTIN_DIR / f"{source}.yaml"
         if not builtin.is_file():
-            raise DeepShrinkError(f"recipe {str(source)!r} is neither a file nor a built-in recipe; "
-                                  f"built-ins: {', '.join(builtin_recipes())}")
+            raise DeepShrinkError(
+                f"recipe {str(source)!r} is neither a file nor a built-in recipe; "
+                f"built-ins: {', '.join(builtin_recipes())}"
+            )
         path = builtin
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
