@@ -92,6 +92,16 @@ def test_unsupported_layer_is_reported_by_name():
         prune_(model, 0.5, layers=["attn"])
 
 
+def test_type_patterns_still_match_after_the_first_stage():
+    from deepshrink.compress.quantize import share_weights_
+
+    net = _net()
+    prune_(net, 0.5, layers=["Linear"])
+    assert [t.type_name for t in find_targets(net)] == ["Linear", "Linear"]  # not ParametrizedLinear
+    report = share_weights_(net, bits=4, layers=["Linear"])
+    assert [r.name for r in report] == ["0.weight", "2.weight"]
+
+
 def _step_many(net, optimizer, steps=5):
     for _ in range(steps):
         loss = net(torch.randn(8, 20)).pow(2).sum()

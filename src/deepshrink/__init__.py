@@ -2,6 +2,7 @@
 
 from deepshrink.errors import DeepShrinkError, FileFormatError, UnsupportedLayerError
 from deepshrink.fileformat.model_io import load, load_into, read, save
+from deepshrink.lazy import lazy_submodules
 from deepshrink.tensor import CompressedTensor
 
 __all__ = [
@@ -14,3 +15,5 @@ __all__ = [
     "read",
     "save",
 ]
+
+__getattr__, __dir__ = lazy_submodules(__name__, __path__)

@@ -20,6 +20,7 @@ from deepshrink.compress.surgery import shrink
 from deepshrink.compress.targets import find_targets
 from deepshrink.compress.ternary import TernaryWeight, ternarize_
 from deepshrink.compress.train import TrainConfig, evaluate, fit, iterative_prune, scale_dropout_
+from deepshrink.lazy import lazy_submodules
 
 __all__ = [
     "Compression",
@@ -48,3 +49,5 @@ __all__ = [
     "sparsity_report",
     "ternarize_",
 ]
+
+__getattr__, __dir__ = lazy_submodules(__name__, __path__)

@@ -119,7 +119,50 @@ def reparametrize_(module: nn.Module, param: str, parametrization: Compression) 
     not decay it and DDP does not wait for a gradient that never comes.
     """
     if parametrize.is_parametrized(module, param):
-        parametrize.remove_parametrizations(module, param, leave_parametrized=True)
+        unparametrize_(module, param)
     parametrize.register_parametrization(module, param, parametrization, unsafe=True)
     if getattr(parametrization, "ignores_input", False):
         getattr(module.parametrizations, param).original.requires_grad_(False)
+
+
+def unparametrize_(module: nn.Module, param: str) -> None:
+    """Replace the parametrization of ``module.<param>`` by a plain, trainable parameter holding the weight it computes.
+
+    ``parametrize.remove_parametrizations`` deletes the weight's property from the
+    module's parametrized class, and a deep copy shares that class with its
+    original (``copy.deepcopy`` copies instances, not classes): removing it from
+    a copy would leave the original without its weight. So the module first gets
+    a class of its own, equal to the shared one. The weight is made trainable
+    again, since a parametrization that ignores its input froze it.
+
+    Examples:
+        >>> import copy
+        >>> from deepshrink.compress.prune import prune_
+        >>> net = nn.Sequential(nn.Linear(4, 4))
+        >>> _ = prune_(net, 0.5)
+        >>> twin = copy.deepcopy(net)
+        >>> unparametrize_(twin[0], "weight")
+        >>> parametrize.is_parametrized(twin[0]), tuple(net(torch.ones(1, 4)).shape)
+        (False, (1, 4))
+    """
+    shared = type(module)
+    own = {k: v for k, v in vars(shared).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(shared.__name__, shared.__bases__, own)
+    parametrize.remove_parametrizations(module, param, leave_parametrized=True)
+    weight = getattr(module, param)
+    if isinstance(weight, nn.Parameter):
+        weight.requires_grad_(True)
+
+
+def bake_(model: nn.Module) -> nn.Module:
+    """Replace every parametrization in ``model`` by the plain weight it computes (see :func:`unparametrize_`).
+
+    Safe on a deep copy: the original keeps its parametrizations.
+
+    Returns:
+        ``model``, changed in place.
+    """
+    for module in model.modules():
+        for param in list(getattr(module, "parametrizations", {})):
+            unparametrize_(module, param)
+    return model

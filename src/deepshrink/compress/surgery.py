@@ -12,29 +12,12 @@ import copy
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
+from deepshrink.compress.parametrization import bake_
 from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
 
 _CHAIN_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def _bake(model: nn.Module) -> None:
-    """Replace every parametrization of a *deep copy* by the dense weight it computes.
-
-    ``parametrize.remove_parametrizations`` would delete the weight property
-    from the parametrized class, which a deep copy shares with its original,
-    and break the original; so the copy is switched back to its plain class
-    (the one base of the parametrized class, as torch itself does) by hand.
-    """
-    for module in model.modules():
-        if parametrize.is_parametrized(module):
-            dense = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
-            module.__class__ = module.__class__.__bases__[0]
-            del module._modules["parametrizations"]
-            for name, weight in dense.items():
-                setattr(module, name, nn.Parameter(weight))
 
 
 def _chain(model: nn.Module) -> list[tuple[str, nn.Module, list[nn.Module]]]:
@@ -186,7 +169,7 @@ def shrink(model: nn.Module, example: torch.Tensor, atol: float = 1e-4) -> nn.Mo
         3
     """
     small = copy.deepcopy(model).eval()
-    _bake(small)
+    bake_(small)
     chain = _chain(small)
     for (_, producer, norms), (consumer_name, consumer, _) in zip(chain, chain[1:]):
         per_channel = _columns(consumer, _fan_out(producer))

@@ -55,7 +55,8 @@ class Target:
 
     @property
     def type_name(self) -> str:
-        return type(self.module).__name__
+        """The layer's own class name (``Linear``), not the parametrized subclass torch puts in its place."""
+        return parametrize.type_before_parametrizations(self.module).__name__
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -119,7 +120,8 @@ def find_targets(
         kind = _kind(module)
         if kind is None:
             unsupported += [
-                f"{module_name}.{p}".lstrip(".") + f" ({type(module).__name__})" for p in _own_matrices(module)
+                f"{module_name}.{p}".lstrip(".") + f" ({parametrize.type_before_parametrizations(module).__name__})"
+                for p in _own_matrices(module)
             ]
             continue
         for param in _weight_params(module):

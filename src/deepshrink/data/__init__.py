@@ -1,5 +1,8 @@
 """Data sets, each read from a directory the caller names (never downloaded)."""
 
 from deepshrink.data.common import data_dir
+from deepshrink.lazy import lazy_submodules
 
 __all__ = ["data_dir"]
+
+__getattr__, __dir__ = lazy_submodules(__name__, __path__)

@@ -7,6 +7,7 @@ codebook, never a dense weight.
 from deepshrink.engine.compile import compile_model, engine_layers, from_file
 from deepshrink.engine.layers import SparseConv1d, SparseConv2d, SparseLinear
 from deepshrink.engine.matrix import SparseMatrix
+from deepshrink.lazy import lazy_submodules
 
 __all__ = [
     "SparseConv1d",
@@ -17,3 +18,5 @@ __all__ = [
     "engine_layers",
     "from_file",
 ]
+
+__getattr__, __dir__ = lazy_submodules(__name__, __path__)

@@ -11,8 +11,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
+from deepshrink.compress.parametrization import bake_
 from deepshrink.engine.compile import engine_layers, from_file
 from deepshrink.errors import DeepShrinkError
 
@@ -28,10 +28,7 @@ def decoded_model(path: str | os.PathLike, trust_factory: bool = False) -> nn.Mo
     model = load(path, trust_factory=trust_factory)
     if not isinstance(model, nn.Module):
         raise DeepShrinkError(f"{os.fspath(path)} names no model factory, so there is no model to run")
-    for module in model.modules():
-        for name in list(getattr(module, "parametrizations", {})):
-            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-    return model.eval()
+    return bake_(model).eval()
 
 
 def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:

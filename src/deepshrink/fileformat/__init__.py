@@ -6,3 +6,7 @@
 - :mod:`.info`: where every byte of a file goes (``deepshrink info``);
 - :mod:`.export`: dense safetensors / ONNX.
 """
+
+from deepshrink.lazy import lazy_submodules
+
+__getattr__, __dir__ = lazy_submodules(__name__, __path__)

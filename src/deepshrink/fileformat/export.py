@@ -13,9 +13,9 @@ import os
 import warnings
 
 import torch
-from torch.nn.utils import parametrize
 
 from deepshrink.atomic import write_atomic
+from deepshrink.compress.parametrization import bake_
 from deepshrink.errors import DeepShrinkError
 from deepshrink.fileformat.codec import DszContents
 
@@ -40,11 +40,7 @@ def dense_state_dict(source: torch.nn.Module | DszContents) -> dict[str, torch.T
 
 def _dense_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model`` with every parametrization baked into a plain weight; ``model`` is untouched."""
-    dense = copy.deepcopy(model)
-    for module in dense.modules():
-        for param in list(getattr(module, "parametrizations", {})):
-            parametrize.remove_parametrizations(module, param, leave_parametrized=True)
-    return dense
+    return bake_(copy.deepcopy(model))
 
 
 def export_safetensors(source: torch.nn.Module | DszContents, path: str | os.PathLike) -> None:

@@ -17,6 +17,7 @@ from deepshrink.hardware.layers import (
     synthetic_activations,
     synthetic_layer,
 )
+from deepshrink.lazy import lazy_submodules
 
 __all__ = [
     "EIE_BENCHMARK_LAYERS",
@@ -35,3 +36,5 @@ __all__ = [
     "synthetic_activations",
     "synthetic_layer",
 ]
+
+__getattr__, __dir__ = lazy_submodules(__name__, __path__)

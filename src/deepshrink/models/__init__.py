@@ -1,5 +1,6 @@
 """Reference models: the Caffe LeNets of Deep Compression (see docs/reference.md) and the LSTMs."""
 
+from deepshrink.lazy import lazy_submodules
 from deepshrink.models.lenet import LeNet5, LeNet300100, lenet_5, lenet_300_100
 from deepshrink.models.lstm import CharLSTM, LSTMClassifier, char_lstm, lstm_classifier
 
@@ -13,3 +14,5 @@ __all__ = [
     "lenet_5",
     "lstm_classifier",
 ]
+
+__getattr__, __dir__ = lazy_submodules(__name__, __path__)
