@@ -7,12 +7,17 @@ the repository (where CI puts it).
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("DEEPSHRINK_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
@@ -65,3 +70,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def load_benchmark() -> Callable[[str], ModuleType]:
+    """``load_benchmark(name)`` imports ``benchmarks/<name>.py`` as when it is run (``common.py`` importable)."""
+
+    def load(name: str) -> ModuleType:
+        if str(ROOT / "benchmarks") not in sys.path:
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

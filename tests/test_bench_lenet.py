@@ -8,9 +8,7 @@ loaded back from it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,22 +22,11 @@ from deepshrink.models import lenet_5, lenet_300_100
 from deepshrink.recipes import load_recipe
 from deepshrink.recipes.schema import PruneStage
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    if str(ROOT / "benchmarks") not in sys.path:  # the script imports its neighbour common.py, as when run
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_lenet", ROOT / "benchmarks" / "bench_lenet.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
-def short_run(tmp_path_factory, data_root):
+def short_run(tmp_path_factory, data_root, load_benchmark):
     """One short run of the script on LeNet-300-100, published to a temporary folder."""
-    bench = _bench()
+    bench = load_benchmark("bench_lenet")
     out, published = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("published")
     results = bench.main(
         [
@@ -104,8 +91,8 @@ def test_outputs_are_written_and_other_nets_kept(short_run):
     assert set(r["timings"]) >= {"0: train", "encode + write", "read + load", "evaluate reloaded", "total"}
 
 
-def test_paper_layers_name_real_weights_of_both_nets():
-    bench = _bench()
+def test_paper_layers_name_real_weights_of_both_nets(load_benchmark):
+    bench = load_benchmark("bench_lenet")
     for net, factory in (("lenet-300-100", lenet_300_100), ("lenet-5", lenet_5)):
         names = {t.name for t in find_targets(factory())}
         assert set(bench.PAPER[net]["layers"]) == names
