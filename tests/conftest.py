@@ -1,7 +1,9 @@
 """Shared fixtures: the real data sets and a quickly trained LeNet-300-100.
 
-The data root is ``$DEEPSHRINK_DATA`` if set, else ``../shared/data`` beside
-the repository (where CI puts it).
+The data root is ``$DEEPSHRINK_DATA`` if set, else ``../shared/data`` beside the
+repository (where CI puts it). A test whose data set is missing is skipped with
+a reason saying how to provide it; ``DEEPSHRINK_REQUIRE_DATA=1`` (set by
+``.ci/run``) turns those skips into failures, so CI cannot pass without them.
 """
 
 from __future__ import annotations
@@ -19,13 +21,43 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("DEEPSHRINK_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+REQUIRE_DATA = os.environ.get("DEEPSHRINK_REQUIRE_DATA", "") not in ("", "0")
+HOW_TO_GET = {
+    "mnist": "`deepshrink data mnist --to DIR` fetches it",
+    "fsdd": "`deepshrink data fsdd --to DIR` fetches it",
+    "tinyshakespeare": "tinyshakespeare/input.txt is Karpathy's char-rnn corpus",
+}
+
+
+def require_data(name: str) -> Path:
+    """The data root if it holds the data set ``name``; else skip (or fail, under DEEPSHRINK_REQUIRE_DATA=1)."""
+    if not (DATA_ROOT / name).is_dir():
+        message = (
+            f"real data set {name}/ not found under {DATA_ROOT}: set $DEEPSHRINK_DATA to a folder holding "
+            f"{name}/ ({HOW_TO_GET[name]}), or put it in ../shared/data beside the repository"
+        )
+        if REQUIRE_DATA:
+            pytest.fail(f"DEEPSHRINK_REQUIRE_DATA is set and the {message}")
+        pytest.skip(message)
+    return DATA_ROOT
 
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
-    if not (DATA_ROOT / "mnist").is_dir():
-        pytest.fail(f"real data not found at {DATA_ROOT}; set DEEPSHRINK_DATA to the shared data folder")
-    return DATA_ROOT
+    """The data root, holding MNIST (skips otherwise)."""
+    return require_data("mnist")
+
+
+@pytest.fixture(scope="session")
+def fsdd_root() -> Path:
+    """The data root, holding FSDD's recordings (skips otherwise)."""
+    return require_data("fsdd")
+
+
+@pytest.fixture(scope="session")
+def text_root() -> Path:
+    """The data root, holding tinyshakespeare (skips otherwise)."""
+    return require_data("tinyshakespeare")
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,8 @@ from deepshrink.errors import DeepShrinkError
 from deepshrink.models import CharLSTM, char_lstm
 
 
-def test_tinyshakespeare_windows(data_root: Path) -> None:
-    corpus = load_corpus(data_root)
+def test_tinyshakespeare_windows(text_root: Path) -> None:
+    corpus = load_corpus(text_root)
     assert len(corpus.text) == 1_115_394 and len(corpus.vocab) == 65
     x, y = char_windows(corpus, "train", length=100)
     xv, _ = char_windows(corpus, "val", length=100)

@@ -1,9 +1,12 @@
-"""The CLI is a thin layer: every command has --help; compress runs end to end."""
+"""The CLI is a thin layer: every command has --help; compress runs end to end on the bundled digits."""
 
 import pytest
+import torch
 
 import deepshrink
 from deepshrink.cli import build_parser, main
+from deepshrink.data.digits import load_digits
+from deepshrink.engine import from_file
 
 
 def _commands():
@@ -66,5 +69,12 @@ def test_demo_compresses_the_bundled_digits(capsys, tmp_path):
     assert main(["demo", "--out", str(path)]) == 0
     out = capsys.readouterr().out
     assert "bits per symbol" in out and "dense ->" in out
-    model = deepshrink.load(path)
+    model = deepshrink.load(path).eval()
     assert all(float((w != 0).float().mean()) <= 0.1 + 1e-3 for w in (model.fc1.weight, model.fc2.weight))
+    # the end of the path, with no downloaded data: the file on the sparse engine
+    images, labels = load_digits("test")
+    with torch.no_grad():
+        decoded = model(images)
+    fast = from_file(path)(images)
+    assert torch.allclose(fast, decoded, atol=1e-4)
+    assert float((fast.argmax(1) == labels).float().mean()) > 0.9

@@ -1,6 +1,10 @@
 import gzip
 import hashlib
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,3 +56,22 @@ def test_bundled_digits_split_is_fixed_and_disjoint():
     assert len(train_y) + len(test_y) == 1797
     assert train_x.shape[1:] == (1, 8, 8) and float(train_x.max()) <= 1.0
     assert torch.equal(load_digits("test")[0], test_x)
+
+
+@pytest.mark.parametrize("required", ["", "1"])
+def test_real_data_tests_skip_saying_how_to_get_the_data_unless_required(tmp_path, required):
+    """A fresh clone (no data) skips real-data tests with a reason; CI (DEEPSHRINK_REQUIRE_DATA=1) fails them."""
+    env = {**os.environ, "DEEPSHRINK_DATA": str(tmp_path), "DEEPSHRINK_REQUIRE_DATA": required}
+    test = f"{Path(__file__).resolve()}::test_mnist_test_split_is_the_real_one"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", test],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert "deepshrink data mnist --to DIR" in run.stdout and "$DEEPSHRINK_DATA" in run.stdout
+    if required:
+        assert run.returncode != 0 and ("1 error" in run.stdout or "1 failed" in run.stdout)
+    else:
+        assert run.returncode == 0 and "1 skipped" in run.stdout

@@ -14,8 +14,8 @@ from deepshrink.errors import DeepShrinkError
 
 
 @pytest.fixture(scope="module")
-def recordings(data_root: Path) -> Path:
-    folder = data_root / "fsdd" / "recordings"
+def recordings(fsdd_root: Path) -> Path:
+    folder = fsdd_root / "fsdd" / "recordings"
     if not folder.is_dir():
         pytest.fail(f"FSDD not found at {folder}")
     return folder

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import torch
 
 from deepshrink.cli import main
 from deepshrink.hardware import simulate_layer, synthetic_layer
-
-DATA = Path(os.environ.get("DEEPSHRINK_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 def test_synthetic_benchmark_layer_prints_a_table_and_writes_json(tmp_path, capsys):
@@ -60,7 +56,7 @@ def test_bad_arguments_exit_2_with_a_message(capsys):
     assert "--density" in out and "fifo_depth" in out
 
 
-def test_a_file_with_real_mnist_activations(tmp_path, capsys):
+def test_a_file_with_real_mnist_activations(tmp_path, capsys, data_root):
     from deepshrink.compress.prune import prune_
     from deepshrink.compress.quantize import share_weights_
     from deepshrink.fileformat.model_io import save
@@ -74,7 +70,20 @@ def test_a_file_with_real_mnist_activations(tmp_path, capsys):
     save(model, path, factory="deepshrink.models:lenet_300_100")
     real, assumed = tmp_path / "real.json", tmp_path / "assumed.json"
     assert (
-        main(["simulate", str(path), "--data", "mnist", "--data-dir", str(DATA), "--images", "20", "--json", str(real)])
+        main(
+            [
+                "simulate",
+                str(path),
+                "--data",
+                "mnist",
+                "--data-dir",
+                str(data_root),
+                "--images",
+                "20",
+                "--json",
+                str(real),
+            ]
+        )
         == 0
     )
     assert main(["simulate", str(path), "--act-density", "1.0", "--json", str(assumed)]) == 0

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -24,7 +21,6 @@ from deepshrink.hardware import (
 from deepshrink.hardware.activations import layer_inputs
 from deepshrink.tensor import CompressedTensor
 
-DATA = Path(os.environ.get("DEEPSHRINK_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 ALEX7_PUBLISHED_US = 12.2  # EIE (Han et al., ISCA 2016): Alex-7 on 64 PEs, 800 MHz, FIFO depth 8
 
 
@@ -164,7 +160,7 @@ def test_bad_inputs_are_named(alex7):
 
 
 @pytest.fixture(scope="module")
-def lenet_on_mnist():
+def lenet_on_mnist(data_root):
     """LeNet-300-100 trained briefly on real MNIST, pruned to 8% and shared at 4 bits."""
     from deepshrink.compress.prune import prune_
     from deepshrink.compress.quantize import share_weights_
@@ -176,7 +172,7 @@ def lenet_on_mnist():
     torch.set_num_threads(1)  # on a shared 2-core machine, one thread trains this MLP many times faster
     try:
         torch.manual_seed(0)
-        x, y = load_mnist(DATA, "train")
+        x, y = load_mnist(data_root, "train")
         model = lenet_300_100()
         fit(model, (x[:20000], y[:20000]), TrainConfig(lr=0.1, batch_size=100, progress=False))
         prune_(model, 0.92)
@@ -185,7 +181,7 @@ def lenet_on_mnist():
         share_weights_(model, bits=4)
     finally:
         torch.set_num_threads(threads)
-    x_test, y_test = load_mnist(DATA, "test")
+    x_test, y_test = load_mnist(data_root, "test")
     return model, x_test[:200], y_test[:200]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from deepshrink.data.registry import DATASETS, load_data
 from deepshrink.errors import DeepShrinkError
 from deepshrink.fileformat.model_io import build_model
 from deepshrink.models.registry import MODELS, model_factory
+from deepshrink.progress import quiet
 from deepshrink.recipes import Recipe, load_recipe, parse_recipe, run_recipe
 
 console = Console()
@@ -89,6 +91,18 @@ def _run_recipe(args: argparse.Namespace) -> None:
     if args.max_steps:
         recipe.max_steps = args.max_steps
     run_recipe(recipe, data_dir=args.data_dir, out=args.out, console=console, trust_factory=args.trust_factory)
+
+
+def _cmd_data(args: argparse.Namespace) -> None:
+    """Download a data set, verified, into the data root --to (default $DEEPSHRINK_DATA)."""
+    from deepshrink.data.common import ENV_VAR
+    from deepshrink.data.download import fetch
+
+    to = args.to or os.environ.get(ENV_VAR)
+    if not to:
+        raise DeepShrinkError(f"give --to DIR, the data root to fill, or set ${ENV_VAR}")
+    folder = fetch(args.name, to, tuple(args.mirror or ()) or None)
+    console.print(f"{args.name}: verified in {folder}; use it with --data-dir {to} or {ENV_VAR}={to}")
 
 
 def _cmd_simulate(args: argparse.Namespace) -> None:
@@ -250,6 +264,8 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepshrink", description=__doc__.splitlines()[0] if __doc__ else None)
+    quiet_help = "no progress bars (they are off anyway when stderr is not a terminal)"
+    parser.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -287,6 +303,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the compressed model here")
     p.set_defaults(func=_cmd_compress)
+
+    p = sub.add_parser("data", help="download MNIST or FSDD from their canonical sources, checked by SHA-256")
+    p.add_argument("name", choices=("mnist", "fsdd"))
+    p.add_argument(
+        "--to",
+        metavar="DIR",
+        help="data root to fill, giving DIR/mnist or DIR/fsdd/recordings (default $DEEPSHRINK_DATA)",
+    )
+    p.add_argument(
+        "--mirror",
+        action="append",
+        metavar="URL|DIR",
+        help="fetch from here instead, checked the same way (repeat to try several in order): for mnist a base URL "
+        "or folder holding the four .gz files, for fsdd the URL or path of the repository's .tar.gz archive",
+    )
+    p.set_defaults(func=_cmd_data)
 
     p = sub.add_parser("simulate", help="cycles, time, load balance and energy of a compressed model on EIE")
     p.add_argument("file", nargs="?", help="a .dsz file (or use --synthetic)")
@@ -345,15 +377,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="a .dsz file")
     p.add_argument("--pes", type=int, default=64, help="processing elements (EIE: 64)")
     p.set_defaults(func=_cmd_balance)
+    for command in sub.choices.values():  # after the command too; SUPPRESS keeps a --quiet given before it
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=quiet_help)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with quiet(args.quiet):
+            args.func(args)
     except DeepShrinkError as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {err}", soft_wrap=True)  # one line, whatever the width
         return 2
     return 0
 

@@ -1,4 +1,4 @@
-"""Data sets, each read from a directory the caller names (never downloaded)."""
+"""Data sets, each read from a directory the caller names; :mod:`.download` fetches MNIST and FSDD into one."""
 
 from deepshrink.data.common import data_dir
 from deepshrink.lazy import lazy_submodules
