@@ -39,7 +39,7 @@ from common import ROOT, add_data_dir, add_output, write_results  # noqa: E402
 
 ALEX7_PUBLISHED_US = 12.2  # EIE (Han et al., ISCA 2016), Alex-7 on 64 PEs at 800 MHz
 HEADLINE_SPEEDUP = {"CPU dense": 189.0, "GPU dense": 13.0}  # EIE abstract, against uncompressed DNNs
-# Published wall-clock time per layer at batch 1, us (docs/reference.md; i7-5930K + MKL, Titan X + cuBLAS/cuSPARSE).
+# Published wall-clock time per layer at batch 1, us (docs/references.md; i7-5930K + MKL, Titan X + cuBLAS/cuSPARSE).
 PUBLISHED_US = {
     "Alex-6": (7516.2, 3066.5, 541.5, 134.8),
     "Alex-7": (6187.1, 1282.1, 243.0, 65.8),
@@ -151,7 +151,7 @@ def real_lenet(data_dir: str | None, console: Console) -> dict:
     model = lenet_300_100()
     fit(model, train, TrainConfig(lr=0.05, batch_size=128, progress=False))
     dense_accuracy = evaluate(model, test)
-    # Deep Compression's LeNet-300-100 keeps 8% / 9% / 26% of the three layers (docs/reference.md).
+    # Deep Compression's LeNet-300-100 keeps 8% / 9% / 26% of the three layers (docs/references.md).
     prune_(model, {"fc1.weight": 0.92, "fc2.weight": 0.91, "fc3.weight": 0.74})
     fit(model, train, TrainConfig(lr=0.005, batch_size=128, progress=False))
     share_weights_(model, bits=4)
@@ -249,7 +249,7 @@ def markdown(result: dict) -> str:
         )
     lines += [
         "",
-        "Geometric-mean speed-up over the nine layers (published CPU / GPU times of docs/reference.md):",
+        "Geometric-mean speed-up over the nine layers (published CPU / GPU times of docs/references.md):",
         "",
         "| against | simulated | EIE paper |",
         "|---|---|---|",

@@ -272,7 +272,7 @@ def markdown(result: dict) -> str:
         "lowest and highest ratios.",
         "",
         "Weights and activations are random at EIE's published densities (4-bit codes, 16-entry codebook); "
-        "published figures are Core i7-5930K + MKL, batch 1 (docs/reference.md). Ratios are baseline time / "
+        "published figures are Core i7-5930K + MKL, batch 1 (docs/references.md). Ratios are baseline time / "
         "engine time. BW frac and FLOP frac: bytes the engine's batch-1 kernel touches (gaps, codes, column "
         "pointers, activations) per second, and 2 x multiply-accumulates per second, as fractions of the "
         "measured bandwidth and GEMM rate.",

@@ -43,7 +43,7 @@ from deepshrink.recipes.schema import EncodeStage
 from common import add_data_dir, add_output, write_results
 
 NETS = ("lenet-300-100", "lenet-5")
-# Deep Compression (Han, Mao, Dally, ICLR 2016), table 1 and the per-layer tables (docs/reference.md).
+# Deep Compression (Han, Mao, Dally, ICLR 2016), table 1 and the per-layer tables (docs/references.md).
 PAPER = {
     "lenet-300-100": {
         "ref_error": 1.64,

@@ -49,7 +49,7 @@ from deepshrink.models import lstm_classifier
 
 from common import ROOT, add_data_dir, add_output, write_results
 
-ESE_CLOCK_HZ = 200e6  # ESE on the XCKU060 FPGA runs at 200 MHz (Han et al., FPGA 2017; docs/reference.md)
+ESE_CLOCK_HZ = 200e6  # ESE on the XCKU060 FPGA runs at 200 MHz (Han et al., FPGA 2017; docs/references.md)
 MODEL_KWARGS = {"n_features": 40, "hidden": 256, "layers": 1, "dropout": 0.2}
 console = Console()
 

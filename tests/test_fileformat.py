@@ -21,7 +21,7 @@ from deepshrink.fileformat.model_io import load, load_into, read, save, split_mo
 from deepshrink.models import lenet_5, lenet_300_100
 from deepshrink.tensor import CompressedTensor
 
-# Kept fractions of Deep Compression's LeNets (reference.md): 8/9/26% and 66/12/8/19%.
+# Kept fractions of Deep Compression's LeNets (docs/references.md): 8/9/26% and 66/12/8/19%.
 LENET300_SPARSITY = {"fc1.*": 0.92, "fc2.*": 0.91, "fc3.*": 0.74}
 LENET5_SPARSITY = {"conv1.*": 0.34, "conv2.*": 0.88, "fc1.*": 0.92, "fc2.*": 0.81}
 

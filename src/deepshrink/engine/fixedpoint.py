@@ -1,7 +1,7 @@
 """16-bit fixed point as in EIE: weights and activations in Q formats, wide accumulator.
 
 EIE stores its 16 shared weights as 16-bit fixed-point values and multiplies
-them with 16-bit fixed-point activations (reference.md: 16 bits keep AlexNet's
+them with 16-bit fixed-point activations (docs/references.md: 16 bits keep AlexNet's
 accuracy, 8 bits do not). Here each array gets its own Q format, the largest
 number of fraction bits that still holds its largest magnitude; products are
 summed in int64, so the sum itself is exact and the only errors are the two

@@ -2,7 +2,7 @@
 
 The default per-operation energies are the 45 nm figures of Horowitz, "Computing's
 energy problem (and what we can do about it)", ISSCC 2014, as quoted by the EIE paper
-(Han et al., ISCA 2016) and in ``docs/reference.md``. Every figure is configurable: pass
+(Han et al., ISCA 2016) and in ``docs/references.md``. Every figure is configurable: pass
 your own :class:`EnergyTable` (for example with your process's numbers) to
 :class:`~deepshrink.hardware.eie.EIEConfig`.
 """

@@ -2,7 +2,7 @@
 
 Real compressed models come from the pipeline; these stand in when the question is
 "what would a layer of this size and sparsity cost on EIE", as in the EIE paper's
-benchmark table (reproduced in ``docs/reference.md``).
+benchmark table (restated in ``docs/references.md``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reference models: the Caffe LeNets of Deep Compression (see docs/reference.md) and the LSTMs."""
+"""Reference models: the Caffe LeNets of Deep Compression (see docs/references.md) and the LSTMs."""
 
 from deepshrink.lazy import lazy_submodules
 from deepshrink.models.lenet import LeNet5, LeNet300100, lenet_5, lenet_300_100
