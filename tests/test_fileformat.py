@@ -131,7 +131,7 @@ def test_info_cli_prints_the_table(lenet300, tmp_path: Path, capsys, monkeypatch
     save(lenet300, path)
     assert main(["info", str(path), "--json", str(tmp_path / "info.json")]) == 0
     out = capsys.readouterr().out
-    assert "header + section framing" in out and f"{path.stat().st_size:,}" in out
+    assert "header + framing" in out and f"{path.stat().st_size:,}" in out
     assert "huffman" in out and "ans" in out
     data = json.loads((tmp_path / "info.json").read_text())
     assert data["total_bytes"] == path.stat().st_size and len(data["tensors"]) == 3

@@ -18,6 +18,7 @@ from deepshrink.fileformat.model_io import build_model
 from deepshrink.models.registry import MODELS, model_factory
 from deepshrink.progress import quiet
 from deepshrink.recipes import Recipe, load_recipe, parse_recipe, run_recipe
+from deepshrink.tables import NameTable
 
 console = Console()
 
@@ -150,9 +151,12 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
-    from deepshrink.fileformat.info import print_info
+    from deepshrink.fileformat.info import print_info, size_breakdown
 
-    print_info(args.file, console, json_path=args.json)
+    if args.json == "-":  # JSON alone on stdout, for other programs
+        print(json.dumps(size_breakdown(args.file).to_dict(), indent=2))
+        return
+    print_info(args.file, console, json_path=args.json, wide=args.wide)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -204,15 +208,15 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from rich.table import Table
-
     from deepshrink.engine.runner import bench_file
 
     inputs, _ = _engine_inputs(args)
     rows = bench_file(args.file, inputs, tuple(args.batch_sizes), args.repeats, args.trust_factory)
-    table = Table(title=f"{args.file}: engine vs dense torch ({torch.get_num_threads()} torch threads)")
-    for col in ("batch", "engine us/sample", "dense us/sample", "speed-up", "engine first call s", "max |diff|"):
-        table.add_column(col, justify="right")
+    table = NameTable(
+        ["engine us", "dense us", "speed-up", "1st call s", "max |diff|"],
+        f"{args.file}: engine vs dense torch, per sample ({torch.get_num_threads()} torch threads)",
+        name_heading="batch",
+    )
     for r in rows:
         table.add_row(
             str(r["batch"]),
@@ -226,15 +230,15 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _cmd_balance(args: argparse.Namespace) -> None:
-    from rich.table import Table
-
     from deepshrink.compress.balance import load_balance, pe_loads
     from deepshrink.fileformat.model_io import read
 
     contents = read(args.file)
-    table = Table(title=f"{args.file}: surviving weights per PE (row i -> PE i mod {args.pes})")
-    for col in ("weight", "rows x cols", "kept", "min / max per PE", "balance (mean/max)"):
-        table.add_column(col, justify="left" if col == "weight" else "right")
+    table = NameTable(
+        ["matrix", "kept", "min / max\nper PE", "balance\nmean/max"],
+        f"{args.file}: surviving weights per PE (row i -> PE i mod {args.pes})",
+        name_heading="weight",
+    )
     for name, ct in contents.tensors.items():
         loads = pe_loads(ct, args.pes)
         rows, cols = ct.matrix_shape
@@ -346,7 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="per-layer sizes of a .dsz file (bits, bytes, ratios) and a coder comparison")
     p.add_argument("file")
-    p.add_argument("--json", help="also write the size breakdown here as JSON")
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="PATH",
+        help="the size breakdown as JSON: alone on stdout, or with PATH written there besides the tables",
+    )
+    p.add_argument(
+        "--wide", action="store_true", help="every column (fixed-width P+Q figures, layouts, coders) at full width"
+    )
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("export", help="decode a .dsz file to a dense .safetensors or .onnx file")

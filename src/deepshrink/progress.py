@@ -5,7 +5,8 @@ calls (a small model's ``save``) print nothing even on a terminal. It is off
 
 - when stderr is not a terminal (a pipe, a log file, a test run),
 - when the caller passes ``progress=False`` (``show=False`` here),
-- inside :func:`quiet` (the command line's ``--quiet``).
+- inside :func:`quiet` (the command line's ``--quiet``),
+- inside another bar's step (a layer's evaluation within a sensitivity scan).
 
 Examples:
     >>> with quiet():
@@ -27,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 T = TypeVar("T")
 DELAY = 1.0  # seconds of work before a bar appears
 _quiet: ContextVar[bool] = ContextVar("deepshrink_quiet", default=False)
+_open: ContextVar[bool] = ContextVar("deepshrink_bar_open", default=False)  # rich draws one live display at a time
 
 
 @contextmanager
@@ -52,7 +54,13 @@ class _DelayedProgress(Progress):
         self._appear_at = time.monotonic() + delay
 
     def __enter__(self) -> _DelayedProgress:
+        self._token = _open.set(True)  # a step inside this one (a layer's evaluation in a scan) draws no bar
         return self  # not drawn yet: _maybe_start draws once the delay has passed
+
+    def __exit__(self, *exc: object) -> None:
+        _open.reset(self._token)
+        if self.live.is_started:
+            self.stop()
 
     def _maybe_start(self) -> None:
         if not self.disable and not self.live.is_started and time.monotonic() >= self._appear_at:
@@ -80,7 +88,7 @@ def progress_bar(*columns: str | ProgressColumn, show: bool = True) -> Progress:
         The (possibly disabled) progress bar.
     """
     console = _console()
-    enabled = show and not _quiet.get() and console.is_terminal
+    enabled = show and not _quiet.get() and not _open.get() and console.is_terminal
     columns = columns or (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     return _DelayedProgress(*columns, delay=DELAY, console=console, disable=not enabled)
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rich.table import Table
 from torch import nn
 
 from deepshrink.compress.parametrization import compression_of
 from deepshrink.compress.prune import sparsity_report
 from deepshrink.compress.targets import find_targets
+from deepshrink.tables import NameTable
 
 
 def layer_rows(model: nn.Module) -> list[dict]:
@@ -33,13 +33,14 @@ def layer_rows(model: nn.Module) -> list[dict]:
     return rows
 
 
-def rows_table(rows: Sequence[dict], title: str = "", total: dict | None = None) -> Table:
-    """A rich table of ``rows`` (dicts with the same keys); fractions get 4 decimals, other floats 2."""
-    table = Table(title=title or None)
-    for key in rows[0] if rows else []:
-        table.add_column(key, justify="left" if key == "layer" else "right")
+def rows_table(rows: Sequence[dict], title: str = "", total: dict | None = None) -> NameTable:
+    """A table of ``rows`` (dicts with the same keys, the first one naming the row: never cut, see
+    :class:`~deepshrink.tables.NameTable`); fractions get 4 decimals, other floats 2."""
+    keys = list(rows[0] if rows else total or {"layer": ""})
+    table = NameTable(keys[1:], title, name_heading=keys[0])
     for row in rows + ([total] if total else []):
-        table.add_row(*(_cell(v) for v in row.values()), style="bold" if row is total else None)
+        name, *cells = (_cell(v) for v in row.values())
+        table.add_row(name, *cells, style="bold" if row is total else None)
     return table
 
 
@@ -49,7 +50,7 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def layer_table(model: nn.Module, title: str = "layers") -> Table:
+def layer_table(model: nn.Module, title: str = "layers") -> NameTable:
     """Per-layer table of ``model`` with a total row."""
     rows = layer_rows(model)
     weights = sum(r["weights"] for r in rows)

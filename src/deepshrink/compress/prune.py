@@ -30,6 +30,7 @@ from deepshrink.compress.parametrization import (
 )
 from deepshrink.compress.targets import FilterFn, Target, find_targets, resolve_per_layer
 from deepshrink.errors import DeepShrinkError
+from deepshrink.progress import track
 from deepshrink.tensor import CompressedTensor
 
 
@@ -143,6 +144,7 @@ def prune_(
     scope: str = "layer",
     layers: Iterable[str] | None = None,
     filter_fn: FilterFn | None = None,
+    progress: bool = True,
 ) -> list[LayerSparsity]:
     """Prune ``model`` in place by weight magnitude.
 
@@ -156,6 +158,7 @@ def prune_(
         scope: ``"layer"`` (a threshold per layer) or ``"global"`` (one threshold
             over all selected layers; needs a single scalar).
         layers, filter_fn: which weights; see ``find_targets``.
+        progress: show a progress bar over the layers (see :mod:`deepshrink.progress`).
 
     Returns:
         One :class:`LayerSparsity` per pruned weight.
@@ -185,7 +188,7 @@ def prune_(
     compute = _masks_by_sparsity if sparsity is not None else _masks_by_quality
     new_masks = compute(targets, per_layer, scope)
     report = []
-    for t in targets:
+    for t in track(targets, "pruning", show=progress):
         if t.name not in new_masks:
             continue
         apply_mask_(t, new_masks[t.name])

@@ -27,6 +27,7 @@ from deepshrink.compress.parametrization import (
 )
 from deepshrink.compress.targets import FilterFn, find_targets, resolve_per_layer
 from deepshrink.errors import DeepShrinkError
+from deepshrink.progress import track
 from deepshrink.tensor import MAX_CODE_BITS, CompressedTensor
 
 INITS = ("linear", "density", "random", "kmeans++")
@@ -205,6 +206,7 @@ def share_weights_(
     seed: int = 0,
     layers: Iterable[str] | None = None,
     filter_fn: FilterFn | None = None,
+    progress: bool = True,
 ) -> list[LayerCodebook]:
     """Replace each selected layer's surviving weights by ``2**bits`` shared values.
 
@@ -218,6 +220,7 @@ def share_weights_(
         init: centroid initialisation, see :func:`kmeans_1d`.
         seed: makes ``"random"`` and ``"kmeans++"`` deterministic.
         layers, filter_fn: which weights; see ``find_targets``.
+        progress: show a progress bar over the layers (see :mod:`deepshrink.progress`).
 
     Returns:
         One :class:`LayerCodebook` per layer.
@@ -237,7 +240,7 @@ def share_weights_(
         raise DeepShrinkError(f"{type(model).__name__} has no compressible weight")
     per_layer = resolve_per_layer(bits, targets, "bits") if bits is not None else {}
     report = []
-    for t in targets:
+    for t in track(targets, "sharing weights (k-means per layer)", show=progress):
         b = per_layer.get(t.name)
         b = check_bits(
             DEFAULT_BITS[t.kind] if b is None else b, "bits" if not isinstance(bits, dict) else f"bits[{t.name}]"
@@ -264,7 +267,7 @@ def compressed_tensors(model: nn.Module, layers: Iterable[str] | None = None) ->
     state). A pruned but unshared weight is stored losslessly.
     """
     out = {}
-    for t in find_targets(model, layers, warn_unsupported=False):
+    for t in track(find_targets(model, layers, warn_unsupported=False), "collecting compressed weights"):
         comp = compression_of(t.module, t.param)
         if isinstance(comp, Compression):
             out[t.name] = comp.to_compressed(t.weight.detach())
@@ -279,7 +282,7 @@ def load_compressed_(model: nn.Module, tensors: dict[str, CompressedTensor]) -> 
             a shape differs.
     """
     targets = {t.name: t for t in find_targets(model, warn_unsupported=False)}
-    for name, ct in tensors.items():
+    for name, ct in track(tensors.items(), "installing weights"):
         if name not in targets:
             raise DeepShrinkError(
                 f"{name!r} is not a compressible weight of {type(model).__name__}; it has: {', '.join(targets)}"

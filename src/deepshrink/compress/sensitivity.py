@@ -16,8 +16,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from rich.progress import Progress
-from rich.table import Table
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -27,6 +25,8 @@ from deepshrink.compress.prune import check_sparsity
 from deepshrink.compress.targets import find_targets
 from deepshrink.compress.train import evaluate
 from deepshrink.errors import DeepShrinkError
+from deepshrink.progress import progress_bar
+from deepshrink.tables import NameTable
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 
@@ -72,12 +72,9 @@ class Sensitivity:
             proposal[name] = chosen
         return proposal
 
-    def table(self, title: str = "accuracy with one layer pruned") -> Table:
-        """A rich table: one row per layer, one column per sparsity."""
-        table = Table(title=f"{title} (baseline {self.baseline:.4f})")
-        table.add_column("layer")
-        for s in self.sparsities:
-            table.add_column(f"{100 * s:g}%", justify="right")
+    def table(self, title: str = "accuracy with one layer pruned") -> NameTable:
+        """A table (rich renderable): one row per layer, one column per sparsity; layer names never cut."""
+        table = NameTable([f"{100 * s:g}%" for s in self.sparsities], f"{title} (baseline {self.baseline:.4f})")
         for name, accs in self.accuracy.items():
             table.add_row(name, *(f"{a:.4f}" for a in accs))
         return table
@@ -163,12 +160,12 @@ def sensitivity_scan(
     if not names:
         raise DeepShrinkError(f"{type(model).__name__} has no compressible weight")
     accuracy: dict[str, list[float]] = {name: [] for name in names}
-    with Progress(disable=not progress) as bar:
-        task = bar.add_task("sensitivity", total=len(names) * len(grid))
+    with progress_bar(show=progress) as bar:
+        task = bar.add_task("sensitivity scan", total=len(names) * len(grid))
         for name in names:
             for s in grid:
                 trial = copy.deepcopy(model)
                 prune_groups_(trial, {name: s}, granularity, layers=[name])
                 accuracy[name].append(evaluate(trial, data))
                 bar.advance(task)
-    return Sensitivity(evaluate(model, data), grid, accuracy)
+    return Sensitivity(evaluate(model, data, progress=progress), grid, accuracy)

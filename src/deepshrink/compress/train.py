@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
@@ -25,6 +25,7 @@ from deepshrink.compress.parametrization import current_mask
 from deepshrink.compress.prune import LayerSparsity, prune_
 from deepshrink.compress.targets import find_targets
 from deepshrink.errors import DeepShrinkError
+from deepshrink.progress import progress_bar, track
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = (None, "cosine", "step")
@@ -106,13 +107,15 @@ def _lr_factor(schedule: str | None, progress: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.Tensor], batch_size: int = 1000) -> float:
-    """Top-1 accuracy of ``model`` on ``data`` (all of it, on this process)."""
+def evaluate(
+    model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.Tensor], batch_size: int = 1000, progress: bool = True
+) -> float:
+    """Top-1 accuracy of ``model`` on ``data`` (all of it, on this process); ``progress`` shows a bar over batches."""
     was_training = model.training
     model.eval()
     device = _device(model)
     correct = total = 0
-    for x, y in DataLoader(_as_dataset(data), batch_size=batch_size):
+    for x, y in track(DataLoader(_as_dataset(data), batch_size=batch_size), "evaluating", show=progress):
         correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
         total += len(y)
     model.train(was_training)
@@ -159,7 +162,7 @@ def fit(
         TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}"),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, disable=not show, transient=False) as bar:
+    with progress_bar(*columns, show=show) as bar:
         task = bar.add_task(description, total=total_steps, loss=float("nan"), acc=float("nan"))
         step, epoch, window = 0, 0, []
         while step < total_steps:

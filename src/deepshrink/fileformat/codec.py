@@ -34,6 +34,7 @@ import torch
 from deepshrink.coding.relative import decode_relative, encode_relative
 from deepshrink.coding.streams import EncodedStream, check_coder, decode_stream, encode_stream
 from deepshrink.errors import DeepShrinkError, FileFormatError
+from deepshrink.progress import track
 from deepshrink.tensor import MAX_CODE_BITS, CompressedTensor
 
 MAGIC = b"DSHRINK\x00"
@@ -188,7 +189,7 @@ def encode_file(
         raise DeepShrinkError(f"index_bits names {sorted(unknown)}, which are not compressed tensors; "
                               f"they are: {', '.join(tensors) or 'none'}")  # fmt: skip
     sections: list[bytes] = []
-    entries = [_encode_compressed(n, ct, options, sections) for n, ct in tensors.items()]
+    entries = [_encode_compressed(n, ct, options, sections) for n, ct in track(tensors.items(), "encoding")]
     entries += [_encode_array(n, a, sections) for n, a in arrays.items()]
     header = {"tensors": entries, "model": model, "meta": metadata or {},
               "sections": [[len(s), zlib.crc32(s)] for s in sections]}  # fmt: skip
@@ -368,7 +369,7 @@ def decode_file(data: bytes) -> DszContents:
     header, sections = split_container(data)
     used: set[int] = set()
     tensors, arrays = {}, {}
-    for i, entry in enumerate(_get(header, "tensors", list, "header")):
+    for i, entry in enumerate(track(_get(header, "tensors", list, "header"), "decoding")):
         name = _get(entry, "name", str, f"tensor {i}")
         where = f"tensor {name!r}"
         if name in tensors or name in arrays:

@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from rich.console import Console
-from rich.table import Table
 
 from deepshrink.atomic import read_bytes, write_atomic
 from deepshrink.coding.relative import encode_relative
 from deepshrink.coding.streams import CODERS, encode_with
 from deepshrink.fileformat.codec import DszContents, decode_file
+from deepshrink.progress import quiet, track
+from deepshrink.tables import NameTable, print_table
 from deepshrink.tensor import CompressedTensor
 
 FP32_BYTES = 4  # the dense baseline of every ratio: fp32 weights, as in Deep Compression's tables
@@ -170,64 +172,94 @@ def _per_kept(n_bits: float, nnz: int) -> str:
     return f"{n_bits / nnz:.2f}" if nnz else "-"
 
 
-def layer_table(report: FileSize, title: str = "") -> Table:
-    """The per-layer table in the shape of Deep Compression's (``P+Q`` / ``P+Q+H``)."""
-    table = Table(title=title, title_justify="left")
-    for col in ("layer", "weights", "kept", "weight bits\nP+Q / coded", "index bits\nP+Q / coded", "layout / coders",
-                "bytes", "size vs fp32\nP+Q / coded"):  # fmt: skip
-        table.add_column(col, justify="left" if col in ("layer", "layout / coders") else "right")
+def _count(n: int) -> str:
+    """A weight count as the paper writes them: ``500``, ``235.2K``, ``11.7M``."""
+    return f"{n:,}" if n < 10_000 else f"{n / 1e3:.1f}K" if n < 1_000_000 else f"{n / 1e6:.1f}M"
+
+
+def layer_table(report: FileSize, title: str = "", wide: bool = False) -> NameTable:
+    """The per-layer table in the shape of Deep Compression's (``P+Q`` / ``P+Q+H``).
+
+    By default it keeps to what fits 80 columns: weights, kept, the coded bits per
+    kept weight of codes and of positions, bytes and size against fp32; ``wide``
+    adds the fixed-width (``P+Q``) figures, the layout and the coders, and exact counts.
+    """
+    if wide:
+        columns = ["weights", "kept", "weight bits\nP+Q / coded", "index bits\nP+Q / coded", "layout / coders",
+                   "bytes", "size vs fp32\nP+Q / coded"]  # fmt: skip
+    else:
+        columns = ["weights", "kept", "code\nbits", "index\nbits", "bytes", "vs fp32"]
+    table = NameTable(columns, title, wide=wide)
+
+    def row(name: str, numel: int, nnz: int, bits: tuple[float, float, float, float], layout: str, total: int,
+            fixed: float, dense: int, ratio: Callable[[float, float], str] = _pct, end_section: bool = False) -> None:  # fmt: skip
+        fixed_code, code, fixed_index, index = (_per_kept(b, nnz) for b in bits)
+        if wide:
+            cells = (f"{numel:,}", _pct(nnz, numel), f"{fixed_code} / {code}", f"{fixed_index} / {index}", layout,
+                     f"{total:,}", f"{ratio(fixed, dense)} / {ratio(total, dense)}")  # fmt: skip
+        else:
+            cells = (_count(numel), _pct(nnz, numel), code, index, f"{total:,}", ratio(total, dense))
+        table.add_row(name, *cells, end_section=end_section)
+
     for t in report.tensors:
-        table.add_row(
-            t.name, f"{t.numel:,}", _pct(t.nnz, t.numel),
-            f"{_per_kept(t.fixed_code_bits, t.nnz)} / {_per_kept(8 * t.codes_bytes, t.nnz)}",
-            f"{_per_kept(t.fixed_index_bits, t.nnz)} / {_per_kept(8 * t.index_bytes, t.nnz)}",
-            f"{t.layout}({t.index_bits}) {t.index_coder} / {t.codes_coder}", f"{t.total_bytes:,}",
-            f"{_pct(t.fixed_bytes, t.dense_bytes)} / {_pct(t.total_bytes, t.dense_bytes)}",
-        )  # fmt: skip
+        row(t.name, t.numel, t.nnz, (t.fixed_code_bits, 8 * t.codes_bytes, t.fixed_index_bits, 8 * t.index_bytes),
+            f"{t.layout}({t.index_bits}) {t.index_coder} / {t.codes_coder}", t.total_bytes, t.fixed_bytes,
+            t.dense_bytes)  # fmt: skip
+    blank = [""] * (len(columns) - 2)
     if report.array_names:
-        shown = ", ".join(report.array_names[:4]) + (", ..." if len(report.array_names) > 4 else "")
-        table.add_row(f"plain arrays ({shown})", "", "", "", "", "raw", f"{report.array_bytes:,}", "")
-    table.add_row("header + section framing", "", "", "", "", "", f"{report.overhead_bytes:,}", "", end_section=True)
+        n = len(report.array_names)
+        table.add_row(f"{n} plain array{'s' * (n != 1)}", *blank[:-1], "raw" if wide else "", f"{report.array_bytes:,}")
+    table.add_row("header + framing", *blank, f"{report.overhead_bytes:,}", end_section=True)
     numel, nnz = sum(t.numel for t in report.tensors), sum(t.nnz for t in report.tensors)
     fixed_total = sum(t.fixed_bytes for t in report.tensors) + report.array_bytes + report.overhead_bytes
-    table.add_row(
-        "total (file size)", f"{numel:,}", _pct(nnz, numel),
-        f"{_per_kept(sum(t.fixed_code_bits for t in report.tensors), nnz)} / "
-        f"{_per_kept(8 * sum(t.codes_bytes for t in report.tensors), nnz)}",
-        f"{_per_kept(sum(t.fixed_index_bits for t in report.tensors), nnz)} / "
-        f"{_per_kept(8 * sum(t.index_bytes for t in report.tensors), nnz)}",
-        "", f"{report.total_bytes:,}",
-        f"{_ratio(fixed_total, report.dense_bytes)} / {_ratio(report.total_bytes, report.dense_bytes)}",
-    )  # fmt: skip
+    sums = tuple(sum(getattr(t, k) for t in report.tensors) for k in ("fixed_code_bits", "codes_bytes",
+                                                                        "fixed_index_bits", "index_bytes"))  # fmt: skip
+    row("total (file size)", numel, nnz, (sums[0], 8 * sums[1], sums[2], 8 * sums[3]), "", report.total_bytes,
+        fixed_total, report.dense_bytes, _ratio)  # fmt: skip
     return table
 
 
-def coder_table(contents: DszContents, report: FileSize, title: str = "") -> Table:
+def coder_table(contents: DszContents, report: FileSize, title: str = "", wide: bool = False) -> NameTable:
     """Bits per symbol of each stream under fixed width, Huffman and ANS (tables included)."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("layer", justify="left")
-    for stream in ("index", "codes"):
-        for coder in CODERS:
-            table.add_column(f"{stream}\n{'fixed' if coder == 'none' else coder}", justify="right")
-    for t in report.tensors:
+    columns = [
+        f"{stream}\n{'fixed' if coder == 'none' else coder}" for stream in ("index", "codes") for coder in CODERS
+    ]
+    table = NameTable(columns, title, wide=wide)
+    for t in track(report.tensors, "comparing coders"):
         comparison = coder_comparison(contents.tensors[t.name], t.index_bits)
         table.add_row(t.name, *(f"{comparison[s][c]:.2f}" for s in ("index", "codes") for c in CODERS))
     return table
 
 
-def print_info(path: str | os.PathLike, console: Console, json_path: str | os.PathLike | None = None) -> FileSize:
+def print_info(
+    path: str | os.PathLike,
+    console: Console,
+    json_path: str | os.PathLike | None = None,
+    wide: bool = False,
+    progress: bool = True,
+) -> FileSize:
     """``deepshrink info``: the per-layer table and the coder comparison, optionally as JSON too.
+
+    Args:
+        path: the ``.dsz`` file.
+        console: where the tables go.
+        json_path: also write the size breakdown here as JSON.
+        wide: the full tables (see :func:`layer_table`), names never broken,
+            printed at their full width even past the console's.
+        progress: show progress bars while decoding and comparing coders.
 
     Raises:
         FileFormatError: the file is damaged.
     """
-    data = read_bytes(path)
-    contents = decode_file(data)
-    report = breakdown(data, contents)
-    console.print(layer_table(report, f"{path}: {report.total_bytes:,} bytes"))
-    console.print(
-        coder_table(contents, report, "bits per symbol of each stream under each coder (code tables included)")
-    )
+    with quiet(not progress):
+        data = read_bytes(path)
+        contents = decode_file(data)
+        report = breakdown(data, contents)
+        coders = coder_table(
+            contents, report, "bits per symbol of each stream under each coder (tables included)", wide
+        )
+    print_table(console, layer_table(report, f"{path}: {report.total_bytes:,} bytes", wide))
+    print_table(console, coders)
     if json_path is not None:
         write_atomic(json_path, json.dumps(report.to_dict(), indent=2).encode())
     return report

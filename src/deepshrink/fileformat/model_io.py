@@ -19,6 +19,7 @@ import torch
 from deepshrink.atomic import read_bytes, write_atomic
 from deepshrink.errors import DeepShrinkError
 from deepshrink.fileformat.codec import DszContents, EncodeOptions, decode_file, encode_file
+from deepshrink.progress import quiet
 from deepshrink.tensor import CompressedTensor
 
 _FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
@@ -60,6 +61,7 @@ def save(
     factory: str | None = None,
     factory_kwargs: dict | None = None,
     metadata: dict | None = None,
+    progress: bool = True,
 ) -> int:
     """Write a compressed model (or a dict of tensors) to ``path``, atomically.
 
@@ -73,6 +75,7 @@ def save(
             ``"deepshrink.models:lenet_5"``, so :func:`load` can return a model.
         factory_kwargs: JSON keyword arguments for ``factory``.
         metadata: free JSON data kept in the header.
+        progress: show progress bars while collecting and encoding (see :mod:`deepshrink.progress`).
 
     Returns:
         The file size in bytes.
@@ -93,32 +96,40 @@ def save(
     options = EncodeOptions(coder, index_bits, layout, codebook_dtype)
     spec = _check_factory(factory, factory_kwargs or {}) if factory is not None else None
     if isinstance(obj, torch.nn.Module):
-        tensors, arrays = split_model(obj)
+        with quiet(not progress):
+            tensors, arrays = split_model(obj)
     elif isinstance(obj, dict):
         tensors = {k: v for k, v in obj.items() if isinstance(v, CompressedTensor)}
         arrays = {k: v for k, v in obj.items() if not isinstance(v, CompressedTensor)}
     else:
         raise DeepShrinkError(f"save() takes an nn.Module or a dict of tensors, not {type(obj).__name__}")
-    data = encode_file(tensors, arrays, options, spec, metadata)
+    with quiet(not progress):
+        data = encode_file(tensors, arrays, options, spec, metadata)
     write_atomic(path, data)
     return len(data)
 
 
-def read(path: str | os.PathLike) -> DszContents:
+def read(path: str | os.PathLike, progress: bool = True) -> DszContents:
     """Read and validate a file without building any model (never imports or runs anything).
+
+    ``progress`` shows a progress bar while decoding (see :mod:`deepshrink.progress`).
 
     Raises:
         FileFormatError: the file is damaged, truncated or of another version.
         DeepShrinkError: it cannot be read at all.
     """
-    return decode_file(read_bytes(path))
+    with quiet(not progress):
+        return decode_file(read_bytes(path))
 
 
-def load_into(model: torch.nn.Module, source: str | os.PathLike | DszContents) -> torch.nn.Module:
+def load_into(
+    model: torch.nn.Module, source: str | os.PathLike | DszContents, progress: bool = True
+) -> torch.nn.Module:
     """Make ``model`` compute with exactly the weights in ``source``: the way to rebuild your own architecture.
 
     Compressed tensors are installed as weight sharing
-    (:func:`deepshrink.compress.quantize.load_compressed_`), the rest with ``load_state_dict``.
+    (:func:`deepshrink.compress.quantize.load_compressed_`), the rest with ``load_state_dict``;
+    ``progress`` shows progress bars while reading and installing.
 
     Returns:
         ``model``, changed in place.
@@ -129,8 +140,9 @@ def load_into(model: torch.nn.Module, source: str | os.PathLike | DszContents) -
     """
     from deepshrink.compress.quantize import load_compressed_
 
-    contents = source if isinstance(source, DszContents) else read(source)
-    load_compressed_(model, contents.tensors)
+    contents = source if isinstance(source, DszContents) else read(source, progress)
+    with quiet(not progress):
+        load_compressed_(model, contents.tensors)
     internal = tuple(_parametrization_prefix(n) for n in contents.tensors)
     try:
         result = model.load_state_dict(contents.arrays, strict=False)
@@ -181,7 +193,7 @@ def build_model(spec: dict, trust_factory: bool = False, *, source: str = "the f
 
 
 def load(
-    path: str | os.PathLike, model: torch.nn.Module | None = None, *, trust_factory: bool = False
+    path: str | os.PathLike, model: torch.nn.Module | None = None, *, trust_factory: bool = False, progress: bool = True
 ) -> torch.nn.Module | DszContents:
     """Load a file as a model when possible, else as tensors.
 
@@ -191,6 +203,7 @@ def load(
             (:func:`load_into`) and returned.
         trust_factory: allow the file's factory to be imported even outside
             ``deepshrink.models``. Importing runs code: only for files you trust.
+        progress: show progress bars while decoding and installing the weights.
 
     Returns:
         The model (given, or built by the file's factory), or the file's
@@ -200,9 +213,9 @@ def load(
         FileFormatError: the file is damaged.
         DeepShrinkError: the model does not fit the file, or the factory is not trusted.
     """
-    contents = read(path)
+    contents = read(path, progress)
     if model is not None:
-        return load_into(model, contents)
+        return load_into(model, contents, progress)
     if contents.model is None:
         return contents
-    return load_into(build_model(contents.model, trust_factory), contents)
+    return load_into(build_model(contents.model, trust_factory), contents, progress)

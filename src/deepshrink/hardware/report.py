@@ -6,11 +6,10 @@ import os
 from collections.abc import Sequence
 
 import torch
-from rich import box
-from rich.table import Table
 
 from deepshrink.errors import DeepShrinkError
 from deepshrink.hardware.eie import EIEConfig, LayerResult, NetworkResult, simulate_network
+from deepshrink.tables import NameTable
 
 
 def simulate_file(
@@ -69,8 +68,10 @@ def simulate_file(
     return result
 
 
-def results_table(layers: Sequence[LayerResult], samples: int | None = None, title: str = "EIE simulation") -> Table:
-    """Per-layer table with a total row.
+def results_table(
+    layers: Sequence[LayerResult], samples: int | None = None, title: str = "EIE simulation"
+) -> NameTable:
+    """Per-layer table with a total row; layer names are never cut (:class:`~deepshrink.tables.NameTable`).
 
     Args:
         layers: simulated layers, on the same hardware.
@@ -79,7 +80,7 @@ def results_table(layers: Sequence[LayerResult], samples: int | None = None, tit
         title: table title.
 
     Returns:
-        A :class:`rich.table.Table` to print.
+        A table (a rich renderable) to print.
 
     Raises:
         DeepShrinkError: if there is no layer.
@@ -91,16 +92,11 @@ def results_table(layers: Sequence[LayerResult], samples: int | None = None, tit
     notes = [f"figures per {unit}", "PE util: mean busy fraction (load efficiency)", "min PE: least busy PE"]
     if not all(r.fits_on_chip for r in layers):
         notes.append("uJ*: includes DRAM traffic (the layer does not fit in the PEs' SRAM)")
-    table = Table(
-        title=f"{title}: {config.n_pe} PEs, {config.clock_hz / 1e6:g} MHz, FIFO depth {config.fifo_depth}",
+    table = NameTable(
+        ["matrix", "act nz", "cycles", "us", "PE util", "min PE", "uJ"],
+        f"{title}: {config.n_pe} PEs, {config.clock_hz / 1e6:g} MHz, FIFO depth {config.fifo_depth}",
         caption="; ".join(notes),
-        box=box.SIMPLE_HEAD,
     )
-    # Short headers and unwrapped cells keep layer names whole in an 80-column terminal.
-    table.add_column("layer", no_wrap=True, min_width=max(len(r.name) for r in layers))
-    table.add_column("matrix", no_wrap=True)
-    for header in ("act nz", "cycles", "us", "PE util", "min PE", "uJ"):
-        table.add_column(header, justify="right", no_wrap=True)
     per = [samples or max(r.vectors, 1) for r in layers]
     for r, n in zip(layers, per):
         rows, cols = r.matrix_shape
