@@ -1,35 +1,55 @@
 """The engine-side form of one compressed weight matrix, and its products.
 
 :class:`SparseMatrix` lays a :class:`~deepshrink.tensor.CompressedTensor` out
-for the kernels in :mod:`deepshrink.engine.kernels` and picks one per call:
+for the kernels and picks one per call by a cost model (:meth:`SparseMatrix.kernel_for`).
+Where the SIMD extension (:mod:`deepshrink.engine._simd`, built by ``pip install``)
+is there, fp32 products run on it:
 
-- batch 1 (EIE's case): interleaved CSC, row ``i`` to worker ``i mod workers``,
-  8-bit relative row indices, zero activations skipped; when so few activations
-  are zero that skipping saves less than the CSC kernel's scattered adds cost,
-  the sliced layout instead (SELL-8: rows sorted by length, eight summed in
-  registers at once; see :meth:`SparseMatrix.prefers_rows`);
-- batches: CSR with relative column indices, rows split over threads, each
-  decoded weight applied to the whole batch; or the batch-1 kernel once per
-  sample where that costs less (small batches, sparse activations: see
-  :meth:`SparseMatrix.prefers_samples`);
+- ``panels``: one-byte codes in 16-row panels, decoded 16 at a time by a register
+  permute, every column (dense layout) or only the non-zero 16 x 1 blocks (block
+  layout); each decoded vector serves a block of up to 24 tokens held in registers.
+  The path for dense and lightly pruned matrices (transformers) and block sparsity;
+- ``tiled`` (batch 1, unstructured sparsity): SELL-16 in tiles of 31 columns whose
+  activations sit in registers;
+- ``rows`` (batches, unstructured sparsity): 4-row groups in 128-column chunks, the
+  tokens in the SIMD lanes;
+
+and, from the numba kernels (:mod:`deepshrink.engine.kernels`, which also run
+everything when the extension is missing and in fixed point):
+
+- ``csc`` (batch 1, EIE's kernel): interleaved CSC, row ``i`` to worker ``i mod
+  workers``, 8-bit relative row indices, zero activations skipped: the cheapest
+  where activations are very sparse;
+- ``sliced`` (batch 1, dense activations, no SIMD extension): SELL-8;
+- ``csr`` (batches, no SIMD extension): rows split over threads, each decoded
+  weight applied to the whole batch;
+- ``samples``: a batch as that many batch-1 products, where that costs less
+  (small batches, sparse activations);
 - convolutions: the row-major layout, each weight applied to a shifted input
   plane (direct sparse convolution, no im2col).
 
-The stored form stays codes plus codebook: values are looked up on the fly.
-This is the API a sparse LSTM or any other layer calls for its products.
+The stored form stays codes plus codebook: values are looked up on the fly, and
+each layout is built the first time a product needs it. This is the API a sparse
+LSTM or any other layer calls for its products.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numba
 import numpy as np
 
-from deepshrink.engine import kernels
+from deepshrink.engine import kernels, layouts
 from deepshrink.engine.fixedpoint import from_fixed, to_fixed
 from deepshrink.errors import DeepShrinkError
 from deepshrink.tensor import CompressedTensor
+
+try:
+    from deepshrink.engine import _simd
+except ImportError:  # not built (no C compiler at install time): the numba kernels run every product
+    _simd = None
 
 #: Costs of the batch-1 kernels, in the time EIE's CSC kernel spends on one weight. Its
 #: per-segment cost: starting a segment (a column of one worker) costs about as much as
@@ -56,6 +76,20 @@ CALL_COST = 5000
 #: busy one, while these kernels do about 1 ns per weight: LeNet-sized layers run on
 #: the calling thread.
 PARALLEL_MIN_MACS = 50_000
+#: Costs of the SIMD kernels (deepshrink.engine._simd) in the same unit, one thread, Zen 4
+#: (measured on the EIE layers and MiniLM's shapes, benchmarks/bench_peers.py): an entry
+#: of the tiled layout (padding included); a 16-row panel times one active column at
+#: batch 1 (dense layout; a block layout's block costs more: its column is read from
+#: the block, its activation fetched at random); a block times one token in a batch; an
+#: entry of the row-group layout times one pass of up to 16 tokens (32 cost twice that).
+TILED_ENTRY_COST = 0.13
+PANEL_COLUMN_COST = 1.1
+BLOCK_COST = 1.3
+PANEL_TOKEN_COST = 0.55
+ROWS_ENTRY_COST = 1.3
+#: The dense panel layout stores a byte per weight: beyond this many per kept weight it
+#: streams more memory than the sparse layouts save in work.
+DENSE_PANEL_MAX_BYTES_PER_WEIGHT = 8
 
 
 #: Accumulators per 64-byte cache line (float32; int64 ones take two lines, as safe).
@@ -186,10 +220,10 @@ class SparseMatrix:
 
     Args:
         tensor: the weight; its matrix view (``rows = shape[0]``) is used.
-        workers: how many workers the batch-1 layout interleaves rows over;
-            defaults to numba's thread count.
+        workers: threads of a product, and how many workers the batch-1 CSC layout
+            interleaves rows over; defaults to numba's thread count.
         fixed_point: compute in EIE's 16-bit fixed point (int16 codebook and
-            activations, int64 accumulators) instead of fp32.
+            activations, int64 accumulators, numba kernels) instead of fp32.
 
     Raises:
         DeepShrinkError: if ``workers`` is not a positive integer or ``tensor`` is 0-D.
@@ -218,9 +252,7 @@ class SparseMatrix:
         #: the centroids in the kernels' dtype, not extended (the sliced kernel pads with a zero column)
         self.centroids = codebook
         self.pad_code = len(codebook)
-        self.col_ptr, self.col_gaps, self.col_codes = self._interleaved_csc()
-        self._csr: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._slices: tuple[np.ndarray, np.ndarray, np.ndarray, int] | None = None
+        self._layouts: dict[str, object] = {}  # each built on first use
         self._no_bias = np.zeros(self.shape[0], dtype=np.float32)
         # each worker's accumulator row padded to whole cache lines, with a line of slack:
         # two threads adding into one shared line pass it back and forth (false sharing),
@@ -230,17 +262,21 @@ class SparseMatrix:
         # Chosen once: batch 1 is the latency-bound case, where a per-call choice costs more
         # than small layers take (nnz bounds the work; zero activations only lower it).
         parallel = self.workers > 1 and tensor.nnz >= PARALLEL_MIN_MACS
+        self._threads = self.workers if parallel else 1
         self._csc_kernel = kernels.csc_matvec if parallel else kernels.csc_matvec_serial
         self._sliced_kernel = kernels.sliced_matvec if parallel else kernels.sliced_matvec_serial
         table_bytes = len(codebook) * (self.shape[1] + 1) * self._zero.itemsize
         #: whether the sliced kernel indexes a product table (see kernels.fill_slice_values)
         self.use_table = table_bytes <= TABLE_MAX_BYTES
-        self._sliced_cost = tensor.nnz * (TABLE_WEIGHT_COST if self.use_table else GATHER_WEIGHT_COST)
+        #: whether products run on the SIMD extension where it pays (fp32, extension built)
+        self.simd = _simd is not None and not fixed_point
+        self._table = layouts.panel_table(tensor) if self.simd else None
         self._csc_column_cost = tensor.nnz / max(self.shape[1], 1) + SEGMENT_COST * self.workers
-        # counting the activations (a microsecond) only pays if some count can favour rows
-        self._rows_may_win = self._sliced_cost < self.shape[1] * self._csc_column_cost
-        #: the most a batch-1 product can cost (every activation non-zero), its call included
-        self._sample_max_cost = min(self._sliced_cost, self.shape[1] * self._csc_column_cost) + CALL_COST
+        # numba's choices (no SIMD extension, or fixed point): counting the activations (a
+        # microsecond) only pays if some count can favour the sliced kernel
+        self._rows_may_win = self._sliced_cost() < self.shape[1] * self._csc_column_cost
+        #: the most a numba batch-1 product can cost (every activation non-zero), its call included
+        self._sample_max_cost = min(self._sliced_cost(), self.shape[1] * self._csc_column_cost) + CALL_COST
 
     @property
     def local_rows(self) -> int:
@@ -249,36 +285,149 @@ class SparseMatrix:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the batch-1 layout: pointers, gaps, codes and codebook."""
+        """Bytes of the batch-1 CSC layout: pointers, gaps, codes and codebook."""
         return sum(a.nbytes for a in (self.col_ptr, self.col_gaps, self.col_codes, self.codebook))
 
+    def _layout(self, name: str, build: Callable[[], object]) -> object:
+        if name not in self._layouts:
+            self._layouts[name] = build()
+        return self._layouts[name]
+
+    @property
+    def col_ptr(self) -> np.ndarray:
+        """``(workers, cols + 1)`` segment offsets of the interleaved CSC layout (see :func:`kernels.csc_matvec`)."""
+        return self._interleaved_csc()[0]
+
+    @property
+    def col_gaps(self) -> np.ndarray:
+        """8-bit relative row indices of the interleaved CSC layout."""
+        return self._interleaved_csc()[1]
+
+    @property
+    def col_codes(self) -> np.ndarray:
+        """Codebook indices of the interleaved CSC layout, aligned with :attr:`col_gaps`."""
+        return self._interleaved_csc()[2]
+
     def _interleaved_csc(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rows, cols = self.tensor.rows_cols()  # empty when there are 0 rows, so no division by 0 columns
-        n_cols = self.shape[1]
-        worker, local = rows % self.workers, rows // self.workers
-        segment = worker * n_cols + cols
-        # positions are row-major, so a stable sort by segment keeps each segment's rows ascending
-        order = np.argsort(segment, kind="stable")
-        ptr, gaps, codes = segmented_stream(
-            segment[order], local[order], self.tensor.codes[order], self.workers * n_cols, self.pad_code
-        )
-        # worker w's column j is segment w * n_cols + j: view the pointers as (workers, cols + 1)
-        col_ptr = ptr[np.arange(self.workers)[:, None] * n_cols + np.arange(n_cols + 1)]
-        return col_ptr, gaps, codes
+        def build() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            rows, cols = self.tensor.rows_cols()  # empty when there are 0 rows, so no division by 0 columns
+            n_cols = self.shape[1]
+            worker, local = rows % self.workers, rows // self.workers
+            segment = worker * n_cols + cols
+            # positions are row-major, so a stable sort by segment keeps each segment's rows ascending
+            order = np.argsort(segment, kind="stable")
+            ptr, gaps, codes = segmented_stream(
+                segment[order], local[order], self.tensor.codes[order], self.workers * n_cols, self.pad_code
+            )
+            # worker w's column j is segment w * n_cols + j: view the pointers as (workers, cols + 1)
+            col_ptr = ptr[np.arange(self.workers)[:, None] * n_cols + np.arange(n_cols + 1)]
+            return col_ptr, gaps, codes
+
+        return self._layout("csc", build)
 
     def row_major(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The CSR layout ``(row_ptr, gaps, codes)`` for the batch and convolution kernels (built once, on demand)."""
-        if self._csr is None:
-            rows, cols = self.tensor.rows_cols()  # positions are row-major: already sorted
-            self._csr = segmented_stream(rows, cols, self.tensor.codes, self.shape[0], self.pad_code)
-        return self._csr
+        """The CSR layout ``(row_ptr, gaps, codes)`` for the numba batch and convolution kernels (built once)."""
+        rows_cols = self.tensor.rows_cols
+        return self._layout("csr", lambda: segmented_stream(*rows_cols(), self.tensor.codes, self.shape[0],
+                                                             self.pad_code))  # fmt: skip
 
     def sliced(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        """The sliced layout ``(ptr, packed, slice_rows, col_bits)`` of the dense-activation kernel (on demand)."""
-        if self._slices is None:
+        """The sliced layout ``(ptr, packed, slice_rows, col_bits)`` of the numba dense-activation kernel (built once)."""
+        return self._layout("sliced", lambda: sliced_rows(*self.tensor.rows_cols(), self.tensor.codes, self.shape,
+                                                           self.pad_code))  # fmt: skip
+
+    # -- the SIMD layouts and their costs -----------------------------------------------
+
+    def _blocks(self) -> int:
+        """Number of 16 x 1 blocks (16 rows of a panel, one column) holding a kept weight."""
+
+        def count() -> int:
             rows, cols = self.tensor.rows_cols()
-            self._slices = sliced_rows(rows, cols, self.tensor.codes, self.shape, self.pad_code)
-        return self._slices
+            grid = np.zeros((-(-self.shape[0] // layouts.LANES), self.shape[1]), dtype=bool)
+            grid[rows // layouts.LANES, cols] = True
+            return int(np.count_nonzero(grid))
+
+        return self._layout("block_count", count)
+
+    def _panel_kind(self) -> str | None:
+        """``"dense"`` or ``"block"``: the panel layout this matrix would use, or None without one."""
+        if self._table is None or not self.tensor.nnz:
+            return None
+        panels = -(-self.shape[0] // layouts.LANES)
+        if self._blocks() >= 0.9 * panels * self.shape[1]:
+            padded = -(-self.shape[0] // (layouts.LANES * layouts.SUPER)) * layouts.LANES * layouts.SUPER
+            return "dense" if padded * self.shape[1] <= DENSE_PANEL_MAX_BYTES_PER_WEIGHT * self.tensor.nnz else None
+        return "block"
+
+    def _panels(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """``(codes, blk_ptr, cols)`` of the panel layout (``blk_ptr`` and ``cols`` None for the dense one)."""
+
+        def build() -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+            if self._panel_kind() == "dense":
+                return layouts.panel_codes(self.tensor, self._table), None, None
+            blk_ptr, cols, codes = layouts.block_codes(self.tensor, self._table)
+            return codes, blk_ptr, cols
+
+        return self._layout("panels", build)
+
+    def _tiles(self) -> layouts.Tiles | None:
+        return self._layout("tiles", lambda: layouts.tiled_entries(self.tensor))
+
+    def _row_groups(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        return self._layout("row_groups", lambda: layouts.row_entries(self.tensor))
+
+    def _panel_vector_cost(self, active: int) -> float:
+        """Cost of the batch-1 panel kernel with ``active`` non-zero activations."""
+        if self._panel_kind() == "dense":
+            return active * -(-self.shape[0] // layouts.LANES) * PANEL_COLUMN_COST
+        return self._blocks() * BLOCK_COST
+
+    def _tiled_cost(self) -> float:
+        tiles = self._tiles()
+        return math.inf if tiles is None else len(tiles.entries) * TILED_ENTRY_COST
+
+    def _vector_costs(self, active: int) -> dict[str, float]:
+        """Cost of each batch-1 kernel for ``active`` non-zero activations (kernels that cannot run: absent)."""
+        costs = {"csc": active * self._csc_column_cost}
+        if not self.simd:
+            costs["sliced"] = self.tensor.nnz * (TABLE_WEIGHT_COST if self.use_table else GATHER_WEIGHT_COST)
+            return costs
+        if self._panel_kind() is not None:
+            costs["panels"] = self._panel_vector_cost(active)
+        # the tiled layout is built only when its least cost (no padding) could win
+        if len(self.centroids) <= layouts.TABLE and self.tensor.nnz * TILED_ENTRY_COST < min(costs.values()):
+            costs["tiled"] = self._tiled_cost()
+        return costs
+
+    def kernel_for(self, x: np.ndarray) -> str:
+        """The kernel a product with the ``(cols,)`` or ``(batch, cols)`` ``x`` runs, by the cost model.
+
+        Batch 1: ``"csc"``, ``"sliced"``, ``"tiled"`` or ``"panels"``; batches: ``"panels"``,
+        ``"rows"``, ``"csr"`` or ``"samples"`` (the batch-1 choice once per sample). See
+        the module docstring for what each does.
+        """
+        if x.ndim == 1 or x.shape[0] == 1:
+            if self.simd:
+                costs = self._vector_costs(int(np.count_nonzero(x)))
+                return min(costs, key=costs.get)
+            return "sliced" if self.prefers_rows(x) else "csc"
+        batch = x.shape[0]
+        if not self.simd:
+            return "samples" if self.prefers_samples(x) else "csr"
+        costs: dict[str, float] = {}
+        if self._panel_kind() is not None:
+            active = self.shape[1] if self._panel_kind() == "dense" else self._blocks()
+            blocks = active * (-(-self.shape[0] // layouts.LANES) if self._panel_kind() == "dense" else 1)
+            costs["panels"] = blocks * batch * PANEL_TOKEN_COST + CALL_COST
+        if len(self.codebook) - 1 <= layouts.ROW_TABLE:
+            passes = 1 if batch <= 16 else -(-batch // 32) * 2
+            costs["rows"] = self.tensor.nnz * 1.15 * passes * ROWS_ENTRY_COST + CALL_COST  # ~15% padding
+        if batch * CALL_COST < min(costs.values(), default=math.inf):
+            active = np.count_nonzero(x, axis=1)
+            costs["samples"] = sum(min(self._vector_costs(int(a)).values()) + CALL_COST for a in active)
+        if not costs:  # a codebook past the SIMD kernels' tables
+            return "samples" if self.prefers_samples(x) else "csr"
+        return min(costs, key=costs.get)
 
     def _check_input(self, x: np.ndarray, ndim: int) -> None:
         if x.ndim != ndim or x.shape[-1] != self.shape[1]:
@@ -311,18 +460,22 @@ class SparseMatrix:
     def _finish(self, acc: np.ndarray, frac: int) -> np.ndarray:
         return from_fixed(acc, frac + self.codebook_frac) if self.fixed_point else acc
 
+    def _sliced_cost(self) -> float:
+        """Cost of numba's sliced kernel: every weight, one lookup (or a lookup and a multiply) and an add each."""
+        return self.tensor.nnz * (TABLE_WEIGHT_COST if self.use_table else GATHER_WEIGHT_COST)
+
     def prefers_rows(self, x: np.ndarray) -> bool:
-        """Whether the sliced row kernel is cheaper than EIE's CSC kernel for ``x``.
+        """Whether numba's sliced row kernel is cheaper than EIE's CSC kernel for ``x`` (no SIMD extension).
 
         CSC visits only the active columns' weights, plus a segment per (worker,
         active column); the sliced kernel visits every weight, but each costs less
         (no scattered add, see :data:`TABLE_WEIGHT_COST`).
         """
         # Python numbers: arithmetic on NumPy scalars would cost more than the count
-        return self._rows_may_win and self._sliced_cost < int(np.count_nonzero(x)) * self._csc_column_cost
+        return self._rows_may_win and self._sliced_cost() < int(np.count_nonzero(x)) * self._csc_column_cost
 
     def prefers_samples(self, x: np.ndarray) -> bool:
-        """Whether the batch-1 path once per sample of the ``(batch, cols)`` ``x`` is cheaper than the row kernel.
+        """Whether the batch-1 path once per sample of the ``(batch, cols)`` ``x`` is cheaper than numba's row kernel.
 
         The row kernel visits every weight once for the whole batch; the batch-1
         path visits, per sample, only its active columns' weights (or the sliced
@@ -337,8 +490,21 @@ class SparseMatrix:
             return True
         active = np.count_nonzero(x, axis=1)
         # min(): where the sliced kernel cannot win, its cost is above any count's CSC cost
-        per_sample = np.minimum(active * self._csc_column_cost, self._sliced_cost).sum() + batch * CALL_COST
+        per_sample = np.minimum(active * self._csc_column_cost, self._sliced_cost()).sum() + batch * CALL_COST
         return float(per_sample) < row
+
+    def kernels(self, batch: int) -> tuple[str, ...]:
+        """The kernels that can run a product of ``batch`` samples here (see :meth:`kernel_for`)."""
+        simd = []
+        if self.simd and self._panel_kind() is not None:
+            simd.append("panels")
+        if batch == 1:
+            if self.simd and len(self.centroids) <= layouts.TABLE:
+                simd.append("tiled")
+            return ("csc", "sliced", *simd)
+        if self.simd and len(self.centroids) <= layouts.ROW_TABLE:
+            simd.append("rows")
+        return ("samples", "csr", *simd)
 
     def _matvec(self, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
         """The batch-1 product of one contiguous float32 vector; ``bias`` already checked.
@@ -346,13 +512,27 @@ class SparseMatrix:
         Lean on purpose: at batch 1 a small layer's product takes a few microseconds,
         so every Python step here shows in the latency.
         """
+        return self._vector(x, bias, self.kernel_for(x))
+
+    def _vector(self, x: np.ndarray, bias: np.ndarray, kernel: str) -> np.ndarray:
+        """``W @ x + bias`` by the named batch-1 kernel."""
+        out = np.empty(self.shape[0], dtype=np.float32)
+        if kernel == "tiled":
+            t = self._tiles()
+            _simd.tiled_matvec(t.ptr, t.steps, t.entries, t.slice_rows, t.table, x, out, bias, self.shape[0],
+                               self.shape[1], self._threads)  # fmt: skip
+            return out
+        if kernel == "panels":
+            codes, blk_ptr, cols = self._panels()
+            _simd.panels_matmul(codes, blk_ptr, cols, self._table.values, x, out, bias, self.shape[0], self.shape[1],
+                                1, self.shape[1], self.shape[0], self._threads)  # fmt: skip
+            return out
         if self.fixed_point:
             xk, frac = to_fixed(x)
             scale = 2.0 ** -(frac + self.codebook_frac)
         else:
             xk, scale = x, 1.0
-        out = np.empty(self.shape[0], dtype=np.float32)
-        if self.prefers_rows(x):
+        if kernel == "sliced":
             self._sliced_kernel(*self.sliced(), self.centroids, xk, self.use_table, scale, bias, self._zero, out,
                                 self.workers)  # fmt: skip
         else:
@@ -360,8 +540,45 @@ class SparseMatrix:
             self._csc_kernel(self.col_ptr, self.col_gaps, self.col_codes, self.codebook, xk, scale, bias, acc, out)
         return out
 
+    def run(self, x: np.ndarray, kernel: str, bias: np.ndarray | None = None) -> np.ndarray:
+        """``x @ W.T + bias`` for a ``(batch, cols)`` float32 batch with the named kernel (one of :meth:`kernels`).
+
+        For benchmarks and tests; :meth:`matmul` picks the kernel itself.
+
+        Raises:
+            DeepShrinkError: on a wrong shape or dtype, or a kernel that cannot run this product.
+        """
+        self._check_input(x, 2)
+        if kernel not in self.kernels(x.shape[0]):
+            raise DeepShrinkError(f"kernel {kernel!r} cannot run a batch of {x.shape[0]} here; "
+                                  f"available: {', '.join(self.kernels(x.shape[0]))}")  # fmt: skip
+        x, bias = np.ascontiguousarray(x), self.check_bias(bias)
+        if x.shape[0] == 1:
+            return self._vector(x[0], bias, kernel).reshape(1, -1)
+        return self._batch(x, bias, kernel)
+
+    def _batch(self, x: np.ndarray, bias: np.ndarray, kernel: str) -> np.ndarray:
+        """``x @ W.T + bias`` for a contiguous ``(batch, cols)`` batch by the named batch kernel."""
+        if kernel == "samples":
+            return np.stack([self._matvec(row, bias) for row in x])
+        if kernel == "csr":
+            out = self.matmul_columns(np.ascontiguousarray(x.T)).T
+            out += bias
+            return out
+        out = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
+        threads = self.workers if self.tensor.nnz * x.shape[0] >= PARALLEL_MIN_MACS else 1
+        if kernel == "panels":
+            codes, blk_ptr, cols = self._panels()
+            _simd.panels_matmul(codes, blk_ptr, cols, self._table.values, x, out, bias, self.shape[0], self.shape[1],
+                                x.shape[0], self.shape[1], self.shape[0], threads)  # fmt: skip
+        else:
+            seg_ptr, entries, group_rows, table = self._row_groups()
+            _simd.rows_matmul(seg_ptr, entries, group_rows, table, x, out, bias, self.shape[0], self.shape[1],
+                              x.shape[0], self.shape[1], self.shape[0], threads)  # fmt: skip
+        return out
+
     def matvec(self, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-        """``W @ x + bias`` for one ``(cols,)`` float32 vector, with a batch-1 kernel (EIE's, mostly).
+        """``W @ x + bias`` for one ``(cols,)`` float32 vector, with the batch-1 kernel :meth:`kernel_for` picks.
 
         Returns:
             ``(rows,)`` float32.
@@ -373,7 +590,7 @@ class SparseMatrix:
         return self._matvec(np.ascontiguousarray(x), self.check_bias(bias))
 
     def matmul(self, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-        """``x @ W.T + bias`` for a ``(batch, cols)`` float32 batch, kernel chosen by cost (:meth:`prefers_samples`).
+        """``x @ W.T + bias`` for a ``(batch, cols)`` float32 batch, kernel chosen by cost (:meth:`kernel_for`).
 
         Returns:
             ``(batch, rows)`` float32.
@@ -385,11 +602,10 @@ class SparseMatrix:
         bias = self.check_bias(bias)
         if x.shape[0] == 1:  # the main case, without the loop
             return self._matvec(np.ascontiguousarray(x[0]), bias).reshape(1, -1)
-        if x.shape[0] == 0 or not self.prefers_samples(x):
-            out = self.matmul_columns(np.ascontiguousarray(x.T)).T
-            out += bias
-            return out
-        return np.stack([self._matvec(np.ascontiguousarray(row), bias) for row in x])
+        if x.shape[0] == 0:
+            return np.broadcast_to(bias, (0, self.shape[0])).copy()
+        x = np.ascontiguousarray(x)
+        return self._batch(x, bias, self.kernel_for(x))
 
     def matmul_columns(self, xt: np.ndarray) -> np.ndarray:
         """``W @ xt`` for a ``(cols, n)`` float32 array with the row-parallel kernel.

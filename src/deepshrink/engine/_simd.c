@@ -1,0 +1,680 @@
+/* SIMD kernels of the inference engine: AVX-512 with runtime dispatch, portable C beside them.
+ *
+ * Products of a weight-shared matrix W (rows x cols; each weight an index into a table of
+ * at most 32 float32 values, or 256 for rows_matmul) with activations x (tokens x cols),
+ * out = x W^T + bias, each kernel reading its own layout (built and documented in
+ * deepshrink/engine/layouts.py):
+ *
+ *   panels_matmul  W in 16-row panels of one-byte codes, each panel a list of column blocks
+ *                  (every column for a dense layout; only the non-zero 16 x 1 blocks for a
+ *                  block-sparse one). The table sits in two registers and one permute
+ *                  (vpermt2ps) decodes 16 weights; each decoded vector is used by every
+ *                  token of a block held in registers (up to 24 tokens), or, at batch 1,
+ *                  by one activation, several panels in flight.
+ *   tiled_matvec   batch 1, unstructured sparse W: SELL-16 (16 rows in the lanes, rows
+ *                  sorted by length) cut into tiles of 31 columns; a tile's activations
+ *                  sit in two registers, so an entry (5-bit column, 5-bit code) is two
+ *                  permutes and an FMA: no gather (vgatherdps runs at ~1 element a cycle
+ *                  on Zen 4; this at 3-5 weights).
+ *   rows_matmul    batches, unstructured sparse W: CSR rows cut into 128-column chunks, the
+ *                  tokens in the lanes (16 or 32 per pass), each weight one broadcast FMA
+ *                  over them, a chunk's activations staying in L1.
+ *
+ * Every kernel exists twice: an AVX-512 version compiled for that target alone (function
+ * attributes, so the build never needs -march=native) and a portable one in plain C; which
+ * runs is decided at import from the CPU (__builtin_cpu_supports). Threads: OpenMP where
+ * the compiler has it. The GIL is released while a kernel runs.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_X86 1
+#include <immintrin.h>
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#else
+#define HAVE_X86 0
+#endif
+
+#define LANES 16         /* rows of a panel, a slice, a vector */
+#define TABLE 32         /* values a permute-decoded table holds */
+#define TOKENS_MAX 24    /* tokens held in registers by panels_matmul */
+#define SUPER 4          /* panels interleaved column by column in a dense layout (one 64-byte line) */
+#define TILE_COLS 31     /* columns of a tiled_matvec tile; lane 31 of its activations is the padding's zero */
+#define ROWS_TILE_MAX 32 /* tokens per pass of rows_matmul */
+
+static int use_avx512 = 0;
+
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* ------------------------------------------------------------------------------------------ */
+/* panels_matmul.
+ *
+ * Panel p covers rows 16p .. 16p + 15; a block is a panel's 16 codes for one column. Blocks
+ * are stored in fours, interleaved byte by byte: in a 64-byte quad, byte 4i + q is lane i of
+ * the quad's q-th block, so one load puts lane i's four codes in dword i, and block q is
+ * decoded by a shift right of 8q and a permute (vpermt2ps reads only index bits 0-4): no
+ * zero-extending shuffle.
+ * Dense layout (blk_ptr == NULL): every column is a block; quad (g, k) holds column k of
+ * panels 4g .. 4g + 3 (rows are padded to 64), at codes + 64 (g n_cols + k): at batch 1 an
+ * active column is one cache line for four panels.
+ * Block layout: panel p's blocks are blk_ptr[p] .. blk_ptr[p + 1], a multiple of 4 (padded
+ * with blocks of column n_cols, whose activations the kernel packs as zeros), block b at
+ * column cols[b], in quad b / 4 at byte b % 4. */
+
+typedef struct {
+    const uint8_t *codes;
+    const int64_t *blk_ptr; /* NULL: dense */
+    const int32_t *cols;
+    int64_t n_cols, rows, panels;
+} Panels;
+
+/* Activations of a block of tokens, packed column by column (x[k * n + t]) so that a panel
+ * kernel broadcasts them from one pointer, then a zero column (k = n_cols, the padding
+ * blocks'), and the columns where some token is non-zero. */
+typedef struct {
+    int64_t first, n;
+    float *x;
+    int32_t *active;
+    int64_t n_active;
+} Tokens;
+
+static void pack_tokens(const float *x, int64_t ldx, int64_t n_cols, Tokens *b) {
+    int64_t n = 0;
+    for (int64_t k = 0; k < n_cols; k++) {
+        int any = 0;
+        for (int64_t t = 0; t < b->n; t++) {
+            float v = x[(b->first + t) * ldx + k];
+            b->x[k * b->n + t] = v;
+            any |= v != 0.0f;
+        }
+        b->active[n] = (int32_t)k;
+        n += any;
+    }
+    for (int64_t t = 0; t < b->n; t++) b->x[n_cols * b->n + t] = 0.0f;
+    b->n_active = n;
+}
+
+static uint8_t block_code(const uint8_t *quad, int q, int lane) { return quad[4 * lane + q] & (TABLE - 1); }
+
+/* One panel for a block of tokens, portable: acc[t * 16 + i] = sum over blocks. */
+static void panel_portable(const Panels *P, const float *table, const Tokens *b, int64_t p, float *acc) {
+    int64_t nt = b->n;
+    memset(acc, 0, sizeof(float) * LANES * nt);
+    int dense = P->blk_ptr == NULL;
+    int64_t first = dense ? 0 : P->blk_ptr[p], last = dense ? b->n_active : P->blk_ptr[p + 1];
+    for (int64_t j = first; j < last; j++) {
+        int64_t k = dense ? b->active[j] : P->cols[j];
+        const uint8_t *quad = dense ? P->codes + 64 * ((p / SUPER) * P->n_cols + k) : P->codes + 64 * (j / 4);
+        int q = dense ? (int)(p % SUPER) : (int)(j % 4);
+        const float *xk = b->x + k * nt;
+        for (int64_t t = 0; t < nt; t++)
+            for (int i = 0; i < LANES; i++) acc[t * LANES + i] += table[block_code(quad, q, i)] * xk[t];
+    }
+}
+
+#if HAVE_X86
+#define DECODE(v, shift) _mm512_permutex2var_ps(lo, (shift) ? _mm512_srli_epi32((v), (shift)) : (v), hi)
+#define QUAD(ptr) _mm512_loadu_si512((const void *)(ptr))
+
+/* One panel for NT tokens (NT accumulators); KU sets of them when NT is small, so the FMA
+ * chains stay independent. */
+#define DEFINE_PANEL_KERNEL(NT, KU)                                                                              \
+    AVX512 static void panel_##NT(const Panels *P, const float *table, const Tokens *b, int64_t p, float *acc) { \
+        __m512 lo = _mm512_loadu_ps(table), hi = _mm512_loadu_ps(table + 16);                                    \
+        __m512 a[KU][NT];                                                                                        \
+        for (int u = 0; u < KU; u++)                                                                             \
+            for (int t = 0; t < NT; t++) a[u][t] = _mm512_setzero_ps();                                          \
+        const float *xs = b->x;                                                                                  \
+        if (P->blk_ptr == NULL) {                                                                                \
+            const int32_t *act = b->active;                                                                      \
+            const uint8_t *base = P->codes + 64 * (p / SUPER) * P->n_cols;                                       \
+            const int shift = 8 * (int)(p % SUPER);                                                              \
+            int64_t n = b->n_active, j = 0;                                                                      \
+            for (; j + KU <= n; j += KU)                                                                         \
+                for (int u = 0; u < KU; u++) {                                                                   \
+                    int64_t k = act[j + u];                                                                      \
+                    __m512 w = DECODE(QUAD(base + 64 * k), shift);                                               \
+                    for (int t = 0; t < NT; t++)                                                                 \
+                        a[u][t] = _mm512_fmadd_ps(w, _mm512_set1_ps(xs[k * NT + t]), a[u][t]);                   \
+                }                                                                                                \
+            for (; j < n; j++) {                                                                                 \
+                int64_t k = act[j];                                                                              \
+                __m512 w = DECODE(QUAD(base + 64 * k), shift);                                                   \
+                for (int t = 0; t < NT; t++) a[0][t] = _mm512_fmadd_ps(w, _mm512_set1_ps(xs[k * NT + t]), a[0][t]); \
+            }                                                                                                    \
+        } else {                                                                                                 \
+            const int32_t *cols = P->cols;                                                                       \
+            int64_t j = P->blk_ptr[p], end = P->blk_ptr[p + 1];                                                  \
+            for (; j < end; j += 4) { /* whole quads: padding blocks read the zero column */                    \
+                __m512i v = QUAD(P->codes + 16 * j);                                                             \
+                __m512 w0 = DECODE(v, 0), w1 = DECODE(v, 8), w2 = DECODE(v, 16), w3 = DECODE(v, 24);             \
+                const float *x0 = xs + cols[j] * NT, *x1 = xs + cols[j + 1] * NT;                                \
+                const float *x2 = xs + cols[j + 2] * NT, *x3 = xs + cols[j + 3] * NT;                            \
+                for (int t = 0; t < NT; t++) {                                                                   \
+                    a[0][t] = _mm512_fmadd_ps(w0, _mm512_set1_ps(x0[t]), a[0][t]);                               \
+                    a[1 % KU][t] = _mm512_fmadd_ps(w1, _mm512_set1_ps(x1[t]), a[1 % KU][t]);                     \
+                    a[2 % KU][t] = _mm512_fmadd_ps(w2, _mm512_set1_ps(x2[t]), a[2 % KU][t]);                     \
+                    a[3 % KU][t] = _mm512_fmadd_ps(w3, _mm512_set1_ps(x3[t]), a[3 % KU][t]);                     \
+                }                                                                                                \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int u = 1; u < KU; u++)                                                                             \
+            for (int t = 0; t < NT; t++) a[0][t] = _mm512_add_ps(a[0][t], a[u][t]);                              \
+        for (int t = 0; t < NT; t++) _mm512_storeu_ps(acc + t * LANES, a[0][t]);                                 \
+    }
+
+DEFINE_PANEL_KERNEL(1, 4)
+DEFINE_PANEL_KERNEL(2, 2)
+DEFINE_PANEL_KERNEL(3, 2)
+DEFINE_PANEL_KERNEL(4, 1)
+DEFINE_PANEL_KERNEL(5, 1)
+DEFINE_PANEL_KERNEL(6, 1)
+DEFINE_PANEL_KERNEL(7, 1)
+DEFINE_PANEL_KERNEL(8, 1)
+DEFINE_PANEL_KERNEL(9, 1)
+DEFINE_PANEL_KERNEL(10, 1)
+DEFINE_PANEL_KERNEL(11, 1)
+DEFINE_PANEL_KERNEL(12, 1)
+DEFINE_PANEL_KERNEL(13, 1)
+DEFINE_PANEL_KERNEL(14, 1)
+DEFINE_PANEL_KERNEL(15, 1)
+DEFINE_PANEL_KERNEL(16, 1)
+DEFINE_PANEL_KERNEL(17, 1)
+DEFINE_PANEL_KERNEL(18, 1)
+DEFINE_PANEL_KERNEL(19, 1)
+DEFINE_PANEL_KERNEL(20, 1)
+DEFINE_PANEL_KERNEL(21, 1)
+DEFINE_PANEL_KERNEL(22, 1)
+DEFINE_PANEL_KERNEL(23, 1)
+DEFINE_PANEL_KERNEL(24, 1)
+
+typedef void (*PanelKernel)(const Panels *, const float *, const Tokens *, int64_t, float *);
+static const PanelKernel panel_kernels[TOKENS_MAX + 1] = {
+    NULL,     panel_1,  panel_2,  panel_3,  panel_4,  panel_5,  panel_6,  panel_7,  panel_8,
+    panel_9,  panel_10, panel_11, panel_12, panel_13, panel_14, panel_15, panel_16, panel_17,
+    panel_18, panel_19, panel_20, panel_21, panel_22, panel_23, panel_24};
+
+/* Batch 1 on the dense layout: a group of SUPER panels per pass (one cache line per active
+ * column), two columns in flight: 8 independent FMA chains. */
+AVX512 static void group_matvec(const Panels *P, const float *table, const Tokens *b, int64_t g, float *acc) {
+    __m512 lo = _mm512_loadu_ps(table), hi = _mm512_loadu_ps(table + 16);
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(), b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
+    const uint8_t *base = P->codes + 64 * g * P->n_cols;
+    const int32_t *act = b->active;
+    const float *x = b->x;
+    int64_t n = b->n_active, j = 0;
+    for (; j + 2 <= n; j += 2) {
+        int64_t k = act[j], m = act[j + 1];
+        __m512i v = QUAD(base + 64 * k), u = QUAD(base + 64 * m);
+        __m512 xk = _mm512_set1_ps(x[k]), xm = _mm512_set1_ps(x[m]);
+        a0 = _mm512_fmadd_ps(DECODE(v, 0), xk, a0);
+        a1 = _mm512_fmadd_ps(DECODE(v, 8), xk, a1);
+        a2 = _mm512_fmadd_ps(DECODE(v, 16), xk, a2);
+        a3 = _mm512_fmadd_ps(DECODE(v, 24), xk, a3);
+        b0 = _mm512_fmadd_ps(DECODE(u, 0), xm, b0);
+        b1 = _mm512_fmadd_ps(DECODE(u, 8), xm, b1);
+        b2 = _mm512_fmadd_ps(DECODE(u, 16), xm, b2);
+        b3 = _mm512_fmadd_ps(DECODE(u, 24), xm, b3);
+    }
+    if (j < n) {
+        int64_t k = act[j];
+        __m512i v = QUAD(base + 64 * k);
+        __m512 xk = _mm512_set1_ps(x[k]);
+        a0 = _mm512_fmadd_ps(DECODE(v, 0), xk, a0);
+        a1 = _mm512_fmadd_ps(DECODE(v, 8), xk, a1);
+        a2 = _mm512_fmadd_ps(DECODE(v, 16), xk, a2);
+        a3 = _mm512_fmadd_ps(DECODE(v, 24), xk, a3);
+    }
+    _mm512_storeu_ps(acc, _mm512_add_ps(a0, b0));
+    _mm512_storeu_ps(acc + 16, _mm512_add_ps(a1, b1));
+    _mm512_storeu_ps(acc + 32, _mm512_add_ps(a2, b2));
+    _mm512_storeu_ps(acc + 48, _mm512_add_ps(a3, b3));
+}
+#endif
+
+static void store_rows(const float *acc, int64_t n_tokens, int64_t first_token, int64_t row0, int64_t n_rows,
+                       int64_t rows, const float *bias, float *out, int64_t ldo) {
+    int64_t n = min64(rows - row0, n_rows);
+    for (int64_t t = 0; t < n_tokens; t++) {
+        float *o = out + (first_token + t) * ldo + row0;
+        for (int64_t i = 0; i < n; i++) o[i] = acc[t * n_rows + i] + bias[row0 + i];
+    }
+}
+
+static void panels_matmul_run(const Panels *P, const float *table, const float *x, int64_t ldx, float *out,
+                              int64_t ldo, const float *bias, int64_t tokens, int threads) {
+    int64_t n_blocks = (tokens + TOKENS_MAX - 1) / TOKENS_MAX;
+    int64_t per_block = (tokens + n_blocks - 1) / n_blocks; /* even blocks: 30 tokens = 15 + 15, not 24 + 6 */
+    Tokens *blocks = malloc(sizeof(Tokens) * n_blocks);
+    float *xs = malloc(sizeof(float) * (P->n_cols + 1) * tokens);
+    int32_t *act = malloc(sizeof(int32_t) * (P->n_cols * n_blocks + 1));
+    for (int64_t bi = 0; bi < n_blocks; bi++) {
+        Tokens *b = &blocks[bi];
+        b->first = bi * per_block;
+        b->n = min64(tokens - b->first, per_block);
+        b->x = xs + b->first * (P->n_cols + 1);
+        b->active = act + bi * P->n_cols;
+        pack_tokens(x, ldx, P->n_cols, b);
+    }
+#if HAVE_X86
+    if (use_avx512 && tokens == 1 && P->blk_ptr == NULL) {
+        int64_t groups = (P->panels + SUPER - 1) / SUPER;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && groups > 1)
+        for (int64_t g = 0; g < groups; g++) {
+            float acc[LANES * SUPER] __attribute__((aligned(64)));
+            group_matvec(P, table, &blocks[0], g, acc);
+            store_rows(acc, 1, 0, g * LANES * SUPER, LANES * SUPER, P->rows, bias, out, ldo);
+        }
+        goto done;
+    }
+#endif
+    {
+        /* Few token blocks: threads split the panels (each streams its own rows' codes once);
+         * many: they split the token blocks, panels inner, a block's activations staying in cache. */
+        int by_block = n_blocks >= 2 * threads;
+        int64_t items = P->panels * n_blocks;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && items > 1)
+        for (int64_t it = 0; it < items; it++) {
+            int64_t p = by_block ? it % P->panels : it / n_blocks, bi = by_block ? it / P->panels : it % n_blocks;
+            float acc[LANES * TOKENS_MAX] __attribute__((aligned(64)));
+            const Tokens *b = &blocks[bi];
+#if HAVE_X86
+            if (use_avx512)
+                panel_kernels[b->n](P, table, b, p, acc);
+            else
+#endif
+                panel_portable(P, table, b, p, acc);
+            store_rows(acc, b->n, b->first, p * LANES, LANES, P->rows, bias, out, ldo);
+        }
+    }
+#if HAVE_X86
+done:
+#endif
+    free(blocks);
+    free(xs);
+    free(act);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* tiled_matvec. Slice s (rows slice_rows[16 s .. 16 s + 15], sorted by length) covers every
+ * tile of TILE_COLS columns in order; tile c of slice s takes n = steps[s * tiles + c] steps
+ * of 16 entries, one per lane, an entry code << 5 | local column. Steps go in pairs, lane by
+ * lane (entry 2i + h of a pair is lane i of its step h), so one load puts a lane's two
+ * entries in one dword and shifts decode them (the permutes read index bits 0-4 only); an
+ * odd last step is stored plain. Padding entries use local column 31, whose activation is a
+ * zero. Slice s's entries start at ptr[s]. */
+
+typedef struct {
+    const int64_t *ptr;
+    const uint8_t *steps;
+    const uint16_t *entries;
+    const int32_t *slice_rows;
+    int64_t slices, tiles, n_cols, rows;
+} Tiles;
+
+static void tiled_portable(const Tiles *T, const float *table, const float *x, float *acc, int64_t s) {
+    const uint16_t *e = T->entries + T->ptr[s];
+    const uint8_t *steps = T->steps + s * T->tiles;
+    for (int i = 0; i < LANES; i++) acc[i] = 0.0f;
+    for (int64_t c = 0; c < T->tiles; c++) {
+        int64_t base = c * TILE_COLS, n = steps[c], paired = n - n % 2;
+        for (int64_t j = 0; j < n; j++)
+            for (int i = 0; i < LANES; i++) {
+                uint16_t entry = j < paired ? e[32 * (j / 2) + 2 * i + j % 2] : e[16 * j + i];
+                int col = entry & 31;
+                if (col < TILE_COLS) acc[i] += table[entry >> 5] * x[base + col];
+            }
+        e += LANES * n;
+    }
+}
+
+#if HAVE_X86
+AVX512 static void tiled_avx512(const Tiles *T, const float *table, const float *x, float *acc, int64_t s) {
+    __m512 lo = _mm512_loadu_ps(table), hi = _mm512_loadu_ps(table + 16);
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    const uint16_t *e = T->entries + T->ptr[s];
+    const uint8_t *steps = T->steps + s * T->tiles;
+    for (int64_t c = 0; c < T->tiles; c++) {
+        int n = steps[c];
+        if (!n) continue;
+        int64_t base = c * TILE_COLS, left = T->n_cols - base;
+        __mmask16 m0 = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+        int64_t left1 = min64(left - 16, TILE_COLS - 16);
+        __mmask16 m1 = left1 <= 0 ? 0 : (__mmask16)((1u << left1) - 1);
+        __m512 x0 = _mm512_maskz_loadu_ps(m0, x + base), x1 = _mm512_maskz_loadu_ps(m1, x + base + 16);
+        int j = 0;
+        for (; j + 2 <= n; j += 2, e += 2 * LANES) {
+            __m512i v = _mm512_loadu_si512((const void *)e);
+            a0 = _mm512_fmadd_ps(_mm512_permutex2var_ps(lo, _mm512_srli_epi32(v, 5), hi),
+                                 _mm512_permutex2var_ps(x0, v, x1), a0);
+            a1 = _mm512_fmadd_ps(_mm512_permutex2var_ps(lo, _mm512_srli_epi32(v, 21), hi),
+                                 _mm512_permutex2var_ps(x0, _mm512_srli_epi32(v, 16), x1), a1);
+        }
+        if (j < n) {
+            __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)e));
+            a0 = _mm512_fmadd_ps(_mm512_permutex2var_ps(lo, _mm512_srli_epi32(v, 5), hi),
+                                 _mm512_permutex2var_ps(x0, v, x1), a0);
+            e += LANES;
+        }
+    }
+    _mm512_storeu_ps(acc, _mm512_add_ps(a0, a1));
+}
+#endif
+
+static void tiled_matvec_run(const Tiles *T, const float *table, const float *x, float *out, const float *bias,
+                             int threads) {
+    /* slices are sorted longest first: round robin keeps the threads' shares even */
+#pragma omp parallel for schedule(static, 1) num_threads(threads) if (threads > 1 && T->slices > 1)
+    for (int64_t s = 0; s < T->slices; s++) {
+        float acc[LANES] __attribute__((aligned(64)));
+#if HAVE_X86
+        if (use_avx512)
+            tiled_avx512(T, table, x, acc, s);
+        else
+#endif
+            tiled_portable(T, table, x, acc, s);
+        for (int i = 0; i < LANES; i++) {
+            int64_t r = T->slice_rows[s * LANES + i];
+            if (r < T->rows) out[r] = acc[i] + bias[r];
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* rows_matmul: rows sorted by length in groups of ROW_GROUP, the columns cut into chunks of
+ * CHUNK_COLS. Segment (c, g), entries seg_ptr[c * groups + g] .. seg_ptr[c * groups + g + 1],
+ * holds group g's weights in chunk c in steps of ROW_GROUP entries (entry j of lane l at
+ * 4 j + l), each a uint16 code << 8 | column - CHUNK_COLS c; a lane with fewer weights in
+ * the chunk is padded with column CHUNK_COLS, which reads a zero. Codes index a table of up
+ * to 256 values. A pass takes up to 32 tokens: their activations transposed chunk by chunk
+ * (CHUNK_COLS + 1 rows of 32 floats, 16 KB, in L1 while every group's segment in it runs),
+ * each weight one broadcast FMA over a vector of tokens, four rows' chains side by side;
+ * the rows' sums wait in acc between chunks. */
+
+#define CHUNK_COLS 128
+#define ROW_GROUP 4
+
+typedef struct {
+    const int64_t *seg_ptr;
+    const uint16_t *entries;
+    const int32_t *group_rows;
+    int64_t groups, chunks, rows, n_cols;
+} RowChunks;
+
+static void rows_segment_portable(const uint16_t *e, int64_t steps, const float *table, const float *xt, int64_t tt,
+                                  float *acc /* ROW_GROUP x tt */) {
+    for (int64_t j = 0; j < steps; j++)
+        for (int l = 0; l < ROW_GROUP; l++) {
+            uint16_t v = e[ROW_GROUP * j + l];
+            float w = table[v >> 8];
+            const float *xk = xt + (v & 0xFF) * tt;
+            for (int64_t t = 0; t < tt; t++) acc[l * tt + t] += w * xk[t];
+        }
+}
+
+#if HAVE_X86
+#define ROW_FMA(a, v, off) _mm512_fmadd_ps(_mm512_set1_ps(table[(v) >> 8]), _mm512_loadu_ps(xt + ((v) & 0xFF) * tt + (off)), a)
+AVX512 static void rows_segment_avx512(const uint16_t *e, int64_t steps, const float *table, const float *xt,
+                                       int64_t tt, float *acc) {
+    if (tt == 16) {
+        __m512 a[ROW_GROUP];
+        for (int l = 0; l < ROW_GROUP; l++) a[l] = _mm512_loadu_ps(acc + 16 * l);
+        for (int64_t j = 0; j < steps; j++, e += ROW_GROUP)
+            for (int l = 0; l < ROW_GROUP; l++) a[l] = ROW_FMA(a[l], e[l], 0);
+        for (int l = 0; l < ROW_GROUP; l++) _mm512_storeu_ps(acc + 16 * l, a[l]);
+    } else { /* 32 tokens: two vectors per weight */
+        __m512 a[ROW_GROUP], c[ROW_GROUP];
+        for (int l = 0; l < ROW_GROUP; l++) {
+            a[l] = _mm512_loadu_ps(acc + 32 * l);
+            c[l] = _mm512_loadu_ps(acc + 32 * l + 16);
+        }
+        for (int64_t j = 0; j < steps; j++, e += ROW_GROUP)
+            for (int l = 0; l < ROW_GROUP; l++) {
+                a[l] = ROW_FMA(a[l], e[l], 0);
+                c[l] = ROW_FMA(c[l], e[l], 16);
+            }
+        for (int l = 0; l < ROW_GROUP; l++) {
+            _mm512_storeu_ps(acc + 32 * l, a[l]);
+            _mm512_storeu_ps(acc + 32 * l + 16, c[l]);
+        }
+    }
+}
+#undef ROW_FMA
+#endif
+
+static void rows_matmul_run(const RowChunks *R, const float *table, const float *x, int64_t ldx, float *out,
+                            int64_t ldo, const float *bias, int64_t tokens, int threads) {
+    int64_t tt = tokens > 16 ? 32 : 16, span = (CHUNK_COLS + 1) * tt;
+    float *xt = malloc(sizeof(float) * R->chunks * span);
+    float *acc = malloc(sizeof(float) * R->groups * ROW_GROUP * tt);
+    for (int64_t first = 0; first < tokens; first += tt) {
+        int64_t nt = min64(tokens - first, tt);
+        for (int64_t c = 0; c < R->chunks; c++)
+            for (int64_t k = 0; k <= CHUNK_COLS; k++)
+                for (int64_t t = 0; t < tt; t++) {
+                    int64_t col = c * CHUNK_COLS + k;
+                    xt[c * span + k * tt + t] =
+                        k < CHUNK_COLS && col < R->n_cols && t < nt ? x[(first + t) * ldx + col] : 0.0f;
+                }
+        memset(acc, 0, sizeof(float) * R->groups * ROW_GROUP * tt);
+        /* each thread owns a contiguous share of the groups (their accumulators) for every chunk */
+#pragma omp parallel num_threads(threads) if (threads > 1 && R->groups > 1)
+        {
+#ifdef _OPENMP
+            int64_t id = omp_get_thread_num(), n_threads = omp_get_num_threads();
+#else
+            int64_t id = 0, n_threads = 1;
+#endif
+            int64_t g0 = R->groups * id / n_threads, g1 = R->groups * (id + 1) / n_threads;
+            for (int64_t c = 0; c < R->chunks; c++)
+                for (int64_t g = g0; g < g1; g++) {
+                    int64_t s = R->seg_ptr[c * R->groups + g], n = R->seg_ptr[c * R->groups + g + 1] - s;
+                    if (!n) continue;
+#if HAVE_X86
+                    if (use_avx512)
+                        rows_segment_avx512(R->entries + s, n / ROW_GROUP, table, xt + c * span, tt,
+                                            acc + g * ROW_GROUP * tt);
+                    else
+#endif
+                        rows_segment_portable(R->entries + s, n / ROW_GROUP, table, xt + c * span, tt,
+                                              acc + g * ROW_GROUP * tt);
+                }
+            for (int64_t g = g0; g < g1; g++)
+                for (int l = 0; l < ROW_GROUP; l++) {
+                    int64_t r = R->group_rows[g * ROW_GROUP + l];
+                    if (r >= R->rows) continue;
+                    for (int64_t t = 0; t < nt; t++)
+                        out[(first + t) * ldo + r] = acc[(g * ROW_GROUP + l) * tt + t] + bias[r];
+                }
+        }
+    }
+    free(xt);
+    free(acc);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Python bindings: contiguous buffers in (NumPy arrays), sizes checked against what the
+ * kernel will read, nothing allocated on the Python side. */
+
+typedef struct {
+    Py_buffer views[10];
+    int n;
+} Buffers;
+
+static const void *get_buffer(Buffers *b, PyObject *obj, int writable, Py_ssize_t min_bytes, const char *name) {
+    Py_buffer *v = &b->views[b->n];
+    if (PyObject_GetBuffer(obj, v, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) return NULL;
+    b->n++;
+    if (v->len < min_bytes) {
+        PyErr_Format(PyExc_ValueError, "%s holds %zd bytes, the kernel reads %zd", name, v->len, min_bytes);
+        return NULL;
+    }
+    return v->buf ? v->buf : (const void *)"";
+}
+
+static void release(Buffers *b) {
+    for (int i = 0; i < b->n; i++) PyBuffer_Release(&b->views[i]);
+}
+
+static Py_ssize_t matrix_bytes(Py_ssize_t n, Py_ssize_t ld, Py_ssize_t width) { return n ? ((n - 1) * ld + width) * 4 : 0; }
+
+static PyObject *py_panels_matmul(PyObject *self, PyObject *args) {
+    PyObject *codes, *blk_ptr, *cols, *table, *x, *out, *bias;
+    Py_ssize_t rows, n_cols, tokens, ldx, ldo;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOOOOOOnnnnni", &codes, &blk_ptr, &cols, &table, &x, &out, &bias, &rows, &n_cols,
+                          &tokens, &ldx, &ldo, &threads))
+        return NULL;
+    Buffers b = {.n = 0};
+    Panels P = {.n_cols = n_cols, .rows = rows, .panels = (rows + LANES - 1) / LANES};
+    const float *t, *xp, *bp;
+    float *op;
+    int ok = 1;
+    if (blk_ptr == Py_None) {
+        Py_ssize_t padded = (P.panels + SUPER - 1) / SUPER * SUPER;
+        ok = (P.codes = get_buffer(&b, codes, 0, padded * n_cols * 16, "codes")) != NULL;
+    } else {
+        ok = (P.blk_ptr = get_buffer(&b, blk_ptr, 0, (P.panels + 1) * 8, "blk_ptr")) != NULL;
+        Py_ssize_t blocks = ok ? P.blk_ptr[P.panels] : 0;
+        ok = ok && (P.cols = get_buffer(&b, cols, 0, blocks * 4, "cols")) != NULL &&
+             (P.codes = get_buffer(&b, codes, 0, blocks * 16, "codes")) != NULL;
+    }
+    ok = ok && (t = get_buffer(&b, table, 0, TABLE * 4, "table")) != NULL &&
+         (xp = get_buffer(&b, x, 0, matrix_bytes(tokens, ldx, n_cols), "x")) != NULL &&
+         (op = (float *)get_buffer(&b, out, 1, matrix_bytes(tokens, ldo, rows), "out")) != NULL &&
+         (bp = get_buffer(&b, bias, 0, rows * 4, "bias")) != NULL;
+    if (ok && tokens > 0 && rows > 0) {
+        Py_BEGIN_ALLOW_THREADS panels_matmul_run(&P, t, xp, ldx, op, ldo, bp, tokens, threads);
+        Py_END_ALLOW_THREADS
+    }
+    release(&b);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_tiled_matvec(PyObject *self, PyObject *args) {
+    PyObject *ptr, *steps, *entries, *slice_rows, *table, *x, *out, *bias;
+    Py_ssize_t rows, n_cols;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOnni", &ptr, &steps, &entries, &slice_rows, &table, &x, &out, &bias, &rows,
+                          &n_cols, &threads))
+        return NULL;
+    Buffers b = {.n = 0};
+    Tiles T = {.n_cols = n_cols, .rows = rows, .slices = (rows + LANES - 1) / LANES,
+               .tiles = (n_cols + TILE_COLS - 1) / TILE_COLS};
+    const float *t, *xp, *bp;
+    float *op;
+    int ok = (T.ptr = get_buffer(&b, ptr, 0, (T.slices + 1) * 8, "ptr")) != NULL;
+    ok = ok && (T.steps = get_buffer(&b, steps, 0, T.slices * T.tiles, "steps")) != NULL &&
+         (T.entries = get_buffer(&b, entries, 0, T.ptr[T.slices] * 2, "entries")) != NULL &&
+         (T.slice_rows = get_buffer(&b, slice_rows, 0, T.slices * LANES * 4, "slice_rows")) != NULL &&
+         (t = get_buffer(&b, table, 0, TABLE * 4, "table")) != NULL &&
+         (xp = get_buffer(&b, x, 0, n_cols * 4, "x")) != NULL &&
+         (op = (float *)get_buffer(&b, out, 1, rows * 4, "out")) != NULL &&
+         (bp = get_buffer(&b, bias, 0, rows * 4, "bias")) != NULL;
+    if (ok && rows > 0) {
+        Py_BEGIN_ALLOW_THREADS tiled_matvec_run(&T, t, xp, op, bp, threads);
+        Py_END_ALLOW_THREADS
+    }
+    release(&b);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_rows_matmul(PyObject *self, PyObject *args) {
+    PyObject *seg_ptr, *entries, *group_rows, *table, *x, *out, *bias;
+    Py_ssize_t rows, n_cols, tokens, ldx, ldo;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOOOOOOnnnnni", &seg_ptr, &entries, &group_rows, &table, &x, &out, &bias, &rows,
+                          &n_cols, &tokens, &ldx, &ldo, &threads))
+        return NULL;
+    Buffers b = {.n = 0};
+    RowChunks R = {.rows = rows, .n_cols = n_cols, .groups = (rows + ROW_GROUP - 1) / ROW_GROUP,
+                   .chunks = (n_cols + CHUNK_COLS - 1) / CHUNK_COLS};
+    Py_ssize_t segments = R.chunks * R.groups;
+    const float *t, *xp, *bp;
+    float *op;
+    int ok = (R.seg_ptr = get_buffer(&b, seg_ptr, 0, (segments + 1) * 8, "seg_ptr")) != NULL;
+    ok = ok && (R.entries = get_buffer(&b, entries, 0, R.seg_ptr[segments] * 2, "entries")) != NULL &&
+         (R.group_rows = get_buffer(&b, group_rows, 0, R.groups * ROW_GROUP * 4, "group_rows")) != NULL &&
+         (t = get_buffer(&b, table, 0, 256 * 4, "table")) != NULL &&
+         (xp = get_buffer(&b, x, 0, matrix_bytes(tokens, ldx, n_cols), "x")) != NULL &&
+         (op = (float *)get_buffer(&b, out, 1, matrix_bytes(tokens, ldo, rows), "out")) != NULL &&
+         (bp = get_buffer(&b, bias, 0, rows * 4, "bias")) != NULL;
+    if (ok && tokens > 0 && rows > 0) {
+        Py_BEGIN_ALLOW_THREADS rows_matmul_run(&R, t, xp, ldx, op, ldo, bp, tokens, threads);
+        Py_END_ALLOW_THREADS
+    }
+    release(&b);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
+static int cpu_has_avx512(void) {
+#if HAVE_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+    return 0;
+#endif
+}
+
+static PyObject *py_isa(PyObject *self, PyObject *args) {
+    return PyUnicode_FromString(use_avx512 ? "avx512" : "portable");
+}
+
+static PyObject *py_set_isa(PyObject *self, PyObject *args) {
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    if (strcmp(name, "portable") == 0) {
+        use_avx512 = 0;
+    } else if (strcmp(name, "avx512") == 0) {
+        if (!cpu_has_avx512()) {
+            PyErr_SetString(PyExc_ValueError, "this CPU (or build) has no AVX-512 F/BW/VL/DQ kernels");
+            return NULL;
+        }
+        use_avx512 = 1;
+    } else {
+        PyErr_Format(PyExc_ValueError, "unknown instruction set '%s'; use 'avx512' or 'portable'", name);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_openmp(PyObject *self, PyObject *args) {
+#ifdef _OPENMP
+    Py_RETURN_TRUE;
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
+static PyMethodDef methods[] = {
+    {"panels_matmul", py_panels_matmul, METH_VARARGS,
+     "panels_matmul(codes, blk_ptr, cols, table, x, out, bias, rows, n_cols, tokens, ldx, ldo, threads)"},
+    {"tiled_matvec", py_tiled_matvec, METH_VARARGS,
+     "tiled_matvec(ptr, steps, entries, slice_rows, table, x, out, bias, rows, n_cols, threads)"},
+    {"rows_matmul", py_rows_matmul, METH_VARARGS,
+     "rows_matmul(seg_ptr, entries, group_rows, table, x, out, bias, rows, n_cols, tokens, ldx, ldo, threads)"},
+    {"isa", py_isa, METH_NOARGS, "the instruction set the kernels run: 'avx512' or 'portable'"},
+    {"set_isa", py_set_isa, METH_VARARGS, "set_isa(name): run the 'avx512' (if the CPU has it) or 'portable' kernels"},
+    {"openmp", py_openmp, METH_NOARGS, "whether the kernels were built with OpenMP threads"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_simd", "SIMD kernels of the inference engine.", -1,
+                                    methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__simd(void) {
+    use_avx512 = cpu_has_avx512();
+    return PyModule_Create(&module);
+}
