@@ -1,4 +1,4 @@
-"""Sensitivity analysis on real MNIST: curves, proposals, the PNG, and use from a recipe."""
+"""Sensitivity analysis on real MNIST (curves, proposals, the PNG, use from a recipe) and `deepshrink sensitivity` on digits."""
 
 from __future__ import annotations
 
@@ -80,3 +80,67 @@ def test_a_recipe_prunes_to_the_sparsities_the_scan_proposes(trained_lenet300, d
     assert result["accuracy"] > 0.90  # layers pruned together lose more than each alone; little retraining here
     with pytest.raises(DeepShrinkError, match=r"stages\[0\].prune: sensitivity: unknown key 'drop'"):
         parse_recipe({"model": "lenet-5", "stages": [{"prune": {"sensitivity": {"drop": 0.1}}}]})
+
+
+@pytest.fixture(scope="module")
+def digits_state_dict(tmp_path_factory):
+    """LeNet-300-100 on the bundled 8x8 digits, four epochs (97% test accuracy), saved as a state dict."""
+    from deepshrink.compress.train import TrainConfig, fit
+    from deepshrink.data.digits import load_digits
+    from deepshrink.models import lenet_300_100
+
+    torch.manual_seed(0)
+    model = lenet_300_100(in_features=64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as conftest's one_thread, which module fixtures do not get
+    try:
+        fit(model, load_digits("train"), TrainConfig(epochs=4, lr=0.05, batch_size=32, progress=False))
+    finally:
+        torch.set_num_threads(threads)
+    path = tmp_path_factory.mktemp("digits") / "lenet.pt"
+    torch.save(model.state_dict(), path)
+    return path, model
+
+
+def test_cli_scans_a_model_on_digits_into_a_table_a_png_and_json(digits_state_dict, tmp_path, capsys):
+    import json
+
+    from deepshrink.cli import main
+
+    state_dict, _ = digits_state_dict
+    plot, record = tmp_path / "sens.png", tmp_path / "sens.json"
+    argv = ["sensitivity", "--model", "lenet-300-100", "--model-kwargs", '{"in_features": 64}', "--state-dict",
+            str(state_dict), "--data", "digits", "--sparsities", "0.5", "0.9", "0.99", "--plot", str(plot),
+            "--json", str(record), "--max-drop", "0.02"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("fc1.weight", "fc2.weight", "fc3.weight")) and "99%" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    scan = json.loads(record.read_text())
+    assert scan["baseline"] > 0.9 and scan["sparsities"] == [0.5, 0.9, 0.99]
+    # pruning 99% of a layer alone costs more than 50% of it; the output layer (1K weights) is the most sensitive
+    assert all(acc[0] >= acc[2] for acc in scan["accuracy"].values())
+    assert scan["accuracy"]["fc3.weight"][2] < scan["accuracy"]["fc1.weight"][2]
+    assert set(scan["proposal"]) == {"fc1.weight", "fc2.weight", "fc3.weight"} and scan["max_drop"] == 0.02
+    assert f"fc1.weight={scan['proposal']['fc1.weight']:g}" in out
+
+
+def test_cli_scans_a_file_and_names_bad_input(digits_state_dict, tmp_path, capsys):
+    import deepshrink
+    from deepshrink.cli import main
+    from deepshrink.compress import prune_, share_weights_
+
+    _, model = digits_state_dict
+    prune_(model, 0.5, progress=False)
+    share_weights_(model, bits=5, progress=False)
+    path = tmp_path / "digits.dsz"
+    deepshrink.save(model, path, factory="deepshrink.models:lenet_300_100", factory_kwargs={"in_features": 64})
+    assert main(["sensitivity", str(path), "--data", "digits", "--sparsities", "0.3", "0.95"]) == 0
+    out = capsys.readouterr().out
+    assert "fc1.weight" in out and "95%" in out
+    assert main(["sensitivity", "--data", "digits"]) == 2
+    assert "give a FILE (.dsz) or --model" in capsys.readouterr().out
+    assert main(["sensitivity", "--model", "lenet-300-100", "--data", "digits"]) == 2
+    assert "--model needs --state-dict" in capsys.readouterr().out
+    assert main(["sensitivity", str(path), "--data", "digits", "--sparsities", "0.9", "0.5"]) == 2
+    assert "strictly increasing" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -12,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from rich.console import Console
 
+from deepshrink.compress.groups import GRANULARITIES
+from deepshrink.compress.sensitivity import DEFAULT_SPARSITIES
 from deepshrink.data.registry import DATASETS, load_data
 from deepshrink.errors import DeepShrinkError
 from deepshrink.fileformat.model_io import build_model
@@ -77,11 +80,57 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         _run_recipe(args)
         return
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+    model = _flags_model(args, kwargs)
+    run_recipe(_flags_recipe(args, kwargs), data_dir=args.data_dir, out=args.out, model=model, console=console)
+
+
+def _flags_model(args: argparse.Namespace, kwargs: dict | None) -> torch.nn.Module:
+    """The model --model names, built with --model-kwargs, its weights from --state-dict if given."""
     spec = {"factory": model_factory(args.model), "kwargs": kwargs or {}}
     model = build_model(spec, trust_factory=True)  # named on the command line by the user: trusted
     if args.state_dict:
         model.load_state_dict(torch.load(args.state_dict, map_location="cpu", weights_only=True))
-    run_recipe(_flags_recipe(args, kwargs), data_dir=args.data_dir, out=args.out, model=model, console=console)
+    return model
+
+
+def _cmd_sensitivity(args: argparse.Namespace) -> None:
+    """Prune each layer alone over a grid, print accuracy per layer and sparsity, propose sparsities."""
+    from deepshrink.compress.parametrization import bake_
+    from deepshrink.compress.sensitivity import sensitivity_scan
+    from deepshrink.fileformat.model_io import load
+
+    if (args.file is None) == (args.model is None):
+        raise DeepShrinkError(
+            "give a FILE (.dsz) or --model NAME|module:factory with --state-dict, not both or neither"
+        )
+    if args.file is not None:
+        model = load(args.file, trust_factory=args.trust_factory)
+        if not isinstance(model, torch.nn.Module):
+            raise DeepShrinkError(f"{args.file} names no model factory, so there is no model to scan")
+        bake_(model)  # the decoded weights, prunable again (a file's layers are weight-shared)
+    else:
+        if not args.state_dict:
+            raise DeepShrinkError("--model needs --state-dict, the trained weights: an untrained model has no "
+                                  "accuracy to lose")  # fmt: skip
+        model = _flags_model(args, json.loads(args.model_kwargs) if args.model_kwargs else None)
+    if args.samples < 1:
+        raise DeepShrinkError(f"--samples {args.samples} must be at least 1")
+    inputs, labels = load_data(args.data, args.data_dir, "train")
+    held = (inputs[-args.samples :], labels[-args.samples :])  # the training split's tail, as recipes scan
+    scan = sensitivity_scan(model, held, args.sparsities, granularity=args.granularity, layers=args.layers)
+    proposal = scan.propose(args.max_drop)
+    console.print(scan.table(f"accuracy on the last {len(held[1]):,} {args.data} training examples, one layer pruned"))
+    console.print(f"largest sparsity per layer within a drop of {args.max_drop:g}: " +
+                  ", ".join(f"{name}={s:g}" for name, s in proposal.items()))  # fmt: skip
+    if args.plot:
+        scan.plot(args.plot, args.max_drop)
+        console.print(f"wrote {args.plot}")
+    if args.json:
+        from deepshrink.atomic import write_atomic
+
+        record = {**dataclasses.asdict(scan), "max_drop": args.max_drop, "proposal": proposal}
+        write_atomic(args.json, json.dumps(record, indent=2).encode())
+        console.print(f"wrote {args.json}")
 
 
 def _run_recipe(args: argparse.Namespace) -> None:
@@ -307,6 +356,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the compressed model here")
     p.set_defaults(func=_cmd_compress)
+
+    p = sub.add_parser(
+        "sensitivity", help="accuracy of a trained model with each layer pruned alone: table, plot, proposed sparsities"
+    )
+    p.add_argument("file", nargs="?", help="a .dsz file that names its model (or use --model)")
+    p.add_argument("--model", help=f"one of {', '.join(MODELS)} or module:factory, with --state-dict")
+    p.add_argument("--model-kwargs", help="JSON keyword arguments for the factory")
+    p.add_argument("--state-dict", help="--model's trained weights (torch.save of a state_dict)")
+    p.add_argument(
+        "--trust-factory",
+        action="store_true",
+        help="FILE: let its model factory be imported even outside deepshrink.models",
+    )
+    p.add_argument("--data", default="mnist", choices=DATASETS)
+    p.add_argument("--data-dir", help="data root (default $DEEPSHRINK_DATA)")
+    p.add_argument(
+        "--samples", type=int, default=5000, help="measure on the last N training examples (never the test set)"
+    )
+    p.add_argument(
+        "--sparsities", type=float, nargs="+", default=list(DEFAULT_SPARSITIES), help="the grid, increasing in [0, 1)"
+    )
+    p.add_argument("--granularity", default="fine", choices=GRANULARITIES, help="what is pruned together")
+    p.add_argument("--layers", nargs="+", help="only these weights (globs, layer types or kinds, as in recipes)")
+    p.add_argument("--max-drop", type=float, default=0.01, help="accuracy each layer may lose, for the proposal")
+    p.add_argument("--plot", metavar="PNG", help="write the curves here")
+    p.add_argument("--json", metavar="PATH", help="write the scan and the proposal here")
+    p.set_defaults(func=_cmd_sensitivity)
 
     p = sub.add_parser("data", help="download MNIST or FSDD from their canonical sources, checked by SHA-256")
     p.add_argument("name", choices=("mnist", "fsdd"))
