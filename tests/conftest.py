@@ -104,16 +104,24 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def _load_benchmark(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` as when it is run (its neighbour ``common.py`` importable)."""
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    if name not in sys.modules:  # dataclasses look their module up there while it is being run
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
 @pytest.fixture(scope="session")
 def load_benchmark() -> Callable[[str], ModuleType]:
-    """``load_benchmark(name)`` imports ``benchmarks/<name>.py`` as when it is run (``common.py`` importable)."""
+    """``load_benchmark(name)`` imports ``benchmarks/<name>.py`` as when it is run."""
+    return _load_benchmark
 
-    def load(name: str) -> ModuleType:
-        if str(ROOT / "benchmarks") not in sys.path:
-            sys.path.insert(0, str(ROOT / "benchmarks"))
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
 
-    return load
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test taking ``crafted_case`` runs once per crafted file of ``benchmarks/bench_fuzz.py``."""
+    if "crafted_case" in metafunc.fixturenames:
+        metafunc.parametrize("crafted_case", list(_load_benchmark("bench_fuzz").CASES))

@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 
 from deepshrink.coding import kernels
 from deepshrink.coding.ans import ans_frequencies, decode_ans, encode_ans
+from deepshrink.coding.budget import DecodeBudget
 from deepshrink.coding.huffman import (
     MAX_HUFFMAN_LENGTH,
     canonical_codes,
     decode_prefix,
+    decode_table,
     encode_prefix,
     fixed_lengths,
     huffman_lengths,
@@ -257,3 +259,53 @@ def test_streams_roundtrip(symbols: list[int], coder: str) -> None:
     stream = encode_stream(data, coder, 6)
     decoded = decode_stream(stream.coder, stream.n, stream.k, stream.table_size, stream.data)
     assert decoded.tolist() == symbols
+
+
+def test_ans_payload_must_hold_exactly_its_symbols() -> None:
+    freqs = np.array([32, 32])
+    assert encode_ans(np.zeros(40, dtype=np.uint8), freqs).size == 0  # constriction's coder starts at state 0
+    with pytest.raises(FileFormatError, match="no payload"):
+        decode_ans(np.zeros(0, dtype=np.uint32), 40, freqs)  # would decode 40 zeros and end empty
+    one_word = np.array([0x80000000], dtype=np.uint32)  # the word: under this table, not 40 zeros
+    assert decode_ans(one_word, 40, freqs).tolist() == [0] * 8 + [1] + [0] * 31
+    assert encode_ans(decode_ans(one_word, 40, freqs), freqs).tolist() == one_word.tolist()
+    with pytest.raises(FileFormatError, match="does not hold exactly 5 symbols"):
+        decode_ans(one_word, 5, freqs)
+
+
+def test_writer_never_stores_an_empty_ans_payload() -> None:
+    constant = np.zeros(50, dtype=np.uint8)  # ANS would store no word at all
+    assert encode_with(constant, "ans", 4) is None
+    stream = encode_stream(constant, "ans", 4)
+    assert stream.coder == "huffman" and stream.payload
+    assert decode_stream(stream.coder, stream.n, stream.k, stream.table_size, stream.data).tolist() == [0] * 50
+
+
+def test_prefix_padding_bits_must_be_zero() -> None:
+    payload, n_bits = encode_prefix(np.array([1, 0, 1]), fixed_lengths(2))
+    assert n_bits == 6
+    damaged = payload.copy()
+    damaged[-1] |= 0b01  # a padding bit
+    with pytest.raises(FileFormatError, match="padding bits"):
+        decode_prefix(damaged, 3, fixed_lengths(2))
+
+
+def test_streams_are_charged_to_the_budget_before_decoding() -> None:
+    stream = encode_stream(np.arange(100, dtype=np.uint8) % 7, "huffman", 3)
+    budget = DecodeBudget(150)
+    decode_stream(stream.coder, stream.n, stream.k, stream.table_size, stream.data, budget)
+    assert budget.used >= 100
+    with pytest.raises(FileFormatError, match="max_elements=150"):
+        decode_stream(stream.coder, stream.n, stream.k, stream.table_size, stream.data, budget)
+
+
+def test_decode_tables_are_built_once_per_alphabet(monkeypatch) -> None:
+    from deepshrink.coding import streams
+
+    built = []
+    monkeypatch.setattr(streams, "_TABLES", streams._TableCache(streams.TABLE_CACHE_SIZE))
+    monkeypatch.setattr(streams, "decode_table", lambda lengths: built.append(1) or decode_table(lengths))
+    fixed16 = encode_with(np.array([7, 65535], dtype=np.uint16), "none", 16)
+    for _ in range(500):  # 500 tensors, each with a 65,536-symbol fixed-width stream: one table
+        decode_stream(fixed16.coder, fixed16.n, fixed16.k, fixed16.table_size, fixed16.data)
+    assert len(built) == 1

@@ -15,7 +15,7 @@ from torch import nn
 
 from deepshrink.compress.prune import prune_
 from deepshrink.compress.quantize import share_weights_
-from deepshrink.errors import DeepShrinkError
+from deepshrink.errors import DeepShrinkError, FileFormatError
 from deepshrink.fileformat.info import size_breakdown
 from deepshrink.fileformat.model_io import load, load_into, read, save, split_model
 from deepshrink.models import lenet_5, lenet_300_100
@@ -263,3 +263,62 @@ def test_export_safetensors_and_onnx(lenet5, mnist_test, tmp_path: Path) -> None
     with torch.no_grad():
         np.testing.assert_allclose(got, lenet5(images).numpy(), rtol=1e-4, atol=1e-4)
     assert main(["export", str(path), str(tmp_path / "l5.pt")]) == 2
+
+
+# -- the reader's limits: budget, NaN and infinity, models a file's factory builds -----------------------------
+
+
+def test_budget_refuses_a_file_before_decoding_and_a_caller_can_raise_it(lenet5, tmp_path: Path) -> None:
+    from deepshrink.fileformat.codec import read_limits
+
+    path = tmp_path / "l5.dsz"
+    save(lenet5, path)
+    with pytest.raises(FileFormatError, match="max_elements=1,000"):
+        read(path, max_elements=1000)
+    with read_limits(max_elements=1000), pytest.raises(FileFormatError, match="max_elements=1,000"):
+        load(path)  # the limit of the innermost read_limits applies to reads made anywhere inside
+    assert_same_tensors(read(path, max_elements=10**6).tensors, split_model(lenet5)[0])
+    with pytest.raises(DeepShrinkError, match="max_elements=-1 must be a non-negative integer"):
+        read(path, max_elements=-1)
+
+
+def test_nan_and_infinity_are_refused_at_save_and_load_unless_allowed(lenet5, tmp_path: Path) -> None:
+    import copy
+
+    broken = copy.deepcopy(lenet5)
+    with torch.no_grad():
+        broken.fc2.parametrizations.weight[0].codebook[3] = float("nan")
+    path = tmp_path / "nan.dsz"
+    with pytest.raises(DeepShrinkError, match="fc2.weight: the codebook holds NaN or infinity"):
+        save(broken, path)
+    assert not path.exists()
+    save(broken, path, allow_nonfinite=True)
+    with pytest.raises(FileFormatError, match="'fc2.weight': the codebook holds NaN"):
+        read(path)
+    assert np.isnan(read(path, allow_nonfinite=True).tensors["fc2.weight"].codebook[3])
+    with pytest.raises(DeepShrinkError, match="b: the array holds NaN or infinity"):
+        save({"b": torch.tensor([1.0, float("-inf")])}, path)
+
+
+def test_a_file_whose_kwargs_lie_builds_nothing_big(lenet5, tmp_path: Path) -> None:
+    from deepshrink.fileformat.codec import decode_file, encode_file
+
+    tensors, arrays = split_model(lenet5)
+    for kwargs, match in [
+        ({"in_channels": 3000}, "does not fit the model its factory 'deepshrink.models:lenet_5' builds"),
+        ({"num_classes": 10**9}, "does not fit the model"),
+        ({"num_classes": "10"}, "num_classes='10' must be int"),
+        ({"dropout": 5}, "dropout=5 must be a number in"),
+        ({"width": 5}, "rejects kwargs"),
+    ]:
+        data = encode_file(tensors, arrays, model={"factory": "deepshrink.models:lenet_5", "kwargs": kwargs})
+        (tmp_path / "lie.dsz").write_bytes(data)
+        with pytest.raises(FileFormatError, match=match):
+            load(tmp_path / "lie.dsz")
+    contents = decode_file(encode_file(tensors, arrays, model={"factory": "deepshrink.models:lenet_5", "kwargs": {}}))
+    from deepshrink.fileformat.model_io import model_from_file
+
+    with pytest.raises(FileFormatError, match="building the model needs the file's tensors dense: 431,080 elements"):
+        model_from_file(contents, max_elements=400_000)
+    rebuilt = model_from_file(contents)
+    assert torch.equal(rebuilt.conv2.weight, lenet5.conv2.weight)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from deepshrink.compress.prune import prune_
@@ -136,8 +136,10 @@ def rejects_within(data: bytes, match: str, max_bytes: int = 50 << 20) -> None:
 @pytest.mark.parametrize(
     ("data", "match"),
     [
-        (forge({"tensors": [array_entry([10**6, 10**6])]}, [b"\x00" * 400]), "needs 4000000000000 bytes but the section holds 400"),
-        (forge({"tensors": [compressed_entry(10**12, 10**12)]}, [b"\x00" * 8, b"\x00" * 8, b"\x00" * 16]), "claims 1000000000000 symbols"),
+        (forge({"tensors": [array_entry([10**6, 10**6])]}, [b"\x00" * 400]), "the file's tensors needs 1,000,000,000,000 elements, but the reader's budget"),
+        (forge({"tensors": [array_entry([1000, 1000])]}, [b"\x00" * 400]), "needs 4000000 bytes but the section holds 400"),
+        (forge({"tensors": [compressed_entry(10**12, 10**12)]}, [b"\x00" * 8, b"\x00" * 8, b"\x00" * 16]), "needs 3,000,000,000,004 elements"),
+        (forge({"tensors": [compressed_entry(10**6, 10**6)]}, [b"\x00" * 8, b"\x00" * 8, b"\x00" * 16]), "claims 1000000 symbols"),
         (forge({"tensors": [array_entry([4])], "sections": [[10**12, 0]]}, [b"\x00" * 16]), "claims 1000000000000 bytes"),
         (forge({"tensors": [array_entry([2**40, 2**40])]}, [b""]), "claims .* elements"),
         (forge({"tensors": []}, [], version=2), "format version 2 .* not supported"),
@@ -151,7 +153,7 @@ def rejects_within(data: bytes, match: str, max_bytes: int = 50 << 20) -> None:
         (forge({"tensors": [{**array_entry([4]), "kind": "pickle"}]}, [b"\x00" * 16]), "unknown kind 'pickle'"),
         (forge({"tensors": "no"}, []), "'tensors' is missing or not list"),
         (forge({"tensors": [compressed_entry(3, 3, coder="huffman")]}, [b"\x00" * 8, b"\x00", b"\x00" * 16]), "Huffman table"),
-        (forge({"tensors": [compressed_entry(3, 3)]}, [b"\xf0\x10", b"\x00", b"\x00" * 16]), "nnz=3 but 2 positions"),
+        (forge({"tensors": [compressed_entry(3, 3)]}, [b"\xf0\x10", b"\x00", b"\x00" * 16]), "nnz=3 but the index stream holds 2 positions"),
         (forge({"tensors": [compressed_entry(2, 2, shape=[1, 1])]}, [b"\x00", b"\x00", b"\x00" * 16]), "positions must be strictly increasing and inside"),
         (PRELUDE.pack(MAGIC, 1, 0, 2000, zlib.crc32(b"[" * 1000 + b"]" * 1000)) + b"[" * 1000 + b"]" * 1000, "not valid JSON|missing"),
         (b"DSHR", "shorter than the 20-byte prelude"),
@@ -183,3 +185,73 @@ def test_missing_file_is_a_deepshrink_error(tmp_path: Path) -> None:
 
     with pytest.raises(DeepShrinkError, match="cannot read"):
         load(tmp_path / "nope.dsz")
+
+
+# -- the crafted files of issue #17, and mutations of real files with every checksum recomputed --------------
+
+
+@pytest.fixture(scope="module")
+def bench_fuzz(load_benchmark):
+    return load_benchmark("bench_fuzz")
+
+
+def peak_growth_mb(bench_fuzz, fn) -> float:
+    """Peak resident memory ``fn()`` adds to this process (every allocator: numpy, numba, torch)."""
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak (VmHWM) restarts from the current size
+    before = bench_fuzz.memory_mb("VmRSS")
+    fn()
+    return bench_fuzz.memory_mb("VmHWM") - before
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak memory is read from Linux's /proc")
+def test_crafted_file_is_refused_within_memory(crafted_case: str, bench_fuzz, tmp_path: Path) -> None:
+    """Every crafted file of benchmarks/bench_fuzz.py (its page: times and peaks): FileFormatError, little memory."""
+    case = bench_fuzz.CASES[crafted_case]
+    data = case.build()
+    bench_fuzz.warm_up()
+    outcome = {}
+
+    def attack() -> None:
+        try:
+            outcome["result"] = bench_fuzz.attack(data, case.operation, tmp_path)
+        except Exception as err:  # the type is the point of the test
+            outcome["error"] = err
+
+    peak = peak_growth_mb(bench_fuzz, attack)
+    if case.valid:
+        assert "error" not in outcome, outcome
+        tensors = outcome["result"].tensors.values()
+        decoded_mb = sum(ct.positions.nbytes + ct.codes.nbytes + ct.codebook.nbytes for ct in tensors) / 2**20
+        assert peak < 2 * decoded_mb + 64, (peak, decoded_mb)
+    else:
+        assert isinstance(outcome.get("error"), FileFormatError), outcome
+        assert peak < 64, peak
+
+
+def test_the_dense_ans_file_decodes_to_what_it_says_under_a_raised_budget(bench_fuzz) -> None:
+    contents = decode_file(bench_fuzz.dense_ans_bitmap(), max_elements=1 << 28)
+    ct = contents.tensors["w"]
+    assert ct.nnz == ct.numel == 1 << 25 and int(ct.positions[-1]) == ct.numel - 1 and (ct.codes == 1).all()
+
+
+@pytest.fixture(scope="module")
+def seed_files(bench_fuzz) -> dict[str, bytes]:
+    return bench_fuzz.seed_files()
+
+
+CHECKSUMMED = ("truncate", "flip", "overwrite")  # mutations that leave the checksums as they were
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_real_files_are_refused_or_load(bench_fuzz, seed_files: dict[str, bytes], data) -> None:
+    """Truncations, flips, overwrites, and header or section lies with every checksum recomputed.
+
+    ``python benchmarks/bench_fuzz.py`` runs the same for ten minutes (figures in docs/fileformat.md).
+    """
+    name = data.draw(st.sampled_from(sorted(seed_files)))
+    what, mutated = bench_fuzz.mutate(seed_files[name], data.draw(st.randoms(use_true_random=False)))
+    note(f"{name}: {what}")
+    outcome = bench_fuzz.victim(mutated)  # raises anything that is not a FileFormatError
+    if what.split()[0] in CHECKSUMMED and mutated != seed_files[name]:
+        assert outcome == "rejected"

@@ -23,6 +23,14 @@ from deepshrink.coding.relative import count_escapes
 from deepshrink.errors import DeepShrinkError
 
 MAX_CODE_BITS = 16
+_CHECK_CHUNK = 1 << 20  # positions compared a chunk at a time: no temporary the size of a large tensor
+
+
+def _strictly_increasing(positions: np.ndarray) -> bool:
+    return all(
+        np.all(np.diff(positions[start : start + _CHECK_CHUNK + 1]) > 0)
+        for start in range(0, len(positions) - 1, _CHECK_CHUNK)
+    )
 
 
 def code_dtype(bits: int) -> type:
@@ -76,7 +84,7 @@ class CompressedTensor:
             raise DeepShrinkError(f"codebook has {len(codebook)} entries, more than 2**bits={1 << self.bits}")
         numel = math.prod(shape)
         if len(positions):
-            if positions[0] < 0 or positions[-1] >= numel or np.any(np.diff(positions) <= 0):
+            if positions[0] < 0 or positions[-1] >= numel or not _strictly_increasing(positions):
                 raise DeepShrinkError(f"positions must be strictly increasing and inside 0..{numel - 1}")
             if codes.min() < 0 or int(codes.max()) >= len(codebook):
                 raise DeepShrinkError(f"a code is outside the codebook of {len(codebook)} entries")

@@ -26,6 +26,7 @@ from deepshrink.errors import DeepShrinkError, FileFormatError
 
 MIN_PRECISION = 6  # frequencies sum to at least 2**6
 MAX_TABLE_PRECISION = 14  # finer tables gain < 0.001 bit a symbol on our streams
+CHUNK = 1 << 20  # symbols per call into constriction: no int32 copy of a long stream
 MAX_PRECISION = 20  # for alphabets of up to 2**19 used symbols; well inside constriction's 24-bit models
 
 
@@ -86,36 +87,57 @@ def _model(frequencies: np.ndarray) -> constriction.stream.model.Categorical:
 def encode_ans(symbols: np.ndarray, frequencies: np.ndarray) -> np.ndarray:
     """Encode ``symbols`` (each with a non-zero frequency) into uint32 words.
 
+    A stream made only of the first used symbol encodes to no words at all
+    (constriction's coder starts from state 0, which that symbol leaves at 0);
+    :func:`deepshrink.coding.streams.encode_with` stores such a stream another way.
+
     Raises:
         DeepShrinkError: a symbol has frequency 0 or lies outside the table.
     """
-    symbols = np.ascontiguousarray(symbols, dtype=np.int32)
+    symbols = np.asarray(symbols)
     frequencies = np.asarray(frequencies)
     if symbols.size and (int(symbols.max()) >= frequencies.size or not frequencies[symbols].all()):
         raise DeepShrinkError("a symbol has no probability in the ANS table")
-    coder = constriction.stream.stack.AnsCoder()
-    if symbols.size:
-        coder.encode_reverse(symbols, _model(frequencies))  # reverse, so decoding runs forward
+    model, coder = _model(frequencies), constriction.stream.stack.AnsCoder()
+    for start in reversed(range(0, symbols.size, CHUNK)):  # reversed, so decoding runs forward
+        coder.encode_reverse(np.ascontiguousarray(symbols[start : start + CHUNK], dtype=np.int32), model)
     return coder.get_compressed().astype("<u4")
 
 
-def decode_ans(words: np.ndarray, n: int, frequencies: np.ndarray) -> np.ndarray:
-    """Decode ``n`` symbols (int32) from uint32 ``words``.
+def decode_ans(words: np.ndarray, n: int, frequencies: np.ndarray, dtype: type = np.int32) -> np.ndarray:
+    """Decode ``n`` symbols from uint32 ``words``, which must hold exactly those symbols.
+
+    constriction's decoder runs on from an empty state, emitting the first used
+    symbol for ever, so the end state alone does not show that the words were
+    consumed by exactly ``n`` symbols: an empty payload would decode to any
+    number of them. The writer never stores an empty payload, and the reader
+    refuses one.
+
+    Args:
+        words: the payload.
+        n: symbols to decode.
+        frequencies: the stream's table.
+        dtype: of the result, wide enough for ``len(frequencies) - 1``.
 
     Raises:
-        FileFormatError: the table is unusable, or the words are not exactly
-            ``n`` symbols' worth (the coder must end empty).
+        FileFormatError: the table is unusable, the payload is empty, or the
+            words are not exactly ``n`` symbols' worth (the coder must end empty).
     """
     if n == 0:
         if len(words):
             raise FileFormatError(f"empty ANS stream carries {len(words)} words")
-        return np.zeros(0, dtype=np.int32)
+        return np.zeros(0, dtype=dtype)
+    if not len(words):
+        raise FileFormatError(f"ANS stream of {n} symbols has no payload (the writer never stores an empty one)")
     frequencies = np.asarray(frequencies, dtype=np.int64)
     if not frequencies.any():
         raise FileFormatError("ANS table has no symbol")
+    model = _model(frequencies)
+    out = np.empty(n, dtype=dtype)
     try:
         coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(words, dtype=np.uint32))
-        out = np.asarray(coder.decode(_model(frequencies), int(n)), dtype=np.int32)
+        for start in range(0, n, CHUNK):  # a chunk at a time: no int32 copy of the whole stream
+            out[start : start + CHUNK] = coder.decode(model, min(CHUNK, n - start))
     except (ValueError, RuntimeError, AssertionError) as err:  # constriction reports bad data this way
         raise FileFormatError(f"ANS stream is damaged: {err}") from err
     if not coder.is_empty():

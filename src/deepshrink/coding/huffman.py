@@ -126,26 +126,42 @@ def encode_prefix(symbols: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray,
     return payload, int(n_bits)
 
 
-def decode_prefix(payload: np.ndarray, n: int, lengths: np.ndarray) -> np.ndarray:
-    """Decode ``n`` symbols (uint16) of the canonical code of ``lengths``.
+def decode_prefix(payload: np.ndarray, n: int, lengths: np.ndarray, dtype: type = np.uint16) -> np.ndarray:
+    """Decode ``n`` symbols of the canonical code of ``lengths`` (see :func:`decode_with_table`)."""
+    return decode_with_table(payload, n, decode_table(lengths) if n else None, dtype)
+
+
+def decode_with_table(
+    payload: np.ndarray, n: int, table: tuple[np.ndarray, np.ndarray, int] | None, dtype: type = np.uint16
+) -> np.ndarray:
+    """Decode ``n`` symbols with a table from :func:`decode_table` (built once, used for many streams).
+
+    Args:
+        payload: the coded bytes.
+        n: symbols to decode.
+        table: the decode table (unused when ``n == 0``).
+        dtype: of the result, wide enough for every symbol of the table.
 
     Raises:
         FileFormatError: the stream is shorter than ``n`` symbols, holds a bit
-            pattern that is no codeword, or has bytes left over.
+            pattern that is no codeword, has bytes left over or padding bits set.
     """
     payload = np.ascontiguousarray(payload, dtype=np.uint8)
     if n == 0:
         if payload.size:
             raise FileFormatError(f"empty stream carries {payload.size} bytes")
-        return np.zeros(0, dtype=np.uint16)
-    table_symbol, table_length, top = decode_table(lengths)
-    out, status, n_bits = kernels.decode_prefix_codes(payload, np.int64(n), table_symbol, table_length, np.int64(top))
+        return np.zeros(0, dtype=dtype)
+    table_symbol, table_length, top = table
+    out = np.empty(n, dtype=dtype)
+    status, n_bits = kernels.decode_prefix_codes(payload, out, table_symbol, table_length, np.int64(top))
     if status == kernels.INVALID_CODE:
         raise FileFormatError(f"invalid prefix code at bit {int(n_bits)} of {payload.size * 8}")
     if status == kernels.TRUNCATED:
         raise FileFormatError(f"stream of {payload.size} bytes ends before its {n} symbols")
     if (int(n_bits) + 7) // 8 != payload.size:
         raise FileFormatError(f"stream has {payload.size} bytes but its {n} symbols use {int(n_bits)} bits")
+    if payload[-1] & ((1 << (-int(n_bits) % 8)) - 1):
+        raise FileFormatError("stream has padding bits set after its last symbol")
     return out
 
 

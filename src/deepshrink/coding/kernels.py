@@ -1,4 +1,5 @@
-"""numba kernels of the coding domain: bit packing, prefix-code decoding, Huffman depths, varints.
+"""numba kernels of the coding domain: bit packing, prefix-code decoding, Huffman depths, varints,
+and relative indices or bitmaps to positions.
 
 Each kernel assumes validated input (the public wrappers in ``huffman.py`` and
 ``ans.py`` check it) *except* for the bytes it decodes: those may come from a
@@ -56,27 +57,26 @@ def pack_prefix_codes(symbols: np.ndarray, codes: np.ndarray, lengths: np.ndarra
 
 @njit(cache=True)
 def decode_prefix_codes(
-    payload: np.ndarray, n: np.int64, table_symbol: np.ndarray, table_length: np.ndarray, max_length: np.int64
-) -> tuple[np.ndarray, np.int64, np.int64]:
-    """Decode ``n`` symbols with a lookup table indexed by the next ``max_length`` bits.
+    payload: np.ndarray, out: np.ndarray, table_symbol: np.ndarray, table_length: np.ndarray, max_length: np.int64
+) -> tuple[np.int64, np.int64]:
+    """Decode ``len(out)`` symbols into ``out`` with a lookup table indexed by the next ``max_length`` bits.
 
     Args:
         payload: uint8 bit stream (possibly damaged).
-        n: symbols to decode.
+        out: ``(n,)`` array receiving the symbols (uint8 or uint16, wide enough for the table's).
         table_symbol: ``(2**max_length,)`` uint16 symbol of each bit pattern.
         table_length: ``(2**max_length,)`` uint8 codeword length; 0 marks no codeword.
         max_length: longest codeword, 1..16.
 
     Returns:
-        ``(symbols, status, bits_used)`` with ``status`` one of OK, INVALID_CODE,
-        TRUNCATED (then ``symbols`` is partly filled).
+        ``(status, bits_used)`` with ``status`` one of OK, INVALID_CODE,
+        TRUNCATED (then ``out`` is partly filled).
     """
-    out = np.empty(n, dtype=np.uint16)
     size = np.int64(payload.shape[0])
     n_bits = size * 8
     mask = (np.int64(1) << max_length) - 1
     pos = np.int64(0)
-    for i in range(n):
+    for i in range(out.shape[0]):
         byte = pos >> 3
         window = np.int64(0)  # 24 bits cover 7 bits of offset plus a 16-bit codeword
         for b in range(3):
@@ -86,12 +86,12 @@ def decode_prefix_codes(
         pattern = (window >> (24 - (pos & 7) - max_length)) & mask
         length = np.int64(table_length[pattern])
         if length == 0:
-            return out, np.int64(INVALID_CODE), pos
+            return np.int64(INVALID_CODE), pos
         pos += length
         if pos > n_bits:
-            return out, np.int64(TRUNCATED), pos
+            return np.int64(TRUNCATED), pos
         out[i] = table_symbol[pattern]
-    return out, np.int64(OK), pos
+    return np.int64(OK), pos
 
 
 @njit(cache=True)
@@ -175,3 +175,72 @@ def decode_varints(data: np.ndarray, k: np.int64, max_value: np.int64) -> tuple[
             return out, np.int64(-1)
         out[i] = v
     return out, j
+
+
+@njit(cache=True)
+def relative_count(stream: np.ndarray, escape: np.int64) -> np.int64:
+    """Positions a relative-index stream holds: its symbols other than ``escape``."""
+    kept = np.int64(0)
+    for i in range(stream.shape[0]):
+        kept += np.int64(stream[i]) != escape
+    return kept
+
+
+@njit(cache=True)
+def relative_positions(stream: np.ndarray, escape: np.int64) -> np.ndarray:
+    """Flat positions of a relative-index stream (see ``relative.py``), with no temporary arrays.
+
+    Args:
+        stream: ``(n,)`` unsigned gaps, each ``<= escape``; ``escape`` means "skip ``escape``, no weight".
+
+    Returns:
+        ``(kept,)`` int64 positions, strictly increasing.
+    """
+    out = np.empty(relative_count(stream, escape), dtype=np.int64)
+    position = np.int64(-1)
+    j = np.int64(0)
+    for i in range(stream.shape[0]):
+        gap = np.int64(stream[i])
+        if gap == escape:
+            position += escape
+        else:
+            position += gap + 1
+            out[j] = position
+            j += 1
+    return out
+
+
+@njit(cache=True)
+def bitmap_count(nibbles: np.ndarray) -> np.int64:
+    """Set bits in a bitmap cut into 4-bit symbols."""
+    kept = np.int64(0)
+    for i in range(nibbles.shape[0]):
+        v = np.int64(nibbles[i])
+        kept += (v & 1) + ((v >> 1) & 1) + ((v >> 2) & 1) + ((v >> 3) & 1)
+    return kept
+
+
+@njit(cache=True)
+def bitmap_positions(nibbles: np.ndarray, numel: np.int64, kept: np.int64) -> tuple[np.ndarray, np.int64]:
+    """Flat positions of a bitmap cut into MSB-first 4-bit symbols, with no unpacked bit array.
+
+    Args:
+        nibbles: ``(ceil(numel / 4),)`` unsigned symbols, each ``< 16``.
+        numel: the bitmap's length; bits past it must be 0.
+        kept: :func:`bitmap_count` of ``nibbles`` (counted first, so the caller can check it).
+
+    Returns:
+        ``(positions, status)``: int64 positions and OK, or INVALID_CODE when a bit past ``numel`` is set.
+    """
+    out = np.empty(kept, dtype=np.int64)
+    j = np.int64(0)
+    for i in range(nibbles.shape[0]):
+        v = np.int64(nibbles[i])
+        for b in range(4):
+            if (v >> (3 - b)) & 1:
+                position = 4 * i + b
+                if position >= numel:
+                    return out[:j], np.int64(INVALID_CODE)
+                out[j] = position
+                j += 1
+    return out, np.int64(OK)

@@ -9,13 +9,15 @@ Unlike the paper's filler *zero weight*, an escape carries no codebook index, so
 it costs only index bits and the codebook need not hold a zero. The number of
 escapes for a gap ``g`` is ``g // E``.
 
-Both directions are vectorised NumPy (no per-symbol Python loop).
+Encoding is vectorised NumPy; decoding is one numba pass that allocates only
+the positions (a stream from a file may be large: no temporaries of its size).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from deepshrink.coding import kernels
 from deepshrink.errors import DeepShrinkError
 
 MAX_INDEX_BITS = 16
@@ -65,13 +67,12 @@ def decode_relative(stream: np.ndarray, index_bits: int) -> np.ndarray:
         DeepShrinkError: when a symbol does not fit in ``index_bits``.
     """
     escape = _escape(index_bits)
-    stream = np.asarray(stream)
+    stream = np.ascontiguousarray(stream)
     if stream.size and int(stream.max()) > escape:
         raise DeepShrinkError(f"relative index {int(stream.max())} does not fit in {index_bits} bits")
-    stream = stream.astype(np.int64)
-    is_real = stream != escape
-    advance = np.where(is_real, stream + 1, escape)
-    return (np.cumsum(advance) - 1)[is_real]
+    if stream.dtype.kind not in "ui":
+        stream = stream.astype(np.int64)
+    return kernels.relative_positions(stream, np.int64(escape))  # one pass, no stream-sized temporaries
 
 
 def count_escapes(positions: np.ndarray, index_bits: int) -> int:

@@ -7,8 +7,9 @@ fixed-width packing is smaller (a tiny layer's table can outweigh its gain), as
 deflate falls back to stored blocks.
 
 A decoder trusts no count: a stream may hold at most
-``MAX_SYMBOLS_PER_BYTE * bytes + SYMBOL_SLACK`` symbols, so a damaged or
-malicious count cannot make it allocate more than a small multiple of the file.
+``MAX_SYMBOLS_PER_BYTE * bytes + SYMBOL_SLACK`` symbols, and every symbol and
+decode table is charged to the file's :class:`~deepshrink.coding.budget.DecodeBudget`
+before it is allocated, so no count can make it allocate more than the budget.
 
 Examples:
     >>> s = encode_stream(np.array([0, 0, 1, 0, 3, 0, 0, 0]), "huffman", width=2)
@@ -18,15 +19,20 @@ Examples:
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from deepshrink.coding import kernels
 from deepshrink.coding.ans import ans_frequencies, decode_ans, encode_ans
+from deepshrink.coding.budget import DecodeBudget
 from deepshrink.coding.huffman import (
     MAX_HUFFMAN_LENGTH,
-    decode_prefix,
+    decode_table,
+    decode_with_table,
     encode_prefix,
     fixed_lengths,
     huffman_lengths,
@@ -117,30 +123,81 @@ def encode_with(symbols: np.ndarray, coder: str, width: int) -> EncodedStream | 
     stream = EncodedStream(
         "ans", symbols.size, counts.size, kernels.encode_varints(freqs).tobytes(), encode_ans(symbols, freqs).tobytes()
     )
-    return stream if stream.n <= symbol_limit(stream.nbytes) else None
+    return stream if stream.payload and stream.n <= symbol_limit(stream.nbytes) else None
 
 
 def encode_stream(symbols: np.ndarray, coder: str, width: int) -> EncodedStream:
-    """Encode with ``coder``, falling back to fixed width when that is no larger."""
+    """Encode with ``coder``, falling back to fixed width when that is no larger.
+
+    Where ANS does not apply (a stream denser than the reader accepts, or one
+    whose payload would be empty), Huffman is tried in its place.
+    """
     raw = encode_with(symbols, "none", width)
     coded = encode_with(symbols, check_coder(coder), width) if coder != "none" else None
+    if coded is None and coder == "ans":
+        coded = encode_with(symbols, "huffman", width)
     return coded if coded is not None and coded.nbytes < raw.nbytes else raw
 
 
-def decode_stream(coder: str, n: int, k: int, table_size: int, data: bytes | np.ndarray) -> np.ndarray:
+class _TableCache:
+    """Prefix-code decode tables by coder and stored table: each built once, however many streams share it.
+
+    A fixed-width 16-bit table has 65,536 entries; 20,000 tensors that each
+    carry one would otherwise rebuild it 20,000 times. The most recent
+    :data:`TABLE_CACHE_SIZE` tables are kept (at most ~200 KB each).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._tables: OrderedDict[tuple, tuple] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, lengths: Callable[[], np.ndarray], budget: DecodeBudget) -> tuple:
+        """The table of ``key``, built from ``lengths()`` (charged to ``budget``) if not kept."""
+        with self._lock:
+            table = self._tables.get(key)
+            if table is not None:
+                self._tables.move_to_end(key)
+                return table
+        code_lengths = lengths()
+        budget.charge(1 << int(code_lengths.max(initial=0)), "a decode table")
+        table = decode_table(code_lengths)
+        with self._lock:
+            self._tables[key] = table
+            while len(self._tables) > self.size:
+                self._tables.popitem(last=False)
+        return table
+
+
+TABLE_CACHE_SIZE = 64
+_TABLES = _TableCache(TABLE_CACHE_SIZE)
+
+
+def symbol_dtype(k: int) -> type:
+    """The smallest unsigned dtype of the symbols of an alphabet of ``k``."""
+    return np.uint8 if k <= 256 else np.uint16
+
+
+def decode_stream(
+    coder: str, n: int, k: int, table_size: int, data: bytes | np.ndarray, budget: DecodeBudget | None = None
+) -> np.ndarray:
     """Decode a stream written by :func:`encode_stream` (validating everything).
 
     Args:
         coder, n, k, table_size: as recorded in the file header.
         data: the stream's bytes (table then payload).
+        budget: what the whole file may still allocate; the ``n`` symbols and
+            any decode table are charged before they are made. Default: a fresh
+            :class:`DecodeBudget`.
 
     Returns:
-        ``(n,)`` symbols, uint16 or int32.
+        ``(n,)`` symbols, uint8 for an alphabet of at most 256, else uint16.
 
     Raises:
         FileFormatError: an unknown coder, counts that the bytes cannot hold, a
-            table of the wrong size, or a damaged payload.
+            table of the wrong size, a damaged payload, or the budget exceeded.
     """
+    budget = budget if budget is not None else DecodeBudget()
     data = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
     if coder not in CODERS:
         raise FileFormatError(f"unknown coder {coder!r}; this version reads {', '.join(CODERS)}")
@@ -148,17 +205,21 @@ def decode_stream(coder: str, n: int, k: int, table_size: int, data: bytes | np.
         raise FileFormatError(f"stream alphabet {k} or table size {table_size} is out of range")
     if n > symbol_limit(data.size):
         raise FileFormatError(f"stream claims {n} symbols but holds only {data.size} bytes")
+    budget.charge(n, f"a stream of {n:,} symbols")
     table, payload = data[:table_size], data[table_size:]
+    dtype = symbol_dtype(k)
     if coder == "none":
         width = k.bit_length() - 1
         if k != 1 << width or width < 1 or table_size:
             raise FileFormatError(f"fixed-width stream has alphabet {k} (not a power of two) or a table")
-        return decode_prefix(payload, n, fixed_lengths(width))
+        return decode_with_table(payload, n, _TABLES.get(("none", width), lambda: fixed_lengths(width), budget), dtype)
     if coder == "huffman":
         if table_size != (k + 1) // 2:
             raise FileFormatError(f"Huffman table of {k} symbols must be {(k + 1) // 2} bytes, not {table_size}")
-        return decode_prefix(payload, n, unpack_lengths(table, k))
+        key = ("huffman", k, table.tobytes())
+        return decode_with_table(payload, n, _TABLES.get(key, lambda: unpack_lengths(table, k), budget), dtype)
+    budget.charge(k, "an ANS table")
     freqs, used = kernels.decode_varints(table, np.int64(k), np.int64(1 << 24))
     if used != table_size or payload.size % 4:
         raise FileFormatError("ANS table or payload has the wrong size")
-    return decode_ans(np.frombuffer(payload.tobytes(), dtype="<u4"), n, freqs)
+    return decode_ans(np.frombuffer(payload.tobytes(), dtype="<u4"), n, freqs, dtype)

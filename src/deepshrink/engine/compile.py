@@ -158,18 +158,19 @@ def from_file(
         The model with its compressed Linear / Conv2d layers on the engine.
 
     Raises:
-        FileFormatError: the file is damaged.
+        FileFormatError: the file is damaged, or does not fit the model its factory builds.
         DeepShrinkError: the file names no model and ``model`` is not given, or
-            the model does not fit the file.
+            your model does not fit the file.
     """
-    from deepshrink.fileformat.model_io import build_model, load_into, read
+    from deepshrink.fileformat.model_io import load_into, model_from_file, read
 
     contents = read(path)
-    if model is None:
-        if contents.model is None:
-            raise DeepShrinkError(f"{os.fspath(path)} names no model factory; pass model= your architecture")
-        model = build_model(contents.model, trust_factory)
-    load_into(model, contents)
+    if model is not None:
+        load_into(model, contents)
+    elif contents.model is None:
+        raise DeepShrinkError(f"{os.fspath(path)} names no model factory; pass model= your architecture")
+    else:
+        model = model_from_file(contents, trust_factory)
     return compile_model(model, contents.tensors, workers=workers, fixed_point=fixed_point, inplace=True)
 
 

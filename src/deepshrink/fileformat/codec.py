@@ -22,15 +22,20 @@ is executed (JSON and raw arrays only, no pickle).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import struct
 import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from deepshrink.coding import kernels
+from deepshrink.coding.budget import DEFAULT_MAX_ELEMENTS, DecodeBudget, check_max_elements
 from deepshrink.coding.relative import decode_relative, encode_relative
 from deepshrink.coding.streams import EncodedStream, check_coder, decode_stream, encode_stream
 from deepshrink.errors import DeepShrinkError, FileFormatError
@@ -41,8 +46,11 @@ MAGIC = b"DSHRINK\x00"
 FORMAT_VERSION = 1
 PRELUDE = struct.Struct("<8sHHII")  # magic, version, flags, header length, header crc32
 FLAG_DEFLATED_HEADER = 1  # names and CRC digits deflate to about a third: 1 KB of a 30 KB LeNet file
-MAX_HEADER_BYTES = 16 << 20  # a header is names and small numbers: about 300 bytes a tensor
-MAX_ELEMENTS = 1 << 48  # no tensor shape may claim more (products are checked in Python ints)
+MAX_HEADER_BYTES = 8 << 20  # a header is names and small numbers: about 300 bytes a tensor
+MAX_HEADER_VALUES = 1 << 18  # JSON values and keys: ~35 a compressed tensor, so ~7,000 tensors
+MAX_SHAPE_ELEMENTS = 1 << 48  # no dimension, and no product of them, may claim more
+MAX_DIMS = 16
+SECTIONS_PER_TENSOR = 3  # index, codes, codebook; an array uses one
 DEFAULT_INDEX_BITS = {"fc": 5, "conv": 8}  # Deep Compression: 5 bits for fully connected, 8 for conv
 LAYOUTS = ("auto", "relative", "bitmap")
 CODEBOOK_DTYPES = {"float32": "<f4", "float16": "<f2"}
@@ -89,6 +97,56 @@ class EncodeOptions:
         """The relative-index width of tensor ``name``."""
         bits = self.index_bits.get(name) if isinstance(self.index_bits, dict) else self.index_bits
         return bits if bits is not None else DEFAULT_INDEX_BITS["conv" if len(ct.shape) > 2 else "fc"]
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """What a reader accepts; see :func:`read_limits`.
+
+    Attributes:
+        max_elements: the most elements decoding one file may allocate, and
+            the most a dense decode of it (export, a model built for it) may.
+        allow_nonfinite: accept NaN and infinity in codebooks and float arrays.
+    """
+
+    max_elements: int = DEFAULT_MAX_ELEMENTS
+    allow_nonfinite: bool = False
+
+
+_LIMITS: contextvars.ContextVar[ReadLimits] = contextvars.ContextVar(
+    "deepshrink_read_limits",
+    default=ReadLimits(),  # noqa: B039 (a frozen dataclass: nothing to mutate)
+)
+
+
+@contextlib.contextmanager
+def read_limits(max_elements: int | None = None, allow_nonfinite: bool | None = None) -> Iterator[ReadLimits]:
+    """Change the reader's defaults inside a ``with`` block (the command line's ``--max-elements``).
+
+    Every read in the block that is not given its own value uses these: also
+    those made deep inside other functions (the engine's ``from_file``, the
+    simulator, ``info``).
+
+    Examples:
+        >>> with read_limits(max_elements=1 << 28) as limits:
+        ...     limits.max_elements
+        268435456
+    """
+    limits = current_limits(max_elements, allow_nonfinite)
+    token = _LIMITS.set(limits)
+    try:
+        yield limits
+    finally:
+        _LIMITS.reset(token)
+
+
+def current_limits(max_elements: int | None = None, allow_nonfinite: bool | None = None) -> ReadLimits:
+    """The given values, the others from the innermost :func:`read_limits` (or the defaults)."""
+    current = _LIMITS.get()
+    return ReadLimits(
+        current.max_elements if max_elements is None else check_max_elements(max_elements),
+        current.allow_nonfinite if allow_nonfinite is None else bool(allow_nonfinite),
+    )
 
 
 @dataclass
@@ -139,7 +197,17 @@ def encode_positions(ct: CompressedTensor, index_bits: int, layout: str, coder: 
     return min(candidates, key=lambda c: c[1].nbytes)  # ties keep relative, the paper's layout
 
 
-def _encode_compressed(name: str, ct: CompressedTensor, options: EncodeOptions, sections: list[bytes]) -> dict:
+def _refuse_nonfinite(finite: bool, name: str, what: str) -> None:
+    if not finite:
+        raise DeepShrinkError(f"{name}: {what} holds NaN or infinity (a diverged training run?); "
+                              "pass allow_nonfinite=True to store it anyway")  # fmt: skip
+
+
+def _encode_compressed(
+    name: str, ct: CompressedTensor, options: EncodeOptions, sections: list[bytes], allow_nonfinite: bool
+) -> dict:
+    if not allow_nonfinite:
+        _refuse_nonfinite(bool(np.isfinite(ct.codebook).all()), name, "the codebook")
     index_bits = options.index_bits_for(name, ct)
     layout, index_stream = encode_positions(ct, index_bits, options.layout, options.coder)
     codebook = ct.codebook.astype(CODEBOOK_DTYPES[options.codebook_dtype])
@@ -155,10 +223,12 @@ def _encode_compressed(name: str, ct: CompressedTensor, options: EncodeOptions, 
     return entry
 
 
-def _encode_array(name: str, value: torch.Tensor | np.ndarray, sections: list[bytes]) -> dict:
+def _encode_array(name: str, value: torch.Tensor | np.ndarray, sections: list[bytes], allow_nonfinite: bool) -> dict:
     tensor = torch.as_tensor(value).detach().cpu().contiguous()
     if tensor.dtype not in ARRAY_DTYPES:
         raise DeepShrinkError(f"{name}: dtype {tensor.dtype} cannot be stored; allowed: {', '.join(_TORCH_DTYPES)}")
+    if tensor.is_floating_point() and not allow_nonfinite:
+        _refuse_nonfinite(bool(torch.isfinite(tensor).all()), name, "the array")
     raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor  # numpy has no bfloat16
     sections.append(raw.numpy().astype(raw.numpy().dtype.newbyteorder("<"), copy=False).tobytes())
     return {"name": name, "kind": "array", "dtype": ARRAY_DTYPES[tensor.dtype], "shape": list(tensor.shape),
@@ -172,14 +242,17 @@ def encode_file(
     model: dict | None = None,
     metadata: dict | None = None,
     deflate_header: bool = True,
+    allow_nonfinite: bool = False,
 ) -> bytes:
     """Serialise tensors and arrays into the bytes of a ``.dsz`` file.
 
     ``deflate_header=False`` keeps the JSON header readable in the file (tests pin such bytes).
+    ``allow_nonfinite=True`` stores NaN and infinity (a reader then needs it too).
 
     Raises:
-        DeepShrinkError: a name appears twice, a dtype cannot be stored, or the
-            metadata is not JSON.
+        DeepShrinkError: a name appears twice, a dtype cannot be stored, a value
+            is NaN or infinite, the metadata is not JSON, or the header is over
+            its caps (bytes, JSON values).
     """
     clash = set(tensors) & set(arrays)
     if clash:
@@ -189,23 +262,46 @@ def encode_file(
         raise DeepShrinkError(f"index_bits names {sorted(unknown)}, which are not compressed tensors; "
                               f"they are: {', '.join(tensors) or 'none'}")  # fmt: skip
     sections: list[bytes] = []
-    entries = [_encode_compressed(n, ct, options, sections) for n, ct in track(tensors.items(), "encoding")]
-    entries += [_encode_array(n, a, sections) for n, a in arrays.items()]
-    header = {"tensors": entries, "model": model, "meta": metadata or {},
-              "sections": [[len(s), zlib.crc32(s)] for s in sections]}  # fmt: skip
+    entries = [
+        _encode_compressed(n, ct, options, sections, allow_nonfinite) for n, ct in track(tensors.items(), "encoding")
+    ]
+    entries += [_encode_array(n, a, sections, allow_nonfinite) for n, a in arrays.items()]
+    header = {"tensors": entries, "model": model, "meta": metadata or {}, "sections": section_table(sections)}
     try:
         header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     except (TypeError, ValueError) as err:
         raise DeepShrinkError(f"model kwargs and metadata must be plain JSON data: {err}") from err
-    if len(header_bytes) > MAX_HEADER_BYTES:
-        raise DeepShrinkError(f"header of {len(header_bytes)} bytes exceeds the cap of {MAX_HEADER_BYTES}")
+    if len(header_bytes) > MAX_HEADER_BYTES or json_values(header_bytes) > MAX_HEADER_VALUES:
+        raise DeepShrinkError(f"header of {len(header_bytes):,} bytes and {json_values(header_bytes):,} JSON values "
+                              f"exceeds a cap ({MAX_HEADER_BYTES:,} bytes, {MAX_HEADER_VALUES:,} values): too many "
+                              "tensors, or metadata to store as one string")  # fmt: skip
+    return pack_container(header_bytes, sections, deflate_header)
+
+
+def section_table(sections: Sequence[bytes]) -> list[list[int]]:
+    """The header's ``sections`` field: ``[length, crc32]`` of each section."""
+    return [[len(s), zlib.crc32(s)] for s in sections]
+
+
+def pack_container(header_json: bytes, sections: Sequence[bytes], deflate_header: bool = True) -> bytes:
+    """Frame a JSON header (whose section table is filled in) and the sections: the bytes of a file.
+
+    :func:`encode_file` ends here; tools that build files to test a reader
+    (``benchmarks/bench_fuzz.py``) start here, with every checksum right.
+    """
     flags = FLAG_DEFLATED_HEADER if deflate_header else 0
-    stored = zlib.compress(header_bytes, 9) if deflate_header else header_bytes
+    stored = zlib.compress(header_json, 9) if deflate_header else header_json
     prelude = PRELUDE.pack(MAGIC, FORMAT_VERSION, flags, len(stored), zlib.crc32(stored))
     return b"".join([prelude, stored, *sections])
 
 
 # -- reading ------------------------------------------------------------------
+
+
+def show_value(value: object) -> str:
+    """A value from a file for an error message: its repr, cut short (a file may hold megabytes in one field)."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text):,} characters)"
 
 
 def _get(obj: dict, key: str, kind: type, where: str) -> object:
@@ -216,19 +312,25 @@ def _get(obj: dict, key: str, kind: type, where: str) -> object:
     return value
 
 
-def _count(obj: dict, key: str, where: str, limit: int = MAX_ELEMENTS) -> int:
+def _count(obj: dict, key: str, where: str, limit: int = MAX_SHAPE_ELEMENTS) -> int:
     value = _get(obj, key, int, where)
     if not 0 <= value <= limit:
-        raise FileFormatError(f"{where}: {key}={value} is outside 0..{limit}")
+        raise FileFormatError(f"{where}: {key}={show_value(value)} is outside 0..{limit}")
     return value
 
 
 def _shape(entry: dict, where: str) -> tuple[int, ...]:
+    """The entry's shape: at most 16 dims, each and the product of the non-zero ones at most 2**48.
+
+    A zero dimension makes the product 0, so every dimension is bounded on its own too:
+    ``[2**64, 0]`` is refused here, not by whatever reshapes it later.
+    """
     shape = _get(entry, "shape", list, where)
-    if len(shape) > 16 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-        raise FileFormatError(f"{where}: shape {shape} is not a list of at most 16 non-negative ints")
-    if math.prod(shape) > MAX_ELEMENTS:
-        raise FileFormatError(f"{where}: shape {shape} claims {math.prod(shape)} elements, over {MAX_ELEMENTS}")
+    if len(shape) > MAX_DIMS or not all(type(d) is int and 0 <= d <= MAX_SHAPE_ELEMENTS for d in shape):
+        raise FileFormatError(f"{where}: shape {show_value(shape)} is not a list of at most {MAX_DIMS} ints in "
+                              f"0..{MAX_SHAPE_ELEMENTS}")  # fmt: skip
+    if math.prod(d for d in shape if d) > MAX_SHAPE_ELEMENTS:
+        raise FileFormatError(f"{where}: shape {shape} claims {math.prod(shape)} elements, over {MAX_SHAPE_ELEMENTS}")
     return tuple(shape)
 
 
@@ -244,12 +346,38 @@ def _inflate(stored: bytes) -> bytes:
     return text
 
 
-def split_container(data: bytes) -> tuple[dict, list[memoryview]]:
-    """Check the prelude, header and section table; return the header and each section's bytes.
+def json_values(text: bytes) -> int:
+    """An upper bound on the values and keys in a JSON text: each follows a ``,``, ``[`` or ``{``, or is the first.
+
+    Parsing costs up to ~100 bytes of Python objects per value whatever the
+    text, so the reader bounds this count before parsing, not after.
+    """
+    return text.count(b",") + text.count(b"[") + text.count(b"{") + 1
+
+
+def _parse_header(text: bytes) -> dict:
+    values = json_values(text)
+    if values > MAX_HEADER_VALUES:
+        raise FileFormatError(f"header holds up to {values:,} JSON values, over the cap of {MAX_HEADER_VALUES:,}")
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise FileFormatError(f"header is not valid JSON: {err}") from err
+    if not isinstance(header, dict):
+        raise FileFormatError("header is not a JSON object")
+    return header
+
+
+def split_container(data: bytes) -> tuple[dict, list[int]]:
+    """Check the prelude, header and section table; return the header and the sections' bounds.
+
+    Returns:
+        ``(header, bounds)``: section ``i`` is ``data[bounds[i]:bounds[i + 1]]``.
 
     Raises:
         FileFormatError: wrong magic or version, a header or section that does
-            not fit in the file, a checksum mismatch, or bytes left over.
+            not fit in the file, more JSON values than the cap, a checksum
+            mismatch, or bytes left over.
     """
     if len(data) < PRELUDE.size:
         raise FileFormatError(f"file of {len(data)} bytes is shorter than the {PRELUDE.size}-byte prelude")
@@ -265,125 +393,219 @@ def split_container(data: bytes) -> tuple[dict, list[memoryview]]:
     header_bytes = bytes(data[PRELUDE.size : PRELUDE.size + header_len])
     if zlib.crc32(header_bytes) != header_crc:
         raise FileFormatError("header checksum mismatch: the file is damaged")
-    if flags & FLAG_DEFLATED_HEADER:
-        header_bytes = _inflate(header_bytes)
-    try:
-        header = json.loads(header_bytes)
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise FileFormatError(f"header is not valid JSON: {err}") from err
+    header = _parse_header(_inflate(header_bytes) if flags & FLAG_DEFLATED_HEADER else header_bytes)
     table = _get(header, "sections", list, "header")
-    view, offset, sections = memoryview(data), PRELUDE.size + header_len, []
+    entries = _get(header, "tensors", list, "header")
+    if len(table) > SECTIONS_PER_TENSOR * len(entries):  # before the loop: its length is the file's word
+        raise FileFormatError(f"{len(table):,} sections for {len(entries):,} tensors; each uses at most "
+                              f"{SECTIONS_PER_TENSOR}")  # fmt: skip
+    view, bounds = memoryview(data), [PRELUDE.size + header_len]
     for i, item in enumerate(table):
         if not (isinstance(item, list) and len(item) == 2 and all(type(v) is int and v >= 0 for v in item)):
-            raise FileFormatError(f"section {i}: entry {item!r} is not [length, crc32]")
+            raise FileFormatError(f"section {i}: entry {show_value(item)} is not [length, crc32]")
         length, crc = item
+        offset = bounds[-1]
         if length > len(data) - offset:  # compared before any slicing; Python ints cannot overflow
             raise FileFormatError(f"section {i} claims {length} bytes but only {len(data) - offset} remain: truncated")
-        sections.append(view[offset : offset + length])
-        if zlib.crc32(sections[-1]) != crc:
+        if zlib.crc32(view[offset : offset + length]) != crc:
             raise FileFormatError(f"section {i} checksum mismatch: the file is damaged")
-        offset += length
-    if offset != len(data):
-        raise FileFormatError(f"{len(data) - offset} bytes after the last section")
-    return header, sections
+        bounds.append(offset + length)
+    if bounds[-1] != len(data):
+        raise FileFormatError(f"{len(data) - bounds[-1]} bytes after the last section")
+    return header, bounds
 
 
-def _section(sections: list[memoryview], used: set[int], ref: dict, where: str) -> memoryview:
-    index = _count(ref, "s", where, len(sections) - 1) if sections else -1
-    if index < 0 or index in used:
-        raise FileFormatError(f"{where}: section {index} is missing or used twice")
-    used.add(index)
-    return sections[index]
+@dataclass
+class _Reader:
+    """One file being decoded: its sections, which of them are used, and what it may still allocate."""
+
+    data: memoryview
+    bounds: list[int]
+    budget: DecodeBudget
+    allow_nonfinite: bool
+    used: set[int] = field(default_factory=set)
+
+    def section(self, ref: dict, where: str) -> memoryview:
+        """The section ``ref["s"]`` names; each may be used once."""
+        n = len(self.bounds) - 1
+        index = _count(ref, "s", where, n - 1) if n else -1
+        if index < 0 or index in self.used:
+            raise FileFormatError(f"{where}: section {index} is missing or used twice")
+        self.used.add(index)
+        return self.data[self.bounds[index] : self.bounds[index + 1]]
+
+    def stream(self, ref: dict, where: str) -> np.ndarray:
+        """Decode the stream ``ref`` describes (symbols charged to the budget before they are made)."""
+        data = self.section(ref, where)
+        coder, n, k, t = (_get(ref, "coder", str, where), _count(ref, "n", where), _count(ref, "k", where),
+                          _count(ref, "t", where))  # fmt: skip
+        try:
+            return decode_stream(coder, n, k, t, np.frombuffer(data, dtype=np.uint8), self.budget)
+        except FileFormatError as err:
+            raise FileFormatError(f"{where}: {err}") from err
+
+    def charge(self, n: int, where: str, what: str) -> None:
+        self.budget.charge(n, f"{where}: {what}")
+
+    def check_finite(self, finite: bool, where: str, what: str) -> None:
+        if not finite and not self.allow_nonfinite:
+            raise FileFormatError(f"{where}: {what} holds NaN or infinity; pass allow_nonfinite=True to read it anyway")
 
 
-def _decode_stream(ref: dict, sections: list[memoryview], used: set[int], where: str) -> np.ndarray:
-    data = _section(sections, used, ref, where)
-    return decode_stream(_get(ref, "coder", str, where), _count(ref, "n", where), _count(ref, "k", where),
-                         _count(ref, "t", where), np.frombuffer(data, dtype=np.uint8))  # fmt: skip
-
-
-def _decode_positions(entry: dict, numel: int, sections: list[memoryview], used: set[int], where: str) -> np.ndarray:
+def _decode_positions(entry: dict, numel: int, nnz: int, reader: _Reader, where: str) -> np.ndarray:
+    """The kept positions, counted before they are allocated (the count must be ``nnz``)."""
     ref = _get(entry, "index", dict, where)
     layout = _get(ref, "layout", str, where)
     if layout == "bitmap":
         if _count(ref, "n", where) != -(-numel // BITMAP_GROUP):
             raise FileFormatError(f"{where}: bitmap of {ref['n']} nibbles does not cover {numel} weights")
-        nibbles = _decode_stream(ref, sections, used, where).astype(np.uint8)
+        nibbles = reader.stream(ref, where)
         if nibbles.size and nibbles.max() >= 1 << BITMAP_GROUP:
             raise FileFormatError(f"{where}: bitmap symbol over {BITMAP_GROUP} bits")
-        bits = np.unpackbits(nibbles[:, None], axis=1)[:, 8 - BITMAP_GROUP :].reshape(-1)
-        if bits[numel:].any():
+        kept = kernels.bitmap_count(nibbles)
+        _check_kept(kept, nnz, where)
+        reader.charge(kept, where, "positions")
+        positions, status = kernels.bitmap_positions(nibbles, np.int64(numel), np.int64(kept))
+        if status != kernels.OK:
             raise FileFormatError(f"{where}: bitmap has bits set past the tensor's end")
-        return np.flatnonzero(bits)
+        return positions
     if layout != "relative":
-        raise FileFormatError(f"{where}: unknown index layout {layout!r} (relative or bitmap)")
+        raise FileFormatError(f"{where}: unknown index layout {show_value(layout)} (relative or bitmap)")
     index_bits = _count(ref, "ib", where, 16)
-    stream = _decode_stream(ref, sections, used, where)
+    stream = reader.stream(ref, where)
     if index_bits < 1 or (stream.size and int(stream.max()) >= 1 << index_bits):
         raise FileFormatError(f"{where}: a relative index does not fit in ib={index_bits} bits")
+    _check_kept(kernels.relative_count(stream, np.int64((1 << index_bits) - 1)), nnz, where)
+    reader.charge(nnz, where, "positions")
     return decode_relative(stream, index_bits)
 
 
-def _decode_compressed(entry: dict, sections: list[memoryview], used: set[int], where: str) -> CompressedTensor:
+def _declared(entry: dict, where: str) -> int:
+    """The elements a header entry says decoding it makes, its fields checked for type and range.
+
+    Summed over the file and compared with the budget before anything is
+    decoded, so an over-budget file costs no memory at all; decoding then
+    checks that every stream holds exactly what its entry declares.
+    """
+    kind = _get(entry, "kind", str, where)
+    shape = _shape(entry, where)
+    if kind == "array":
+        return math.prod(shape)
+    if kind != "compressed":
+        raise FileFormatError(f"{where}: unknown kind {show_value(kind)} (compressed or array)")
+    streams = [_count(_get(entry, key, dict, where), "n", where) for key in ("index", "codes")]
+    book = _count(_get(entry, "codebook", dict, where), "k", where, 1 << MAX_CODE_BITS)
+    return sum(streams) + _count(entry, "nnz", where) + book
+
+
+def _check_kept(kept: int, nnz: int, where: str) -> None:
+    if kept != nnz:
+        raise FileFormatError(f"{where}: nnz={nnz} but the index stream holds {kept} positions")
+
+
+def _decode_compressed(entry: dict, reader: _Reader, where: str) -> CompressedTensor:
     shape = _shape(entry, where)
     nnz, bits = _count(entry, "nnz", where), _count(entry, "bits", where, MAX_CODE_BITS)
-    positions = _decode_positions(entry, math.prod(shape), sections, used, where)
     codes_ref = _get(entry, "codes", dict, where)
-    if positions.size != nnz or _count(codes_ref, "n", where) != nnz:
-        raise FileFormatError(f"{where}: nnz={nnz} but {positions.size} positions and {codes_ref['n']} codes")
-    codes = _decode_stream(codes_ref, sections, used, where)
+    if _count(codes_ref, "n", where) != nnz:
+        raise FileFormatError(f"{where}: nnz={nnz} but the codes stream holds {codes_ref['n']} codes")
+    positions = _decode_positions(entry, math.prod(shape), nnz, reader, where)
+    codes = reader.stream(codes_ref, where)
     book = _get(entry, "codebook", dict, where)
     dtype = CODEBOOK_DTYPES.get(_get(book, "dtype", str, where))
-    data = _section(sections, used, book, where)
+    data = reader.section(book, where)
     if dtype is None or len(data) != _count(book, "k", where, 1 << MAX_CODE_BITS) * np.dtype(dtype).itemsize:
-        raise FileFormatError(f"{where}: codebook dtype {book['dtype']!r} or size {len(data)} bytes is wrong")
+        raise FileFormatError(f"{where}: codebook dtype {show_value(book['dtype'])} or size {len(data)} bytes is wrong")
+    reader.charge(book["k"], where, "codebook")
     codebook = np.frombuffer(data, dtype=dtype).astype(np.float32)
+    reader.check_finite(bool(np.isfinite(codebook).all()), where, "the codebook")
     try:
         return CompressedTensor(shape, positions, codes, codebook, bits)
     except DeepShrinkError as err:
         raise FileFormatError(f"{where}: {err}") from err
 
 
-def _decode_array(entry: dict, sections: list[memoryview], used: set[int], where: str) -> torch.Tensor:
+def _decode_array(entry: dict, reader: _Reader, where: str) -> torch.Tensor:
     shape = _shape(entry, where)
     dtype = _TORCH_DTYPES.get(_get(entry, "dtype", str, where))
     if dtype is None:
-        raise FileFormatError(f"{where}: dtype {entry['dtype']!r} is not one of {', '.join(_TORCH_DTYPES)}")
-    data = _section(sections, used, entry, where)
+        raise FileFormatError(f"{where}: dtype {show_value(entry['dtype'])} is not one of {', '.join(_TORCH_DTYPES)}")
+    data = reader.section(entry, where)
     storage = torch.int16 if dtype == torch.bfloat16 else dtype
     itemsize = torch.empty(0, dtype=storage).element_size()
     if len(data) != math.prod(shape) * itemsize:  # checked before the array is made
         raise FileFormatError(f"{where}: shape {list(shape)} of {entry['dtype']} needs {math.prod(shape) * itemsize} "
                               f"bytes but the section holds {len(data)}")  # fmt: skip
+    reader.charge(math.prod(shape), where, "array elements")
     np_dtype = torch.empty(0, dtype=storage).numpy().dtype.newbyteorder("<")
     tensor = torch.from_numpy(np.frombuffer(data, dtype=np_dtype).astype(np_dtype.newbyteorder("="))).reshape(shape)
-    return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+    tensor = tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+    if tensor.is_floating_point():
+        reader.check_finite(bool(torch.isfinite(tensor).all()), where, "the array")
+    return tensor
 
 
-def decode_file(data: bytes) -> DszContents:
+def decode_file(data: bytes, *, max_elements: int | None = None, allow_nonfinite: bool | None = None) -> DszContents:
     """Parse and fully validate the bytes of a ``.dsz`` file.
+
+    Args:
+        data: the file's bytes.
+        max_elements: the most elements decoding may allocate (symbols,
+            positions, codes, array elements, decode tables), checked before
+            each allocation; raise it for a file you trust that needs more.
+            Default: :func:`read_limits`'s (``2**26``).
+        allow_nonfinite: accept NaN and infinity in codebooks and float arrays
+            (default: :func:`read_limits`'s, False).
 
     Raises:
         FileFormatError: naming the problem and, where there is one, the tensor.
     """
-    header, sections = split_container(data)
-    used: set[int] = set()
+    limits = current_limits(max_elements, allow_nonfinite)
+    header, bounds = split_container(data)
+    reader = _Reader(memoryview(data), bounds, DecodeBudget(limits.max_elements), limits.allow_nonfinite)
+    places = [
+        f"tensor {show_value(_get(entry, 'name', str, f'tensor {i}'))}" for i, entry in enumerate(header["tensors"])
+    ]
+    declared = sum(_declared(entry, where) for entry, where in zip(header["tensors"], places))
+    reader.budget.require(declared, "the file's tensors")
     tensors, arrays = {}, {}
-    for i, entry in enumerate(track(_get(header, "tensors", list, "header"), "decoding")):
-        name = _get(entry, "name", str, f"tensor {i}")
-        where = f"tensor {name!r}"
+    for entry, where in track(list(zip(header["tensors"], places)), "decoding"):
+        name = entry["name"]
         if name in tensors or name in arrays:
             raise FileFormatError(f"{where} appears twice")
-        kind = _get(entry, "kind", str, where)
-        if kind == "compressed":
-            tensors[name] = _decode_compressed(entry, sections, used, where)
-        elif kind == "array":
-            arrays[name] = _decode_array(entry, sections, used, where)
+        if entry["kind"] == "compressed":
+            tensors[name] = _decode_compressed(entry, reader, where)
         else:
-            raise FileFormatError(f"{where}: unknown kind {kind!r} (compressed or array)")
-    if len(used) != len(sections):
-        raise FileFormatError(f"{len(sections) - len(used)} sections belong to no tensor")
+            arrays[name] = _decode_array(entry, reader, where)
+    if len(reader.used) != len(bounds) - 1:
+        raise FileFormatError(f"{len(bounds) - 1 - len(reader.used)} sections belong to no tensor")
     model = header.get("model")
     if model is not None and not isinstance(model, dict):
         raise FileFormatError("header field 'model' is not an object")
     return DszContents(tensors, arrays, model, _get(header, "meta", dict, "header"), header)
+
+
+def check_dense(contents: DszContents, purpose: str, max_elements: int | None = None) -> int:
+    """Check what decoding every tensor of a file densely allocates (export, a model built for it, the simulator).
+
+    A 250-byte file can name a 2**20 x 2**20 weight that keeps no element: its
+    compressed form is empty, its dense form 4 TiB.
+
+    Args:
+        contents: a read file.
+        purpose: what needs them dense, for the message.
+        max_elements: the limit (default: :func:`read_limits`'s).
+
+    Returns:
+        The dense elements.
+
+    Raises:
+        FileFormatError: they are over ``max_elements``.
+    """
+    max_elements = current_limits(max_elements).max_elements
+    dense = sum(ct.numel for ct in contents.tensors.values()) + sum(a.numel() for a in contents.arrays.values())
+    if dense > max_elements:
+        raise FileFormatError(f"{purpose} needs the file's tensors dense: {dense:,} elements, over max_elements="
+                              f"{max_elements:,}; if you trust this file, pass a larger max_elements "
+                              "(--max-elements on the command line)")  # fmt: skip
+    return dense

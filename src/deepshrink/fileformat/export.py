@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import os
 import warnings
 
@@ -17,7 +18,7 @@ import torch
 from deepshrink.atomic import write_atomic
 from deepshrink.compress.parametrization import bake_
 from deepshrink.errors import DeepShrinkError
-from deepshrink.fileformat.codec import DszContents
+from deepshrink.fileformat.codec import DszContents, check_dense
 
 
 def dense_state_dict(source: torch.nn.Module | DszContents) -> dict[str, torch.Tensor]:
@@ -91,27 +92,62 @@ def export_onnx(model: torch.nn.Module, example_input: torch.Tensor, path: str |
     write_atomic(path, buffer.getvalue())
 
 
+MAX_INPUT_ELEMENTS = 1 << 28  # the example input ONNX tracing runs: an input shape beyond this is a typo
+
+
+def check_input_shape(shape: object) -> tuple[int, ...]:
+    """Validate an ONNX example input shape: positive integers, not absurdly many elements.
+
+    Raises:
+        DeepShrinkError: naming the value.
+    """
+    if (
+        not isinstance(shape, tuple)
+        or not shape
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+        or math.prod(shape) > MAX_INPUT_ELEMENTS
+    ):
+        raise DeepShrinkError(
+            f"input shape {shape!r} must be positive integers such as 1,1,28,28 (at most {MAX_INPUT_ELEMENTS:,} "
+            "elements); ONNX export needs one"
+        )
+    return shape
+
+
 def export_file(
     path: str | os.PathLike,
     out: str | os.PathLike,
     input_shape: tuple[int, ...] | None = None,
     trust_factory: bool = False,
+    max_elements: int | None = None,
 ) -> None:
     """Export a ``.dsz`` file to ``out``: ``.safetensors``, or ``.onnx`` (needs the file's model factory).
 
-    Raises:
-        DeepShrinkError: an unknown extension, ONNX without ``input_shape``, or a
-            file that names no (trusted) factory for ONNX.
-    """
-    from deepshrink.fileformat.model_io import build_model, load_into, read
+    Args:
+        path, out: the file and the export.
+        input_shape: ONNX: the example input's shape.
+        trust_factory: ONNX: allow a factory outside ``deepshrink.models``.
+        max_elements: the most elements the file may decode to, dense (both
+            exports hold every tensor dense); see :func:`deepshrink.read`.
 
-    contents, suffix = read(path), os.path.splitext(str(out))[1].lower()
-    if suffix == ".safetensors":
-        export_safetensors(contents, out)
-    elif suffix == ".onnx":
-        if input_shape is None or contents.model is None:
-            raise DeepShrinkError("ONNX export needs --input-shape and a file saved with a model factory")
-        model = load_into(build_model(contents.model, trust_factory), contents)
-        export_onnx(model, torch.zeros(input_shape), out)
-    else:
+    Raises:
+        DeepShrinkError: an unknown extension, ONNX without a valid ``input_shape``,
+            or a file that names no (trusted) factory for ONNX.
+        FileFormatError: the file is damaged or over the budget.
+    """
+    from deepshrink.fileformat.model_io import model_from_file, read
+
+    suffix = os.path.splitext(str(out))[1].lower()
+    if suffix not in (".safetensors", ".onnx"):
         raise DeepShrinkError(f"output {str(out)!r} must end in .safetensors or .onnx")
+    if suffix == ".onnx":
+        check_input_shape(input_shape)
+    contents = read(path, max_elements=max_elements)
+    if suffix == ".safetensors":
+        check_dense(contents, "export", max_elements)
+        export_safetensors(contents, out)
+    else:
+        if contents.model is None:
+            raise DeepShrinkError("ONNX export needs a file saved with a model factory")
+        model = model_from_file(contents, trust_factory, max_elements=max_elements)
+        export_onnx(model, torch.zeros(input_shape), out)

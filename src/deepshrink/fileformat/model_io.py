@@ -9,16 +9,27 @@ architecture; :func:`build_model` decides whether it may be imported.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import inspect
 import os
 import re
+import typing
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from deepshrink.atomic import read_bytes, write_atomic
-from deepshrink.errors import DeepShrinkError
-from deepshrink.fileformat.codec import DszContents, EncodeOptions, decode_file, encode_file
+from deepshrink.errors import DeepShrinkError, FileFormatError
+from deepshrink.fileformat.codec import (
+    DszContents,
+    EncodeOptions,
+    check_dense,
+    decode_file,
+    encode_file,
+    show_value,
+)
 from deepshrink.progress import quiet
 from deepshrink.tensor import CompressedTensor
 
@@ -61,6 +72,7 @@ def save(
     factory: str | None = None,
     factory_kwargs: dict | None = None,
     metadata: dict | None = None,
+    allow_nonfinite: bool = False,
     progress: bool = True,
 ) -> int:
     """Write a compressed model (or a dict of tensors) to ``path``, atomically.
@@ -75,6 +87,8 @@ def save(
             ``"deepshrink.models:lenet_5"``, so :func:`load` can return a model.
         factory_kwargs: JSON keyword arguments for ``factory``.
         metadata: free JSON data kept in the header.
+        allow_nonfinite: store NaN and infinity (refused by default: a model
+            holding them is broken, and readers refuse them unless told).
         progress: show progress bars while collecting and encoding (see :mod:`deepshrink.progress`).
 
     Returns:
@@ -82,7 +96,8 @@ def save(
 
     Raises:
         DeepShrinkError: a bad option (naming the allowed values), a dtype that
-            cannot be stored, or data that is not JSON.
+            cannot be stored, a NaN or infinity, data that is not JSON, or a
+            path that cannot be written.
 
     Examples:
         >>> import tempfile, os
@@ -104,32 +119,56 @@ def save(
     else:
         raise DeepShrinkError(f"save() takes an nn.Module or a dict of tensors, not {type(obj).__name__}")
     with quiet(not progress):
-        data = encode_file(tensors, arrays, options, spec, metadata)
+        data = encode_file(tensors, arrays, options, spec, metadata, allow_nonfinite=allow_nonfinite)
     write_atomic(path, data)
     return len(data)
 
 
-def read(path: str | os.PathLike, progress: bool = True) -> DszContents:
+def read(
+    path: str | os.PathLike,
+    progress: bool = True,
+    *,
+    max_elements: int | None = None,
+    allow_nonfinite: bool | None = None,
+) -> DszContents:
     """Read and validate a file without building any model (never imports or runs anything).
 
-    ``progress`` shows a progress bar while decoding (see :mod:`deepshrink.progress`).
+    Args:
+        path: a ``.dsz`` file.
+        progress: show a progress bar while decoding (see :mod:`deepshrink.progress`).
+        max_elements: the most elements decoding it may allocate (default
+            ``2**26``, or :func:`~deepshrink.fileformat.codec.read_limits`'s);
+            raise it for a file you trust that needs more.
+        allow_nonfinite: accept NaN and infinity in its values (default False).
 
     Raises:
-        FileFormatError: the file is damaged, truncated or of another version.
+        FileFormatError: the file is damaged, truncated, of another version,
+            over the budget, or holds NaN or infinity.
         DeepShrinkError: it cannot be read at all.
     """
     with quiet(not progress):
-        return decode_file(read_bytes(path))
+        return decode_file(read_bytes(path), max_elements=max_elements, allow_nonfinite=allow_nonfinite)
 
 
 def load_into(
-    model: torch.nn.Module, source: str | os.PathLike | DszContents, progress: bool = True
+    model: torch.nn.Module,
+    source: str | os.PathLike | DszContents,
+    progress: bool = True,
+    *,
+    max_elements: int | None = None,
+    allow_nonfinite: bool | None = None,
 ) -> torch.nn.Module:
     """Make ``model`` compute with exactly the weights in ``source``: the way to rebuild your own architecture.
 
     Compressed tensors are installed as weight sharing
-    (:func:`deepshrink.compress.quantize.load_compressed_`), the rest with ``load_state_dict``;
-    ``progress`` shows progress bars while reading and installing.
+    (:func:`deepshrink.compress.quantize.load_compressed_`), the rest with ``load_state_dict``.
+    Every shape is compared with the model's before anything is allocated.
+
+    Args:
+        model: your architecture.
+        source: a path, or a file already read.
+        progress: show progress bars while reading and installing.
+        max_elements, allow_nonfinite: for reading a path; see :func:`read`.
 
     Returns:
         ``model``, changed in place.
@@ -140,7 +179,10 @@ def load_into(
     """
     from deepshrink.compress.quantize import load_compressed_
 
-    contents = source if isinstance(source, DszContents) else read(source, progress)
+    if isinstance(source, DszContents):
+        contents = source
+    else:
+        contents = read(source, progress, max_elements=max_elements, allow_nonfinite=allow_nonfinite)
     with quiet(not progress):
         load_compressed_(model, contents.tensors)
     internal = tuple(_parametrization_prefix(n) for n in contents.tensors)
@@ -155,24 +197,8 @@ def load_into(
     return model
 
 
-def build_model(spec: dict, trust_factory: bool = False, *, source: str = "the file") -> torch.nn.Module:
-    """Call the factory ``spec`` names (``{"factory": "module:function", "kwargs": {...}}``).
-
-    The one trust policy for every model built from a name: a file's factory
-    (:func:`load`, the engine, export), a recipe's model and the command line's.
-    Importing a module runs its code, so unless ``trust_factory`` only the models
-    of ``deepshrink.models`` (its ``__all__``) are built.
-
-    Args:
-        spec: the factory and its JSON keyword arguments.
-        trust_factory: allow any importable factory; only for names you trust.
-        source: who names the factory, for the error message (``"the recipe"``).
-
-    Raises:
-        DeepShrinkError: the factory is not trusted (naming how to opt in),
-            malformed, cannot be imported, or rejects the kwargs.
-    """
-    spec = _check_factory(spec.get("factory"), spec.get("kwargs", {}))
+def _factory(spec: dict, trust_factory: bool, source: str) -> Callable[..., torch.nn.Module]:
+    """The function ``spec`` names, if the trust policy lets it be imported."""
     module_name, name = spec["factory"].split(":")
     if not trust_factory:
         if module_name != SAFE_FACTORY_MODULE:
@@ -186,14 +212,137 @@ def build_model(spec: dict, trust_factory: bool = False, *, source: str = "the f
         factory = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as err:
         raise DeepShrinkError(f"cannot import factory {spec['factory']!r}: {err}") from err
+    if not callable(factory):
+        raise DeepShrinkError(f"factory {spec['factory']!r} is not callable")
+    return factory
+
+
+_KWARG_TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
+
+
+def check_kwargs(factory: Callable, kwargs: dict, name: str) -> None:
+    """Check ``kwargs`` against ``factory``'s signature and the plain types it annotates, before any call.
+
+    Ranges are the factory's own business (the models of ``deepshrink.models``
+    check theirs); it then runs on the meta device first, where a wrong size
+    costs nothing.
+
+    Raises:
+        DeepShrinkError: an unknown or missing argument, or a value of the wrong type.
+    """
     try:
-        return factory(**spec["kwargs"])
+        signature = inspect.signature(factory)
+        signature.bind(**kwargs)
     except TypeError as err:
-        raise DeepShrinkError(f"factory {spec['factory']!r} rejects kwargs {spec['kwargs']}: {err}") from err
+        raise DeepShrinkError(f"factory {name!r} rejects kwargs {show_value(kwargs)}: {err}") from err
+    except ValueError:
+        return  # no signature to check (a builtin); the call will tell
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:  # an annotation that does not resolve tells nothing about the values
+        hints = {}
+    for key, value in kwargs.items():
+        allowed = _KWARG_TYPES.get(hints.get(key))
+        if allowed and (not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool))):
+            raise DeepShrinkError(f"factory {name!r}: {key}={show_value(value)} must be {hints[key].__name__}")
+
+
+def _call(factory: Callable[..., torch.nn.Module], spec: dict, device: str | None = None) -> torch.nn.Module:
+    try:
+        with torch.device(device) if device else contextlib.nullcontext():
+            model = factory(**spec["kwargs"])
+    except DeepShrinkError:
+        raise
+    except Exception as err:  # a factory raises whatever its layers raise on bad sizes: name it for the user
+        raise DeepShrinkError(f"factory {spec['factory']!r} rejects kwargs {show_value(spec['kwargs'])}: "
+                              f"{type(err).__name__}: {err}") from err  # fmt: skip
+    if not isinstance(model, torch.nn.Module):
+        raise DeepShrinkError(f"factory {spec['factory']!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def build_model(
+    spec: dict,
+    trust_factory: bool = False,
+    *,
+    source: str = "the file",
+    fits: DszContents | None = None,
+    max_elements: int | None = None,
+) -> torch.nn.Module:
+    """Call the factory ``spec`` names (``{"factory": "module:function", "kwargs": {...}}``).
+
+    The one trust policy for every model built from a name: a file's factory
+    (:func:`load`, the engine, export), a recipe's model and the command line's.
+    Importing a module runs its code, so unless ``trust_factory`` only the models
+    of ``deepshrink.models`` (its ``__all__``) are built. The kwargs are checked
+    against the factory's signature before it is called.
+
+    Args:
+        spec: the factory and its JSON keyword arguments.
+        trust_factory: allow any importable factory; only for names you trust.
+        source: who names the factory, for the error message (``"the recipe"``).
+        fits: a file the model is built for. Its kwargs decide how much the
+            factory allocates, so nothing is built for real until the factory
+            has run on the meta device (no memory), every entry of that model's
+            state dict has a tensor of its shape in the file and the other way
+            round, and the file's tensors dense are within ``max_elements``.
+        max_elements: with ``fits``; default :func:`~deepshrink.fileformat.codec.read_limits`'s.
+
+    Raises:
+        DeepShrinkError: the factory is not trusted (naming how to opt in),
+            malformed, cannot be imported, rejects the kwargs, or its model
+            does not fit ``fits``.
+    """
+    spec = _check_factory(spec.get("factory"), spec.get("kwargs", {}))
+    factory = _factory(spec, trust_factory, source)
+    check_kwargs(factory, spec["kwargs"], spec["factory"])
+    if fits is not None:
+        check_dense(fits, "building the model", max_elements)
+        _check_fills(_call(factory, spec, device="meta"), fits, spec["factory"])
+    return _call(factory, spec)
+
+
+def model_from_file(
+    contents: DszContents, trust_factory: bool = False, *, max_elements: int | None = None, progress: bool = True
+) -> torch.nn.Module:
+    """Build the model a file names, once the file is known to fill it (see :func:`build_model`), and fill it.
+
+    Raises:
+        FileFormatError: the file names no factory, an untrusted or unknown
+            one, kwargs it rejects, a model its tensors do not fill, or one
+            over the budget: a crafted file gets this error whatever it claims.
+    """
+    if contents.model is None:
+        raise FileFormatError("the file names no model factory; build the model yourself and use load_into")
+    try:
+        model = build_model(contents.model, trust_factory, fits=contents, max_elements=max_elements)
+        return load_into(model, contents, progress)
+    except FileFormatError:
+        raise
+    except DeepShrinkError as err:
+        raise FileFormatError(str(err)) from err
+
+
+def _check_fills(skeleton: torch.nn.Module, contents: DszContents, name: str) -> None:
+    """The file holds a tensor of the right shape for every state-dict entry of ``skeleton``, and no other."""
+    wanted = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
+    held = {n: ct.shape for n, ct in contents.tensors.items()} | {n: tuple(a.shape) for n, a in contents.arrays.items()}
+    if wanted != held:
+        missing = sorted(set(wanted) - set(held))[:5]
+        extra = sorted(set(held) - set(wanted))[:5]
+        differ = [f"{k}: file {held[k]}, model {wanted[k]}" for k in wanted if k in held and held[k] != wanted[k]][:5]
+        raise FileFormatError(f"the file does not fit the model its factory {name!r} builds: missing {missing}, "
+                              f"unexpected {extra}, shapes differ {differ}")  # fmt: skip
 
 
 def load(
-    path: str | os.PathLike, model: torch.nn.Module | None = None, *, trust_factory: bool = False, progress: bool = True
+    path: str | os.PathLike,
+    model: torch.nn.Module | None = None,
+    *,
+    trust_factory: bool = False,
+    progress: bool = True,
+    max_elements: int | None = None,
+    allow_nonfinite: bool | None = None,
 ) -> torch.nn.Module | DszContents:
     """Load a file as a model when possible, else as tensors.
 
@@ -204,18 +353,22 @@ def load(
         trust_factory: allow the file's factory to be imported even outside
             ``deepshrink.models``. Importing runs code: only for files you trust.
         progress: show progress bars while decoding and installing the weights.
+        max_elements: the most elements reading the file, and building its
+            model, may allocate (default ``2**26``); see :func:`read`.
+        allow_nonfinite: accept NaN and infinity (default False).
 
     Returns:
         The model (given, or built by the file's factory), or the file's
         :class:`DszContents` when the file names no factory.
 
     Raises:
-        FileFormatError: the file is damaged.
-        DeepShrinkError: the model does not fit the file, or the factory is not trusted.
+        FileFormatError: the file is damaged, over the budget, or does not fit
+            the model its own factory builds.
+        DeepShrinkError: your model does not fit the file, or the factory is not trusted.
     """
-    contents = read(path, progress)
+    contents = read(path, progress, max_elements=max_elements, allow_nonfinite=allow_nonfinite)
     if model is not None:
         return load_into(model, contents, progress)
     if contents.model is None:
         return contents
-    return load_into(build_model(contents.model, trust_factory), contents, progress)
+    return model_from_file(contents, trust_factory, max_elements=max_elements, progress=progress)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from deepshrink.errors import DeepShrinkError
+from deepshrink.fileformat.codec import check_dense
 from deepshrink.hardware.eie import EIEConfig, LayerResult, NetworkResult, simulate_network
 from deepshrink.tables import NameTable
 
@@ -46,7 +47,9 @@ def simulate_file(
     from deepshrink.fileformat import model_io
 
     if data is None:
-        return simulate_network(model_io.read(path).tensors, act_density=act_density, config=config, seed=seed)
+        contents = model_io.read(path)
+        check_dense(contents, "the simulator")  # it holds every layer's input activations and column pointers
+        return simulate_network(contents.tensors, act_density=act_density, config=config, seed=seed)
     if act_density is not None:
         raise DeepShrinkError("give either an activation density or a data set, not both")
     if data != "mnist":

@@ -5,12 +5,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deepshrink.models.checks import check_dropout, check_sizes
+
 
 class LeNet300100(nn.Module):
-    """784-300-100-10 fully connected with ReLU (``in_features`` for other image sizes)."""
+    """784-300-100-10 fully connected with ReLU (``in_features`` for other image sizes).
+
+    Raises:
+        DeepShrinkError: a size below 1 or a dropout outside [0, 1).
+    """
 
     def __init__(self, in_features: int = 784, num_classes: int = 10, dropout: float = 0.0) -> None:
         super().__init__()
+        check_sizes(in_features=in_features, num_classes=num_classes)
+        check_dropout(dropout)
         self.fc1 = nn.Linear(in_features, 300)
         self.fc2 = nn.Linear(300, 100)
         self.fc3 = nn.Linear(100, num_classes)
@@ -26,10 +34,16 @@ class LeNet300100(nn.Module):
 
 
 class LeNet5(nn.Module):
-    """conv 5x5x20, max-pool 2, conv 5x5x50, max-pool 2, fc 800-500, ReLU, fc 500-10."""
+    """conv 5x5x20, max-pool 2, conv 5x5x50, max-pool 2, fc 800-500, ReLU, fc 500-10.
+
+    Raises:
+        DeepShrinkError: a size below 1 or a dropout outside [0, 1).
+    """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, dropout: float = 0.0) -> None:
         super().__init__()
+        check_sizes(in_channels=in_channels, num_classes=num_classes)
+        check_dropout(dropout)
         self.conv1 = nn.Conv2d(in_channels, 20, 5)
         self.conv2 = nn.Conv2d(20, 50, 5)
         self.fc1 = nn.Linear(800, 500)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from deepshrink.errors import DeepShrinkError
+from deepshrink.models.checks import check_dropout, check_sizes
 
 
 class LSTMClassifier(nn.Module):
@@ -36,16 +37,8 @@ class LSTMClassifier(nn.Module):
         self, n_features: int = 40, hidden: int = 256, layers: int = 1, num_classes: int = 10, dropout: float = 0.0
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("n_features", n_features),
-            ("hidden", hidden),
-            ("layers", layers),
-            ("num_classes", num_classes),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise DeepShrinkError(f"{name}={value!r} must be a positive integer")
-        if not 0 <= dropout < 1:
-            raise DeepShrinkError(f"dropout={dropout!r} must be in [0, 1)")
+        check_sizes(n_features=n_features, hidden=hidden, layers=layers, num_classes=num_classes)
+        check_dropout(dropout)
         self.lstm = nn.LSTM(n_features, hidden, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(hidden, num_classes)
@@ -77,9 +70,7 @@ class CharLSTM(nn.Module):
 
     def __init__(self, vocab: int = 65, embed: int = 64, hidden: int = 256, layers: int = 1) -> None:
         super().__init__()
-        for name, value in (("vocab", vocab), ("embed", embed), ("hidden", hidden), ("layers", layers)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise DeepShrinkError(f"{name}={value!r} must be a positive integer")
+        check_sizes(vocab=vocab, embed=embed, hidden=hidden, layers=layers)
         self.embed = nn.Embedding(vocab, embed)
         self.lstm = nn.LSTM(embed, hidden, layers, batch_first=True)
         self.fc = nn.Linear(hidden, vocab)
