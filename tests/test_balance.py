@@ -142,4 +142,4 @@ def test_cli_balance_reports_per_pe_loads(tmp_path, capsys: pytest.CaptureFixtur
     row = next(line for line in out.splitlines() if "0.weight" in line)
     assert "32 x 16" in row and "16 / 16" in row and "1.000" in row
     assert main(["balance", str(path), "--pes", "0"]) == 2
-    assert "n_pe=0 must be a positive integer" in capsys.readouterr().out
+    assert "argument --pes: '0' is not an integer above 0" in capsys.readouterr().err

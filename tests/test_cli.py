@@ -59,9 +59,9 @@ def test_compress_on_digits_writes_a_file_that_rebuilds_the_model(capsys, tmp_pa
 
 def test_bad_input_gives_named_error(capsys):
     assert main(["compress", "--data", "digits", "--sparsity", "1.5"]) == 2
-    assert "sparsity=1.5" in capsys.readouterr().out
+    assert "sparsity=1.5" in capsys.readouterr().err
     assert main(["compress", "--model", "nosuch", "--data", "digits"]) == 2
-    assert "'nosuch'" in capsys.readouterr().out
+    assert "'nosuch'" in capsys.readouterr().err
 
 
 def test_demo_compresses_the_bundled_digits(capsys, tmp_path):

@@ -96,7 +96,7 @@ def test_offline_gives_one_clear_line(name: str, tmp_path: Path, monkeypatch, ca
 
     monkeypatch.setattr(download.urllib.request, "urlopen", offline)
     assert main(["data", name, "--to", str(tmp_path / "data")]) == 2
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert out.count("\n") == 1 and out.startswith("error: cannot download")
     assert "no source reachable" in out and "Temporary failure in name resolution" in out and "--mirror" in out
     assert not (tmp_path / "data").exists()
@@ -105,7 +105,7 @@ def test_offline_gives_one_clear_line(name: str, tmp_path: Path, monkeypatch, ca
 def test_cli_data_fills_the_data_root_from_a_mirror(data_root: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.delenv("DEEPSHRINK_DATA", raising=False)
     assert main(["data", "mnist"]) == 2
-    assert "give --to DIR" in capsys.readouterr().out
+    assert "give --to DIR" in capsys.readouterr().err
     mirror = tmp_path / "mirror"
     shutil.copytree(data_root / "mnist", mirror)
     assert main(["data", "mnist", "--to", str(tmp_path / "data"), "--mirror", str(mirror)]) == 0

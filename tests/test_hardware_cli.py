@@ -52,8 +52,8 @@ def test_bad_arguments_exit_2_with_a_message(capsys):
     assert main(["simulate"]) == 2
     assert main(["simulate", "--synthetic", "600x300"]) == 2
     assert main(["simulate", "--synthetic", "Alex-7", "--fifo", "0"]) == 2
-    out = capsys.readouterr().out
-    assert "--density" in out and "fifo_depth" in out
+    err = capsys.readouterr().err
+    assert "--density" in err and "argument --fifo: '0' is not an integer above 0" in err
 
 
 def test_a_file_with_real_mnist_activations(tmp_path, capsys, data_root):

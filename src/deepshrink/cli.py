@@ -8,31 +8,91 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from deepshrink.compress.groups import GRANULARITIES
 from deepshrink.compress.sensitivity import DEFAULT_SPARSITIES
 from deepshrink.data.registry import DATASETS, load_data
 from deepshrink.errors import DeepShrinkError
-from deepshrink.fileformat.model_io import build_model
+from deepshrink.fileformat.codec import read_limits
+from deepshrink.fileformat.model_io import build_model, load_state_dict_file
 from deepshrink.models.registry import MODELS, model_factory
 from deepshrink.progress import quiet
 from deepshrink.recipes import Recipe, load_recipe, parse_recipe, run_recipe
 from deepshrink.tables import NameTable
 
 console = Console()
+errors = Console(stderr=True, emoji=False, highlight=False)  # a message prints as it is: no ":x:" emoji
+READS_FILES = (
+    "info",
+    "export",
+    "simulate",
+    "run",
+    "bench",
+    "balance",
+    "sensitivity",
+)  # the commands that take --max-elements
 
 
-def _parse_bits(text: str | None) -> int | dict[str, int] | None:
-    """``"5"`` or ``"conv=8,fc=5,fc3.weight=6"``."""
-    if text is None:
-        return None
-    if "=" not in text:
-        return int(text)
-    return {k.strip(): int(v) for k, v in (part.split("=", 1) for part in text.split(","))}
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``deepshrink compress: error: argument --bits: ...``, exit 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _bits(text: str) -> int | dict[str, int]:
+    """``--bits``: ``"5"`` or ``"conv=8,fc=5,fc3.weight=6"`` (ranges are the recipe's to check)."""
+    try:
+        if "=" not in text:
+            return int(text)
+        return {k.strip(): int(v) for k, v in (part.split("=", 1) for part in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not N or LAYER=N pairs such as conv=8,fc=5") from None
+
+
+def _json_object(text: str) -> dict:
+    """``--model-kwargs``: a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({err}); e.g. '{{\"in_features\": 64}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object such as '{{\"in_features\": 64}}'")
+    return value
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    """``--input-shape``: positive integers separated by commas."""
+    try:
+        shape = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not positive integers separated by commas, e.g. 1,1,28,28")
+    return shape
+
+
+def _positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type: a number of ``kind`` above 0."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'} above 0")
+        return value
+
+    return parse
+
+
+_positive_int, _positive_float = _positive(int), _positive(float)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -61,7 +121,7 @@ def _flags_recipe(args: argparse.Namespace, kwargs: dict | None) -> Recipe:
     stages = [{"train": {"epochs": args.pretrain_epochs, "lr": args.lr}}] if args.pretrain_epochs > 0 else []
     stages += [
         {"prune": {"sparsity": args.sparsity, "steps": args.prune_steps, **retrain}},
-        {"share": {"bits": _parse_bits(args.bits), **retrain}},
+        {"share": {"bits": args.bits, **retrain}},
     ]
     return parse_recipe(
         {
@@ -79,7 +139,7 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     if args.recipe:
         _run_recipe(args)
         return
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+    kwargs = args.model_kwargs
     model = _flags_model(args, kwargs)
     run_recipe(_flags_recipe(args, kwargs), data_dir=args.data_dir, out=args.out, model=model, console=console)
 
@@ -89,7 +149,7 @@ def _flags_model(args: argparse.Namespace, kwargs: dict | None) -> torch.nn.Modu
     spec = {"factory": model_factory(args.model), "kwargs": kwargs or {}}
     model = build_model(spec, trust_factory=True)  # named on the command line by the user: trusted
     if args.state_dict:
-        model.load_state_dict(torch.load(args.state_dict, map_location="cpu", weights_only=True))
+        load_state_dict_file(model, args.state_dict)
     return model
 
 
@@ -112,7 +172,7 @@ def _cmd_sensitivity(args: argparse.Namespace) -> None:
         if not args.state_dict:
             raise DeepShrinkError("--model needs --state-dict, the trained weights: an untrained model has no "
                                   "accuracy to lose")  # fmt: skip
-        model = _flags_model(args, json.loads(args.model_kwargs) if args.model_kwargs else None)
+        model = _flags_model(args, args.model_kwargs)
     if args.samples < 1:
         raise DeepShrinkError(f"--samples {args.samples} must be at least 1")
     inputs, labels = load_data(args.data, args.data_dir, "train")
@@ -211,8 +271,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from deepshrink.fileformat.export import export_file
 
-    shape = tuple(int(s) for s in args.input_shape.split(",")) if args.input_shape else None
-    export_file(args.file, args.out, shape, trust_factory=args.trust_factory)
+    export_file(args.file, args.out, args.input_shape, trust_factory=args.trust_factory)
     console.print(f"wrote {args.out}")
 
 
@@ -306,8 +365,8 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", help="a .npy array of inputs, first axis = samples")
     p.add_argument("--data", choices=DATASETS, help="use the test split of this data set instead")
     p.add_argument("--data-dir", help="data root (default $DEEPSHRINK_DATA)")
-    p.add_argument("--images", type=int, default=1000, help="--data: how many test images")
-    p.add_argument("--threads", type=int, help="torch and numba threads (default: their own defaults)")
+    p.add_argument("--images", type=_positive_int, default=1000, help="--data: how many test images")
+    p.add_argument("--threads", type=_positive_int, help="torch and numba threads (default: their own defaults)")
     p.add_argument(
         "--trust-factory",
         action="store_true",
@@ -316,9 +375,16 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepshrink", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(prog="deepshrink", description=__doc__.splitlines()[0] if __doc__ else None)
     quiet_help = "no progress bars (they are off anyway when stderr is not a terminal)"
     parser.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
+    budget_help = (
+        "the most elements a file may decode to, dense or not (default 2**26: files that name more are "
+        "refused before anything is allocated); raise it for a big file you trust"
+    )
+    nonfinite_help = "accept NaN and infinity in a file's values"
+    parser.add_argument("--max-elements", type=_positive_int, help=budget_help)
+    parser.add_argument("--allow-nonfinite", action="store_true", help=nonfinite_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -340,19 +406,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="--recipe: let the recipe's model be a factory outside deepshrink.models (runs its code)",
     )
     p.add_argument("--model", default="lenet-300-100", help=f"one of {', '.join(MODELS)} or module:factory")
-    p.add_argument("--model-kwargs", help="JSON keyword arguments for the factory")
+    p.add_argument("--model-kwargs", type=_json_object, help="JSON keyword arguments for the factory")
     p.add_argument("--state-dict", help="trained weights (torch.save of a state_dict); else train from scratch")
     p.add_argument("--data", default="mnist", choices=DATASETS)
     p.add_argument("--data-dir", help="data root (default $DEEPSHRINK_DATA)")
     p.add_argument("--sparsity", type=float, default=0.9, help="final fraction of weights removed, in [0, 1)")
-    p.add_argument("--prune-steps", type=int, default=3, help="iterative pruning rounds")
-    p.add_argument("--bits", help="bits per code: N, or conv=8,fc=5,<layer>=N (default conv 8, fc 5)")
+    p.add_argument("--prune-steps", type=_positive_int, default=3, help="iterative pruning rounds")
+    p.add_argument("--bits", type=_bits, help="bits per code: N, or conv=8,fc=5,<layer>=N (default conv 8, fc 5)")
     p.add_argument(
         "--pretrain-epochs", type=float, default=0, help="train the dense model first (0: use --state-dict as is)"
     )
     p.add_argument("--epochs", type=float, default=1, help="fine-tuning epochs after each stage")
     p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--max-steps", type=int, help="cap every training stage at this many steps")
+    p.add_argument("--max-steps", type=_positive_int, help="cap every training stage at this many steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the compressed model here")
     p.set_defaults(func=_cmd_compress)
@@ -362,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("file", nargs="?", help="a .dsz file that names its model (or use --model)")
     p.add_argument("--model", help=f"one of {', '.join(MODELS)} or module:factory, with --state-dict")
-    p.add_argument("--model-kwargs", help="JSON keyword arguments for the factory")
+    p.add_argument("--model-kwargs", type=_json_object, help="JSON keyword arguments for the factory")
     p.add_argument("--state-dict", help="--model's trained weights (torch.save of a state_dict)")
     p.add_argument(
         "--trust-factory",
@@ -416,10 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", choices=["mnist"], help="FILE: run the model on real test images for its activations")
     p.add_argument("--data-dir", help="data root (default $DEEPSHRINK_DATA)")
-    p.add_argument("--images", type=int, default=100, help="--data: test images to simulate")
-    p.add_argument("--pes", type=int, default=64, help="processing elements (EIE: 64)")
-    p.add_argument("--fifo", type=int, default=8, help="activation queue depth per PE (EIE: 8)")
-    p.add_argument("--clock-mhz", type=float, default=800.0, help="clock in MHz (EIE: 800)")
+    p.add_argument("--images", type=_positive_int, default=100, help="--data: test images to simulate")
+    p.add_argument("--pes", type=_positive_int, default=64, help="processing elements (EIE: 64)")
+    p.add_argument("--fifo", type=_positive_int, default=8, help="activation queue depth per PE (EIE: 8)")
+    p.add_argument("--clock-mhz", type=_positive_float, default=800.0, help="clock in MHz (EIE: 800)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the per-layer results here as JSON")
     p.set_defaults(func=_cmd_simulate)
@@ -441,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="decode a .dsz file to a dense .safetensors or .onnx file")
     p.add_argument("file")
     p.add_argument("out", help="output path ending in .safetensors or .onnx")
-    p.add_argument("--input-shape", help="ONNX: example input shape, e.g. 1,1,28,28")
+    p.add_argument("--input-shape", type=_shape, help="ONNX: example input shape, e.g. 1,1,28,28")
     p.add_argument(
         "--trust-factory",
         action="store_true",
@@ -451,35 +517,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a .dsz file on the sparse inference engine (inputs from .npy or a test set)")
     _engine_options(p)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=_positive_int, default=1)
     p.add_argument("--fixed-point", action="store_true", help="EIE's 16-bit fixed-point arithmetic")
     p.add_argument("--output", help="write the outputs here as .npy")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("bench", help="time a .dsz file on the engine against dense torch, per batch size")
     _engine_options(p)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--repeats", type=int, default=5, help="timed passes over the inputs per batch size")
+    p.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 16])
+    p.add_argument("--repeats", type=_positive_int, default=5, help="timed passes over the inputs per batch size")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("balance", help="load balance of a .dsz file: surviving weights per processing element")
     p.add_argument("file", help="a .dsz file")
-    p.add_argument("--pes", type=int, default=64, help="processing elements (EIE: 64)")
+    p.add_argument("--pes", type=_positive_int, default=64, help="processing elements (EIE: 64)")
     p.set_defaults(func=_cmd_balance)
-    for command in sub.choices.values():  # after the command too; SUPPRESS keeps a --quiet given before it
+    for name, command in sub.choices.items():  # after the command too; SUPPRESS keeps one given before it
         command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=quiet_help)
+        if name in READS_FILES:
+            command.add_argument("--max-elements", type=_positive_int, default=argparse.SUPPRESS, help=budget_help)
+            command.add_argument(
+                "--allow-nonfinite", action="store_true", default=argparse.SUPPRESS, help=nonfinite_help
+            )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; bad input ends in one line on stderr and exit status 2, never a traceback."""
     try:
-        with quiet(args.quiet):
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse has printed its one line; --help exits 0 as usual
+        if exit_.code:
+            return exit_.code
+        raise
+    try:
+        with quiet(args.quiet), read_limits(args.max_elements, args.allow_nonfinite or None):
             args.func(args)
     except DeepShrinkError as err:
-        console.print(f"[red]error:[/red] {err}", soft_wrap=True)  # one line, whatever the width
-        return 2
+        return _fail(str(err))
+    except OSError as err:  # a path the user gave: missing, unreadable, a folder
+        return _fail(f"{err.filename or ''}: {err.strerror or err}".lstrip(": "))
+    except KeyboardInterrupt:
+        return _fail("interrupted", status=130)
     return 0
+
+
+def _fail(message: str, status: int = 2) -> int:
+    one_line = " ".join(message.split())  # messages quoted from other libraries may span lines
+    errors.print(f"[red]error:[/red] {escape(one_line)}", soft_wrap=True)  # one line, whatever the width
+    return status
 
 
 if __name__ == "__main__":

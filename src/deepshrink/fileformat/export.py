@@ -101,6 +101,8 @@ def check_input_shape(shape: object) -> tuple[int, ...]:
     Raises:
         DeepShrinkError: naming the value.
     """
+    if shape is None:
+        raise DeepShrinkError("ONNX export needs an example input shape (--input-shape), e.g. 1,1,28,28")
     if (
         not isinstance(shape, tuple)
         or not shape

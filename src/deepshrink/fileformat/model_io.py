@@ -197,6 +197,32 @@ def load_into(
     return model
 
 
+def load_state_dict_file(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
+    """Fill ``model`` from a ``torch.save``-d state dict (read with ``weights_only=True``: no code runs).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        DeepShrinkError: the file is missing, is not a state dict, or does not fit the model.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise DeepShrinkError(f"cannot read state dict {str(path)!r}: {err.strerror or err}") from err
+    except Exception as err:  # torch.load raises many types on files it cannot parse
+        first_line = (str(err).splitlines() or [""])[0][:120]
+        raise DeepShrinkError(f"{str(path)!r} is not a state dict saved with torch.save ({type(err).__name__}: "
+                              f"{first_line})") from err  # fmt: skip
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DeepShrinkError(f"{str(path)!r} holds {type(state).__name__}, not a state dict of tensors")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise DeepShrinkError(f"state dict {str(path)!r} does not fit {type(model).__name__}: {err}") from err
+    return model
+
+
 def _factory(spec: dict, trust_factory: bool, source: str) -> Callable[..., torch.nn.Module]:
     """The function ``spec`` names, if the trust policy lets it be imported."""
     module_name, name = spec["factory"].split(":")

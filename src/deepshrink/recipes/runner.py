@@ -9,6 +9,7 @@ file with the recipe's ``encode`` options.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,8 @@ from deepshrink.compress.sensitivity import sensitivity_scan
 from deepshrink.compress.ternary import ternarize_
 from deepshrink.compress.train import TrainConfig, evaluate, fit, iterative_prune
 from deepshrink.data.registry import Data, load_data
-from deepshrink.fileformat.model_io import build_model, save
+from deepshrink.errors import DeepShrinkError
+from deepshrink.fileformat.model_io import build_model, load_state_dict_file, save
 from deepshrink.models.registry import model_factory
 from deepshrink.recipes.schema import (
     STAGES,
@@ -187,13 +189,15 @@ def run_recipe(
     console = console or Console()
     data_dir = data_dir or recipe.data_dir
     out = out or recipe.out
+    check_destination(out)
     torch.manual_seed(recipe.seed)
     if model is None:
         spec = {"factory": model_factory(recipe.model), "kwargs": recipe.model_kwargs}
         model = build_model(spec, trust_factory, source="the recipe")
         if recipe.state_dict:
-            model.load_state_dict(torch.load(recipe.state_dict, map_location="cpu", weights_only=True))
+            load_state_dict_file(model, recipe.state_dict)
     train, test = load_data(recipe.data, data_dir, "train"), load_data(recipe.data, data_dir, "test")
+    check_inputs(model, test, f"data set {recipe.data!r}")
     result: dict = {"model": model, "stages": [], "start_accuracy": evaluate(model, test), "out": None, "bytes": None}
     encode = EncodeStage()
     for i, stage in enumerate(recipe.stages):
@@ -218,6 +222,39 @@ def run_recipe(
         result["out"] = out
         console.print(f"wrote {out}: {result['bytes']:,} bytes")
     return result
+
+
+def check_destination(out: str | os.PathLike | None) -> None:
+    """Fail now, not after hours of training, when the output file cannot be written where it is asked.
+
+    Raises:
+        DeepShrinkError: its folder does not exist, or it is a folder.
+    """
+    if out is None:
+        return
+    path = Path(out)
+    if not path.parent.is_dir():
+        raise DeepShrinkError(f"cannot write {str(out)!r}: folder {str(path.parent)!r} does not exist; create it first")
+    if path.is_dir():
+        raise DeepShrinkError(f"cannot write {str(out)!r}: it is a folder; give a file name")
+
+
+def check_inputs(model: nn.Module, data: Data, what: str) -> None:
+    """Run two samples through ``model``: a model that cannot take the data fails here, by name.
+
+    Raises:
+        DeepShrinkError: the forward pass fails (an input size the model was not built for).
+    """
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(data[0][:2])
+    except RuntimeError as err:
+        raise DeepShrinkError(f"{type(model).__name__} cannot take the inputs of {what} (shape "
+                              f"{tuple(data[0].shape[1:])}): {err}; build it for them (for a LeNet-300-100 on "
+                              f"digits: --model-kwargs '{{\"in_features\": 64}}')") from err  # fmt: skip
+    finally:
+        model.train(was_training)
 
 
 def _save(model: nn.Module, out: str, recipe: Recipe, encode: EncodeStage) -> int:
