@@ -139,8 +139,8 @@ def test_cli_scans_a_file_and_names_bad_input(digits_state_dict, tmp_path, capsy
     out = capsys.readouterr().out
     assert "fc1.weight" in out and "95%" in out
     assert main(["sensitivity", "--data", "digits"]) == 2
-    assert "give a FILE (.dsz) or --model" in capsys.readouterr().out
+    assert "give a FILE (.dsz) or --model" in capsys.readouterr().err
     assert main(["sensitivity", "--model", "lenet-300-100", "--data", "digits"]) == 2
-    assert "--model needs --state-dict" in capsys.readouterr().out
+    assert "--model needs --state-dict" in capsys.readouterr().err
     assert main(["sensitivity", str(path), "--data", "digits", "--sparsities", "0.9", "0.5"]) == 2
-    assert "strictly increasing" in capsys.readouterr().out
+    assert "strictly increasing" in capsys.readouterr().err
