@@ -57,6 +57,17 @@ def test_compress_on_digits_writes_a_file_that_rebuilds_the_model(capsys, tmp_pa
     assert float((model.fc1.weight != 0).float().mean()) == pytest.approx(0.2, abs=1e-3)
 
 
+def test_compress_flags_follow_the_seed(tmp_path):
+    def run(seed: str) -> bytes:
+        out = tmp_path / f"seed{seed}.dsz"
+        args = ["compress", "--model-kwargs", '{"in_features": 64}', "--data", "digits", "--pretrain-epochs", "1"]
+        assert main(args + ["--max-steps", "3", "--seed", seed, "--out", str(out)]) == 0
+        return out.read_bytes()
+
+    first = run("3")
+    assert run("3") == first and run("4") != first  # the initialisation and the training follow --seed
+
+
 def test_bad_input_gives_named_error(capsys):
     assert main(["compress", "--data", "digits", "--sparsity", "1.5"]) == 2
     assert "sparsity=1.5" in capsys.readouterr().err

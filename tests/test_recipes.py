@@ -10,9 +10,10 @@ from deepshrink import cli
 from deepshrink.compress.prune import sparsity_report
 from deepshrink.compress.train import evaluate
 from deepshrink.errors import DeepShrinkError
-from deepshrink.fileformat.model_io import load
+from deepshrink.fileformat.model_io import load, read
 from deepshrink.models import lenet_300_100
 from deepshrink.recipes import builtin_recipes, load_recipe, parse_recipe, run_recipe
+from deepshrink.recipes.runner import recipe_data
 from deepshrink.recipes.schema import EncodeStage, PruneStage, ShareStage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,6 +46,9 @@ def _recipe(*stages: dict, **top: object) -> dict:
         (_recipe({"share": {"init": "zeros"}}), "init='zeros' must be one of linear, density, random, kmeans++"),
         (_recipe({"train": {"lr": 0}}), "stages[0].train: lr=0 must be a number > 0"),
         (_recipe({"train": {"optimizer": "lbfgs"}}), "optimizer='lbfgs' must be one of sgd, adam"),
+        (_recipe({"train": {"augment": {"flip": 1}}}), "stages[0].train: augment: unknown key 'flip'; allowed: shift"),
+        (_recipe({"prune": {"sparsity": 0.5, "augment": {"shift": -1}}}), "augment: shift=-1 must be a number in [0"),
+        (_recipe({"train": {}}, holdout=-5), "holdout=-5 must be an integer >= 0"),
         (_recipe({"encode": {"coder": "zip"}}), "coder='zip' must be one of"),
         (_recipe({"encode": {}}, {"train": {}}), "encode must be the last stage"),
         (_recipe({"shrink": {}}), "stages[0]: unknown stage 'shrink'; allowed: train, prune, share"),
@@ -94,6 +98,31 @@ def test_yaml_tags_are_never_executed(tmp_path):
     evil.write_text("model: !!python/object/apply:os.system ['echo hacked']\nstages: [{train: {}}]\n")
     with pytest.raises(DeepShrinkError, match="not valid YAML"):
         load_recipe(evil)
+
+
+def test_holdout_trains_without_the_last_examples_and_measures_on_them():
+    full_train, test = recipe_data(parse_recipe(_recipe({"train": {}}, data="digits")), None)
+    train, held = recipe_data(parse_recipe(_recipe({"train": {}}, data="digits", holdout=100)), None)
+    assert len(train[1]) == len(full_train[1]) - 100 and not torch.equal(held[0], test[0][:100])
+    torch.testing.assert_close(torch.cat([train[0], held[0]]), full_train[0])
+    torch.testing.assert_close(torch.cat([train[1], held[1]]), full_train[1])
+    with pytest.raises(DeepShrinkError, match="holdout=5000 must be below the"):
+        recipe_data(parse_recipe(_recipe({"train": {}}, data="digits", holdout=5000)), None)
+
+
+def test_cli_seed_applies_to_a_recipe(tmp_path, capsys):
+    def run(seed: str | None, name: str) -> bytes:
+        out = tmp_path / name
+        args = ["compress", "--recipe", "digits-demo", "--max-steps", "4", "--out", str(out)]
+        assert cli.main(args + (["--seed", seed] if seed else [])) == 0
+        return out.read_bytes()
+
+    default, one, again = run(None, "default.dsz"), run("1", "one.dsz"), run("1", "again.dsz")
+    assert read(tmp_path / "default.dsz").metadata["seed"] == load_recipe("digits-demo").seed
+    assert read(tmp_path / "one.dsz").metadata["seed"] == 1
+    assert one == again and one != default  # the seed changed the training, and repeats it
+    assert cli.main(["compress", "--recipe", "digits-demo", "--seed", "-1"]) == 2
+    assert "seed=-1 must be an integer >= 0" in capsys.readouterr().err
 
 
 def test_gradual_filter_recipe_runs_on_mnist_and_the_file_reloads(trained_lenet300, data_root, tmp_path):

@@ -128,7 +128,7 @@ def _flags_recipe(args: argparse.Namespace, kwargs: dict | None) -> Recipe:
             "model": args.model,
             "model_kwargs": kwargs or {},
             "data": args.data,
-            "seed": args.seed,
+            "seed": args.seed or 0,
             "max_steps": args.max_steps,
             "stages": stages,
         }
@@ -140,6 +140,7 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         _run_recipe(args)
         return
     kwargs = args.model_kwargs
+    torch.manual_seed(args.seed or 0)  # the model is built here, not by run_recipe: --seed sets its initialisation too
     model = _flags_model(args, kwargs)
     run_recipe(_flags_recipe(args, kwargs), data_dir=args.data_dir, out=args.out, model=model, console=console)
 
@@ -194,8 +195,10 @@ def _cmd_sensitivity(args: argparse.Namespace) -> None:
 
 
 def _run_recipe(args: argparse.Namespace) -> None:
-    """``compress --recipe``: the recipe decides; --data-dir, --out, --state-dict, --max-steps override it."""
+    """``compress --recipe``: the recipe decides; --data-dir, --out, --state-dict, --max-steps, --seed override it."""
     recipe = load_recipe(args.recipe)
+    if args.seed is not None:
+        recipe = dataclasses.replace(recipe, seed=args.seed)  # checked as the recipe's own seed
     if args.state_dict:
         recipe.state_dict = args.state_dict
     if args.max_steps:
@@ -398,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recipe",
         help="a YAML recipe file or built-in name (lenet-300-100, lenet-5, digits-demo); see "
-        "docs/recipes.md. With it, only --data-dir, --out, --state-dict and --max-steps apply",
+        "docs/recipes.md. With it, only --data-dir, --out, --state-dict, --max-steps and --seed apply",
     )
     p.add_argument(
         "--trust-factory",
@@ -419,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, default=1, help="fine-tuning epochs after each stage")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--max-steps", type=_positive_int, help="cap every training stage at this many steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="seeds training, shuffling and k-means (default 0, or the recipe's)")
     p.add_argument("--out", help="write the compressed model here")
     p.set_defaults(func=_cmd_compress)
 

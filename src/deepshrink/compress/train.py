@@ -48,6 +48,7 @@ class TrainConfig:
     schedule: str | None = None  # None, "cosine", or "step" (x0.1 at 50% and 75%)
     max_steps: int | None = None  # stop early: tests and quick runs
     seed: int = 0
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None  # applied to each training batch's inputs
     progress: bool = True
     history: list[dict] = field(default_factory=list, repr=False)
 
@@ -172,6 +173,8 @@ def fit(
                 for group, lr in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = lr * _lr_factor(cfg.schedule, step / total_steps)
                 x, y = x.to(device), y.to(device)
+                if cfg.augment is not None:
+                    x = cfg.augment(x)
                 out = net(x)
                 loss = loss_fn(out, y)
                 optimizer.zero_grad(set_to_none=True)

@@ -35,6 +35,7 @@ from deepshrink.compress.schedules import check_ramp
 from deepshrink.compress.sensitivity import DEFAULT_SPARSITIES, check_sparsities
 from deepshrink.compress.ternary import DEFAULT_THRESHOLD, check_threshold
 from deepshrink.compress.train import OPTIMIZERS, SCHEDULES
+from deepshrink.data.augment import RandomAffine
 from deepshrink.data.registry import DATASETS
 from deepshrink.errors import DeepShrinkError
 from deepshrink.fileformat.codec import EncodeOptions
@@ -138,9 +139,12 @@ class TrainStage:
     momentum: float = 0.9
     weight_decay: float = 5e-4  # L2 was best after retraining in Deep Compression
     lr_schedule: str | None = None  # None, cosine or step
+    augment: RandomAffine | None = None  # random shift / rotate / scale of each training image
     skippable: ClassVar[bool] = False  # may epochs be 0 (the stage's transform without training)?
 
     def __post_init__(self) -> None:
+        if self.augment is not None and not isinstance(self.augment, RandomAffine):
+            self.augment = _build(RandomAffine, self.augment, "augment")
         self.epochs = _number(self.epochs, "epochs", 0, low_open=not self.skippable)
         self.lr = _number(self.lr, "lr", 0, low_open=True)
         self.momentum = _number(self.momentum, "momentum", 0)
@@ -304,6 +308,7 @@ class Recipe:
     seed: int = 0
     batch_size: int = 64
     max_steps: int | None = None  # cap every training stage (quick runs, tests)
+    holdout: int = 0  # train on all but the last `holdout` training examples and report on those, not the test set
     name: str | None = None
     description: str | None = None
 
@@ -318,6 +323,7 @@ class Recipe:
         self.batch_size = _number(self.batch_size, "batch_size", 1, integer=True)
         if self.max_steps is not None:
             self.max_steps = _number(self.max_steps, "max_steps", 1, integer=True)
+        self.holdout = _number(self.holdout, "holdout", 0, integer=True)
         if not isinstance(self.stages, list) or not self.stages:
             raise DeepShrinkError(
                 f"stages must be a non-empty list of {{stage: settings}}; stages: {', '.join(STAGES)}"
