@@ -8,6 +8,7 @@ stays light; its other submodules are imported the first time they are named, as
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from collections.abc import Callable, Iterable
 from types import ModuleType
@@ -28,14 +29,26 @@ def lazy_submodules(package: str, path: Iterable[str]) -> tuple[Callable[[str], 
         >>> deepshrink.fileformat.export.__name__
         'deepshrink.fileformat.export'
     """
-    names = frozenset(m.name for m in pkgutil.iter_modules(list(path)))
+    path = list(path)
+    names = frozenset(m.name for m in pkgutil.iter_modules(path))
 
     def __getattr__(name: str) -> ModuleType:
         if name in names:
             return importlib.import_module(f"{package}.{name}")
-        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        hint = _one_level_down(package, path, name) if not name.startswith("_") else None
+        raise AttributeError(
+            f"module {package!r} has no attribute {name!r}" + (f"; did you mean {hint}?" if hint else "")
+        )
 
     def __dir__() -> list[str]:
         return sorted(set(vars(importlib.import_module(package))) | names)
 
     return __getattr__, __dir__
+
+
+def _one_level_down(package: str, path: list[str], name: str) -> str | None:
+    """``package.sub.name`` if a subpackage holds a module ``name`` (``deepshrink.export`` moved into ``fileformat``)."""
+    for sub in pkgutil.iter_modules(path):
+        if sub.ispkg and any(m.name == name for m in pkgutil.iter_modules([os.path.join(p, sub.name) for p in path])):
+            return f"{package}.{sub.name}.{name}"
+    return None
