@@ -23,6 +23,7 @@ from deepshrink.fileformat.model_io import build_model, load_state_dict_file
 from deepshrink.models.registry import MODELS, model_factory
 from deepshrink.progress import quiet
 from deepshrink.recipes import Recipe, load_recipe, parse_recipe, run_recipe
+from deepshrink.recipes.runner import DEFAULT_CHECKPOINT_EVERY
 from deepshrink.tables import NameTable
 
 console = Console()
@@ -95,6 +96,10 @@ def _positive(kind: type) -> Callable[[str], int | float]:
 _positive_int, _positive_float = _positive(int), _positive(float)
 
 
+def _non_negative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     """The built-in ``digits-demo`` recipe, then the written file's size table."""
     import tempfile
@@ -142,7 +147,17 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     kwargs = args.model_kwargs
     torch.manual_seed(args.seed or 0)  # the model is built here, not by run_recipe: --seed sets its initialisation too
     model = _flags_model(args, kwargs)
-    run_recipe(_flags_recipe(args, kwargs), data_dir=args.data_dir, out=args.out, model=model, console=console)
+    recipe = _flags_recipe(args, kwargs)
+    run_recipe(recipe, data_dir=args.data_dir, out=args.out, model=model, console=console, **_resumable(args, recipe))
+
+
+def _resumable(args: argparse.Namespace, recipe: Recipe) -> dict:
+    """``compress``'s checkpoint options: --checkpoint, else OUT.ckpt beside the output; --resume; --checkpoint-every."""
+    out = args.out or recipe.out
+    checkpoint = args.checkpoint or (f"{out}.ckpt" if out else None)
+    if args.resume and checkpoint is None:
+        raise DeepShrinkError("--resume needs --checkpoint PATH, or --out FILE (its checkpoint is FILE.ckpt)")
+    return {"checkpoint": checkpoint, "resume": args.resume, "checkpoint_every": args.checkpoint_every}
 
 
 def _flags_model(args: argparse.Namespace, kwargs: dict | None) -> torch.nn.Module:
@@ -203,7 +218,8 @@ def _run_recipe(args: argparse.Namespace) -> None:
         recipe.state_dict = args.state_dict
     if args.max_steps:
         recipe.max_steps = args.max_steps
-    run_recipe(recipe, data_dir=args.data_dir, out=args.out, console=console, trust_factory=args.trust_factory)
+    run_recipe(recipe, data_dir=args.data_dir, out=args.out, console=console, trust_factory=args.trust_factory,
+               **_resumable(args, recipe))  # fmt: skip
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
@@ -401,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recipe",
         help="a YAML recipe file or built-in name (lenet-300-100, lenet-5, digits-demo); see "
-        "docs/recipes.md. With it, only --data-dir, --out, --state-dict, --max-steps and --seed apply",
+        "docs/recipes.md. With it, only --data-dir, --out, --state-dict, --max-steps, --seed and the checkpoint "
+        "options apply",
     )
     p.add_argument(
         "--trust-factory",
@@ -424,6 +441,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=_positive_int, help="cap every training stage at this many steps")
     p.add_argument("--seed", type=int, help="seeds training, shuffling and k-means (default 0, or the recipe's)")
     p.add_argument("--out", help="write the compressed model here")
+    p.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="save the run's progress here as it goes (default: OUT.ckpt beside --out; removed at the end)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=_non_negative_int,
+        default=DEFAULT_CHECKPOINT_EVERY,
+        metavar="STEPS",
+        help="optimizer steps between saves inside a training run; 0: only after each step of a stage "
+        f"(default {DEFAULT_CHECKPOINT_EVERY})",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a run that was interrupted (even by kill -9) from its checkpoint: same arguments, same result",
+    )
     p.set_defaults(func=_cmd_compress)
 
     p = sub.add_parser(

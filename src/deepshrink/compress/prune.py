@@ -13,6 +13,7 @@ weights: a pruned weight never comes back.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -249,6 +250,16 @@ def layer_sparsity(target: Target) -> LayerSparsity:
 def sparsity_report(model: nn.Module, layers: Iterable[str] | None = None) -> list[LayerSparsity]:
     """Shape, weights and kept count of every compressible weight."""
     return [layer_sparsity(t) for t in find_targets(model, layers, warn_unsupported=False)]
+
+
+def reports_to_json(reports: list[LayerSparsity]) -> list[dict]:
+    """Pruning reports as JSON data (a checkpoint records them)."""
+    return [dataclasses.asdict(r) for r in reports]
+
+
+def reports_from_json(data: list[dict]) -> list[LayerSparsity]:
+    """Invert :func:`reports_to_json`."""
+    return [LayerSparsity(**{**d, "shape": tuple(d["shape"])}) for d in data]
 
 
 def sparsity_schedule(final: float, steps: int, initial: float = 0.0, power: float = 1.0) -> list[float]:

@@ -15,8 +15,16 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from deepshrink.compress.checkpoint import NO_CHECKPOINT, Checkpointer
 from deepshrink.compress.groups import prune_groups_
-from deepshrink.compress.prune import LayerSparsity, check_sparsity, sparsity_schedule
+from deepshrink.compress.prune import (
+    LayerSparsity,
+    check_sparsity,
+    layer_sparsity,
+    reports_from_json,
+    reports_to_json,
+    sparsity_schedule,
+)
 from deepshrink.compress.targets import find_targets, resolve_per_layer
 from deepshrink.compress.train import TrainConfig, fit, scale_dropout_
 from deepshrink.errors import DeepShrinkError
@@ -57,6 +65,7 @@ class GradualPruner:
         granularity: see :func:`deepshrink.compress.groups.prune_groups_`.
         ramp: fraction of the run over which the sparsity rises.
         layers: which weights; see ``find_targets``.
+        install: install the masks now (else call :meth:`install` before training).
 
     Raises:
         DeepShrinkError: ``every < 1``, a bad ramp, sparsity or granularity.
@@ -70,6 +79,7 @@ class GradualPruner:
         granularity: str | dict[str, str] = "fine",
         ramp: float = 0.75,
         layers: Iterable[str] | None = None,
+        install: bool = True,
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise DeepShrinkError(f"every={every!r} must be an integer >= 1 (optimizer steps between prunings)")
@@ -80,8 +90,16 @@ class GradualPruner:
         for name, s in self.final.items():
             check_sparsity(s, f"sparsity[{name}]")
         self.reports: list[list[LayerSparsity]] = []
-        # Install (all-true) masks now, so the optimizer fit() builds holds the final parameters.
-        prune_groups_(model, {name: 0.0 for name in self.final}, granularity, layers=self.layers)
+        if install:
+            self.install()
+
+    def install(self) -> None:
+        """Install (all-true) masks, so that the optimizer ``fit`` builds holds the final parameters."""
+        prune_groups_(self.model, {name: 0.0 for name in self.final}, self.granularity, layers=self.layers)
+
+    def final_report(self) -> list[LayerSparsity]:
+        """The kept weights of each layer this pruner prunes, as they are now."""
+        return [layer_sparsity(t) for t in find_targets(self.model, self.layers) if t.name in self.final]
 
     def __call__(self, step: int, total: int) -> None:
         if step % self.every and step != total:
@@ -102,6 +120,7 @@ def gradual_prune(
     granularity: str | dict[str, str] = "fine",
     ramp: float = 0.75,
     layers: Iterable[str] | None = None,
+    checkpoint: Checkpointer | None = None,
 ) -> list[LayerSparsity]:
     """Train ``model`` once while its sparsity follows AGP's cubic ramp.
 
@@ -111,6 +130,8 @@ def gradual_prune(
         train_data: ``(inputs, labels)`` or a ``Dataset``.
         config: the training run (its length sets the ramp's length).
         every, granularity, ramp, layers: see :class:`GradualPruner`.
+        checkpoint: make the masks' installation, the training and the report
+            units of that run (:mod:`deepshrink.compress.checkpoint`).
 
     Returns:
         The pruning report at the final sparsity.
@@ -122,9 +143,11 @@ def gradual_prune(
         >>> [r.kept for r in gradual_prune(net, 0.5, data, cfg, every=2)]
         [6]
     """
-    pruner = GradualPruner(model, sparsity, every, granularity, ramp, layers)
-    fit(model, train_data, config, description="gradual pruning", on_step=pruner)
-    return pruner.reports[-1]
+    ckpt = checkpoint or NO_CHECKPOINT
+    pruner = GradualPruner(model, sparsity, every, granularity, ramp, layers, install=False)
+    ckpt.unit("install masks", pruner.install)
+    fit(model, train_data, config, description="gradual pruning", on_step=pruner, checkpoint=checkpoint)
+    return ckpt.unit("pruning report", pruner.final_report, encode=reports_to_json, decode=reports_from_json)
 
 
 def iterative_levels(sparsity: float | dict[str, float], steps: int) -> list[float | dict[str, float]]:

@@ -10,8 +10,10 @@ masks and codes are buffers, which DDP broadcasts from rank 0, so ranks agree.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -19,10 +21,19 @@ import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    TensorDataset,
+)
 
+from deepshrink.compress.checkpoint import NO_CHECKPOINT, Checkpointer, NoCheckpoint, set_rng_state
 from deepshrink.compress.parametrization import current_mask
-from deepshrink.compress.prune import LayerSparsity, prune_
+from deepshrink.compress.prune import LayerSparsity, prune_, reports_from_json, reports_to_json
 from deepshrink.compress.targets import find_targets
 from deepshrink.errors import DeepShrinkError
 from deepshrink.progress import progress_bar, track
@@ -80,16 +91,46 @@ def _as_dataset(data: Dataset | tuple[torch.Tensor, torch.Tensor]) -> Dataset:
     return TensorDataset(*data) if isinstance(data, tuple) else data
 
 
+class _ResumableSampler(Sampler[int]):
+    """A sampler whose next pass can skip its first indices: a resumed run picks up mid-epoch, loading nothing twice.
+
+    The wrapped sampler still draws its whole order (its random numbers are
+    consumed as in an uninterrupted run), then the first ``skip`` indices are
+    dropped; ``skip`` applies to one pass only.
+    """
+
+    def __init__(self, sampler: Sampler[int]) -> None:
+        self.sampler, self.skip = sampler, 0
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self.skip = self.skip, 0
+        return itertools.islice(iter(self.sampler), skip, None)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+
+
 def make_loader(
     data: Dataset | tuple[torch.Tensor, torch.Tensor], batch_size: int, shuffle: bool, seed: int = 0
 ) -> DataLoader:
-    """A DataLoader that shards across ranks when running under torchrun."""
+    """A DataLoader that shards across ranks when running under torchrun, and can resume mid-epoch.
+
+    Its sampler is a :class:`_ResumableSampler` (``loader.sampler.skip``,
+    ``loader.sampler.set_epoch``); the shuffle order is drawn from
+    ``loader.generator`` (None under torchrun: ``DistributedSampler`` orders
+    by seed and epoch), as ``DataLoader(shuffle=True, generator=...)`` draws it.
+    """
     dataset = _as_dataset(data)
     if _distributed():
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+        sampler = _ResumableSampler(DistributedSampler(dataset, shuffle=shuffle, seed=seed))
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    return DataLoader(dataset, batch_size=batch_size, sampler=_ResumableSampler(order), generator=generator)
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -130,6 +171,7 @@ def fit(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy,
     description: str = "fine-tune",
     on_step: Callable[[int, int], None] | None = None,
+    checkpoint: Checkpointer | None = None,
 ) -> list[dict]:
     """Train ``model`` in place; masks and codebooks hold by construction.
 
@@ -137,12 +179,34 @@ def fit(
     after pruning or weight sharing, never before.
 
     ``on_step(step, total_steps)`` runs after each optimizer step (``step``
-    counts from 1): gradual pruning tightens masks there, in place.
+    counts from 1): gradual pruning tightens masks there, in place. It must
+    keep no state of its own that a resumed run would need.
+
+    ``checkpoint``: this call is one unit of that run
+    (:class:`~deepshrink.compress.checkpoint.Checkpointer`): it saves every
+    ``checkpoint.every`` steps (model, optimizer, random generators, position in
+    the data, history) and, when the run resumes inside it, continues from the
+    last save, computing exactly what an uninterrupted run computes.
 
     Returns:
         One ``{"step", "loss", "accuracy"}`` record per logged step (training
         batch accuracy, averaged over the last logging window).
     """
+    ckpt = checkpoint or NO_CHECKPOINT
+    return ckpt.unit(
+        f"fit: {description}", lambda: _fit(model, train_data, config, loss_fn, description, on_step, ckpt)
+    )
+
+
+def _fit(
+    model: nn.Module,
+    train_data: Dataset | tuple[torch.Tensor, torch.Tensor],
+    config: TrainConfig | None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    description: str,
+    on_step: Callable[[int, int], None] | None,
+    checkpoint: Checkpointer | NoCheckpoint,
+) -> list[dict]:
     cfg = config or TrainConfig()
     torch.manual_seed(cfg.seed)
     loader = make_loader(train_data, cfg.batch_size, shuffle=True, seed=cfg.seed)
@@ -154,7 +218,12 @@ def fit(
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     device = _device(model)
     show = cfg.progress and (not _distributed() or dist.get_rank() == 0)
-    history: list[dict] = []
+    step, epoch, batch, history, window = 0, 0, 0, [], []
+    resumed = checkpoint.loop_state()
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        step, epoch, batch = resumed["step"], resumed["epoch"], resumed["batch"]
+        history, window = resumed["history"], [tuple(w) for w in resumed["window"]]
     model.train()
     columns = [
         TextColumn("{task.description}"),
@@ -164,12 +233,19 @@ def fit(
         TimeRemainingColumn(),
     ]
     with progress_bar(*columns, show=show) as bar:
-        task = bar.add_task(description, total=total_steps, loss=float("nan"), acc=float("nan"))
-        step, epoch, window = 0, 0, []
+        task = bar.add_task(description, total=total_steps, completed=step, loss=float("nan"), acc=float("nan"))
         while step < total_steps:
-            if isinstance(loader.sampler, DistributedSampler):
-                loader.sampler.set_epoch(epoch)
-            for x, y in loader:
+            loader.sampler.set_epoch(epoch)
+            if resumed is not None:  # the epoch the run stopped in: its order again, the batches done skipped
+                if loader.generator is not None:
+                    loader.generator.set_state(resumed["generator"])
+                loader.sampler.skip = batch * cfg.batch_size
+            generator_state = loader.generator.get_state() if loader.generator is not None else None
+            batches = iter(loader)
+            if resumed is not None:
+                set_rng_state(resumed["rng"])  # after iter(), which draws a seed, as at the save
+                resumed = None
+            for x, y in batches:
                 for group, lr in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = lr * _lr_factor(cfg.schedule, step / total_steps)
                 x, y = x.to(device), y.to(device)
@@ -184,15 +260,20 @@ def fit(
                     on_step(step + 1, total_steps)
                 window.append((loss.item(), (out.argmax(1) == y).float().mean().item()))
                 step += 1
+                batch += 1
                 if step % 50 == 0 or step == total_steps:
                     loss_avg = sum(w[0] for w in window) / len(window)
                     acc_avg = sum(w[1] for w in window) / len(window)
                     history.append({"step": step, "loss": loss_avg, "accuracy": acc_avg})
                     bar.update(task, completed=step, loss=loss_avg, acc=acc_avg)
                     window = []
+                if checkpoint.due(step):
+                    state = {"epoch": epoch, "batch": batch, "generator": generator_state, "history": history,
+                             "optimizer": optimizer.state_dict(), "window": window}  # fmt: skip
+                    checkpoint.save_loop(step, state)
                 if step >= total_steps:
                     break
-            epoch += 1
+            epoch, batch = epoch + 1, 0
     return history
 
 
@@ -228,22 +309,33 @@ def iterative_prune(
     train_data: Dataset | tuple[torch.Tensor, torch.Tensor],
     config: TrainConfig | None = None,
     prune_fn: Callable[..., list[LayerSparsity]] = prune_,
+    *,
+    checkpoint: Checkpointer | None = None,
     **prune_kwargs: object,
 ) -> list[list[LayerSparsity]]:
     """Prune to each sparsity in ``steps`` in turn, fine-tuning after each.
 
     ``prune_kwargs`` go to ``prune_fn`` (by default :func:`deepshrink.compress.prune.prune_`:
     ``scope``, ``layers``...; :func:`deepshrink.compress.groups.prune_groups_` takes
-    ``granularity``); a step may be a ``{pattern: sparsity}`` mapping.
+    ``granularity``); a step may be a ``{pattern: sparsity}`` mapping. With a
+    ``checkpoint``, each pruning and each fine-tuning is a unit of that run.
 
     Returns:
         The pruning report of each round.
     """
     if not steps:
         raise DeepShrinkError("steps must list at least one sparsity")
+    ckpt = checkpoint or NO_CHECKPOINT
     reports = []
     for i, s in enumerate(steps):
-        reports.append(prune_fn(model, s, **prune_kwargs))
-        scale_dropout_(model)
-        fit(model, train_data, config, description=f"prune round {i + 1}/{len(steps)}")
+        round_ = f"prune round {i + 1}/{len(steps)}"
+        prune = functools.partial(_prune_round, model, prune_fn, s, prune_kwargs)
+        reports.append(ckpt.unit(round_, prune, encode=reports_to_json, decode=reports_from_json))
+        fit(model, train_data, config, description=round_, checkpoint=checkpoint)
+    return reports
+
+
+def _prune_round(model: nn.Module, prune_fn: Callable, sparsity: object, kwargs: dict) -> list[LayerSparsity]:
+    reports = prune_fn(model, sparsity, **kwargs)
+    scale_dropout_(model)
     return reports

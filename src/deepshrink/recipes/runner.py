@@ -9,6 +9,9 @@ file with the recipe's ``encode`` options.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
 import os
 import time
 from collections.abc import Callable
@@ -18,6 +21,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from deepshrink.compress.checkpoint import NO_CHECKPOINT, Checkpointer
 from deepshrink.compress.groups import prune_groups_
 from deepshrink.compress.prune import prune_
 from deepshrink.compress.quantize import share_weights_
@@ -43,6 +47,8 @@ from deepshrink.recipes.schema import (
 )
 from deepshrink.report import layer_table, rows_table
 
+DEFAULT_CHECKPOINT_EVERY = 500  # optimizer steps: a few seconds of LeNet training, a save costs ~20 ms
+
 
 def train_config(stage: TrainStage, recipe: Recipe) -> TrainConfig:
     """The :class:`TrainConfig` of ``stage`` under ``recipe``'s batch size, seed and step cap."""
@@ -60,8 +66,11 @@ def train_config(stage: TrainStage, recipe: Recipe) -> TrainConfig:
     )
 
 
-def _train(stage: TrainStage, model: nn.Module, train: Data, recipe: Recipe, console: Console) -> None:
-    fit(model, train, train_config(stage, recipe), description=type(stage).__name__.removesuffix("Stage").lower())
+def _train(
+    stage: TrainStage, model: nn.Module, train: Data, recipe: Recipe, console: Console, ckpt: Checkpointer
+) -> None:
+    name = type(stage).__name__.removesuffix("Stage").lower()
+    fit(model, train, train_config(stage, recipe), description=name, checkpoint=ckpt)
 
 
 def propose_sparsities(
@@ -83,10 +92,13 @@ def propose_sparsities(
     return proposal
 
 
-def _prune(stage: PruneStage, model: nn.Module, train: Data, recipe: Recipe, console: Console) -> None:
+def _prune(
+    stage: PruneStage, model: nn.Module, train: Data, recipe: Recipe, console: Console, ckpt: Checkpointer
+) -> None:
     if stage.sensitivity is not None:
-        proposal = propose_sparsities(stage.sensitivity, model, train, stage.granularity, stage.layers, console)
-        _prune(dataclasses.replace(stage, sensitivity=None, sparsity=proposal), model, train, recipe, console)
+        scan = functools.partial(propose_sparsities, stage.sensitivity, model, train, stage.granularity, stage.layers)
+        proposal = ckpt.unit("sensitivity scan", lambda: scan(console))
+        _prune(dataclasses.replace(stage, sensitivity=None, sparsity=proposal), model, train, recipe, console, ckpt)
         return
     config = train_config(stage, recipe)
     if stage.schedule == "gradual":
@@ -99,6 +111,7 @@ def _prune(stage: PruneStage, model: nn.Module, train: Data, recipe: Recipe, con
             granularity=stage.granularity,
             ramp=stage.ramp,
             layers=stage.layers,
+            checkpoint=ckpt,
         )
     elif stage.quality is not None:
         iterative_prune(
@@ -107,13 +120,13 @@ def _prune(stage: PruneStage, model: nn.Module, train: Data, recipe: Recipe, con
             train,
             config,
             prune_fn=_prune_by_quality,
+            checkpoint=ckpt,
             scope=stage.scope,
             layers=stage.layers,
         )
     elif stage.scope == "global":
-        iterative_prune(
-            model, iterative_levels(stage.sparsity, stage.steps), train, config, scope="global", layers=stage.layers
-        )
+        levels = iterative_levels(stage.sparsity, stage.steps)
+        iterative_prune(model, levels, train, config, checkpoint=ckpt, scope="global", layers=stage.layers)
     else:
         iterative_prune(
             model,
@@ -121,6 +134,7 @@ def _prune(stage: PruneStage, model: nn.Module, train: Data, recipe: Recipe, con
             train,
             config,
             prune_fn=prune_groups_,
+            checkpoint=ckpt,
             granularity=stage.granularity,
             layers=stage.layers,
         )
@@ -130,16 +144,21 @@ def _prune_by_quality(model: nn.Module, quality: object, **kwargs: object) -> li
     return prune_(model, quality=quality, **kwargs)
 
 
-def _share(stage: ShareStage, model: nn.Module, train: Data, recipe: Recipe, console: Console) -> None:
-    share_weights_(model, stage.bits, init=stage.init, seed=recipe.seed, layers=stage.layers)
+def _share(
+    stage: ShareStage, model: nn.Module, train: Data, recipe: Recipe, console: Console, ckpt: Checkpointer
+) -> None:
+    share = functools.partial(share_weights_, model, stage.bits, init=stage.init, seed=recipe.seed, layers=stage.layers)
+    ckpt.unit("share weights", lambda: len(share()))
     if stage.epochs > 0:
-        fit(model, train, train_config(stage, recipe), description="fine-tune centroids")
+        fit(model, train, train_config(stage, recipe), description="fine-tune centroids", checkpoint=ckpt)
 
 
-def _ternary(stage: TernaryStage, model: nn.Module, train: Data, recipe: Recipe, console: Console) -> None:
-    ternarize_(model, stage.threshold, layers=stage.layers)
+def _ternary(
+    stage: TernaryStage, model: nn.Module, train: Data, recipe: Recipe, console: Console, ckpt: Checkpointer
+) -> None:
+    ckpt.unit("ternarize", lambda: len(ternarize_(model, stage.threshold, layers=stage.layers)))
     if stage.epochs > 0:
-        fit(model, train, train_config(stage, recipe), description="train ternary")
+        fit(model, train, train_config(stage, recipe), description="train ternary", checkpoint=ckpt)
 
 
 # How each stage runs, by its exact class (every training stage derives from TrainStage).
@@ -152,9 +171,16 @@ RUNNERS: dict[type, Callable[..., None]] = {
 }
 
 
-def run_stage(stage: TrainStage, model: nn.Module, train: Data, recipe: Recipe, console: Console) -> None:
-    """Run one (non-encode) stage of ``recipe`` on ``model``, in place."""
-    RUNNERS[type(stage)](stage, model, train, recipe, console)
+def run_stage(
+    stage: TrainStage,
+    model: nn.Module,
+    train: Data,
+    recipe: Recipe,
+    console: Console,
+    checkpoint: Checkpointer | None = None,
+) -> None:
+    """Run one (non-encode) stage of ``recipe`` on ``model``, in place; its steps are units of ``checkpoint``'s run."""
+    RUNNERS[type(stage)](stage, model, train, recipe, console, checkpoint or NO_CHECKPOINT)
 
 
 def recipe_data(recipe: Recipe, data_dir: str | None) -> tuple[Data, Data]:
@@ -181,6 +207,9 @@ def run_recipe(
     model: nn.Module | None = None,
     console: Console | None = None,
     trust_factory: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
 ) -> dict:
     """Run a recipe's stages in order and write the compressed file if it names one.
 
@@ -195,6 +224,14 @@ def run_recipe(
         trust_factory: allow a ``model`` factory outside ``deepshrink.models``;
             importing it runs its code, so a recipe from elsewhere cannot do
             that unless you say so (as :func:`deepshrink.load`).
+        checkpoint: save the run's progress here (atomically) after every
+            step of every stage and every ``checkpoint_every`` optimizer steps;
+            removed once the output is written.
+        resume: continue from ``checkpoint`` (after a crash or ``kill -9``):
+            the finished steps are skipped, the one that was running continues
+            from its last save, and the result is the one an uninterrupted run
+            gives. Without it, an existing checkpoint is overwritten.
+        checkpoint_every: optimizer steps between saves inside a training run.
 
     Returns:
         ``{"model", "stages": [{"stage", "accuracy", "seconds", "cpu_seconds"}],
@@ -203,13 +240,16 @@ def run_recipe(
 
     Raises:
         DeepShrinkError: an invalid recipe, a missing data set or model factory,
-            an untrusted factory.
+            an untrusted factory, an output folder that does not exist, a
+            checkpoint of another run.
     """
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     console = console or Console()
     data_dir = data_dir or recipe.data_dir
     out = out or recipe.out
     check_destination(out)
+    if resume and checkpoint is None:
+        raise DeepShrinkError("resume needs the checkpoint to resume from")
     torch.manual_seed(recipe.seed)
     if model is None:
         spec = {"factory": model_factory(recipe.model), "kwargs": recipe.model_kwargs}
@@ -218,7 +258,12 @@ def run_recipe(
             load_state_dict_file(model, recipe.state_dict)
     train, test = recipe_data(recipe, data_dir)
     check_inputs(model, test, f"data set {recipe.data!r}")
-    result: dict = {"model": model, "stages": [], "start_accuracy": evaluate(model, test), "out": None, "bytes": None}
+    ckpt = NO_CHECKPOINT
+    if checkpoint is not None:
+        ckpt = Checkpointer(checkpoint, model, every=checkpoint_every, resume=resume, fingerprint=fingerprint(recipe))
+        console.print(f"checkpoint {checkpoint}: {ckpt.describe()}")
+    result: dict = {"model": model, "stages": [], "out": None, "bytes": None}
+    result["start_accuracy"] = ckpt.unit("evaluate", lambda: evaluate(model, test), save=False)
     encode = EncodeStage()
     for i, stage in enumerate(recipe.stages):
         if isinstance(stage, EncodeStage):
@@ -226,15 +271,12 @@ def run_recipe(
             continue
         name = next(k for k, cls in STAGES.items() if type(stage) is cls)
         start, cpu_start = time.perf_counter(), time.process_time()
-        run_stage(stage, model, train, recipe, console)
-        row = {
-            "stage": f"{i}: {name}",
-            "accuracy": evaluate(model, test),
-            "seconds": time.perf_counter() - start,
-            "cpu_seconds": time.process_time() - cpu_start,  # all threads of this process; steadier on a busy machine
-        }
+        run_stage(stage, model, train, recipe, console, ckpt)
+        stage_row = functools.partial(_stage_row, f"{i}: {name}", model, test, start, cpu_start)
+        row = ckpt.unit(f"stage {i} ({name}) done", stage_row)  # a checkpoint at every stage boundary
         result["stages"].append(row)
         console.print(f"after {row['stage']}: accuracy {row['accuracy']:.4f} ({row['seconds']:.1f} s)")
+    ckpt.finish()
     result["accuracy"] = result["stages"][-1]["accuracy"] if result["stages"] else result["start_accuracy"]
     console.print(
         rows_table(
@@ -246,7 +288,24 @@ def run_recipe(
         result["bytes"] = _save(model, out, recipe, encode)
         result["out"] = out
         console.print(f"wrote {out}: {result['bytes']:,} bytes")
+    ckpt.remove()
     return result
+
+
+def _stage_row(stage: str, model: nn.Module, test: Data, start: float, cpu_start: float) -> dict:
+    """A stage's row of the results: its accuracy, its wall and CPU seconds (in this process, when resumed)."""
+    return {
+        "stage": stage,
+        "accuracy": evaluate(model, test),
+        "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu_start,  # all threads of this process; steadier on a busy machine
+    }
+
+
+def fingerprint(recipe: Recipe) -> str:
+    """What a checkpoint must match to be resumed: the recipe, less where its data and output live."""
+    fields = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in ("data_dir", "out")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def check_destination(out: str | os.PathLike | None) -> None:
