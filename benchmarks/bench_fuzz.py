@@ -410,7 +410,7 @@ def fuzz(files: dict[str, bytes], seconds: float, seed: int) -> dict:
 def page(result: dict) -> str:
     lines = ["# Reader hardening: crafted files and mutation fuzz", "",
              f"Load average {result['load_average']:.1f} on {os.cpu_count()} cores.", "",
-             "| case | file bytes | operation | before the fix | outcome now | s | peak MB | decoded MB |",
+             "| case | file bytes | operation | issue #17 reported | outcome now | s | peak MB | decoded MB |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in result["crafted"]:
         outcome = r["outcome"].replace("|", "/")[:140]

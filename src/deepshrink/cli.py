@@ -97,7 +97,10 @@ _positive_int, _positive_float = _positive(int), _positive(float)
 
 
 def _non_negative_int(text: str) -> int:
-    return 0 if text.strip() == "0" else _positive_int(text)
+    try:
+        return 0 if text.strip() == "0" else _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0") from None
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
