@@ -36,11 +36,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-import llvmlite.binding as llvm
 import numba
 import numpy as np
 import scipy.sparse
@@ -56,7 +54,7 @@ from deepshrink.hardware.layers import synthetic_activations
 from deepshrink.models.registry import MODELS
 
 from bench_eie import PUBLISHED_US, geomean  # published figures kept in one place
-from common import ROOT, add_data_dir, add_output, write_results
+from common import ROOT, add_data_dir, add_output, add_threads, start_run, write_results
 
 TARGET_VS_DENSE = {"Alex-6": 10.0, "Alex-7": 10.0, "VGG-6": 10.0, "VGG-7": 10.0}  # the issue's batch-1 targets
 TARGET_VS_TORCH_CSR = 3.0
@@ -319,7 +317,7 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2, help="threads for torch and numba alike")
+    add_threads(parser)
     parser.add_argument("--repeats", type=int, default=20, help="timed blocks per implementation and run")
     parser.add_argument("--runs", type=int, default=5, help="times the layer suite is measured, one after another")
     parser.add_argument("--layers", nargs="*", help="EIE layer names (default: all nine)")
@@ -331,11 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     add_output(parser, publish=True)
     args = parser.parse_args(argv)
     console = Console()
-    torch.set_num_threads(args.threads)
-    numba.set_num_threads(args.threads)
-
-    result = {"argv": sys.argv[1:] if argv is None else argv, "date": time.strftime("%Y-%m-%d %H:%M"),
-              "threads": args.threads, "cpu": _cpu_name()}  # fmt: skip
+    result = start_run(args, argv)
     result["compile"] = compile_times()
     result["machine"] = machine_rates(args.repeats)
     SparseMatrix(synthetic_layer(512, 512, 0.5)).matvec(np.ones(512, np.float32))  # starts numba's thread pool
@@ -368,14 +362,6 @@ def main(argv: list[str] | None = None) -> None:
             console.print(result["lenet"][-1])
     for folder in write_results(args, "engine", result, markdown):
         console.print(f"wrote {folder / 'engine.md'}")
-
-
-def _cpu_name() -> str:
-    """The CPU's model, cores, and the target numba compiles for: the kernels' speed, and MKL's, moves with its SIMD."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "CPU")
-    simd = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
-    return f"{model} ({os.cpu_count()} cores, LLVM target {llvm.get_host_cpu_name()}, {simd})"
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,3 +83,29 @@ def write_results(
         if page is not None:
             write_atomic(folder / f"{name}.md", page(rows).encode())
     return folders
+
+
+def add_threads(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` (default 2, this machine's cores): the same number for every library timed."""
+    parser.add_argument("--threads", type=int, default=2, help="threads for every library (torch and numba alike)")
+
+
+def start_run(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """Give torch and numba ``--threads`` threads; the page's header fields: command line, date, threads, CPU."""
+    import numba
+    import torch
+
+    torch.set_num_threads(args.threads)
+    numba.set_num_threads(args.threads)
+    return {"argv": sys.argv[1:] if argv is None else argv, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "threads": args.threads, "cpu": cpu_name()}  # fmt: skip
+
+
+def cpu_name() -> str:
+    """The CPU's model, cores, and the target numba compiles for: the kernels' speed, and MKL's, moves with its SIMD."""
+    import llvmlite.binding as llvm
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "CPU")
+    simd = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
+    return f"{model} ({os.cpu_count()} cores, LLVM target {llvm.get_host_cpu_name()}, {simd})"

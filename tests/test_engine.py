@@ -11,7 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from deepshrink.engine import SparseConv2d, SparseLinear, SparseMatrix, compile_model, engine_layers, from_file, kernels
+from deepshrink.engine import (
+    SparseConv2d,
+    SparseEmbedding,
+    SparseLinear,
+    SparseMatrix,
+    compile_model,
+    engine_layers,
+    from_file,
+    kernels,
+)
 from deepshrink.engine.fixedpoint import fraction_bits, from_fixed, to_fixed
 from deepshrink.engine.matrix import segmented_stream, sliced_rows
 from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
@@ -396,12 +405,30 @@ def test_compile_model_keeps_what_it_cannot_run_dense_and_says_so() -> None:
     with pytest.warns(UserWarning) as caught:
         fast = compile_model(net)
     said = " ".join(str(w.message) for w in caught)
-    for name in ("enc.self_attn.out_proj.weight", "enc.linear1.weight", "emb.weight", "gru.weight_hh_l0"):
+    for name in ("enc.self_attn.out_proj.weight", "enc.linear1.weight", "gru.weight_hh_l0"):
         assert f"{name} stays dense" in said
-    assert [n for n, _ in engine_layers(fast)] == ["conv", "head"]
+    assert [n for n, _ in engine_layers(fast)] == ["conv", "emb", "head"]
+    assert not any(hasattr(m, "parametrizations") for m in fast.modules())  # what stays dense is decoded once
     x, tokens = torch.randn(3, 4, 31), torch.tensor([1, 2, 3])
     with torch.no_grad():
         torch.testing.assert_close(fast(x, tokens), net(x, tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_embedding_matches_the_decoded_table() -> None:
+    from deepshrink.compress.prune import prune_
+    from deepshrink.compress.quantize import share_weights_
+
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Embedding(50, 12, padding_idx=0)).eval()
+    prune_(net, 0.5)
+    share_weights_(net, bits=3)
+    fast = compile_model(net)
+    assert isinstance(fast[0], SparseEmbedding) and fast[0].codes.dtype == torch.uint8
+    ids = torch.randint(0, 50, (3, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids), net(ids), rtol=0, atol=0)
+    with pytest.raises(DeepShrinkError, match="at most 255 shared values"):
+        SparseEmbedding(random_tensor(300, 2, 1.0, bits=9))
 
 
 def test_compile_model_names_bad_tensors() -> None:

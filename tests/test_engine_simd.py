@@ -92,6 +92,17 @@ def test_the_cost_model_picks_by_structure() -> None:
     assert blocks.kernel_for(relu[0]) == "panels" and blocks.kernel_for(relu) == "panels"
 
 
+@pytest.mark.parametrize("stride,dilation,groups", [((1, 1), (1, 1), 1), ((2, 1), (1, 2), 2), ((1, 1), (2, 2), 4)])
+def test_convolutions_in_c_match_numba(isa, monkeypatch, stride, dilation, groups: int) -> None:
+    t = structured_tensor(8, 8 // groups * 9, 0.4, "unstructured", 8, seed=groups)
+    x = np.maximum(np.random.default_rng(9).standard_normal((3, 8, 12, 11)), 0).astype(np.float32)
+    bias = np.arange(8, dtype=np.float32)
+    ours = SparseMatrix(t, workers=2).conv2d(x, (3, 3), stride, dilation, bias, groups)
+    monkeypatch.setattr(matrix, "_simd", None)
+    np.testing.assert_allclose(ours, SparseMatrix(t, workers=2).conv2d(x, (3, 3), stride, dilation, bias, groups),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
 def test_fixed_point_and_the_missing_extension_run_on_numba(monkeypatch) -> None:
     t = structured_tensor(50, 60, 0.5, "unstructured", 4, seed=4)
     assert not SparseMatrix(t, fixed_point=True).simd
@@ -100,6 +111,21 @@ def test_fixed_point_and_the_missing_extension_run_on_numba(monkeypatch) -> None
     assert not m.simd and m.kernels(1) == ("csc", "sliced") and m.kernels(4) == ("samples", "csr")
     x = np.random.default_rng(5).standard_normal((4, 60)).astype(np.float32)
     np.testing.assert_allclose(m.matmul(x), x @ t.to_dense().numpy().T, rtol=1e-5, atol=1e-5)
+
+
+def test_the_thread_pool_works_in_a_forked_child() -> None:
+    """A child process has none of its parent's pool threads: its products still run (and are right)."""
+    import multiprocessing
+
+    t = structured_tensor(300, 200, 1.0, "dense", 4, seed=7)
+    x = np.random.default_rng(8).standard_normal((5, 200)).astype(np.float32)
+    expected = SparseMatrix(t, workers=2).run(x, "panels")  # the parent's helpers are started
+    with multiprocessing.get_context("fork").Pool(1) as child:
+        np.testing.assert_allclose(child.apply(_panels_product, (t, x)), expected, rtol=1e-6)
+
+
+def _panels_product(t: CompressedTensor, x: np.ndarray) -> np.ndarray:
+    return SparseMatrix(t, workers=2).run(x, "panels")
 
 
 def test_kernels_check_their_buffers() -> None:

@@ -5,13 +5,14 @@ codebook, never a dense weight.
 """
 
 from deepshrink.engine.compile import compile_model, engine_layers, from_file
-from deepshrink.engine.layers import SparseConv1d, SparseConv2d, SparseLinear
+from deepshrink.engine.layers import SparseConv1d, SparseConv2d, SparseEmbedding, SparseLinear
 from deepshrink.engine.matrix import SparseMatrix
 from deepshrink.lazy import lazy_submodules
 
 __all__ = [
     "SparseConv1d",
     "SparseConv2d",
+    "SparseEmbedding",
     "SparseLinear",
     "SparseMatrix",
     "compile_model",

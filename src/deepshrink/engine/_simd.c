@@ -22,8 +22,9 @@
  *
  * Every kernel exists twice: an AVX-512 version compiled for that target alone (function
  * attributes, so the build never needs -march=native) and a portable one in plain C; which
- * runs is decided at import from the CPU (__builtin_cpu_supports). Threads: OpenMP where
- * the compiler has it. The GIL is released while a kernel runs.
+ * runs is decided at import from the CPU (__builtin_cpu_supports). Threads: a small pool
+ * (POSIX threads) whose caller works too and never waits for a helper that has not started
+ * (see parallel_chunks). The GIL is released while a kernel runs.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -31,8 +32,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef _OPENMP
-#include <omp.h>
+#if defined(__unix__) || defined(__APPLE__)
+#define HAVE_POOL 1
+#include <pthread.h>
+#include <stdatomic.h>
+#else
+#define HAVE_POOL 0
 #endif
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
@@ -42,6 +47,10 @@
 #else
 #define HAVE_X86 0
 #endif
+
+/* Loops over the tokens or accumulators of a register-blocked kernel must unroll whole, or the
+ * accumulators live in memory: gcc peels at most 16 iterations unless told. */
+#define UNROLL _Pragma("GCC unroll 32")
 
 #define LANES 16         /* rows of a panel, a slice, a vector */
 #define TABLE 32         /* values a permute-decoded table holds */
@@ -53,6 +62,124 @@
 static int use_avx512 = 0;
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* ------------------------------------------------------------------------------------------ */
+/* The thread pool. A product is cut into chunks; the caller posts them, wakes the helpers
+ * and claims chunks itself, one at a time, as do the helpers that are running. When none is
+ * left the caller waits only for the chunks a helper has claimed and not finished: a helper
+ * that the scheduler has not run yet (the other cores busy with other jobs) costs nothing,
+ * it finds the job gone when it wakes. OpenMP's end-of-region barrier waits for every
+ * thread instead, which on a loaded 2-core machine measured 10-15 ms (a scheduler quantum)
+ * for products of 0.1 ms. Chunks are claimed by a compare-and-swap on one 64-bit word, the
+ * job's generation above the next chunk's number, so a helper that read a job which has
+ * since been replaced can never claim a chunk of the new one with the old job's pointers. */
+
+typedef void (*ChunkFn)(const void *ctx, int64_t chunk);
+
+#if HAVE_POOL
+#define MAX_HELPERS 63
+#define SPIN 2000 /* pause-loops (~50 us) a helper watches for the next job before it sleeps */
+
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    int helpers;        /* threads started */
+    int wanted;         /* helpers the current job may use */
+    ChunkFn fn;         /* the current job, written before `next` publishes it */
+    const void *ctx;
+    int64_t n;
+    _Atomic uint64_t next;  /* generation << 32 | next chunk to claim */
+    _Atomic int64_t done;   /* chunks of the current job finished */
+    _Atomic int sleepers;   /* helpers waiting on `wake` */
+    _Atomic int busy;       /* a job is posted: a second caller (another Python thread) runs serially */
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
+
+static inline void relax(void) {
+#if HAVE_X86
+    _mm_pause();
+#endif
+}
+
+/* Claim and run chunks of job `gen` until none is left; whoever calls it read fn, ctx and n
+ * after seeing `gen` in `next`, and a claim succeeds only while `next` still holds `gen`. */
+static void work(uint64_t gen, ChunkFn fn, const void *ctx, int64_t n) {
+    for (;;) {
+        uint64_t v = atomic_load_explicit(&pool.next, memory_order_acquire);
+        int64_t chunk = (int64_t)(v & 0xffffffffu);
+        if (v >> 32 != gen || chunk >= n) return;
+        if (!atomic_compare_exchange_weak(&pool.next, &v, v + 1)) continue;
+        fn(ctx, chunk);
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+    }
+}
+
+static void *helper(void *arg) {
+    int id = (int)(intptr_t)arg;
+    uint64_t seen = atomic_load(&pool.next) >> 32;
+    for (;;) {
+        uint64_t gen = atomic_load_explicit(&pool.next, memory_order_acquire) >> 32;
+        for (int i = 0; gen == seen && i < SPIN; i++) {
+            relax();
+            gen = atomic_load_explicit(&pool.next, memory_order_acquire) >> 32;
+        }
+        if (gen == seen) {
+            pthread_mutex_lock(&pool.lock);
+            atomic_fetch_add(&pool.sleepers, 1);
+            while ((gen = atomic_load(&pool.next) >> 32) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+            atomic_fetch_sub(&pool.sleepers, 1);
+            pthread_mutex_unlock(&pool.lock);
+        }
+        seen = gen;
+        if (id < pool.wanted) work(gen, pool.fn, pool.ctx, pool.n);
+    }
+    return NULL;
+}
+
+static void forget_helpers(void) { pool.helpers = 0; } /* a forked child has none of its parent's threads */
+
+static int start_helpers(int wanted) {
+    pthread_mutex_lock(&pool.lock);
+    if (pool.helpers == 0) pthread_atfork(NULL, NULL, forget_helpers);
+    while (pool.helpers < wanted) {
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, helper, (void *)(intptr_t)(pool.helpers + 1)) != 0) break;
+        pthread_detach(thread);
+        pool.helpers++;
+    }
+    int started = pool.helpers;
+    pthread_mutex_unlock(&pool.lock);
+    return started;
+}
+#endif
+
+/* Run fn(ctx, 0 .. n - 1) on up to `threads` threads, the caller among them. */
+static void parallel_chunks(ChunkFn fn, const void *ctx, int64_t n, int threads) {
+#if HAVE_POOL
+    int helpers = threads - 1 < MAX_HELPERS ? threads - 1 : MAX_HELPERS;
+    if (helpers > 0 && n > 1 && !atomic_exchange(&pool.busy, 1)) {
+        helpers = start_helpers(helpers);
+        pool.fn = fn;
+        pool.ctx = ctx;
+        pool.n = n;
+        pool.wanted = helpers + 1;
+        atomic_store(&pool.done, 0);
+        uint64_t gen = (atomic_load(&pool.next) >> 32) + 1;
+        atomic_store(&pool.next, gen << 32); /* publishes the job (sequentially consistent, as is the load below) */
+        if (atomic_load(&pool.sleepers) > 0) {
+            pthread_mutex_lock(&pool.lock);
+            pthread_cond_broadcast(&pool.wake);
+            pthread_mutex_unlock(&pool.lock);
+        }
+        work(gen, fn, ctx, n);
+        while (atomic_load_explicit(&pool.done, memory_order_acquire) < n) relax(); /* claimed chunks only */
+        atomic_store(&pool.busy, 0);
+        return;
+    }
+#else
+    (void)threads;
+#endif
+    for (int64_t i = 0; i < n; i++) fn(ctx, i);
+}
 
 /* ------------------------------------------------------------------------------------------ */
 /* panels_matmul.
@@ -130,8 +257,8 @@ static void panel_portable(const Panels *P, const float *table, const Tokens *b,
     AVX512 static void panel_##NT(const Panels *P, const float *table, const Tokens *b, int64_t p, float *acc) { \
         __m512 lo = _mm512_loadu_ps(table), hi = _mm512_loadu_ps(table + 16);                                    \
         __m512 a[KU][NT];                                                                                        \
-        for (int u = 0; u < KU; u++)                                                                             \
-            for (int t = 0; t < NT; t++) a[u][t] = _mm512_setzero_ps();                                          \
+        UNROLL for (int u = 0; u < KU; u++)                                                                             \
+            UNROLL for (int t = 0; t < NT; t++) a[u][t] = _mm512_setzero_ps();                                          \
         const float *xs = b->x;                                                                                  \
         if (P->blk_ptr == NULL) {                                                                                \
             const int32_t *act = b->active;                                                                      \
@@ -139,16 +266,16 @@ static void panel_portable(const Panels *P, const float *table, const Tokens *b,
             const int shift = 8 * (int)(p % SUPER);                                                              \
             int64_t n = b->n_active, j = 0;                                                                      \
             for (; j + KU <= n; j += KU)                                                                         \
-                for (int u = 0; u < KU; u++) {                                                                   \
+                UNROLL for (int u = 0; u < KU; u++) {                                                                   \
                     int64_t k = act[j + u];                                                                      \
                     __m512 w = DECODE(QUAD(base + 64 * k), shift);                                               \
-                    for (int t = 0; t < NT; t++)                                                                 \
+                    UNROLL for (int t = 0; t < NT; t++)                                                                 \
                         a[u][t] = _mm512_fmadd_ps(w, _mm512_set1_ps(xs[k * NT + t]), a[u][t]);                   \
                 }                                                                                                \
             for (; j < n; j++) {                                                                                 \
                 int64_t k = act[j];                                                                              \
                 __m512 w = DECODE(QUAD(base + 64 * k), shift);                                                   \
-                for (int t = 0; t < NT; t++) a[0][t] = _mm512_fmadd_ps(w, _mm512_set1_ps(xs[k * NT + t]), a[0][t]); \
+                UNROLL for (int t = 0; t < NT; t++) a[0][t] = _mm512_fmadd_ps(w, _mm512_set1_ps(xs[k * NT + t]), a[0][t]); \
             }                                                                                                    \
         } else {                                                                                                 \
             const int32_t *cols = P->cols;                                                                       \
@@ -158,7 +285,7 @@ static void panel_portable(const Panels *P, const float *table, const Tokens *b,
                 __m512 w0 = DECODE(v, 0), w1 = DECODE(v, 8), w2 = DECODE(v, 16), w3 = DECODE(v, 24);             \
                 const float *x0 = xs + cols[j] * NT, *x1 = xs + cols[j + 1] * NT;                                \
                 const float *x2 = xs + cols[j + 2] * NT, *x3 = xs + cols[j + 3] * NT;                            \
-                for (int t = 0; t < NT; t++) {                                                                   \
+                UNROLL for (int t = 0; t < NT; t++) {                                                                   \
                     a[0][t] = _mm512_fmadd_ps(w0, _mm512_set1_ps(x0[t]), a[0][t]);                               \
                     a[1 % KU][t] = _mm512_fmadd_ps(w1, _mm512_set1_ps(x1[t]), a[1 % KU][t]);                     \
                     a[2 % KU][t] = _mm512_fmadd_ps(w2, _mm512_set1_ps(x2[t]), a[2 % KU][t]);                     \
@@ -166,9 +293,9 @@ static void panel_portable(const Panels *P, const float *table, const Tokens *b,
                 }                                                                                                \
             }                                                                                                    \
         }                                                                                                        \
-        for (int u = 1; u < KU; u++)                                                                             \
-            for (int t = 0; t < NT; t++) a[0][t] = _mm512_add_ps(a[0][t], a[u][t]);                              \
-        for (int t = 0; t < NT; t++) _mm512_storeu_ps(acc + t * LANES, a[0][t]);                                 \
+        UNROLL for (int u = 1; u < KU; u++)                                                                             \
+            UNROLL for (int t = 0; t < NT; t++) a[0][t] = _mm512_add_ps(a[0][t], a[u][t]);                              \
+        UNROLL for (int t = 0; t < NT; t++) _mm512_storeu_ps(acc + t * LANES, a[0][t]);                                 \
     }
 
 DEFINE_PANEL_KERNEL(1, 4)
@@ -250,6 +377,48 @@ static void store_rows(const float *acc, int64_t n_tokens, int64_t first_token, 
     }
 }
 
+typedef struct {
+    const Panels *P;
+    const float *table, *bias;
+    const Tokens *blocks;
+    float *out;
+    int64_t ldo, n_blocks;
+} PanelJob;
+
+#if HAVE_X86
+/* Batch 1, dense layout: chunk g is a group of SUPER panels. */
+static void group_chunk(const void *ctx, int64_t g) {
+    const PanelJob *j = ctx;
+    float acc[LANES * SUPER] __attribute__((aligned(64)));
+    group_matvec(j->P, j->table, &j->blocks[0], g, acc);
+    store_rows(acc, 1, 0, g * LANES * SUPER, LANES * SUPER, j->P->rows, j->bias, j->out, j->ldo);
+}
+#endif
+
+static void panel_block(const PanelJob *j, int64_t p, int64_t bi) {
+    float acc[LANES * TOKENS_MAX] __attribute__((aligned(64)));
+    const Tokens *b = &j->blocks[bi];
+#if HAVE_X86
+    if (use_avx512)
+        panel_kernels[b->n](j->P, j->table, b, p, acc);
+    else
+#endif
+        panel_portable(j->P, j->table, b, p, acc);
+    store_rows(acc, b->n, b->first, p * LANES, LANES, j->P->rows, j->bias, j->out, j->ldo);
+}
+
+/* Few token blocks: chunk p is panel p for every block (a thread streams its panels' codes
+ * once); many: chunk b is token block b for every panel (its packed activations stay in cache). */
+static void panel_chunk(const void *ctx, int64_t p) {
+    const PanelJob *j = ctx;
+    for (int64_t bi = 0; bi < j->n_blocks; bi++) panel_block(j, p, bi);
+}
+
+static void token_block_chunk(const void *ctx, int64_t bi) {
+    const PanelJob *j = ctx;
+    for (int64_t p = 0; p < j->P->panels; p++) panel_block(j, p, bi);
+}
+
 static void panels_matmul_run(const Panels *P, const float *table, const float *x, int64_t ldx, float *out,
                               int64_t ldo, const float *bias, int64_t tokens, int threads) {
     int64_t n_blocks = (tokens + TOKENS_MAX - 1) / TOKENS_MAX;
@@ -265,40 +434,16 @@ static void panels_matmul_run(const Panels *P, const float *table, const float *
         b->active = act + bi * P->n_cols;
         pack_tokens(x, ldx, P->n_cols, b);
     }
+    PanelJob job = {P, table, bias, blocks, out, ldo, n_blocks};
 #if HAVE_X86
-    if (use_avx512 && tokens == 1 && P->blk_ptr == NULL) {
-        int64_t groups = (P->panels + SUPER - 1) / SUPER;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && groups > 1)
-        for (int64_t g = 0; g < groups; g++) {
-            float acc[LANES * SUPER] __attribute__((aligned(64)));
-            group_matvec(P, table, &blocks[0], g, acc);
-            store_rows(acc, 1, 0, g * LANES * SUPER, LANES * SUPER, P->rows, bias, out, ldo);
-        }
-        goto done;
-    }
+    if (use_avx512 && tokens == 1 && P->blk_ptr == NULL)
+        parallel_chunks(group_chunk, &job, (P->panels + SUPER - 1) / SUPER, threads);
+    else
 #endif
-    {
-        /* Few token blocks: threads split the panels (each streams its own rows' codes once);
-         * many: they split the token blocks, panels inner, a block's activations staying in cache. */
-        int by_block = n_blocks >= 2 * threads;
-        int64_t items = P->panels * n_blocks;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && items > 1)
-        for (int64_t it = 0; it < items; it++) {
-            int64_t p = by_block ? it % P->panels : it / n_blocks, bi = by_block ? it / P->panels : it % n_blocks;
-            float acc[LANES * TOKENS_MAX] __attribute__((aligned(64)));
-            const Tokens *b = &blocks[bi];
-#if HAVE_X86
-            if (use_avx512)
-                panel_kernels[b->n](P, table, b, p, acc);
-            else
-#endif
-                panel_portable(P, table, b, p, acc);
-            store_rows(acc, b->n, b->first, p * LANES, LANES, P->rows, bias, out, ldo);
-        }
-    }
-#if HAVE_X86
-done:
-#endif
+        if (n_blocks >= 2 * threads)
+        parallel_chunks(token_block_chunk, &job, n_blocks, threads);
+    else
+        parallel_chunks(panel_chunk, &job, P->panels, threads);
     free(blocks);
     free(xs);
     free(act);
@@ -370,23 +515,31 @@ AVX512 static void tiled_avx512(const Tiles *T, const float *table, const float 
 }
 #endif
 
+typedef struct {
+    const Tiles *T;
+    const float *table, *x, *bias;
+    float *out;
+} TileJob;
+
+static void slice_chunk(const void *ctx, int64_t s) {
+    const TileJob *j = ctx;
+    float acc[LANES] __attribute__((aligned(64)));
+#if HAVE_X86
+    if (use_avx512)
+        tiled_avx512(j->T, j->table, j->x, acc, s);
+    else
+#endif
+        tiled_portable(j->T, j->table, j->x, acc, s);
+    for (int i = 0; i < LANES; i++) {
+        int64_t r = j->T->slice_rows[s * LANES + i];
+        if (r < j->T->rows) j->out[r] = acc[i] + j->bias[r];
+    }
+}
+
 static void tiled_matvec_run(const Tiles *T, const float *table, const float *x, float *out, const float *bias,
                              int threads) {
-    /* slices are sorted longest first: round robin keeps the threads' shares even */
-#pragma omp parallel for schedule(static, 1) num_threads(threads) if (threads > 1 && T->slices > 1)
-    for (int64_t s = 0; s < T->slices; s++) {
-        float acc[LANES] __attribute__((aligned(64)));
-#if HAVE_X86
-        if (use_avx512)
-            tiled_avx512(T, table, x, acc, s);
-        else
-#endif
-            tiled_portable(T, table, x, acc, s);
-        for (int i = 0; i < LANES; i++) {
-            int64_t r = T->slice_rows[s * LANES + i];
-            if (r < T->rows) out[r] = acc[i] + bias[r];
-        }
-    }
+    TileJob job = {T, table, x, bias, out};
+    parallel_chunks(slice_chunk, &job, T->slices, threads); /* slices sorted longest first: the long ones go first */
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -451,11 +604,46 @@ AVX512 static void rows_segment_avx512(const uint16_t *e, int64_t steps, const f
 #undef ROW_FMA
 #endif
 
+typedef struct {
+    const RowChunks *R;
+    const float *table, *xt, *bias;
+    float *acc, *out;
+    int64_t tt, span, first, nt, ldo, per_chunk;
+} RowJob;
+
+/* Chunk i: groups i * per_chunk .. (i + 1) * per_chunk - 1 (their accumulators), over every column chunk. */
+static void group_range_chunk(const void *ctx, int64_t i) {
+    const RowJob *j = ctx;
+    const RowChunks *R = j->R;
+    int64_t g0 = i * j->per_chunk, g1 = min64(g0 + j->per_chunk, R->groups);
+    for (int64_t c = 0; c < R->chunks; c++)
+        for (int64_t g = g0; g < g1; g++) {
+            int64_t s = R->seg_ptr[c * R->groups + g], n = R->seg_ptr[c * R->groups + g + 1] - s;
+            if (!n) continue;
+            float *acc = j->acc + g * ROW_GROUP * j->tt;
+#if HAVE_X86
+            if (use_avx512)
+                rows_segment_avx512(R->entries + s, n / ROW_GROUP, j->table, j->xt + c * j->span, j->tt, acc);
+            else
+#endif
+                rows_segment_portable(R->entries + s, n / ROW_GROUP, j->table, j->xt + c * j->span, j->tt, acc);
+        }
+    for (int64_t g = g0; g < g1; g++)
+        for (int l = 0; l < ROW_GROUP; l++) {
+            int64_t r = R->group_rows[g * ROW_GROUP + l];
+            if (r >= R->rows) continue;
+            for (int64_t t = 0; t < j->nt; t++)
+                j->out[(j->first + t) * j->ldo + r] = j->acc[(g * ROW_GROUP + l) * j->tt + t] + j->bias[r];
+        }
+}
+
 static void rows_matmul_run(const RowChunks *R, const float *table, const float *x, int64_t ldx, float *out,
                             int64_t ldo, const float *bias, int64_t tokens, int threads) {
     int64_t tt = tokens > 16 ? 32 : 16, span = (CHUNK_COLS + 1) * tt;
     float *xt = malloc(sizeof(float) * R->chunks * span);
     float *acc = malloc(sizeof(float) * R->groups * ROW_GROUP * tt);
+    int64_t n_chunks = min64(R->groups, 8 * (int64_t)threads); /* a few per thread, so a late helper evens out */
+    RowJob job = {R, table, xt, bias, acc, out, tt, span, 0, 0, ldo, (R->groups + n_chunks - 1) / n_chunks};
     for (int64_t first = 0; first < tokens; first += tt) {
         int64_t nt = min64(tokens - first, tt);
         for (int64_t c = 0; c < R->chunks; c++)
@@ -466,39 +654,155 @@ static void rows_matmul_run(const RowChunks *R, const float *table, const float 
                         k < CHUNK_COLS && col < R->n_cols && t < nt ? x[(first + t) * ldx + col] : 0.0f;
                 }
         memset(acc, 0, sizeof(float) * R->groups * ROW_GROUP * tt);
-        /* each thread owns a contiguous share of the groups (their accumulators) for every chunk */
-#pragma omp parallel num_threads(threads) if (threads > 1 && R->groups > 1)
-        {
-#ifdef _OPENMP
-            int64_t id = omp_get_thread_num(), n_threads = omp_get_num_threads();
-#else
-            int64_t id = 0, n_threads = 1;
-#endif
-            int64_t g0 = R->groups * id / n_threads, g1 = R->groups * (id + 1) / n_threads;
-            for (int64_t c = 0; c < R->chunks; c++)
-                for (int64_t g = g0; g < g1; g++) {
-                    int64_t s = R->seg_ptr[c * R->groups + g], n = R->seg_ptr[c * R->groups + g + 1] - s;
-                    if (!n) continue;
-#if HAVE_X86
-                    if (use_avx512)
-                        rows_segment_avx512(R->entries + s, n / ROW_GROUP, table, xt + c * span, tt,
-                                            acc + g * ROW_GROUP * tt);
-                    else
-#endif
-                        rows_segment_portable(R->entries + s, n / ROW_GROUP, table, xt + c * span, tt,
-                                              acc + g * ROW_GROUP * tt);
-                }
-            for (int64_t g = g0; g < g1; g++)
-                for (int l = 0; l < ROW_GROUP; l++) {
-                    int64_t r = R->group_rows[g * ROW_GROUP + l];
-                    if (r >= R->rows) continue;
-                    for (int64_t t = 0; t < nt; t++)
-                        out[(first + t) * ldo + r] = acc[(g * ROW_GROUP + l) * tt + t] + bias[r];
-                }
-        }
+        job.first = first;
+        job.nt = nt;
+        parallel_chunks(group_range_chunk, &job, (R->groups + job.per_chunk - 1) / job.per_chunk, threads);
     }
     free(xt);
     free(acc);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* EIE's batch-1 kernel and the direct sparse convolution, as the numba kernels compute them
+ * (deepshrink/engine/kernels.py documents the layouts: segments of 8-bit gaps, each weight's
+ * codebook index beside its gap, padding entries pointing at a zero at the codebook's end),
+ * here so that a model of Linear and Conv layers compiles nothing at its first call. */
+
+typedef struct {
+    const int64_t *col_ptr; /* (workers, cols + 1) */
+    const uint8_t *gaps;
+    const void *codes; /* uint8, or uint16 when wide */
+    int wide;
+    const float *codebook; /* extended: centroids, then the padding's zero */
+    int64_t n_codes, n_cols, rows, workers;
+    const float *x, *bias;
+    const int64_t *active;
+    int64_t n_active;
+    float *out;
+} CscJob;
+
+#define PREFETCH_COLUMNS 4 /* a segment start this many active columns ahead is prefetched (see kernels.py) */
+
+/* Worker w's rows (w, w + workers, ...): for each active column, the codebook times x[j] once,
+ * then each entry a lookup and an add into the worker's own accumulators. */
+static void csc_chunk(const void *ctx, int64_t w) {
+    const CscJob *j = ctx;
+    int64_t local = (j->rows - w + j->workers - 1) / j->workers;
+    float *acc = calloc(local + 256, sizeof(float)), *products = malloc(sizeof(float) * j->n_codes);
+    const int64_t *ptr = j->col_ptr + w * (j->n_cols + 1);
+    for (int64_t t = 0; t < j->n_active; t++) {
+        int64_t col = j->active[t];
+        if (t + PREFETCH_COLUMNS < j->n_active) {
+            int64_t ahead = ptr[j->active[t + PREFETCH_COLUMNS]];
+            __builtin_prefetch(j->gaps + ahead);
+            __builtin_prefetch((const uint8_t *)j->codes + (j->wide ? 2 : 1) * ahead);
+        }
+        float xj = j->x[col];
+        for (int64_t c = 0; c < j->n_codes; c++) products[c] = j->codebook[c] * xj;
+        int64_t row = 0;
+        if (j->wide) {
+            const uint16_t *codes = j->codes;
+            for (int64_t k = ptr[col]; k < ptr[col + 1]; k++) {
+                row += j->gaps[k];
+                acc[row++] += products[codes[k]];
+            }
+        } else {
+            const uint8_t *codes = j->codes;
+            for (int64_t k = ptr[col]; k < ptr[col + 1]; k++) {
+                row += j->gaps[k];
+                acc[row++] += products[codes[k]];
+            }
+        }
+    }
+    for (int64_t i = 0; i < local; i++) j->out[w + i * j->workers] = acc[i] + j->bias[w + i * j->workers];
+    free(acc);
+    free(products);
+}
+
+static void csc_matvec_run(CscJob *job, int threads) {
+    int64_t *active = malloc(sizeof(int64_t) * (job->n_cols + 1));
+    int64_t n = 0;
+    for (int64_t k = 0; k < job->n_cols; k++) {
+        active[n] = k;
+        n += job->x[k] != 0.0f; /* branch-free: at 20-40 % activations a branch mispredicts half the time */
+    }
+    job->active = active;
+    job->n_active = n;
+    parallel_chunks(csc_chunk, job, job->workers, threads);
+    free(active);
+}
+
+/* out[i] += a * x[i], i < n */
+static void axpy_portable(float *out, const float *x, float a, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] += a * x[i];
+}
+
+#if HAVE_X86
+AVX512 static void axpy_avx512(float *out, const float *x, float a, int64_t n) {
+    __m512 av = _mm512_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(out + i)));
+    if (i < n) {
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(out + i, m, _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, x + i),
+                                                         _mm512_maskz_loadu_ps(m, out + i)));
+    }
+}
+#endif
+
+typedef struct {
+    const int64_t *row_ptr;
+    const uint8_t *gaps;
+    const void *codes;
+    int wide;
+    const float *codebook;
+    const float *x; /* (batch, in, H, W), zero-padded */
+    float *acc;     /* (batch, out, out_h, width) zeroed; width = W at stride 1 (the flat path), else out_w */
+    float *out;     /* (batch, out, out_h, out_w) */
+    const float *bias;
+    int64_t batch, in, h, w, out_ch, out_h, out_w, width, kh, kw, sh, sw, dh, dw, groups;
+} ConvJob;
+
+/* Output channel o: each weight of filter o over every image and position (kernels._conv_channel). */
+static void conv_chunk(const void *ctx, int64_t o) {
+    const ConvJob *j = ctx;
+    int64_t group_size = j->in / j->groups, first_channel = o / (j->out_ch / j->groups) * group_size;
+    int64_t area = j->kh * j->kw, plane = j->h * j->w, out_plane = j->out_h * j->width;
+    int flat = j->sh == 1 && j->sw == 1 && j->width == j->w;
+    int64_t span = j->out_h * j->w - (j->kw - 1) * j->dw; /* flat positions up to the last valid output */
+    int64_t col = 0;
+    for (int64_t k = j->row_ptr[o]; k < j->row_ptr[o + 1]; k++) {
+        col += j->gaps[k];
+        float value = j->codebook[j->wide ? ((const uint16_t *)j->codes)[k] : ((const uint8_t *)j->codes)[k]];
+        if (value != 0.0f) { /* padding entries (and zero centroids) would cost a whole plane each */
+            int64_t c = first_channel + col / area, tap = col % area, ky = tap / j->kw, kx = tap % j->kw;
+            for (int64_t b = 0; b < j->batch; b++) {
+                float *acc = j->acc + (b * j->out_ch + o) * out_plane;
+                const float *x = j->x + (b * j->in + c) * plane;
+                if (flat) {
+                    const float *shifted = x + ky * j->dh * j->w + kx * j->dw;
+#if HAVE_X86
+                    if (use_avx512)
+                        axpy_avx512(acc, shifted, value, span);
+                    else
+#endif
+                        axpy_portable(acc, shifted, value, span);
+                } else {
+                    for (int64_t oy = 0; oy < j->out_h; oy++) {
+                        const float *row = x + (oy * j->sh + ky * j->dh) * j->w + kx * j->dw;
+                        for (int64_t ox = 0; ox < j->out_w; ox++) acc[oy * j->width + ox] += value * row[ox * j->sw];
+                    }
+                }
+            }
+        }
+        col++;
+    }
+    for (int64_t b = 0; b < j->batch; b++)
+        for (int64_t oy = 0; oy < j->out_h; oy++)
+            for (int64_t ox = 0; ox < j->out_w; ox++)
+                j->out[((b * j->out_ch + o) * j->out_h + oy) * j->out_w + ox] =
+                    j->acc[(b * j->out_ch + o) * out_plane + oy * j->width + ox] + j->bias[o];
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -506,7 +810,7 @@ static void rows_matmul_run(const RowChunks *R, const float *table, const float 
  * kernel will read, nothing allocated on the Python side. */
 
 typedef struct {
-    Py_buffer views[10];
+    Py_buffer views[12];
     int n;
 } Buffers;
 
@@ -619,6 +923,64 @@ static PyObject *py_rows_matmul(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_csc_matvec(PyObject *self, PyObject *args) {
+    PyObject *col_ptr, *gaps, *codes, *codebook, *x, *out, *bias;
+    Py_ssize_t rows, n_cols, workers;
+    int wide, threads;
+    if (!PyArg_ParseTuple(args, "OOOOOOOnnnpi", &col_ptr, &gaps, &codes, &codebook, &x, &out, &bias, &rows, &n_cols,
+                          &workers, &wide, &threads))
+        return NULL;
+    Buffers b = {.n = 0};
+    CscJob job = {.wide = wide, .n_cols = n_cols, .rows = rows, .workers = workers};
+    int ok = workers > 0 && (job.col_ptr = get_buffer(&b, col_ptr, 0, workers * (n_cols + 1) * 8, "col_ptr")) != NULL;
+    if (workers <= 0) PyErr_SetString(PyExc_ValueError, "workers must be positive");
+    Py_ssize_t entries = 0;
+    for (Py_ssize_t w = 0; ok && w < workers; w++)
+        if (job.col_ptr[w * (n_cols + 1) + n_cols] > entries) entries = job.col_ptr[w * (n_cols + 1) + n_cols];
+    ok = ok && (job.gaps = get_buffer(&b, gaps, 0, entries, "gaps")) != NULL &&
+         (job.codes = get_buffer(&b, codes, 0, entries * (wide ? 2 : 1), "codes")) != NULL &&
+         (job.codebook = get_buffer(&b, codebook, 0, 4, "codebook")) != NULL &&
+         (job.x = get_buffer(&b, x, 0, n_cols * 4, "x")) != NULL &&
+         (job.out = (float *)get_buffer(&b, out, 1, rows * 4, "out")) != NULL &&
+         (job.bias = get_buffer(&b, bias, 0, rows * 4, "bias")) != NULL;
+    if (ok) {
+        job.n_codes = b.views[3].len / 4;
+        Py_BEGIN_ALLOW_THREADS csc_matvec_run(&job, threads);
+        Py_END_ALLOW_THREADS
+    }
+    release(&b);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_conv2d(PyObject *self, PyObject *args) {
+    PyObject *row_ptr, *gaps, *codes, *codebook, *x, *acc, *out, *bias;
+    ConvJob j;
+    int wide, threads;
+    if (!PyArg_ParseTuple(args, "OOOOOOOO(nnnnnnnnnn)(nnnnn)pi", &row_ptr, &gaps, &codes, &codebook, &x, &acc, &out,
+                          &bias, &j.batch, &j.in, &j.h, &j.w, &j.out_ch, &j.out_h, &j.out_w, &j.width, &j.kh, &j.kw,
+                          &j.sh, &j.sw, &j.dh, &j.dw, &j.groups, &wide, &threads))
+        return NULL;
+    Buffers b = {.n = 0};
+    j.wide = wide;
+    int ok = (j.row_ptr = get_buffer(&b, row_ptr, 0, (j.out_ch + 1) * 8, "row_ptr")) != NULL;
+    Py_ssize_t entries = ok ? j.row_ptr[j.out_ch] : 0;
+    ok = ok && (j.gaps = get_buffer(&b, gaps, 0, entries, "gaps")) != NULL &&
+         (j.codes = get_buffer(&b, codes, 0, entries * (wide ? 2 : 1), "codes")) != NULL &&
+         (j.codebook = get_buffer(&b, codebook, 0, 4, "codebook")) != NULL &&
+         (j.x = get_buffer(&b, x, 0, j.batch * j.in * j.h * j.w * 4, "x")) != NULL &&
+         (j.acc = (float *)get_buffer(&b, acc, 1, j.batch * j.out_ch * j.out_h * j.width * 4, "acc")) != NULL &&
+         (j.out = (float *)get_buffer(&b, out, 1, j.batch * j.out_ch * j.out_h * j.out_w * 4, "out")) != NULL &&
+         (j.bias = get_buffer(&b, bias, 0, j.out_ch * 4, "bias")) != NULL;
+    if (ok && j.out_ch > 0) {
+        Py_BEGIN_ALLOW_THREADS parallel_chunks(conv_chunk, &j, j.out_ch, threads);
+        Py_END_ALLOW_THREADS
+    }
+    release(&b);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
 static int cpu_has_avx512(void) {
 #if HAVE_X86
     __builtin_cpu_init();
@@ -651,8 +1013,8 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *py_openmp(PyObject *self, PyObject *args) {
-#ifdef _OPENMP
+static PyObject *py_threaded(PyObject *self, PyObject *args) {
+#if HAVE_POOL
     Py_RETURN_TRUE;
 #else
     Py_RETURN_FALSE;
@@ -666,9 +1028,14 @@ static PyMethodDef methods[] = {
      "tiled_matvec(ptr, steps, entries, slice_rows, table, x, out, bias, rows, n_cols, threads)"},
     {"rows_matmul", py_rows_matmul, METH_VARARGS,
      "rows_matmul(seg_ptr, entries, group_rows, table, x, out, bias, rows, n_cols, tokens, ldx, ldo, threads)"},
+    {"csc_matvec", py_csc_matvec, METH_VARARGS,
+     "csc_matvec(col_ptr, gaps, codes, codebook, x, out, bias, rows, n_cols, workers, wide, threads)"},
+    {"conv2d", py_conv2d, METH_VARARGS,
+     "conv2d(row_ptr, gaps, codes, codebook, x, acc, out, bias, (batch, in, h, w, out, out_h, out_w, width, kh, kw), "
+     "(sh, sw, dh, dw, groups), wide, threads)"},
     {"isa", py_isa, METH_NOARGS, "the instruction set the kernels run: 'avx512' or 'portable'"},
     {"set_isa", py_set_isa, METH_VARARGS, "set_isa(name): run the 'avx512' (if the CPU has it) or 'portable' kernels"},
-    {"openmp", py_openmp, METH_NOARGS, "whether the kernels were built with OpenMP threads"},
+    {"threaded", py_threaded, METH_NOARGS, "whether the kernels run on several threads (POSIX threads)"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_simd", "SIMD kernels of the inference engine.", -1,

@@ -1,12 +1,13 @@
 """Turn a compressed model (in memory or in a file) into one that runs on the engine.
 
-Every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` whose weight is compressed is
-swapped for :class:`~deepshrink.engine.layers.SparseLinear` /
+Every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Embedding`` whose weight is
+compressed is swapped for :class:`~deepshrink.engine.layers.SparseLinear` /
 :class:`~deepshrink.engine.layers.SparseConv1d` /
-:class:`~deepshrink.engine.layers.SparseConv2d`, and every unidirectional ``nn.LSTM``
+:class:`~deepshrink.engine.layers.SparseConv2d` /
+:class:`~deepshrink.engine.layers.SparseEmbedding`, and every unidirectional ``nn.LSTM``
 whose gate matrices are all compressed for :class:`~deepshrink.engine.lstm.EngineLSTM`
-(fp32 only); every other module keeps computing as before, with its decoded weights,
-and a warning names each compressed one that does.
+(fp32 only); every other module keeps computing as before, with its weights decoded
+once, and a warning names each compressed one that does.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from deepshrink.engine.layers import SparseConv1d, SparseConv2d, SparseLinear
+from deepshrink.compress.parametrization import bake_
+from deepshrink.engine.layers import SparseConv1d, SparseConv2d, SparseEmbedding, SparseLinear
 from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
 from deepshrink.tensor import CompressedTensor
 
@@ -30,11 +32,17 @@ _READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.Tr
 
 def _replacement(module: nn.Module, name: str, weight: CompressedTensor, **options: object) -> nn.Module | None:
     """The engine module for ``module`` with ``weight``, or ``None`` when there is none."""
-    if tuple(module.weight.shape) != weight.shape:
+    if _shape(module, "weight") != weight.shape:
         raise DeepShrinkError(f"{name}.weight: compressed shape {weight.shape} differs from the model's "
-                              f"{tuple(module.weight.shape)}")  # fmt: skip
+                              f"{_shape(module, 'weight')}")  # fmt: skip
     if isinstance(module, nn.Linear):
         return SparseLinear(weight, module.bias, **options)
+    if isinstance(module, nn.Embedding):
+        if module.max_norm is not None or len(weight.codebook) >= 256:
+            reason = "max_norm renormalises the table" if module.max_norm is not None else "over 255 shared values"
+            warnings.warn(f"{name} stays dense: {reason}", stacklevel=3)
+            return None
+        return SparseEmbedding(weight)
     kind = SparseConv1d if isinstance(module, nn.Conv1d) else SparseConv2d if isinstance(module, nn.Conv2d) else None
     if kind is None:
         layer = parametrize.type_before_parametrizations(module).__name__
@@ -45,6 +53,18 @@ def _replacement(module: nn.Module, name: str, weight: CompressedTensor, **optio
     except UnsupportedLayerError as err:
         warnings.warn(f"{name} stays dense: {err}", stacklevel=3)
     return None
+
+
+def _shape(module: nn.Module, param: str) -> tuple[int, ...] | None:
+    """The shape of ``module.<param>``, None if it has no such tensor, without computing a parametrized one.
+
+    A compression parametrization decodes the whole weight at each access: for a
+    30k-word embedding table a third of a second, only to read a shape.
+    """
+    if parametrize.is_parametrized(module, param):
+        return tuple(getattr(module.parametrizations, param).original.shape)
+    tensor = getattr(module, param, None)
+    return tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else None
 
 
 def _lstm_replacement(
@@ -114,7 +134,7 @@ def compile_model(
     for name, weight in tensors.items():
         module_name, _, param = name.rpartition(".")
         module = modules.get(module_name)
-        if module is None or not isinstance(getattr(module, param, None), torch.Tensor):
+        if module is None or _shape(module, param) is None:
             raise DeepShrinkError(f"{name!r} is not a weight of {type(model).__name__}")
         if isinstance(module, nn.LSTM):
             done = module_name in lstms_done
@@ -135,6 +155,9 @@ def compile_model(
         if not module_name:  # the model is itself the layer
             return replacement.eval()
         target.set_submodule(module_name, replacement)
+    # what stays dense computes from its weights decoded once: a compression parametrization recomputes
+    # its weight at every access (a 30k-word embedding table: a third of a second per forward)
+    bake_(target)
     return target.eval()
 
 
@@ -176,4 +199,4 @@ def from_file(
 
 def engine_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The ``(name, module)`` pairs of ``model`` that run on the engine."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d, SparseEmbedding))]

@@ -1,4 +1,4 @@
-"""Modules that replace ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` and compute from the compressed weight.
+"""Modules that replace ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Embedding``, computing from the compressed weight.
 
 They are inference-only: inputs are detached, no gradient flows, and the dense
 weight is never built (a convolution runs each kept weight over a shifted input plane).
@@ -105,15 +105,61 @@ class SparseLinear(_EngineModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.in_features,):
             raise DeepShrinkError(f"SparseLinear expects inputs (..., {self.in_features}), got {tuple(x.shape)}")
-        flat = _as_numpy(x, "SparseLinear")
+        flat = _as_numpy(x, "SparseLinear").reshape(-1, self.in_features)
         bias = self._bias_array()
-        if flat.shape == (1, self.in_features):  # batch 1, the latency case: checked here, straight to the kernel
-            return torch.from_numpy(self.matrix._matvec(flat[0], bias).reshape(1, self.out_features))
-        y = torch.from_numpy(self.matrix.matmul(flat.reshape(-1, self.in_features), bias))  # (B, out)
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+        # checked here, straight to the products: at batch 1 a small layer's product takes microseconds
+        if flat.shape[0] == 1:
+            y = self.matrix._matvec(flat[0], bias)
+        elif flat.shape[0]:
+            y = self.matrix._product(flat, bias)
+        else:
+            y = np.empty((0, self.out_features), dtype=np.float32)
+        return torch.from_numpy(y).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.matrix!r}, bias={self.bias is not None}"
+
+
+class SparseEmbedding(_EngineModule):
+    """``nn.Embedding`` at inference from a compressed table: a looked-up row is decoded, the table never is.
+
+    The table stays one code per entry (a byte; the zero of pruned entries gets its
+    own code) and the codebook, so a 4-bit shared word-embedding table takes a quarter
+    of its fp32 bytes, and a lookup decodes only the rows it returns.
+
+    Args:
+        weight: ``(num_embeddings, embedding_dim)`` compressed table, at most 255 shared values.
+
+    Raises:
+        DeepShrinkError: ``weight`` is not 2-D or has more than 255 shared values.
+
+    Examples:
+        >>> w = CompressedTensor.from_dense(torch.tensor([[0.0, 2.0], [1.0, 0.0], [0.0, -1.0]]))
+        >>> SparseEmbedding(w)(torch.tensor([[2, 0]])).tolist()
+        [[[0.0, -1.0], [0.0, 2.0]]]
+    """
+
+    def __init__(self, weight: CompressedTensor) -> None:
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise DeepShrinkError(f"SparseEmbedding needs a 2-D table, got shape {weight.shape}")
+        if len(weight.codebook) >= 256:
+            raise DeepShrinkError(
+                f"SparseEmbedding holds at most 255 shared values, the table has {len(weight.codebook)}"
+            )
+        self.num_embeddings, self.embedding_dim = self.weight_shape = weight.shape
+        self.matrix = SparseMatrix(weight, workers=1)  # for .weight; the lookup reads the codes below
+        codes = np.full(weight.numel, len(weight.codebook), dtype=np.uint8)  # the last code is the pruned zero
+        codes[weight.positions] = weight.codes
+        # not in the state dict: both come from the compressed weight, which the file holds
+        self.register_buffer("codes", torch.from_numpy(codes.reshape(weight.shape)), persistent=False)
+        self.register_buffer("values", torch.from_numpy(np.append(weight.codebook, np.float32(0))), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.values[self.codes[ids].long()]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, codebook={len(self.values) - 1}"
 
 
 class SparseConv2d(_EngineModule):

