@@ -121,6 +121,7 @@ def test_a_checkpoint_of_another_run_or_path_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DeepShrinkError, match="not a deepshrink checkpoint"):
         Checkpointer(tmp_path / "junk", model, resume=True)
     assert Checkpointer(tmp_path / "absent", model, resume=True).describe() == "starting from the beginning"
+    assert "over the checkpoint there (pass resume=True, --resume" in Checkpointer(tmp_path / "c", model).describe()
 
 
 def test_kill_9_during_a_recipe_then_resume_gives_the_same_file(tmp_path: Path, load_benchmark) -> None:

@@ -129,6 +129,7 @@ class Checkpointer:
         self.path, self.model, self.every, self.fingerprint = Path(path), model, every, fingerprint
         self.journal: list[dict] = []  # the units done, in order: {"name", "result"}
         self._saved: dict | None = self._load() if resume and self.path.exists() else None
+        self._overwrites = not resume and self.path.exists()
         self._next = 0  # index of the next unit the run starts
         self._running = ""  # the name of the unit running now
         self._loop: dict | None = None  # the running unit's loop state, as last saved
@@ -155,6 +156,8 @@ class Checkpointer:
     def describe(self) -> str:
         """Where a resumed run picks up, for the user."""
         if self._saved is None:
+            if self._overwrites:
+                return "starting from the beginning, over the checkpoint there (pass resume=True, --resume, to continue it)"
             return "starting from the beginning"
         done, loop = self._saved["journal"], self._saved["loop"]
         where = f"{len(done)} steps of the run done"

@@ -162,7 +162,7 @@ def load_into(
 
     Compressed tensors are installed as weight sharing
     (:func:`deepshrink.compress.quantize.load_compressed_`), the rest with ``load_state_dict``.
-    Every shape is compared with the model's before anything is allocated.
+    Each compressed tensor's shape is compared with the model's weight before its mask is allocated.
 
     Args:
         model: your architecture.
