@@ -6,7 +6,10 @@ delay, then checks that ``PATH`` holds one complete version (the first and
 last 8 bytes name the same version, the middle is that version's pattern) and
 that no other file is in the folder. ``--trials N`` runs N trials and prints
 one JSON line: trials, kills that landed inside a write, intact, debris-free,
-writes completed.
+writes completed, any file left (whether it is a complete version) and what is
+left once the next save to the path has run. A kill can only leave a file in the
+microseconds between naming the finished temporary file and renaming it (see
+``deepshrink/atomic.py``); the next save removes it.
 The writer is forked from this process, so each trial starts in milliseconds.
 
 Usage:
@@ -75,7 +78,8 @@ def trials(folder: Path, n: int, seed: int) -> dict:
     path = folder / "model.dsz"
     path.write_bytes(contents(0))
     intact = clean = writes = mid_write = 0
-    for _ in range(n):
+    debris = []
+    for trial in range(n):
         pid, report = run_writer(path)
         log = os.read(report, 2)
         while not log.endswith(b"e"):  # wait until one write is complete: the writer is well under way
@@ -89,9 +93,17 @@ def trials(folder: Path, n: int, seed: int) -> dict:
         writes += log.count(b"e")
         mid_write += log.endswith(b"s")
         intact += check(path) is not None
-        clean += sorted(os.listdir(folder)) == ["model.dsz"]
+        left = leftovers(folder)
+        clean += not left
+        debris += [{"trial": trial, "name": name, "complete": check(folder / name) is not None} for name in left]
+    write_atomic(path, contents(0))  # the next save to the path: it removes what a killed writer left
     return {"trials": n, "killed_mid_write": mid_write, "intact": intact, "no_debris": clean,
-            "writes_completed": writes}  # fmt: skip
+            "writes_completed": writes, "debris": debris, "left_after_next_save": leftovers(folder)}  # fmt: skip
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Every file in ``folder`` but the target."""
+    return sorted(set(os.listdir(folder)) - {"model.dsz"})
 
 
 def main() -> None:
