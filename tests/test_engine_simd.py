@@ -57,6 +57,19 @@ def test_every_kernel_matches_dense_on_any_matrix(isa, rows, cols, density, stru
     assert m.kernel_for(x) in m.kernels(batch)
 
 
+@pytest.mark.parametrize("structure", ["unstructured", "blocks", "dense"])
+def test_every_kernel_on_two_threads(isa, monkeypatch, structure: str) -> None:
+    """The pool's path: every product split over two threads, however small."""
+    monkeypatch.setattr(matrix, "PARALLEL_MIN_COST", 0)
+    t = structured_tensor(300, 500, 0.2, structure, 4, seed=11)
+    m = SparseMatrix(t, workers=2)
+    for batch in (1, 3, 40):
+        x = np.maximum(np.random.default_rng(batch).standard_normal((batch, 500)), 0).astype(np.float32)
+        for kernel in m.kernels(batch):
+            np.testing.assert_allclose(m.run(x, kernel), x @ t.to_dense().numpy().T, rtol=1e-4, atol=1e-4,
+                                       err_msg=kernel)  # fmt: skip
+
+
 @pytest.mark.parametrize("batch", [1, 2, 5, 16, 17, 24, 25, 33, 70])
 def test_panel_kernels_on_every_token_count(isa, batch: int) -> None:
     """Each token count has its own register-blocked kernel (1-24), more are split evenly."""

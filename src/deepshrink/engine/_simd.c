@@ -87,7 +87,7 @@ static struct {
     int wanted;         /* helpers the current job may use */
     ChunkFn fn;         /* the current job, written before `next` publishes it */
     const void *ctx;
-    int64_t n;
+    int64_t n, grain;
     _Atomic uint64_t next;  /* generation << 32 | next chunk to claim */
     _Atomic int64_t done;   /* chunks of the current job finished */
     _Atomic int sleepers;   /* helpers waiting on `wake` */
@@ -100,16 +100,19 @@ static inline void relax(void) {
 #endif
 }
 
-/* Claim and run chunks of job `gen` until none is left; whoever calls it read fn, ctx and n
- * after seeing `gen` in `next`, and a claim succeeds only while `next` still holds `gen`. */
-static void work(uint64_t gen, ChunkFn fn, const void *ctx, int64_t n) {
+/* Claim and run chunks of job `gen` until none is left; whoever calls it read fn, ctx, n and
+ * grain after seeing `gen` in `next`, and a claim succeeds only while `next` still holds `gen`.
+ * A claim takes `grain` consecutive chunks: a few claims per thread, not one per chunk, so
+ * the two cores do not pass the claim word's cache line back and forth for microsecond chunks. */
+static void work(uint64_t gen, ChunkFn fn, const void *ctx, int64_t n, int64_t grain) {
     for (;;) {
         uint64_t v = atomic_load_explicit(&pool.next, memory_order_acquire);
-        int64_t chunk = (int64_t)(v & 0xffffffffu);
-        if (v >> 32 != gen || chunk >= n) return;
+        int64_t first = (int64_t)(v & 0xffffffffu) * grain;
+        if (v >> 32 != gen || first >= n) return;
         if (!atomic_compare_exchange_weak(&pool.next, &v, v + 1)) continue;
-        fn(ctx, chunk);
-        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+        int64_t last = first + grain < n ? first + grain : n;
+        for (int64_t chunk = first; chunk < last; chunk++) fn(ctx, chunk);
+        atomic_fetch_add_explicit(&pool.done, last - first, memory_order_release);
     }
 }
 
@@ -130,7 +133,7 @@ static void *helper(void *arg) {
             pthread_mutex_unlock(&pool.lock);
         }
         seen = gen;
-        if (id < pool.wanted) work(gen, pool.fn, pool.ctx, pool.n);
+        if (id < pool.wanted) work(gen, pool.fn, pool.ctx, pool.n, pool.grain);
     }
     return NULL;
 }
@@ -161,6 +164,7 @@ static void parallel_chunks(ChunkFn fn, const void *ctx, int64_t n, int threads)
         pool.fn = fn;
         pool.ctx = ctx;
         pool.n = n;
+        pool.grain = (n + 4 * (helpers + 1) - 1) / (4 * (helpers + 1)); /* ~4 claims per thread */
         pool.wanted = helpers + 1;
         atomic_store(&pool.done, 0);
         uint64_t gen = (atomic_load(&pool.next) >> 32) + 1;
@@ -170,7 +174,7 @@ static void parallel_chunks(ChunkFn fn, const void *ctx, int64_t n, int threads)
             pthread_cond_broadcast(&pool.wake);
             pthread_mutex_unlock(&pool.lock);
         }
-        work(gen, fn, ctx, n);
+        work(gen, fn, ctx, n, pool.grain);
         while (atomic_load_explicit(&pool.done, memory_order_acquire) < n) relax(); /* claimed chunks only */
         atomic_store(&pool.busy, 0);
         return;

@@ -87,6 +87,9 @@ PANEL_COLUMN_COST = 1.1
 BLOCK_COST = 1.3
 PANEL_TOKEN_COST = 0.55
 ROWS_ENTRY_COST = 1.3
+#: Least cost of a product run on several threads (the cost unit is ~0.75 ns: this is ~30 us): below, handing
+#: work to a helper thread costs more than it saves, the more so when the other cores are busy with other jobs.
+PARALLEL_MIN_COST = 40_000
 #: The dense panel layout stores a byte per weight: beyond this many per kept weight it
 #: streams more memory than the sparse layouts save in work.
 DENSE_PANEL_MAX_BYTES_PER_WEIGHT = 8
@@ -262,7 +265,6 @@ class SparseMatrix:
         # Chosen once: batch 1 is the latency-bound case, where a per-call choice costs more
         # than small layers take (nnz bounds the work; zero activations only lower it).
         parallel = self.workers > 1 and tensor.nnz >= PARALLEL_MIN_MACS
-        self._threads = self.workers if parallel else 1
         self._csc_kernel = kernels.csc_matvec if parallel else kernels.csc_matvec_serial
         self._sliced_kernel = kernels.sliced_matvec if parallel else kernels.sliced_matvec_serial
         table_bytes = len(codebook) * (self.shape[1] + 1) * self._zero.itemsize
@@ -419,9 +421,35 @@ class SparseMatrix:
 
         return self._layout("vector_lines", lines)
 
-    def _vector_kernel(self, active: int) -> tuple[str, float]:
-        """The cheapest batch-1 kernel for ``active`` non-zero activations, and its cost."""
-        return min(((name, slope * active + fixed) for name, slope, fixed in self._vector_lines()), key=lambda c: c[1])
+    def _vector_costs(self, active: int) -> dict[str, float]:
+        """Each batch-1 kernel's cost for ``active`` non-zero activations."""
+        return {name: slope * active + fixed for name, slope, fixed in self._vector_lines()}
+
+    def _batch_costs(self, x: np.ndarray, every: bool = False) -> dict[str, float]:
+        """Each SIMD batch kernel's cost for the ``(batch, cols)`` ``x``; ``"samples"`` only where it may win (or ``every``)."""
+        batch = x.shape[0]
+        passes = 1 if batch <= 16 else -(-batch // 32) * 2  # the row kernel: 16 tokens, or 32 at twice the cost
+        costs = {name: per * (batch if name == "panels" else passes) + CALL_COST for name, per in self._batch_lines()}
+        slope, fixed = self._layout("vector_bound", lambda: tuple(min(c) for c in list(zip(*self._vector_lines()))[1:]))
+        # per sample: bounded below by the flattest line over all active columns, counted in one pass
+        if every or slope * int(np.count_nonzero(x)) + batch * (fixed + CALL_COST) < min(
+            costs.values(), default=math.inf
+        ):
+            active = np.count_nonzero(x, axis=1)
+            cheapest = np.min([slope * active + fixed for _, slope, fixed in self._vector_lines()], axis=0)
+            costs["samples"] = float(cheapest.sum()) + batch * CALL_COST
+        return costs
+
+    def _plan(self, x: np.ndarray) -> tuple[str, float]:
+        """:meth:`kernel_for`'s choice and its estimated cost (``nan`` where numba's own rules chose)."""
+        if x.ndim == 1 or x.shape[0] == 1:
+            if self.simd:
+                costs = self._vector_costs(int(np.count_nonzero(x)))
+                return min(costs.items(), key=lambda c: c[1])
+            return ("sliced" if self.prefers_rows(x) else "csc"), math.nan
+        if self.simd and self._batch_lines():
+            return min(self._batch_costs(x).items(), key=lambda c: c[1])
+        return ("samples" if self.prefers_samples(x) else "csr"), math.nan  # numba's, or a codebook past the tables
 
     def kernel_for(self, x: np.ndarray) -> str:
         """The kernel a product with the ``(cols,)`` or ``(batch, cols)`` ``x`` runs, by the cost model.
@@ -430,25 +458,11 @@ class SparseMatrix:
         ``"rows"``, ``"csr"`` or ``"samples"`` (the batch-1 choice once per sample). See
         the module docstring for what each does.
         """
-        if x.ndim == 1 or x.shape[0] == 1:
-            if self.simd:
-                return self._vector_kernel(int(np.count_nonzero(x)))[0]
-            return "sliced" if self.prefers_rows(x) else "csc"
-        batch = x.shape[0]
-        if not self.simd:
-            return "samples" if self.prefers_samples(x) else "csr"
-        passes = 1 if batch <= 16 else -(-batch // 32) * 2  # the row kernel: 16 tokens, or 32 at twice the cost
-        costs = {name: per * (batch if name == "panels" else passes) + CALL_COST for name, per in self._batch_lines()}
-        best = min(costs.values(), default=math.inf)
-        slope, fixed = self._layout("vector_bound", lambda: tuple(min(c) for c in list(zip(*self._vector_lines()))[1:]))
-        # per sample: bounded below by the flattest line over all active columns, counted in one pass
-        if slope * int(np.count_nonzero(x)) + batch * (fixed + CALL_COST) < best:
-            active = np.count_nonzero(x, axis=1)
-            cheapest = np.min([slope * active + fixed for _, slope, fixed in self._vector_lines()], axis=0)
-            costs["samples"] = float(cheapest.sum()) + batch * CALL_COST
-        if not costs:  # a codebook past the SIMD kernels' tables
-            return "samples" if self.prefers_samples(x) else "csr"
-        return min(costs, key=costs.get)
+        return self._plan(x)[0]
+
+    def _threads_for(self, cost: float) -> int:
+        """Threads for a product of ``cost``: one below :data:`PARALLEL_MIN_COST` (a hand-off costs more there)."""
+        return self.workers if not cost < PARALLEL_MIN_COST else 1  # nan (no estimate): the kernels' own rule
 
     def _check_input(self, x: np.ndarray, ndim: int) -> None:
         if x.ndim != ndim or x.shape[-1] != self.shape[1]:
@@ -533,20 +547,21 @@ class SparseMatrix:
         Lean on purpose: at batch 1 a small layer's product takes a few microseconds,
         so every Python step here shows in the latency.
         """
-        return self._vector(x, bias, self.kernel_for(x))
+        kernel, cost = self._plan(x)
+        return self._vector(x, bias, kernel, self._threads_for(cost))
 
-    def _vector(self, x: np.ndarray, bias: np.ndarray, kernel: str) -> np.ndarray:
-        """``W @ x + bias`` by the named batch-1 kernel."""
+    def _vector(self, x: np.ndarray, bias: np.ndarray, kernel: str, threads: int) -> np.ndarray:
+        """``W @ x + bias`` by the named batch-1 kernel (``threads``: the SIMD kernels')."""
         out = np.empty(self.shape[0], dtype=np.float32)
         if kernel == "tiled":
             t = self._tiles()
             _simd.tiled_matvec(t.ptr, t.steps, t.entries, t.slice_rows, t.table, x, out, bias, self.shape[0],
-                               self.shape[1], self._threads)  # fmt: skip
+                               self.shape[1], threads)  # fmt: skip
             return out
         if kernel == "panels":
             codes, blk_ptr, cols = self._panels()
             _simd.panels_matmul(codes, blk_ptr, cols, self._table.values, x, out, bias, self.shape[0], self.shape[1],
-                                1, self.shape[1], self.shape[0], self._threads)  # fmt: skip
+                                1, self.shape[1], self.shape[0], threads)  # fmt: skip
             return out
         if self.fixed_point:
             xk, frac = to_fixed(x)
@@ -558,7 +573,7 @@ class SparseMatrix:
                                 self.workers)  # fmt: skip
         elif self.simd:  # EIE's kernel in C: nothing to compile at a model's first call
             _simd.csc_matvec(self.col_ptr, self.col_gaps, self.col_codes, self.codebook, x, out, bias, self.shape[0],
-                             self.shape[1], self.workers, self.col_codes.dtype == np.uint16, self._threads)  # fmt: skip
+                             self.shape[1], self.workers, self.col_codes.dtype == np.uint16, threads)  # fmt: skip
         else:
             acc = self._accumulators(self._acc_shape)
             self._csc_kernel(self.col_ptr, self.col_gaps, self.col_codes, self.codebook, xk, scale, bias, acc, out)
@@ -578,10 +593,12 @@ class SparseMatrix:
                                   f"available: {', '.join(self.kernels(x.shape[0]))}")  # fmt: skip
         x, bias = np.ascontiguousarray(x), self.check_bias(bias)
         if x.shape[0] == 1:
-            return self._vector(x[0], bias, kernel).reshape(1, -1)
-        return self._batch(x, bias, kernel)
+            cost = self._vector_costs(int(np.count_nonzero(x))).get(kernel, math.nan) if self.simd else math.nan
+            return self._vector(x[0], bias, kernel, self._threads_for(cost)).reshape(1, -1)
+        cost = self._batch_costs(x, every=True).get(kernel, math.nan) if self.simd else math.nan
+        return self._batch(x, bias, kernel, self._threads_for(cost))
 
-    def _batch(self, x: np.ndarray, bias: np.ndarray, kernel: str) -> np.ndarray:
+    def _batch(self, x: np.ndarray, bias: np.ndarray, kernel: str, threads: int) -> np.ndarray:
         """``x @ W.T + bias`` for a contiguous ``(batch, cols)`` batch by the named batch kernel."""
         if kernel == "samples":
             return np.stack([self._matvec(row, bias) for row in x])
@@ -590,7 +607,6 @@ class SparseMatrix:
             out += bias
             return out
         out = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
-        threads = self.workers if self.tensor.nnz * x.shape[0] >= PARALLEL_MIN_MACS else 1
         if kernel == "panels":
             codes, blk_ptr, cols = self._panels()
             _simd.panels_matmul(codes, blk_ptr, cols, self._table.values, x, out, bias, self.shape[0], self.shape[1],
@@ -632,7 +648,8 @@ class SparseMatrix:
 
     def _product(self, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
         """``x @ W.T + bias`` for a contiguous ``(batch > 1, cols)`` float32 batch, ``bias`` checked: the layers' path."""
-        return self._batch(x, bias, self.kernel_for(x))
+        kernel, cost = self._plan(x)
+        return self._batch(x, bias, kernel, self._threads_for(cost))
 
     def matmul_columns(self, xt: np.ndarray) -> np.ndarray:
         """``W @ xt`` for a ``(cols, n)`` float32 array with the row-parallel kernel.
