@@ -95,7 +95,7 @@ def ort_sessions(weight: np.ndarray, threads: int, folder: Path) -> dict[str, Ca
     return sessions
 
 
-def bench_layer(layer, block: int, batch: int, threads: int, repeats: int, folder: Path) -> dict:
+def bench_layer(layer, block: int, batch: int, threads: int, repeats: int, folder: Path, clock: Callable) -> dict:
     """One EIE layer, one structure, one batch size: the engine and every peer, same weights and inputs."""
     tensor = synthetic_layer(layer.outputs, layer.inputs, layer.weight_density, seed=1, block=block)
     engine = SparseMatrix(tensor)
@@ -114,7 +114,7 @@ def bench_layer(layer, block: int, batch: int, threads: int, repeats: int, folde
     error = float(np.abs(engine.matmul(x) - x @ weight.T).max())
     # the cost model's check: every kernel that can run this product, forced
     kernels = {f"kernel {k}": (lambda k=k: engine.run(x, k)) for k in engine.kernels(batch) if k != "sliced"}
-    times = median_seconds({**fns, **kernels}, repeats)
+    times = median_seconds({**fns, **kernels}, repeats, clock=clock)
     peers = {k: v for k, v in times.items() if k != "engine" and not k.startswith("kernel ")}
     best = min(peers, key=peers.get)
     forced = {k.removeprefix("kernel "): v * 1e6 for k, v in times.items() if k.startswith("kernel ")}
@@ -125,7 +125,7 @@ def bench_layer(layer, block: int, batch: int, threads: int, repeats: int, folde
             "target": BATCH1_TARGETS.get(layer.name, 1.0) if batch == 1 else 1.0}  # fmt: skip
 
 
-def minilm(bits: int, file: Path, threads: int, repeats: int, console: Console) -> dict:
+def minilm(bits: int, file: Path, threads: int, repeats: int, console: Console, clock: Callable) -> dict:
     """all-MiniLM-L6-v2 compressed, on the engine, against the decoded model in fp32 and in torch's dynamic qint8.
 
     With no file at ``file``, the model is shared at ``bits`` bits here and written there.
@@ -168,7 +168,7 @@ def minilm(bits: int, file: Path, threads: int, repeats: int, console: Console) 
             out = {name: m(**tokens).last_hidden_state for name, m in (("engine", engine), ("decoded", decoded),
                                                                         ("qint8", qint8))}  # fmt: skip
             models = {"engine": engine, "torch fp32": decoded, "torch qint8": qint8}
-            times = median_seconds({k: (lambda m=m, t=tokens: m(**t)) for k, m in models.items()}, repeats, 0.05)
+            times = median_seconds({k: (lambda m=m, t=tokens: m(**t)) for k, m in models.items()}, repeats, 0.05, clock)
             result["batches"][batch] = {
                 "tokens": int(tokens["input_ids"].numel()),
                 "ms": {k: v * 1e3 for k, v in times.items()},
@@ -246,11 +246,17 @@ def layer_table(rows: list[dict], names: list[str]) -> Table:
 def markdown(result: dict) -> str:
     """The committed page."""
     names = result["libraries"]
+    clock = (
+        "one thread for every library, timed by the calling thread's CPU time (the time it waited for a core while "
+        "other jobs ran does not count; cache pollution by them does)"
+        if result.get("cpu_time")
+        else f"{result['threads']} threads for every library, wall-clock time"
+    )
     out = [
-        "# The engine against its peers",
+        "# The engine against its peers" + (", one thread, CPU time" if result.get("cpu_time") else ""),
         "",
         f"`python benchmarks/bench_peers.py {' '.join(result['argv'])}`, {result['date']}. Machine: {result['cpu']}, "
-        f"{result['threads']} threads for every library; load average {result['load']} when it started and "
+        f"{clock}; load average {result['load']} when it started and "
         f"{result['load_end']} when it ended (a shared machine: other jobs ran on the same cores). One run; each "
         f"figure is the median of {result['repeats']} blocks of back-to-back calls, the libraries' blocks "
         "interleaved. Peers compute from the decoded weights; ONNX Runtime's int8 is its dynamic quantization "
@@ -325,17 +331,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minilm-bits", type=int, default=4, help="bits when sharing MiniLM here")
     parser.add_argument("--minilm-file", help="a compressed all-MiniLM-L6-v2 .dsz to run instead of sharing it here")
     parser.add_argument("--no-first-call", action="store_true", help="skip the fresh-process first-call timing")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="one thread, timed by the calling thread's CPU time (so other jobs' load drops out); "
+                        "writes peers-cpu.md")  # fmt: skip
     add_output(parser, publish=True)
     args = parser.parse_args(argv)
+    if args.cpu_time:
+        args.threads = 1
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     console = Console(width=200)  # the layer tables have ten columns
-    result = {**start_run(args, argv), "load": _load(), "repeats": args.repeats, "batches": args.batches, "layers": []}
+    result = {**start_run(args, argv), "load": _load(), "repeats": args.repeats, "batches": args.batches, "layers": [],
+              "cpu_time": args.cpu_time}  # fmt: skip
     wanted = [layer for layer in EIE_BENCHMARK_LAYERS if not args.layers or layer.name in args.layers]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for structure in args.structures:
             for batch in args.batches:
                 rows = [bench_layer(layer, BLOCK if structure == "blocks" else 1, batch, args.threads, args.repeats,
-                                    folder) for layer in wanted]  # fmt: skip
+                                    folder, clock) for layer in wanted]  # fmt: skip
                 result["layers"] += rows
                 result["libraries"] = [n for n in rows[0]["us"] if n != "engine"] if rows else []
                 if rows:
@@ -343,14 +356,15 @@ def main(argv: list[str] | None = None) -> None:
         result["libraries"] = ["engine", *result.get("libraries", [])]
         minilm_file = None if args.no_minilm else Path(args.minilm_file or folder / "minilm.dsz")
         if minilm_file is not None:
-            result["minilm"] = minilm(args.minilm_bits, minilm_file, args.threads, args.repeats, console)
+            result["minilm"] = minilm(args.minilm_bits, minilm_file, args.threads, args.repeats, console, clock)
             console.print(result["minilm"])
         if not args.no_first_call:
             result["first_call"] = first_calls(folder, minilm_file)
             console.print(result["first_call"])
     result["load_end"] = _load()
-    for folder in write_results(args, "peers", result, markdown):
-        console.print(f"wrote {folder / 'peers.md'}")
+    name = "peers-cpu" if args.cpu_time else "peers"
+    for folder in write_results(args, name, result, markdown):
+        console.print(f"wrote {folder / f'{name}.md'}")
 
 
 if __name__ == "__main__":

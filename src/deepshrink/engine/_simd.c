@@ -333,6 +333,8 @@ static const PanelKernel panel_kernels[TOKENS_MAX + 1] = {
     panel_9,  panel_10, panel_11, panel_12, panel_13, panel_14, panel_15, panel_16, panel_17,
     panel_18, panel_19, panel_20, panel_21, panel_22, panel_23, panel_24};
 
+#define PANEL_PREFETCH 16 /* active columns ahead whose cache lines the batch-1 panel kernel prefetches */
+
 /* Batch 1 on the dense layout: a group of SUPER panels per pass (one cache line per active
  * column), two columns in flight: 8 independent FMA chains. */
 AVX512 static void group_matvec(const Panels *P, const float *table, const Tokens *b, int64_t g, float *acc) {
@@ -345,6 +347,11 @@ AVX512 static void group_matvec(const Panels *P, const float *table, const Token
     int64_t n = b->n_active, j = 0;
     for (; j + 2 <= n; j += 2) {
         int64_t k = act[j], m = act[j + 1];
+        /* skipped columns make the lines' addresses jump where the hardware prefetcher cannot follow */
+        if (j + PANEL_PREFETCH + 1 < n) {
+            __builtin_prefetch(base + 64 * act[j + PANEL_PREFETCH]);
+            __builtin_prefetch(base + 64 * act[j + PANEL_PREFETCH + 1]);
+        }
         __m512i v = QUAD(base + 64 * k), u = QUAD(base + 64 * m);
         __m512 xk = _mm512_set1_ps(x[k]), xm = _mm512_set1_ps(x[m]);
         a0 = _mm512_fmadd_ps(DECODE(v, 0), xk, a0);

@@ -38,7 +38,10 @@ def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Te
 
 
 def median_seconds(
-    fns: dict[str, Callable[[], object]], repeats: int, block_seconds: float = 0.005
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    block_seconds: float = 0.005,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Median seconds per call of each function, timed in blocks of back-to-back calls.
 
@@ -47,23 +50,25 @@ def median_seconds(
     call), as ``timeit`` does: steady state, so each implementation runs with its
     own data in cache if it fits there (a compressed layer does, a dense one often
     does not: the point of compression). Blocks of the functions are interleaved,
-    so that machine load hits all alike.
+    so that machine load hits all alike. ``clock`` is wall time by default;
+    ``time.thread_time`` counts only the calling thread's CPU time (single-threaded
+    code on a machine shared with other jobs: the time it waits for a core drops out).
     """
     calls = {}
     for name, fn in fns.items():
         fn()  # warm-up: caches, lazy layouts, compilation
-        start = time.perf_counter()
+        start = clock()
         fn()
-        calls[name] = max(1, int(block_seconds / max(time.perf_counter() - start, 1e-9)))
+        calls[name] = max(1, int(block_seconds / max(clock() - start, 1e-9)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             if calls[name] > 1:  # short calls: the previous block (another function's) evicted their data
                 fn()
-            start = time.perf_counter()
+            start = clock()
             for _ in range(calls[name]):
                 fn()
-            samples[name].append((time.perf_counter() - start) / calls[name])
+            samples[name].append((clock() - start) / calls[name])
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
