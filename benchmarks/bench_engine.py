@@ -70,20 +70,27 @@ def machine_rates(repeats: int) -> dict[str, float]:
 
 
 def touched(m: SparseMatrix, x: np.ndarray) -> tuple[int, int]:
-    """Bytes the batch-1 kernel that ``m`` picks for ``x`` reads and writes, and its multiply-accumulates."""
-    if m.prefers_rows(x):  # the sliced kernel: every weight, the product table or x per weight
+    """Bytes the batch-1 kernel that ``m`` picks for ``x`` reads and writes, and the multiply-accumulates it does."""
+    kernel, active = m.kernel_for(x), np.flatnonzero(x)
+    io = 4 * (len(x) + 2 * m.shape[0])  # activations read, outputs (and their bias) written and read
+    if kernel == "sliced":  # every weight, the product table or x per weight
         ptr, packed, slice_rows, _ = m.sliced()
         values = len(m.centroids) * (len(x) + 1) if m.use_table else len(x) + 1
-        accumulators = 2 * len(slice_rows) + m.shape[0]  # read-modify-write, then the output
-        return packed.nbytes + ptr.nbytes + slice_rows.nbytes + 4 * (values + accumulators), m.tensor.nnz
-    active = np.flatnonzero(x)
+        return packed.nbytes + ptr.nbytes + slice_rows.nbytes + 4 * (values + 2 * len(slice_rows)) + io, m.tensor.nnz
+    if kernel == "tiled":  # every weight, padding entries too
+        tiles = m._tiles()
+        return tiles.nbytes + io, m.tensor.nnz
+    rows, cols = m.tensor.rows_cols()
+    macs = int(np.isin(cols, active).sum())  # the kept weights of the active columns
+    if kernel == "panels":  # the dense layout reads a 64-byte line per active column and 4 panels; blocks: all
+        codes, blk_ptr, block_cols = m._panels()
+        blocks = codes.nbytes if blk_ptr is not None else len(active) * codes.shape[0] // m.shape[1] * 64
+        return blocks + (block_cols.nbytes if block_cols is not None else 0) + io, macs
     starts, ends = m.col_ptr[:, active], m.col_ptr[:, active + 1]
     symbols = int((ends - starts).sum())
-    macs = int(sum((m.col_codes[s:e] != m.pad_code).sum() for s, e in zip(starts.ravel(), ends.ravel())))
     entry_bytes = m.col_gaps.itemsize + m.col_codes.itemsize
     pointer_bytes = 2 * m.col_ptr.itemsize * m.workers * len(active)
-    activation_bytes = 4 * (len(x) + 2 * m.workers * m.local_rows)  # x read, accumulators written and read
-    return symbols * entry_bytes + pointer_bytes + activation_bytes, macs
+    return symbols * entry_bytes + pointer_bytes + io + 8 * m.workers * m.local_rows, macs
 
 
 def bench_layer(layer, batch: int, repeats: int, rates: dict[str, float]) -> dict:
