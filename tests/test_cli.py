@@ -68,6 +68,24 @@ def test_compress_flags_follow_the_seed(tmp_path):
     assert run("3") == first and run("4") != first  # the initialisation and the training follow --seed
 
 
+def test_array_dtype_rounds_the_plain_arrays_with_flags_or_a_recipe(tmp_path):
+    from deepshrink.cli import _set_array_dtype
+    from deepshrink.recipes import load_recipe, parse_recipe
+
+    out = tmp_path / "f16.dsz"
+    args = ["compress", "--model-kwargs", '{"in_features": 64}', "--data", "digits", "--max-steps", "2"]
+    assert main(args + ["--array-dtype", "float16", "--out", str(out)]) == 0
+    stored = {e["name"]: e["dtype"] for e in deepshrink.read(out).header["tensors"] if e["kind"] == "array"}
+    assert stored == {"fc1.bias": "float16", "fc2.bias": "float16", "fc3.bias": "float16"}
+    assert main(args + ["--array-dtype", "float64"]) == 2
+    recipe = load_recipe("digits-demo")  # ends in an encode stage: the flag changes that stage only
+    _set_array_dtype(recipe, "float16")
+    assert recipe.stages[-1].array_dtype == "float16" and recipe.stages[-1].coder == "huffman"
+    recipe = parse_recipe({"model": "lenet-300-100", "data": "digits", "stages": [{"train": {}}]})
+    _set_array_dtype(recipe, "float16")
+    assert recipe.stages[-1].array_dtype == "float16" and len(recipe.stages) == 2
+
+
 def test_bad_input_gives_named_error(capsys):
     assert main(["compress", "--data", "digits", "--sparsity", "1.5"]) == 2
     assert "sparsity=1.5" in capsys.readouterr().err

@@ -214,6 +214,69 @@ def test_plain_dtypes_roundtrip(tmp_path: Path) -> None:
         save({"c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "c.dsz")
 
 
+def _layernorm_net() -> nn.Module:
+    """Linear, LayerNorm (weight and bias), Linear: the plain arrays of a transformer block in miniature."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 4))
+    with torch.no_grad():
+        net[1].weight.normal_(1.0, 0.1)
+        net[1].bias.normal_(0.0, 0.1)
+    net.register_buffer("steps", torch.tensor([3, 1], dtype=torch.int64))
+    prune_(net, 0.5)
+    share_weights_(net, bits=4)
+    return net.eval()
+
+
+def test_float16_arrays_read_back_as_float32_rounded(tmp_path: Path) -> None:
+    net = _layernorm_net()
+    exact, half = tmp_path / "f32.dsz", tmp_path / "f16.dsz"
+    save(net, exact)
+    save(net, half, array_dtype="float16")
+    _, arrays = split_model(net)
+    back = read(half).arrays
+    for name, value in arrays.items():
+        expected = value.half().to(value.dtype) if value.is_floating_point() else value
+        assert back[name].dtype == value.dtype and torch.equal(back[name], expected), name
+    assert not torch.equal(back["1.weight"], net[1].weight.detach())  # really rounded
+    floats = sum(v.numel() for v in arrays.values() if v.is_floating_point())
+    report = size_breakdown(half)
+    assert size_breakdown(exact).array_bytes - report.array_bytes == 2 * floats  # every float at 2 bytes, not 4
+    assert report.array_bytes == 2 * floats + 8 * 2  # the int64 buffer as it is
+    assert sorted(report.array_dtypes) == sorted(["float16"] * (len(arrays) - 1) + ["int64"])
+    assert report.total_bytes == os.path.getsize(half)
+    assert report.array_dense_bytes == size_breakdown(exact).array_dense_bytes  # the same fp32 baseline
+    rounded = load_into(_layernorm_net(), half)
+    reference = _layernorm_net()
+    with torch.no_grad():
+        for p in (reference[0].bias, reference[1].weight, reference[1].bias, reference[2].bias):
+            p.copy_(p.half().float())
+        x = torch.randn(5, 16)
+        assert torch.equal(rounded(x), reference(x))
+
+
+def test_float16_arrays_refuse_nothing_valid_and_keep_the_nonfinite_checks(tmp_path: Path) -> None:
+    path = tmp_path / "a.dsz"
+    arrays = {
+        "big": torch.tensor([1.0, 1e6]), "tiny": torch.tensor([1e-9, -3.0]), "f64": torch.tensor([0.1], dtype=torch.float64),
+        "f16": torch.tensor([0.5]).half(), "bf16": torch.tensor([0.3]).bfloat16(), "i8": torch.tensor([-1], dtype=torch.int8),
+    }  # fmt: skip
+    save(arrays, path, array_dtype="float16")
+    back, stored = read(path).arrays, {e["name"]: e["dtype"] for e in read(path).header["tensors"]}
+    assert torch.equal(back["big"], arrays["big"]) and stored["big"] == "float32"  # 1e6 overflows float16: kept exact
+    assert torch.equal(back["tiny"], arrays["tiny"].half().float()) and back["tiny"][0] == 0  # underflow is rounding
+    assert back["f64"].dtype == torch.float64 and back["f64"].item() == torch.tensor(0.1).half().item()
+    for name in ("f16", "bf16", "i8"):
+        assert back[name].dtype == arrays[name].dtype and torch.equal(back[name], arrays[name]), name
+    with pytest.raises(DeepShrinkError, match="b: the array holds NaN or infinity"):
+        save({"b": torch.tensor([1.0, float("nan")])}, path, array_dtype="float16")
+    save({"b": torch.tensor([1.0, float("inf")])}, path, array_dtype="float16", allow_nonfinite=True)
+    with pytest.raises(FileFormatError, match="'b': the array holds NaN or infinity"):
+        read(path)
+    assert read(path, allow_nonfinite=True).arrays["b"].tolist() == [1.0, float("inf")]
+    with pytest.raises(DeepShrinkError, match="array_dtype='int8' must be one of float32, float16"):
+        save(arrays, path, array_dtype="int8")
+
+
 def test_empty_and_all_zero_tensors_roundtrip(tmp_path: Path) -> None:
     tensors = {
         "zero": CompressedTensor((4, 5), np.zeros(0, np.int64), np.zeros(0, np.uint8), np.zeros(1, np.float32), 1),

@@ -50,6 +50,7 @@ def _recipe(*stages: dict, **top: object) -> dict:
         (_recipe({"prune": {"sparsity": 0.5, "augment": {"shift": -1}}}), "augment: shift=-1 must be a number in [0"),
         (_recipe({"train": {}}, holdout=-5), "holdout=-5 must be an integer >= 0"),
         (_recipe({"encode": {"coder": "zip"}}), "coder='zip' must be one of"),
+        (_recipe({"encode": {"array_dtype": "int8"}}), "array_dtype='int8' must be one of float32, float16"),
         (_recipe({"encode": {}}, {"train": {}}), "encode must be the last stage"),
         (_recipe({"shrink": {}}), "stages[0]: unknown stage 'shrink'; allowed: train, prune, share"),
         (_recipe({"train": {}, "share": {}}), "stages[0] must be a mapping with one key"),
@@ -72,13 +73,14 @@ def test_values_are_parsed_into_typed_stages():
         _recipe(
             {"prune": {"sparsity": {"fc1": 0.9, "fc*": "0.5"}, "granularity": {"fc1": "filter"}, "lr": "1e-3"}},
             {"share": {"bits": {"fc": 4}}},
-            {"encode": {"coder": "ans", "index_bits": 4}},
+            {"encode": {"coder": "ans", "index_bits": 4, "array_dtype": "float16"}},
         )
     )
     prune, share, encode = recipe.stages
     assert isinstance(prune, PruneStage) and prune.sparsity == {"fc1": 0.9, "fc*": 0.5} and prune.lr == 0.001
     assert isinstance(share, ShareStage) and share.bits == {"fc": 4}
     assert isinstance(encode, EncodeStage) and encode.options()["coder"] == "ans"
+    assert encode.options()["array_dtype"] == "float16"
 
 
 def test_builtin_recipes_load_and_bad_files_are_reported(tmp_path):

@@ -18,7 +18,7 @@ from deepshrink.compress.groups import GRANULARITIES
 from deepshrink.compress.sensitivity import DEFAULT_SPARSITIES
 from deepshrink.data.registry import DATASETS, load_data
 from deepshrink.errors import DeepShrinkError
-from deepshrink.fileformat.codec import read_limits
+from deepshrink.fileformat.codec import ARRAY_STORAGE, read_limits
 from deepshrink.fileformat.model_io import build_model, load_state_dict_file
 from deepshrink.models.registry import MODELS, model_factory
 from deepshrink.progress import quiet
@@ -131,6 +131,7 @@ def _flags_recipe(args: argparse.Namespace, kwargs: dict | None) -> Recipe:
         {"prune": {"sparsity": args.sparsity, "steps": args.prune_steps, **retrain}},
         {"share": {"bits": args.bits, **retrain}},
     ]
+    stages += [{"encode": {"array_dtype": args.array_dtype}}] if args.array_dtype else []
     return parse_recipe(
         {
             "model": args.model,
@@ -221,8 +222,20 @@ def _run_recipe(args: argparse.Namespace) -> None:
         recipe.state_dict = args.state_dict
     if args.max_steps:
         recipe.max_steps = args.max_steps
+    if args.array_dtype:
+        _set_array_dtype(recipe, args.array_dtype)
     run_recipe(recipe, data_dir=args.data_dir, out=args.out, console=console, trust_factory=args.trust_factory,
                **_resumable(args, recipe))  # fmt: skip
+
+
+def _set_array_dtype(recipe: Recipe, array_dtype: str) -> None:
+    """``--array-dtype`` over a recipe: its encode stage's, or a new encode stage with the defaults otherwise."""
+    from deepshrink.recipes.schema import EncodeStage
+
+    if recipe.stages and isinstance(recipe.stages[-1], EncodeStage):
+        recipe.stages[-1] = dataclasses.replace(recipe.stages[-1], array_dtype=array_dtype)
+    else:
+        recipe.stages.append(EncodeStage(array_dtype=array_dtype))
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
@@ -420,8 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recipe",
         help="a YAML recipe file or built-in name (lenet-300-100, lenet-5, digits-demo); see "
-        "docs/recipes.md. With it, only --data-dir, --out, --state-dict, --max-steps, --seed and the checkpoint "
-        "options apply",
+        "docs/recipes.md. With it, only --data-dir, --out, --state-dict, --max-steps, --seed, --array-dtype and the "
+        "checkpoint options apply",
     )
     p.add_argument(
         "--trust-factory",
@@ -444,6 +457,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=_positive_int, help="cap every training stage at this many steps")
     p.add_argument("--seed", type=int, help="seeds training, shuffling and k-means (default 0, or the recipe's)")
     p.add_argument("--out", help="write the compressed model here")
+    p.add_argument(
+        "--array-dtype",
+        choices=ARRAY_STORAGE,
+        help="plain arrays (biases, normalisation layers, weights not compressed) as they are (float32, the "
+        "default) or rounded to float16, half their bytes",
+    )
     p.add_argument(
         "--checkpoint",
         metavar="PATH",

@@ -54,6 +54,7 @@ SECTIONS_PER_TENSOR = 3  # index, codes, codebook; an array uses one
 DEFAULT_INDEX_BITS = {"fc": 5, "conv": 8}  # Deep Compression: 5 bits for fully connected, 8 for conv
 LAYOUTS = ("auto", "relative", "bitmap")
 CODEBOOK_DTYPES = {"float32": "<f4", "float16": "<f2"}
+ARRAY_STORAGE = ("float32", "float16")  # EncodeOptions.array_dtype: float arrays as they are, or rounded to fp16
 BITMAP_GROUP = 4  # a bitmap is coded as 4-position nibbles: a 16-symbol table stays tiny
 ARRAY_DTYPES = {
     torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -75,12 +76,18 @@ class EncodeOptions:
         layout: positions as ``"relative"`` indices, a ``"bitmap"``, or
             ``"auto"``: whichever is smaller for each tensor.
         codebook_dtype: ``"float32"`` (exact) or ``"float16"`` (rounds the codebook).
+        array_dtype: ``"float32"`` stores every plain array (biases,
+            LayerNorm, any weight not compressed) in its own dtype, exactly;
+            ``"float16"`` stores float32 and float64 arrays as float16 (half
+            their bytes), which the reader casts back to their dtype. An array
+            whose finite values overflow float16 is kept exact instead.
     """
 
     coder: str = "huffman"
     index_bits: int | dict[str, int] | None = None
     layout: str = "auto"
     codebook_dtype: str = "float32"
+    array_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         check_coder(self.coder)
@@ -88,6 +95,8 @@ class EncodeOptions:
             raise DeepShrinkError(f"layout={self.layout!r} must be one of {', '.join(map(repr, LAYOUTS))}")
         if self.codebook_dtype not in CODEBOOK_DTYPES:
             raise DeepShrinkError(f"codebook_dtype={self.codebook_dtype!r} must be one of {', '.join(CODEBOOK_DTYPES)}")
+        if self.array_dtype not in ARRAY_STORAGE:
+            raise DeepShrinkError(f"array_dtype={self.array_dtype!r} must be one of {', '.join(ARRAY_STORAGE)}")
         per_tensor = self.index_bits.values() if isinstance(self.index_bits, dict) else [self.index_bits]
         for bits in per_tensor:
             if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16):
@@ -223,16 +232,31 @@ def _encode_compressed(
     return entry
 
 
-def _encode_array(name: str, value: torch.Tensor | np.ndarray, sections: list[bytes], allow_nonfinite: bool) -> dict:
+def _rounded(tensor: torch.Tensor, array_dtype: str) -> torch.Tensor | None:
+    """``tensor`` as float16 when ``array_dtype`` asks for it and no finite value overflows; else None."""
+    if array_dtype != "float16" or tensor.dtype not in (torch.float32, torch.float64):
+        return None
+    half = tensor.to(torch.float16)
+    overflows = bool((torch.isfinite(tensor) & ~torch.isfinite(half)).any())
+    return None if overflows else half
+
+
+def _encode_array(
+    name: str, value: torch.Tensor | np.ndarray, sections: list[bytes], allow_nonfinite: bool, array_dtype: str
+) -> dict:
     tensor = torch.as_tensor(value).detach().cpu().contiguous()
     if tensor.dtype not in ARRAY_DTYPES:
         raise DeepShrinkError(f"{name}: dtype {tensor.dtype} cannot be stored; allowed: {', '.join(_TORCH_DTYPES)}")
     if tensor.is_floating_point() and not allow_nonfinite:
         _refuse_nonfinite(bool(torch.isfinite(tensor).all()), name, "the array")
+    entry = {"name": name, "kind": "array"}
+    rounded = _rounded(tensor, array_dtype)
+    if rounded is not None:
+        entry["cast"] = ARRAY_DTYPES[tensor.dtype]  # the dtype the reader gives back
+        tensor = rounded
     raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor  # numpy has no bfloat16
     sections.append(raw.numpy().astype(raw.numpy().dtype.newbyteorder("<"), copy=False).tobytes())
-    return {"name": name, "kind": "array", "dtype": ARRAY_DTYPES[tensor.dtype], "shape": list(tensor.shape),
-            "s": len(sections) - 1}  # fmt: skip
+    return {**entry, "dtype": ARRAY_DTYPES[tensor.dtype], "shape": list(tensor.shape), "s": len(sections) - 1}
 
 
 def encode_file(
@@ -265,7 +289,7 @@ def encode_file(
     entries = [
         _encode_compressed(n, ct, options, sections, allow_nonfinite) for n, ct in track(tensors.items(), "encoding")
     ]
-    entries += [_encode_array(n, a, sections, allow_nonfinite) for n, a in arrays.items()]
+    entries += [_encode_array(n, a, sections, allow_nonfinite, options.array_dtype) for n, a in arrays.items()]
     header = {"tensors": entries, "model": model, "meta": metadata or {}, "sections": section_table(sections)}
     try:
         header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
@@ -542,7 +566,18 @@ def _decode_array(entry: dict, reader: _Reader, where: str) -> torch.Tensor:
     tensor = tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
     if tensor.is_floating_point():
         reader.check_finite(bool(torch.isfinite(tensor).all()), where, "the array")
+    if "cast" in entry:
+        tensor = tensor.to(_cast(entry, where))
     return tensor
+
+
+def _cast(entry: dict, where: str) -> torch.dtype:
+    """The dtype an array stored rounded to float16 is given back in (its ``cast`` field)."""
+    cast = _get(entry, "cast", str, where)
+    if entry["dtype"] != "float16" or cast not in ("float32", "float64"):
+        raise FileFormatError(f"{where}: cast {show_value(cast)} of a {entry['dtype']} array; only float16 arrays "
+                              "are cast, to float32 or float64")  # fmt: skip
+    return _TORCH_DTYPES[cast]
 
 
 def decode_file(data: bytes, *, max_elements: int | None = None, allow_nonfinite: bool | None = None) -> DszContents:

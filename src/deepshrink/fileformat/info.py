@@ -88,6 +88,7 @@ class FileSize:
     tensors: list[TensorSize]
     array_bytes: int
     array_names: list[str]
+    array_dtypes: list[str]  # as stored: float16 where written with array_dtype="float16"
     array_dense_bytes: int  # the plain arrays at fp32 (their own size for non-float dtypes)
     overhead_bytes: int
     total_bytes: int
@@ -119,16 +120,17 @@ def breakdown(data: bytes, contents: DszContents | None = None) -> FileSize:
     """Size accounting of the bytes of a file (decoded and validated here unless ``contents`` is given)."""
     contents = contents if contents is not None else decode_file(data)
     sections = [length for length, _ in contents.header["sections"]]
-    tensors, array_bytes, array_dense = [], 0, 0
+    tensors, array_bytes, array_dense, array_dtypes = [], 0, 0, []
     for entry in contents.header["tensors"]:
         if entry["kind"] == "compressed":
             tensors.append(_tensor_size(entry, contents.tensors[entry["name"]], sections))
         else:
             array = contents.arrays[entry["name"]]
             array_bytes += sections[entry["s"]]
+            array_dtypes.append(entry["dtype"])
             array_dense += array.numel() * FP32_BYTES if array.is_floating_point() else sections[entry["s"]]
     overhead = len(data) - sum(sections)
-    return FileSize(tensors, array_bytes, list(contents.arrays), array_dense, overhead, len(data))
+    return FileSize(tensors, array_bytes, list(contents.arrays), array_dtypes, array_dense, overhead, len(data))
 
 
 def size_breakdown(path: str | os.PathLike) -> FileSize:
@@ -207,8 +209,10 @@ def layer_table(report: FileSize, title: str = "", wide: bool = False) -> NameTa
             t.dense_bytes)  # fmt: skip
     blank = [""] * (len(columns) - 2)
     if report.array_names:
-        n = len(report.array_names)
-        table.add_row(f"{n} plain array{'s' * (n != 1)}", *blank[:-1], "raw" if wide else "", f"{report.array_bytes:,}")
+        n, dtypes = len(report.array_names), ", ".join(sorted(set(report.array_dtypes)))
+        vs_fp32 = _pct(report.array_bytes, report.array_dense_bytes)
+        table.add_row(f"{n} plain array{'s' * (n != 1)} ({dtypes})", *blank[:-1], "raw" if wide else "",
+                      f"{report.array_bytes:,}", f"{vs_fp32} / {vs_fp32}" if wide else vs_fp32)  # fmt: skip
     table.add_row("header + framing", *blank, f"{report.overhead_bytes:,}", end_section=True)
     numel, nnz = sum(t.numel for t in report.tensors), sum(t.nnz for t in report.tensors)
     fixed_total = sum(t.fixed_bytes for t in report.tensors) + report.array_bytes + report.overhead_bytes

@@ -69,6 +69,7 @@ def save(
     index_bits: int | dict[str, int] | None = None,
     layout: str = "auto",
     codebook_dtype: str = "float32",
+    array_dtype: str = "float32",
     factory: str | None = None,
     factory_kwargs: dict | None = None,
     metadata: dict | None = None,
@@ -82,7 +83,8 @@ def save(
             every other state-dict entry as a plain array) or a dict of
             :class:`CompressedTensor` and plain tensors/arrays.
         path: destination; the old file survives an interrupted save.
-        coder, index_bits, layout, codebook_dtype: see :class:`EncodeOptions`.
+        coder, index_bits, layout, codebook_dtype, array_dtype: see :class:`EncodeOptions`
+            (``array_dtype="float16"`` halves the plain arrays: biases, normalisation layers).
         factory: ``"module:function"`` that builds the architecture, e.g.
             ``"deepshrink.models:lenet_5"``, so :func:`load` can return a model.
         factory_kwargs: JSON keyword arguments for ``factory``.
@@ -108,7 +110,7 @@ def save(
         >>> load(path).tensors["w"].to_dense().tolist()
         [[0.0, 0.5], [0.5, -1.0]]
     """
-    options = EncodeOptions(coder, index_bits, layout, codebook_dtype)
+    options = EncodeOptions(coder, index_bits, layout, codebook_dtype, array_dtype)
     spec = _check_factory(factory, factory_kwargs or {}) if factory is not None else None
     if isinstance(obj, torch.nn.Module):
         with quiet(not progress):

@@ -271,14 +271,13 @@ class EncodeStage:
     index_bits: int | dict[str, int] | None = None  # None: 8 for conv, 5 for fully connected
     layout: str = "auto"
     codebook_dtype: str = "float32"
+    array_dtype: str = "float32"  # float16: plain arrays (biases, LayerNorm, ...) at half their bytes
 
     def __post_init__(self) -> None:
         if self.index_bits is not None:
             self.index_bits = _per_layer(self.index_bits, "index_bits", lambda v, k: _number(v, k, 1, 16, integer=True))
         # EncodeOptions checks the values and names the allowed ones
-        EncodeOptions(
-            coder=self.coder, index_bits=self.index_bits, layout=self.layout, codebook_dtype=self.codebook_dtype
-        )
+        EncodeOptions(**self.options())
 
     def options(self) -> dict:
         return dataclasses.asdict(self)
