@@ -43,6 +43,40 @@ def test_global_scope_uses_one_threshold():
         assert torch.equal(layer.weight != 0, w.abs() > threshold)
 
 
+def _net_with_a_small_layer():
+    net = _net()
+    with torch.no_grad():
+        net[2].weight.mul_(1e-3)  # every one of its 300 weights under the global threshold
+    return net
+
+
+@pytest.mark.parametrize("setting", [dict(sparsity=0.7), dict(quality=1.0)])
+def test_global_scope_never_empties_a_layer(setting):
+    net = _net_with_a_small_layer()
+    small = net[2].weight.detach().abs().clone()
+    with pytest.warns(UserWarning, match=r"2\.weight .* kept its 3 largest of 300 weights") as caught:
+        prune_(net, scope="global", **setting)
+    assert "0.weight" not in str(caught[0].message)
+    kept = net[2].weight != 0
+    assert int(kept.sum()) == 3  # the floor: 1% of 300
+    assert small[kept].min() >= small[~kept].max()  # its largest weights
+    wider = _net_with_a_small_layer()
+    with pytest.warns(UserWarning, match="kept its 30 largest"):
+        prune_(wider, scope="global", min_density=0.1, **setting)
+    assert torch.equal(wider[0].weight != 0, net[0].weight != 0)  # the other layer as the threshold says
+
+
+def test_global_floor_keeps_at_least_one_weight_and_checks_its_value():
+    net = nn.Sequential(nn.Linear(10, 5), nn.Linear(5, 1))
+    with torch.no_grad():
+        net[1].weight.mul_(1e-4)
+    with pytest.warns(UserWarning, match=r"1\.weight .* kept its 1 largest of 5"):
+        prune_(net, 0.9, scope="global", min_density=0.0)
+    assert int((net[1].weight != 0).sum()) == 1
+    with pytest.raises(DeepShrinkError, match=r"min_density=1.5 must be a number in \[0, 1\]"):
+        prune_(net, 0.9, min_density=1.5)  # checked whatever the scope
+
+
 def test_per_layer_mapping_and_pruning_only_grows():
     net = _net()
     prune_(net, {"0.weight": 0.5, "2.*": 0.2})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -33,6 +34,12 @@ from deepshrink.compress.targets import FilterFn, Target, find_targets, resolve_
 from deepshrink.errors import DeepShrinkError
 from deepshrink.progress import track
 from deepshrink.tensor import CompressedTensor
+
+# The least global pruning leaves in a layer. The sparsest layers Deep Compression reports keep
+# 4% (VGG-16's fc6 and fc7, docs/references.md); at 1% a layer still passes signal, while below
+# it a global threshold is most often emptying a layer whose weights are merely on another
+# scale (a small projection, an embedding), which cuts the network in two.
+DEFAULT_MIN_DENSITY = 0.01
 
 
 @register_compression
@@ -137,12 +144,36 @@ def _masks_by_quality(targets: list[Target], quality: dict[str, object], scope: 
     return masks
 
 
+def _floor(targets: list[Target], masks: dict[str, torch.Tensor], min_density: float) -> None:
+    """Give each layer that ``masks`` takes below ``min_density`` (at least one weight) its largest weights back.
+
+    Changes ``masks`` in place; warns, naming the layers.
+    """
+    raised = []
+    for t in targets:
+        if t.name not in masks or t.weight.numel() == 0:
+            continue
+        magnitudes = t.weight.detach().abs().reshape(-1)
+        floor = max(1, math.ceil(min_density * magnitudes.numel()))
+        left = int((masks[t.name] & current_mask(t)).sum())
+        if left >= floor:
+            continue
+        top = torch.zeros_like(magnitudes, dtype=torch.bool)
+        top[torch.topk(magnitudes, floor, sorted=False).indices] = True
+        masks[t.name] = masks[t.name] | top.reshape(masks[t.name].shape)
+        raised.append(f"{t.name} (the threshold left {left}; kept its {floor} largest of {magnitudes.numel()} weights)")
+    if raised:
+        warnings.warn(f"global pruning would take these layers below min_density={min_density:g}: "
+                      f"{'; '.join(raised)}. Pass a smaller min_density, or prune them by layer", stacklevel=3)  # fmt: skip
+
+
 def prune_(
     model: nn.Module,
     sparsity: float | dict[str, float] | None = None,
     *,
     quality: float | dict[str, float] | None = None,
     scope: str = "layer",
+    min_density: float = DEFAULT_MIN_DENSITY,
     layers: Iterable[str] | None = None,
     filter_fn: FilterFn | None = None,
     progress: bool = True,
@@ -158,6 +189,11 @@ def prune_(
             ``|w| <= quality * std(w)``.
         scope: ``"layer"`` (a threshold per layer) or ``"global"`` (one threshold
             over all selected layers; needs a single scalar).
+        min_density: with ``scope="global"``, the fraction of each layer's
+            weights that is always kept (at least one weight): a layer the
+            threshold would take below it keeps its largest weights up to it,
+            and a warning names it. Default 1%; the whole model's sparsity
+            then falls short of ``sparsity`` by what the floor keeps.
         layers, filter_fn: which weights; see ``find_targets``.
         progress: show a progress bar over the layers (see :mod:`deepshrink.progress`).
 
@@ -166,7 +202,8 @@ def prune_(
 
     Raises:
         DeepShrinkError: both or neither of ``sparsity`` and ``quality`` given, an
-            out-of-range value, an unknown ``scope`` or layer pattern.
+            out-of-range value (``min_density`` included), an unknown ``scope``
+            or layer pattern.
 
     Examples:
         >>> net = nn.Sequential(nn.Linear(10, 10))
@@ -177,6 +214,8 @@ def prune_(
         raise DeepShrinkError("give exactly one of sparsity= or quality=")
     if scope not in ("layer", "global"):
         raise DeepShrinkError(f"scope={scope!r} must be 'layer' or 'global'")
+    if isinstance(min_density, bool) or not isinstance(min_density, (int, float)) or not 0 <= min_density <= 1:
+        raise DeepShrinkError(f"min_density={min_density!r} must be a number in [0, 1]")
     if sparsity is not None and not isinstance(sparsity, dict):
         check_sparsity(sparsity)
     setting = sparsity if sparsity is not None else quality
@@ -188,6 +227,8 @@ def prune_(
     per_layer = resolve_per_layer(setting, targets, "sparsity" if sparsity is not None else "quality")
     compute = _masks_by_sparsity if sparsity is not None else _masks_by_quality
     new_masks = compute(targets, per_layer, scope)
+    if scope == "global":
+        _floor(targets, new_masks, min_density)
     report = []
     for t in track(targets, "pruning", show=progress):
         if t.name not in new_masks:
