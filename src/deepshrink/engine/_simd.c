@@ -618,6 +618,7 @@ AVX512 static void rows_segment_avx512(const uint16_t *e, int64_t steps, const f
 typedef struct {
     const RowChunks *R;
     const float *table, *xt, *bias;
+    const int32_t *slot; /* slot[r]: the lane (g * ROW_GROUP + l) that holds row r */
     float *acc, *out;
     int64_t tt, span, first, nt, ldo, per_chunk;
 } RowJob;
@@ -639,13 +640,26 @@ static void group_range_chunk(const void *ctx, int64_t i) {
 #endif
                 rows_segment_portable(R->entries + s, n / ROW_GROUP, j->table, j->xt + c * j->span, j->tt, acc);
         }
-    for (int64_t g = g0; g < g1; g++)
-        for (int l = 0; l < ROW_GROUP; l++) {
-            int64_t r = R->group_rows[g * ROW_GROUP + l];
-            if (r >= R->rows) continue;
-            for (int64_t t = 0; t < j->nt; t++)
-                j->out[(j->first + t) * j->ldo + r] = j->acc[(g * ROW_GROUP + l) * j->tt + t] + j->bias[r];
+}
+
+#define STORE_ROWS 256 /* rows a store chunk writes */
+
+/* Chunk i: rows STORE_ROWS i .. in order, every token of the pass, 16 rows (a cache line of a token's
+ * output) at a time. The groups hold the rows sorted by length, so storing group by group would write
+ * each token's output at random rows; and one row's tokens are a row of `out` apart (a multiple of 4 KB
+ * for many layers), lines that compete for the same L1 set. */
+static void rows_store_chunk(const void *ctx, int64_t i) {
+    const RowJob *j = ctx;
+    int64_t r1 = min64((i + 1) * STORE_ROWS, j->R->rows);
+    for (int64_t r0 = i * STORE_ROWS; r0 < r1; r0 += LANES) {
+        int64_t n = min64(LANES, r1 - r0);
+        const float *acc[LANES];
+        for (int64_t r = 0; r < n; r++) acc[r] = j->acc + j->slot[r0 + r] * j->tt;
+        for (int64_t t = 0; t < j->nt; t++) {
+            float *o = j->out + (j->first + t) * j->ldo + r0;
+            for (int64_t r = 0; r < n; r++) o[r] = acc[r][t] + j->bias[r0 + r];
         }
+    }
 }
 
 static void rows_matmul_run(const RowChunks *R, const float *table, const float *x, int64_t ldx, float *out,
@@ -653,8 +667,11 @@ static void rows_matmul_run(const RowChunks *R, const float *table, const float 
     int64_t tt = tokens > 16 ? 32 : 16, span = (CHUNK_COLS + 1) * tt;
     float *xt = malloc(sizeof(float) * R->chunks * span);
     float *acc = malloc(sizeof(float) * R->groups * ROW_GROUP * tt);
+    int32_t *slot = calloc(R->rows, sizeof(int32_t)); /* zeros: a group_rows that is no permutation reads in bounds */
+    for (int64_t s = 0; s < R->groups * ROW_GROUP; s++)
+        if (R->group_rows[s] >= 0 && R->group_rows[s] < R->rows) slot[R->group_rows[s]] = (int32_t)s;
     int64_t n_chunks = min64(R->groups, 8 * (int64_t)threads); /* a few per thread, so a late helper evens out */
-    RowJob job = {R, table, xt, bias, acc, out, tt, span, 0, 0, ldo, (R->groups + n_chunks - 1) / n_chunks};
+    RowJob job = {R, table, xt, bias, slot, acc, out, tt, span, 0, 0, ldo, (R->groups + n_chunks - 1) / n_chunks};
     for (int64_t first = 0; first < tokens; first += tt) {
         int64_t nt = min64(tokens - first, tt);
         for (int64_t c = 0; c < R->chunks; c++)
@@ -668,9 +685,11 @@ static void rows_matmul_run(const RowChunks *R, const float *table, const float 
         job.first = first;
         job.nt = nt;
         parallel_chunks(group_range_chunk, &job, (R->groups + job.per_chunk - 1) / job.per_chunk, threads);
+        parallel_chunks(rows_store_chunk, &job, (R->rows + STORE_ROWS - 1) / STORE_ROWS, threads);
     }
     free(xt);
     free(acc);
+    free(slot);
 }
 
 /* ------------------------------------------------------------------------------------------ */
