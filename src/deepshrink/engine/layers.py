@@ -63,7 +63,15 @@ class _EngineModule(nn.Module):
         """
         warnings.warn(f"{type(self).__name__}.weight was read: decoding the dense weight; the computation that "
                       "uses it does not run on the engine", stacklevel=2)  # fmt: skip
+        return self._decode()
+
+    def _decode(self) -> torch.Tensor:
         return self.matrix.tensor.to_dense().reshape(self.weight_shape)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes the module holds for its weight now: see :attr:`SparseMatrix.held_bytes`, plus its buffers."""
+        return self.matrix.held_bytes + sum(b.nbytes for b in self.buffers())
 
 
 class SparseLinear(_EngineModule):
@@ -148,7 +156,7 @@ class SparseEmbedding(_EngineModule):
                 f"SparseEmbedding holds at most 255 shared values, the table has {len(weight.codebook)}"
             )
         self.num_embeddings, self.embedding_dim = self.weight_shape = weight.shape
-        self.matrix = SparseMatrix(weight, workers=1)  # for .weight; the lookup reads the codes below
+        # only the codes below: a vocabulary's positions (8 bytes a kept entry) would outweigh them
         codes = np.full(weight.numel, len(weight.codebook), dtype=np.uint8)  # the last code is the pruned zero
         codes[weight.positions] = weight.codes
         # not in the state dict: both come from the compressed weight, which the file holds
@@ -157,6 +165,14 @@ class SparseEmbedding(_EngineModule):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.values[self.codes[ids].long()]
+
+    def _decode(self) -> torch.Tensor:
+        return self.values[self.codes.long()]
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes the module holds: a byte per entry and the values."""
+        return sum(b.nbytes for b in self.buffers())
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, codebook={len(self.values) - 1}"

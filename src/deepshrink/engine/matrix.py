@@ -35,6 +35,7 @@ LSTM or any other layer calls for its products.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -97,6 +98,17 @@ DENSE_PANEL_MAX_BYTES_PER_WEIGHT = 8
 
 #: Accumulators per 64-byte cache line (float32; int64 ones take two lines, as safe).
 _LINE = 16
+
+
+def _array_bytes(obj: object) -> int:
+    """Bytes of the NumPy arrays in ``obj``: an array, a tuple of them, or a dataclass holding them."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, tuple):
+        return sum(_array_bytes(o) for o in obj)
+    if dataclasses.is_dataclass(obj):
+        return sum(_array_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return 0
 
 
 def _parallel(macs: float) -> bool:
@@ -290,6 +302,17 @@ class SparseMatrix:
         """Bytes of the batch-1 CSC layout: pointers, gaps, codes and codebook."""
         return sum(a.nbytes for a in (self.col_ptr, self.col_gaps, self.col_codes, self.codebook))
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes this matrix holds now: the compressed tensor's arrays and every layout built so far.
+
+        Layouts are built by the first product that needs them, so this grows with use;
+        it is what a model on the engine really keeps in memory (no dense weight).
+        """
+        tensor = self.tensor
+        return sum(_array_bytes(a) for a in (tensor.positions, tensor.codes, tensor.codebook, self._table,
+                                              *self._layouts.values()))  # fmt: skip
+
     def _layout(self, name: str, build: Callable[[], object]) -> object:
         if name not in self._layouts:
             self._layouts[name] = build()
@@ -397,13 +420,12 @@ class SparseMatrix:
     def _row_groups(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         return self._layout("row_groups", lambda: layouts.row_entries(self.tensor))
 
-    def _vector_lines(self) -> list[tuple[str, float, float]]:
-        """Each batch-1 kernel's cost as ``(name, per active column, fixed)``: a line in the active count.
+    def _untiled_lines(self) -> list[tuple[str, float, float]]:
+        """Each batch-1 kernel's cost as ``(name, per active column, fixed)``, the tiled kernel's left out.
 
         EIE's kernel costs per active column, the dense panel layout too (a panel's 16
-        codes per column); the sliced, tiled and block kernels visit every weight or
-        block whatever the activations. The tiled layout is built only when its least
-        cost (no padding) is below every other kernel's most.
+        codes per column); the sliced and block kernels visit every weight or block
+        whatever the activations.
         """
 
         def lines() -> list[tuple[str, float, float]]:
@@ -414,12 +436,34 @@ class SparseMatrix:
                 found.append(("panels", -(-self.shape[0] // layouts.LANES) * PANEL_COLUMN_COST, 0.0))
             elif self._panel_kind() == "block":
                 found.append(("panels", 0.0, self._blocks() * BLOCK_COST))
-            most = min(slope * self.shape[1] + fixed for _, slope, fixed in found)
-            if len(self.centroids) <= layouts.TABLE and self.tensor.nnz * TILED_ENTRY_COST < most:
-                found.append(("tiled", 0.0, len(self._tiles().entries) * TILED_ENTRY_COST))
             return found
 
+        return self._layout("untiled_lines", lines)
+
+    def _tiled_may_win(self) -> bool:
+        """Whether the tiled kernel's least cost (no padding) is below every other batch-1 kernel's most."""
+        most = min(slope * self.shape[1] + fixed for _, slope, fixed in self._untiled_lines())
+        return self.simd and len(self.centroids) <= layouts.TABLE and self.tensor.nnz * TILED_ENTRY_COST < most
+
+    def _vector_lines(self) -> list[tuple[str, float, float]]:
+        """Every batch-1 kernel's cost line (see :meth:`_untiled_lines`); the tiled layout is built where it may win."""
+
+        def lines() -> list[tuple[str, float, float]]:
+            tiled = [("tiled", 0.0, len(self._tiles().entries) * TILED_ENTRY_COST)] if self._tiled_may_win() else []
+            return [*self._untiled_lines(), *tiled]
+
         return self._layout("vector_lines", lines)
+
+    def _vector_bound(self) -> tuple[float, float]:
+        """The least slope and the least fixed cost of the batch-1 lines: the tiled kernel's without its padding,
+        so that bounding a batch's per-sample cost builds no tiled layout."""
+
+        def bound() -> tuple[float, float]:
+            tiled = [("tiled", 0.0, self.tensor.nnz * TILED_ENTRY_COST)] if self._tiled_may_win() else []
+            lines = [*self._untiled_lines(), *tiled]
+            return min(slope for _, slope, _ in lines), min(fixed for _, _, fixed in lines)
+
+        return self._layout("vector_bound", bound)
 
     def _vector_costs(self, active: int) -> dict[str, float]:
         """Each batch-1 kernel's cost for ``active`` non-zero activations."""
@@ -430,7 +474,7 @@ class SparseMatrix:
         batch = x.shape[0]
         passes = 1 if batch <= 16 else -(-batch // 32) * 2  # the row kernel: 16 tokens, or 32 at twice the cost
         costs = {name: per * (batch if name == "panels" else passes) + CALL_COST for name, per in self._batch_lines()}
-        slope, fixed = self._layout("vector_bound", lambda: tuple(min(c) for c in list(zip(*self._vector_lines()))[1:]))
+        slope, fixed = self._vector_bound()
         # per sample: bounded below by the flattest line over all active columns, counted in one pass
         if every or slope * int(np.count_nonzero(x)) + batch * (fixed + CALL_COST) < min(
             costs.values(), default=math.inf
