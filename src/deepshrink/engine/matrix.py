@@ -455,13 +455,13 @@ class SparseMatrix:
         return self._layout("vector_lines", lines)
 
     def _vector_bound(self) -> tuple[float, float]:
-        """The least slope and the least fixed cost of the batch-1 lines: the tiled kernel's without its padding,
-        so that bounding a batch's per-sample cost builds no tiled layout."""
+        """The cheapest batch-1 cost with no active column and with every column active, the tiled kernel's
+        counted without its padding: bounding a batch's per-sample cost builds no tiled layout."""
 
         def bound() -> tuple[float, float]:
             tiled = [("tiled", 0.0, self.tensor.nnz * TILED_ENTRY_COST)] if self._tiled_may_win() else []
             lines = [*self._untiled_lines(), *tiled]
-            return min(slope for _, slope, _ in lines), min(fixed for _, _, fixed in lines)
+            return min(fixed for _, _, fixed in lines), min(slope * self.shape[1] + fixed for _, slope, fixed in lines)
 
         return self._layout("vector_bound", bound)
 
@@ -474,11 +474,12 @@ class SparseMatrix:
         batch = x.shape[0]
         passes = 1 if batch <= 16 else -(-batch // 32) * 2  # the row kernel: 16 tokens, or 32 at twice the cost
         costs = {name: per * (batch if name == "panels" else passes) + CALL_COST for name, per in self._batch_lines()}
-        slope, fixed = self._vector_bound()
-        # per sample: bounded below by the flattest line over all active columns, counted in one pass
-        if every or slope * int(np.count_nonzero(x)) + batch * (fixed + CALL_COST) < min(
-            costs.values(), default=math.inf
-        ):
+        none, every_column = self._vector_bound()
+        # per sample, the cheapest line is a concave function of the active count, so it lies above its chord
+        # from 0 to every column: one count over the whole batch bounds the sum, and the counts per sample
+        # (two NumPy passes, as long as a small product) are taken only when that bound may win
+        least = batch * none + (every_column - none) * int(np.count_nonzero(x)) / max(self.shape[1], 1)
+        if every or least + batch * CALL_COST < min(costs.values(), default=math.inf):
             active = np.count_nonzero(x, axis=1)
             cheapest = np.min([slope * active + fixed for _, slope, fixed in self._vector_lines()], axis=0)
             costs["samples"] = float(cheapest.sum()) + batch * CALL_COST
