@@ -76,6 +76,104 @@ class SharedWeight(Compression):
         return f"bits={self.bits}, codebook={self.codebook.numel()}"
 
 
+def nearest_code(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the codebook entry nearest to each value (any order of entries; ties to the lower one).
+
+    Examples:
+        >>> nearest_code(torch.tensor([0.1, 0.9, -2.0]), torch.tensor([1.0, 0.0])).tolist()
+        [1, 0, 1]
+    """
+    entries, order = torch.sort(codebook.detach())
+    if entries.numel() == 1:
+        return torch.zeros_like(values, dtype=torch.long)
+    hi = torch.searchsorted(entries, values.detach().contiguous()).clamp(1, entries.numel() - 1)
+    lo = hi - 1
+    nearer_lo = (values - entries[lo]).abs() <= (entries[hi] - values).abs()
+    return order[torch.where(nearer_lo, lo, hi)]
+
+
+@register_compression
+class LatentSharedWeight(Compression):
+    """Parametrization ``w -> where(mask, codebook[nearest(w)], 0)``: weight sharing that can re-assign codes.
+
+    Quantization-aware training (the straight-through estimator): the model computes
+    with shared values, the full-precision latent weight ``w`` receives the gradient as
+    if it had been used directly, and each centroid the sum of its members' gradients.
+    Training moves weights between clusters, which :class:`SharedWeight` (codes fixed)
+    cannot. :func:`latent_sharing_` and :func:`fix_sharing_` convert between the two.
+    """
+
+    state_keys = ("codebook", "mask", "_extra_state")
+
+    def __init__(self, codebook: torch.Tensor, mask: torch.Tensor, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+        self.codebook = nn.Parameter(codebook.to(torch.float32))
+        self.register_buffer("mask", mask.to(torch.bool))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        shared = self.codebook[nearest_code(weight, self.codebook)]
+        straight = shared + (weight - weight.detach())  # the value of `shared`, the gradient of `weight`
+        return torch.where(self.mask, straight, torch.zeros((), dtype=shared.dtype, device=shared.device))
+
+    def get_extra_state(self) -> dict:
+        return {"bits": self.bits}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.bits = int(state["bits"])
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> LatentSharedWeight:
+        return cls(state["codebook"], state["mask"], int(state["_extra_state"]["bits"]))
+
+    def to_compressed(self, weight: torch.Tensor) -> CompressedTensor:
+        return self.fixed(weight).to_compressed(weight)
+
+    def fixed(self, weight: torch.Tensor) -> SharedWeight:
+        """The :class:`SharedWeight` computing what this computes now (``weight``: its output)."""
+        codes = nearest_code(weight.detach(), self.codebook).to(torch.int32)
+        return SharedWeight(self.codebook.detach().clone(), codes, self.mask, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, codebook={self.codebook.numel()}, latent"
+
+
+def latent_sharing_(model: nn.Module) -> int:
+    """Turn every :class:`SharedWeight` into a :class:`LatentSharedWeight` computing the same weight.
+
+    The latent weight starts at the decoded weight, so each weight's nearest
+    centroid is its own code (when two centroids are equal, the lower index: the
+    value is the same). Build the optimizer after this call.
+
+    Returns:
+        How many weights were converted.
+    """
+    done = 0
+    for t in find_targets(model, warn_unsupported=False):
+        comp = compression_of(t.module, t.param)
+        if isinstance(comp, SharedWeight):
+            latent = LatentSharedWeight(comp.codebook.detach().clone(), comp.mask, comp.bits)
+            reparametrize_(t.module, t.param, latent.to(comp.mask.device))
+            done += 1
+    return done
+
+
+def fix_sharing_(model: nn.Module) -> int:
+    """Turn every :class:`LatentSharedWeight` back into a :class:`SharedWeight` with the codes it computes with.
+
+    Returns:
+        How many weights were converted.
+    """
+    done = 0
+    for t in find_targets(model, warn_unsupported=False):
+        comp = compression_of(t.module, t.param)
+        if isinstance(comp, LatentSharedWeight):
+            fixed = comp.fixed(t.weight.detach())
+            reparametrize_(t.module, t.param, fixed.to(comp.mask.device))
+            done += 1
+    return done
+
+
 @dataclass(frozen=True)
 class LayerCodebook:
     """One row of the weight-sharing report."""
@@ -99,9 +197,15 @@ def check_bits(bits: object, name: str = "bits") -> int:
 
 
 def kmeans_1d(
-    values: np.ndarray, k: int, init: str = "linear", seed: int = 0, max_iter: int = 2000, tol: float = 1e-7
+    values: np.ndarray,
+    k: int,
+    init: str = "linear",
+    seed: int = 0,
+    max_iter: int = 2000,
+    tol: float = 1e-7,
+    weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Lloyd's k-means on scalars.
+    """Lloyd's k-means on scalars, optionally weighted.
 
     Written here rather than taken from scikit-learn because in one dimension
     the sorted values make each iteration O(k log n) (cluster borders by binary
@@ -117,6 +221,10 @@ def kmeans_1d(
         seed: for the random initialisations.
         max_iter: Lloyd iterations at most; each costs O(k log n), and 256
             clusters over a pruned layer need many to settle.
+        weights: one non-negative weight per value: each centroid becomes the
+            weighted mean of its members and ``"density"`` spaces the initial
+            centroids over the weighted CDF. Calibrated weight sharing passes the
+            sensitivity of each weight here (SqueezeLLM's Fisher-weighted k-means).
 
     Returns:
         ``(centroids, codes)``: sorted float32 centroids (fewer than ``k`` when
@@ -137,17 +245,23 @@ def kmeans_1d(
     values = np.asarray(values, dtype=np.float64).reshape(-1)
     if values.size == 0:
         return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
+    if weights is None:
+        weights = np.ones_like(values)
+    weights = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if weights.shape != values.shape or not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+        raise DeepShrinkError(f"weights must be {values.size} finite values >= 0 with a positive sum")
     order = np.argsort(values, kind="stable")
-    xs = values[order]
-    prefix = np.concatenate([[0.0], np.cumsum(xs)])
-    centroids = np.unique(_init_centroids(xs, k, init, seed))
+    xs, ws = values[order], weights[order]
+    mass = np.concatenate([[0.0], np.cumsum(ws)])
+    moment = np.concatenate([[0.0], np.cumsum(ws * xs)])
+    centroids = np.unique(_init_centroids(xs, mass, k, init, seed))
     for _ in range(max_iter):
         starts, ends = _cluster_bounds(xs, centroids)
-        counts = ends - starts
-        if not counts.all():
-            centroids = _relocate_empty(xs, centroids, starts, ends)
+        counts = mass[ends] - mass[starts]
+        if not (counts > 0).all():
+            centroids = _relocate_empty(xs, centroids, starts, ends, counts)
             continue
-        new = (prefix[ends] - prefix[starts]) / counts
+        new = (moment[ends] - moment[starts]) / counts
         shift = np.abs(new - centroids).max()
         centroids = new
         if shift <= tol * (xs[-1] - xs[0] + 1e-30):
@@ -167,28 +281,30 @@ def _cluster_bounds(xs: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, 
     return np.concatenate([[0], borders]), np.concatenate([borders, [xs.size]])
 
 
-def _relocate_empty(xs: np.ndarray, centroids: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Move empty clusters onto the worst-fitted values, as scikit-learn does.
+def _relocate_empty(
+    xs: np.ndarray, centroids: np.ndarray, starts: np.ndarray, ends: np.ndarray, mass: np.ndarray
+) -> np.ndarray:
+    """Move empty (or weightless) clusters onto the worst-fitted values, as scikit-learn does.
 
     Linear initialisation of a pruned layer puts centroids in the empty middle
     of its bimodal distribution; dropping them would waste codes.
     """
-    counts = ends - starts
-    empty = np.flatnonzero(counts == 0)
-    assigned = np.repeat(centroids, counts)
+    empty = np.flatnonzero(mass <= 0)
+    assigned = np.repeat(centroids, ends - starts)
     error = np.abs(xs - assigned)
     worst = np.unique(xs[np.argsort(error)[::-1][: 4 * empty.size]])[::-1]
     fresh = np.setdiff1d(worst, centroids)[: empty.size]
     return np.unique(np.concatenate([np.delete(centroids, empty), fresh]))
 
 
-def _init_centroids(xs: np.ndarray, k: int, init: str, seed: int) -> np.ndarray:
-    """Initial centroids for sorted ``xs``."""
+def _init_centroids(xs: np.ndarray, mass: np.ndarray, k: int, init: str, seed: int) -> np.ndarray:
+    """Initial centroids for sorted ``xs`` whose weights have the running sum ``mass``."""
     rng = np.random.default_rng(seed)
     if init == "linear":
         return np.linspace(xs[0], xs[-1], k)
     if init == "density":
-        return np.quantile(xs, np.linspace(0, 1, k))
+        # quantiles of the weighted CDF (plain quantiles when all weights are equal)
+        return np.interp(np.linspace(0, 1, k) * mass[-1], mass[1:], xs)
     if init == "random":
         return rng.choice(xs, size=min(k, xs.size), replace=False)
     # k-means++ costs O(n k): run it on a sample, which changes the seeds, not the result's quality.
