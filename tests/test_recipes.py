@@ -58,7 +58,7 @@ def _recipe(*stages: dict, **top: object) -> dict:
         (_recipe({"train": {}}, data="cifar"), "data='cifar' must be one of mnist, digits"),
         (_recipe({"train": {}}, epochs=3), "recipe: unknown key 'epochs'; allowed: model, stages"),
         (_recipe(), "stages must be a non-empty list"),
-        ({"stages": [{"train": {}}]}, "recipe: missing key 'model'"),
+        ({"stages": [{"train": {}}]}, "give exactly one of model (a factory to build) or pretrained"),
         ([1, 2], "a recipe must be a mapping"),
     ],
 )
@@ -219,3 +219,44 @@ def test_a_factory_outside_deepshrink_models_needs_trust():
     with pytest.raises(DeepShrinkError, match="deepshrink.models.lenet:lenet_300_100"):
         run_recipe(trusted)
     assert run_recipe(trusted, trust_factory=True)["stages"][0]["stage"] == "0: train"
+
+
+def test_one_shot_stages_and_distillation_run_from_a_recipe(tmp_path):
+    recipe = parse_recipe(
+        {
+            "model": "lenet-300-100",
+            "model_kwargs": {"in_features": 64},
+            "data": "digits",
+            "seed": 0,
+            "calibration": {"samples": 512, "batch_size": 64},
+            "stages": [
+                {"train": {"epochs": 10, "lr": 0.05}},
+                {"prune": {"method": "sparsegpt", "sparsity": {"fc1": 0.8, "fc2": 0.7}, "epochs": 0}},
+                {"share": {"method": "calibrated", "bits": 3, "epochs": 0}},
+                {"distill": {"steps": 40, "lr": 0.001, "hidden": ["fc2"]}},
+                {"encode": {"coder": "ans"}},
+            ],
+        }
+    )
+    out = tmp_path / "digits.dsz"
+    result = run_recipe(recipe, out=str(out))
+    assert [r["stage"] for r in result["stages"]] == ["0: train", "1: prune", "2: share", "3: distill"]
+    trained = result["stages"][0]["accuracy"]
+    assert trained > 0.9 and result["accuracy"] > trained - 0.05, result["stages"]
+    kept = {r.name: r.kept_fraction for r in sparsity_report(result["model"])}
+    assert kept["fc1.weight"] == pytest.approx(0.2, abs=0.01) and kept["fc3.weight"] == 1.0
+    x = torch.rand(8, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(load(out)(x), result["model"].eval()(x))
+
+
+def test_stages_that_need_labels_say_so_and_one_shot_settings_are_checked():
+    with pytest.raises(DeepShrinkError, match="method: wanda prunes once"):
+        parse_recipe(_recipe({"prune": {"method": "wanda", "sparsity": 0.5, "schedule": "gradual"}}))
+    with pytest.raises(DeepShrinkError, match="epochs"):
+        parse_recipe(_recipe({"prune": {"sparsity": 0.5, "epochs": 0}}))  # magnitude pruning retrains
+    assert parse_recipe(_recipe({"prune": {"method": "wanda", "sparsity": 0.5, "epochs": 0}})).stages[0].epochs == 0
+    with pytest.raises(DeepShrinkError, match="give exactly one of model"):
+        parse_recipe({"model": "lenet-5", "pretrained": "x", "stages": [{"train": {}}]})
+    with pytest.raises(DeepShrinkError, match="stages\\[0\\].distill: steps=0"):
+        parse_recipe(_recipe({"distill": {"steps": 0}}))

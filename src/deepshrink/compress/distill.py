@@ -97,6 +97,31 @@ def relative_error(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Ten
     return ((student - teacher) ** 2).sum() / (teacher**2).sum().clamp(min=1e-12)
 
 
+@torch.no_grad()
+def output_cosine(
+    model: nn.Module, batches: Sequence[Batch], reference: Sequence[torch.Tensor], outputs: OutputFn = model_output
+) -> float:
+    """Mean cosine similarity of ``model``'s outputs to ``reference`` (one tensor per batch).
+
+    One cosine per sample (``[batch, features]`` outputs) or per real position
+    (``[batch, sequence, features]``, padding left out), averaged.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch, ref in zip(batches, reference, strict=True):
+        batch = batch_to(batch, device)
+        out, ref = outputs(model, batch), ref.to(device)
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        if isinstance(mask, torch.Tensor) and out.dim() >= 3 and out.shape[:2] == mask.shape:
+            out, ref = out[mask.bool()], ref[mask.bool()]
+        cos = torch.nn.functional.cosine_similarity(out.reshape(out.shape[0], -1), ref.reshape(ref.shape[0], -1))
+        total, count = total + float(cos.sum()), count + cos.numel()
+    model.train(was_training)
+    return total / max(count, 1)
+
+
 class _Taps:
     """Forward hooks keeping the outputs of the modules matching ``patterns``, by name."""
 

@@ -8,6 +8,7 @@ file with the recipe's ``encode`` options.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -15,14 +16,18 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from torch import nn
 
-from deepshrink.compress.checkpoint import NO_CHECKPOINT, Checkpointer
+from deepshrink.compress.calibrate import Batch, calibrate
+from deepshrink.compress.checkpoint import NO_CHECKPOINT, Checkpointer, NoCheckpoint
+from deepshrink.compress.distill import DistillConfig, OutputFn, distill, model_output, output_cosine
 from deepshrink.compress.groups import prune_groups_
+from deepshrink.compress.oneshot import prune_calibrated_, share_calibrated_
 from deepshrink.compress.prune import prune_
 from deepshrink.compress.quantize import share_weights_
 from deepshrink.compress.schedules import gradual_prune, iterative_levels
@@ -35,6 +40,7 @@ from deepshrink.fileformat.model_io import build_model, load_state_dict_file, sa
 from deepshrink.models.registry import model_factory
 from deepshrink.recipes.schema import (
     STAGES,
+    DistillStage,
     EncodeStage,
     FinetuneStage,
     PruneStage,
@@ -66,11 +72,47 @@ def train_config(stage: TrainStage, recipe: Recipe) -> TrainConfig:
     )
 
 
-def _train(
-    stage: TrainStage, model: nn.Module, train: Data, recipe: Recipe, console: Console, ckpt: Checkpointer
-) -> None:
+@dataclass
+class Run:
+    """What the stages of one recipe run work on.
+
+    Attributes:
+        model: compressed in place, stage by stage.
+        recipe: the recipe.
+        train: labelled training data; ``None`` for a pretrained model given without labels.
+        inputs: unlabelled inputs (calibration of one-shot stages, distillation).
+        console: where tables go.
+        ckpt: the run's checkpoint (each step a unit).
+        teacher: the model before any stage: distillation's target.
+        outputs: ``(model, batch) -> tensor`` that distillation matches.
+    """
+
+    model: nn.Module
+    recipe: Recipe
+    train: Data | None
+    inputs: list[Batch]
+    console: Console
+    ckpt: Checkpointer | NoCheckpoint = NO_CHECKPOINT
+    teacher: nn.Module | None = None
+    outputs: OutputFn = model_output
+
+    def labelled(self, what: str) -> Data:
+        """The labelled training data ``what`` needs.
+
+        Raises:
+            DeepShrinkError: there is none (a pretrained model): say what to use instead.
+        """
+        if self.train is None:
+            raise DeepShrinkError(
+                f"{what} trains on labelled data, and a pretrained model comes without: prune with method "
+                "wanda or sparsegpt and epochs 0, share with epochs 0, then recover with a distill stage"
+            )
+        return self.train
+
+
+def _train(stage: TrainStage, run: Run) -> None:
     name = type(stage).__name__.removesuffix("Stage").lower()
-    fit(model, train, train_config(stage, recipe), description=name, checkpoint=ckpt)
+    fit(run.model, run.labelled(name), train_config(stage, run.recipe), description=name, checkpoint=run.ckpt)
 
 
 def propose_sparsities(
@@ -92,13 +134,24 @@ def propose_sparsities(
     return proposal
 
 
-def _prune(
-    stage: PruneStage, model: nn.Module, train: Data, recipe: Recipe, console: Console, ckpt: Checkpointer
-) -> None:
+def _calibrated(run: Run, step: str, fn: Callable[..., list]) -> None:
+    """One unit: calibrate the model as it is now (what the layers see after the stages before), then ``fn``."""
+    run.ckpt.unit(step, lambda: len(fn(run.model, calibrate(run.model, run.inputs))))
+
+
+def _prune(stage: PruneStage, run: Run) -> None:
+    model, recipe, ckpt = run.model, run.recipe, run.ckpt
+    if stage.method != "magnitude":
+        prune = functools.partial(prune_calibrated_, sparsity=stage.sparsity, method=stage.method, layers=stage.layers)
+        _calibrated(run, f"prune ({stage.method})", prune)
+        if stage.epochs > 0:
+            fit(model, run.labelled("prune"), train_config(stage, recipe), description="retrain", checkpoint=ckpt)
+        return
+    train = run.labelled("prune (magnitude)")
     if stage.sensitivity is not None:
         scan = functools.partial(propose_sparsities, stage.sensitivity, model, train, stage.granularity, stage.layers)
-        proposal = ckpt.unit("sensitivity scan", lambda: scan(console))
-        _prune(dataclasses.replace(stage, sensitivity=None, sparsity=proposal), model, train, recipe, console, ckpt)
+        proposal = ckpt.unit("sensitivity scan", lambda: scan(run.console))
+        _prune(dataclasses.replace(stage, sensitivity=None, sparsity=proposal), run)
         return
     config = train_config(stage, recipe)
     if stage.schedule == "gradual":
@@ -144,21 +197,38 @@ def _prune_by_quality(model: nn.Module, quality: object, **kwargs: object) -> li
     return prune_(model, quality=quality, **kwargs)
 
 
-def _share(
-    stage: ShareStage, model: nn.Module, train: Data, recipe: Recipe, console: Console, ckpt: Checkpointer
-) -> None:
-    share = functools.partial(share_weights_, model, stage.bits, init=stage.init, seed=recipe.seed, layers=stage.layers)
-    ckpt.unit("share weights", lambda: len(share()))
+def _share(stage: ShareStage, run: Run) -> None:
+    model, recipe, ckpt = run.model, run.recipe, run.ckpt
+    if stage.method == "calibrated":
+        share = functools.partial(share_calibrated_, bits=stage.bits, layers=stage.layers)
+        _calibrated(run, "share weights (calibrated)", share)
+    else:
+        share = functools.partial(
+            share_weights_, model, stage.bits, init=stage.init, seed=recipe.seed, layers=stage.layers
+        )
+        ckpt.unit("share weights", lambda: len(share()))
     if stage.epochs > 0:
-        fit(model, train, train_config(stage, recipe), description="fine-tune centroids", checkpoint=ckpt)
+        config = train_config(stage, recipe)
+        fit(model, run.labelled("share"), config, description="fine-tune centroids", checkpoint=ckpt)
 
 
-def _ternary(
-    stage: TernaryStage, model: nn.Module, train: Data, recipe: Recipe, console: Console, ckpt: Checkpointer
-) -> None:
-    ckpt.unit("ternarize", lambda: len(ternarize_(model, stage.threshold, layers=stage.layers)))
+def _ternary(stage: TernaryStage, run: Run) -> None:
+    run.ckpt.unit("ternarize", lambda: len(ternarize_(run.model, stage.threshold, layers=stage.layers)))
     if stage.epochs > 0:
-        fit(model, train, train_config(stage, recipe), description="train ternary", checkpoint=ckpt)
+        config = train_config(stage, run.recipe)
+        fit(run.model, run.labelled("ternary"), config, description="train ternary", checkpoint=run.ckpt)
+
+
+def _distill(stage: DistillStage, run: Run) -> None:
+    config = DistillConfig(
+        steps=stage.steps,
+        lr=stage.lr,
+        quantization_aware=stage.quantization_aware,
+        hidden=tuple(stage.hidden or ()),
+        hidden_weight=stage.hidden_weight,
+        seed=run.recipe.seed,
+    )
+    distill(run.model, run.teacher, run.inputs, config, outputs=run.outputs, checkpoint=run.ckpt)
 
 
 # How each stage runs, by its exact class (every training stage derives from TrainStage).
@@ -168,19 +238,13 @@ RUNNERS: dict[type, Callable[..., None]] = {
     PruneStage: _prune,
     ShareStage: _share,
     TernaryStage: _ternary,
+    DistillStage: _distill,
 }
 
 
-def run_stage(
-    stage: TrainStage,
-    model: nn.Module,
-    train: Data,
-    recipe: Recipe,
-    console: Console,
-    checkpoint: Checkpointer | None = None,
-) -> None:
-    """Run one (non-encode) stage of ``recipe`` on ``model``, in place; its steps are units of ``checkpoint``'s run."""
-    RUNNERS[type(stage)](stage, model, train, recipe, console, checkpoint or NO_CHECKPOINT)
+def run_stage(stage: object, run: Run) -> None:
+    """Run one (non-encode) stage of ``run.recipe`` on ``run.model``, in place; its steps are units of ``run.ckpt``."""
+    RUNNERS[type(stage)](stage, run)
 
 
 def recipe_data(recipe: Recipe, data_dir: str | None) -> tuple[Data, Data]:
@@ -199,6 +263,60 @@ def recipe_data(recipe: Recipe, data_dir: str | None) -> tuple[Data, Data]:
     return (train[0][:n], train[1][:n]), (train[0][n:], train[1][n:])
 
 
+@dataclass
+class _Subject:
+    """What a run compresses, how it is scored after each stage, and how it is written."""
+
+    model: nn.Module
+    train: Data | None
+    inputs: list[Batch]
+    metric: str  # "accuracy" (labelled test data) or "fidelity" (cosine to the original's outputs)
+    score: Callable[[nn.Module], float]
+    save: Callable[[nn.Module, str, EncodeStage], int]
+    outputs: OutputFn = model_output
+
+
+def _built_subject(recipe: Recipe, model: nn.Module | None, data_dir: str | None, trust_factory: bool) -> _Subject:
+    """A model built by the recipe's factory (or given), trained and scored on its labelled data set."""
+    if model is None:
+        spec = {"factory": model_factory(recipe.model), "kwargs": recipe.model_kwargs}
+        model = build_model(spec, trust_factory, source="the recipe")
+        if recipe.state_dict:
+            load_state_dict_file(model, recipe.state_dict)
+    train, test = recipe_data(recipe, data_dir)
+    check_inputs(model, test, f"data set {recipe.data!r}")
+    spec = recipe.calibration
+    images = train[0][: spec.samples]
+    inputs = [images[i : i + spec.batch_size] for i in range(0, len(images), spec.batch_size)]
+    return _Subject(model, train, inputs, "accuracy", lambda m: evaluate(m, test),
+                    lambda m, out, encode: _save(m, out, recipe, encode))  # fmt: skip
+
+
+def _pretrained_subject(recipe: Recipe) -> _Subject:
+    """A pretrained Hugging Face model, calibrated and distilled on text, scored by fidelity to itself."""
+    from deepshrink import huggingface as hf  # the [hf] extra; it says how to install it when missing
+    from deepshrink.data import text
+
+    pretrained = hf.load_pretrained(recipe.pretrained)
+    spec = recipe.calibration
+    texts = hf.read_texts(spec.texts) if spec.texts else text.calibration_texts()
+    if len(texts) <= spec.holdout:
+        raise DeepShrinkError(f"calibration: {len(texts)} texts leave none after holding out {spec.holdout}")
+    held = hf.text_batches(pretrained.tokenizer, texts[: spec.holdout], spec.batch_size, spec.max_length)
+    used = texts[spec.holdout : spec.holdout + spec.samples]
+    inputs = hf.text_batches(pretrained.tokenizer, used, spec.batch_size, spec.max_length)
+    reference = [pretrained.output(pretrained.model, b).detach() for b in held] if held else []
+
+    def score(model: nn.Module) -> float:
+        return output_cosine(model, held, reference, pretrained.output) if held else float("nan")
+
+    def save(model: nn.Module, out: str, encode: EncodeStage) -> int:
+        meta = {"recipe": recipe.name or "pretrained", "seed": recipe.seed}
+        return hf.save_pretrained(model, out, pretrained.source_dir, options=encode.options(), metadata=meta)
+
+    return _Subject(pretrained.model, None, inputs, "fidelity", score, save, pretrained.output)
+
+
 def run_recipe(
     recipe: Recipe | str | Path,
     *,
@@ -210,10 +328,18 @@ def run_recipe(
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    pretrained: str | None = None,
+    texts: str | None = None,
 ) -> dict:
     """Run a recipe's stages in order and write the compressed file if it names one.
 
-    Accuracy after each stage is reported, never used: nothing is chosen on the test set.
+    A recipe compresses either a model its factory builds, trained and scored on a
+    labelled data set (accuracy after each stage is reported, never used: nothing is
+    chosen on the test set), or a pretrained Hugging Face model (``pretrained``),
+    compressed from unlabelled text and scored by *fidelity*: the mean cosine between
+    its outputs and the original's on held-out text (``calibration.holdout``). A
+    pretrained model is written as a folder (``model.dsz`` and the files needed to
+    rebuild it; :mod:`deepshrink.huggingface`).
 
     Args:
         recipe: a :class:`Recipe`, a YAML path or a built-in name.
@@ -232,38 +358,44 @@ def run_recipe(
             from its last save, and the result is the one an uninterrupted run
             gives. Without it, an existing checkpoint is overwritten.
         checkpoint_every: optimizer steps between saves inside a training run.
+        pretrained: overrides the recipe's ``pretrained`` (a Hugging Face folder or package).
+        texts: overrides ``calibration.texts`` (one text per line).
 
     Returns:
-        ``{"model", "stages": [{"stage", "accuracy", "seconds", "cpu_seconds"}],
-        "start_accuracy", "accuracy", "out", "bytes"}``; accuracies are on the test
-        split, or on the held-out training examples when the recipe sets ``holdout``.
+        ``{"model", "metric", "stages": [{"stage", <metric>, "seconds", "cpu_seconds"}],
+        "start_<metric>", <metric>, "out", "bytes"}`` where the metric is ``accuracy``
+        (on the test split, or the held-out training examples with ``holdout``) or
+        ``fidelity``.
 
     Raises:
         DeepShrinkError: an invalid recipe, a missing data set or model factory,
             an untrusted factory, an output folder that does not exist, a
-            checkpoint of another run.
+            checkpoint of another run, a stage that needs labels on a pretrained model.
     """
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if pretrained is not None:
+        recipe = dataclasses.replace(recipe, pretrained=pretrained, model=None)
+    if texts is not None:
+        recipe = dataclasses.replace(recipe, calibration=dataclasses.replace(recipe.calibration, texts=texts))
     console = console or Console()
-    data_dir = data_dir or recipe.data_dir
     out = out or recipe.out
-    check_destination(out)
+    check_destination(out, folder=recipe.pretrained is not None)
     if resume and checkpoint is None:
         raise DeepShrinkError("resume needs the checkpoint to resume from")
     torch.manual_seed(recipe.seed)
-    if model is None:
-        spec = {"factory": model_factory(recipe.model), "kwargs": recipe.model_kwargs}
-        model = build_model(spec, trust_factory, source="the recipe")
-        if recipe.state_dict:
-            load_state_dict_file(model, recipe.state_dict)
-    train, test = recipe_data(recipe, data_dir)
-    check_inputs(model, test, f"data set {recipe.data!r}")
+    if recipe.pretrained is not None:
+        subject = _pretrained_subject(recipe)
+    else:
+        subject = _built_subject(recipe, model, data_dir or recipe.data_dir, trust_factory)
+    model, metric = subject.model, subject.metric
+    teacher = copy.deepcopy(model).eval() if any(isinstance(s, DistillStage) for s in recipe.stages) else None
     ckpt = NO_CHECKPOINT
     if checkpoint is not None:
         ckpt = Checkpointer(checkpoint, model, every=checkpoint_every, resume=resume, fingerprint=fingerprint(recipe))
         console.print(f"checkpoint {checkpoint}: {ckpt.describe()}")
-    result: dict = {"model": model, "stages": [], "out": None, "bytes": None}
-    result["start_accuracy"] = ckpt.unit("evaluate", lambda: evaluate(model, test), save=False)
+    run = Run(model, recipe, subject.train, subject.inputs, console, ckpt, teacher, subject.outputs)
+    result: dict = {"model": model, "metric": metric, "stages": [], "out": None, "bytes": None}
+    result[f"start_{metric}"] = ckpt.unit("evaluate", lambda: subject.score(model), save=False)
     encode = EncodeStage()
     for i, stage in enumerate(recipe.stages):
         if isinstance(stage, EncodeStage):
@@ -271,32 +403,31 @@ def run_recipe(
             continue
         name = next(k for k, cls in STAGES.items() if type(stage) is cls)
         start, cpu_start = time.perf_counter(), time.process_time()
-        run_stage(stage, model, train, recipe, console, ckpt)
-        stage_row = functools.partial(_stage_row, f"{i}: {name}", model, test, start, cpu_start)
+        run_stage(stage, run)
+        stage_row = functools.partial(_stage_row, f"{i}: {name}", metric, subject.score, model, start, cpu_start)
         row = ckpt.unit(f"stage {i} ({name}) done", stage_row)  # a checkpoint at every stage boundary
         result["stages"].append(row)
-        console.print(f"after {row['stage']}: accuracy {row['accuracy']:.4f} ({row['seconds']:.1f} s)")
+        console.print(f"after {row['stage']}: {metric} {row[metric]:.4f} ({row['seconds']:.1f} s)")
     ckpt.finish()
-    result["accuracy"] = result["stages"][-1]["accuracy"] if result["stages"] else result["start_accuracy"]
-    console.print(
-        rows_table(
-            result["stages"], f"recipe {recipe.name or recipe.model}: start accuracy {result['start_accuracy']:.4f}"
-        )
-    )
+    result[metric] = result["stages"][-1][metric] if result["stages"] else result[f"start_{metric}"]
+    title = f"recipe {recipe.name or recipe.model or recipe.pretrained}: start {metric} {result[f'start_{metric}']:.4f}"
+    console.print(rows_table(result["stages"], title))
     console.print(layer_table(model, "compressed layers"))
     if out is not None:
-        result["bytes"] = _save(model, out, recipe, encode)
+        result["bytes"] = subject.save(model, out, encode)
         result["out"] = out
         console.print(f"wrote {out}: {result['bytes']:,} bytes")
     ckpt.remove()
     return result
 
 
-def _stage_row(stage: str, model: nn.Module, test: Data, start: float, cpu_start: float) -> dict:
-    """A stage's row of the results: its accuracy, its wall and CPU seconds (in this process, when resumed)."""
+def _stage_row(
+    stage: str, metric: str, score: Callable[[nn.Module], float], model: nn.Module, start: float, cpu_start: float
+) -> dict:
+    """A stage's row of the results: its score, its wall and CPU seconds (in this process, when resumed)."""
     return {
         "stage": stage,
-        "accuracy": evaluate(model, test),
+        metric: score(model),
         "seconds": time.perf_counter() - start,
         "cpu_seconds": time.process_time() - cpu_start,  # all threads of this process; steadier on a busy machine
     }
@@ -308,19 +439,26 @@ def fingerprint(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def check_destination(out: str | os.PathLike | None) -> None:
-    """Fail now, not after hours of training, when the output file cannot be written where it is asked.
+def check_destination(out: str | os.PathLike | None, folder: bool = False) -> None:
+    """Fail now, not after hours of training, when the output cannot be written where it is asked.
+
+    Args:
+        out: the file (or, with ``folder``, the folder) to write.
+        folder: the output is a folder (a pretrained model's); an existing one is replaced.
 
     Raises:
-        DeepShrinkError: its folder does not exist, or it is a folder.
+        DeepShrinkError: its parent folder does not exist, or a file output is a folder
+            (a folder output is a file).
     """
     if out is None:
         return
     path = Path(out)
     if not path.parent.is_dir():
         raise DeepShrinkError(f"cannot write {str(out)!r}: folder {str(path.parent)!r} does not exist; create it first")
-    if path.is_dir():
+    if path.is_dir() and not folder:
         raise DeepShrinkError(f"cannot write {str(out)!r}: it is a folder; give a file name")
+    if path.is_file() and folder:
+        raise DeepShrinkError(f"cannot write the folder {str(out)!r}: a file has that name")
 
 
 def check_inputs(model: nn.Module, data: Data, what: str) -> None:

@@ -29,6 +29,7 @@ from typing import ClassVar
 import yaml
 
 from deepshrink.compress.groups import GRANULARITIES
+from deepshrink.compress.oneshot import METHODS
 from deepshrink.compress.prune import check_sparsity
 from deepshrink.compress.quantize import INITS, check_bits
 from deepshrink.compress.schedules import check_ramp
@@ -41,6 +42,8 @@ from deepshrink.errors import DeepShrinkError
 from deepshrink.fileformat.codec import EncodeOptions
 
 PRUNE_SCHEDULES = ("iterative", "gradual")
+PRUNE_METHODS = ("magnitude", *METHODS)
+SHARE_METHODS = ("kmeans", "calibrated")
 SCOPES = ("layer", "global")
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 
@@ -145,12 +148,15 @@ class TrainStage:
     def __post_init__(self) -> None:
         if self.augment is not None and not isinstance(self.augment, RandomAffine):
             self.augment = _build(RandomAffine, self.augment, "augment")
-        self.epochs = _number(self.epochs, "epochs", 0, low_open=not self.skippable)
+        self.epochs = _number(self.epochs, "epochs", 0, low_open=not self.epochs_optional())
         self.lr = _number(self.lr, "lr", 0, low_open=True)
         self.momentum = _number(self.momentum, "momentum", 0)
         self.weight_decay = _number(self.weight_decay, "weight_decay", 0)
         _choice(self.optimizer, "optimizer", OPTIMIZERS)
         _choice(self.lr_schedule, "lr_schedule", SCHEDULES)
+
+    def epochs_optional(self) -> bool:
+        return self.skippable
 
 
 @dataclass
@@ -196,10 +202,22 @@ class PruneStage(TrainStage):
     ramp: float = 0.75  # gradual: share of the run over which sparsity rises
     granularity: str | dict[str, str] = "fine"
     scope: str = "layer"
+    method: str = "magnitude"  # or wanda / sparsegpt: one shot from calibration inputs, no labels
     layers: list[str] | None = None
+
+    def epochs_optional(self) -> bool:
+        return self.method != "magnitude"  # one-shot pruning needs no retraining
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _choice(self.method, "method", PRUNE_METHODS)
+        if self.method != "magnitude" and (
+            self.sparsity is None or self.scope != "layer" or self.granularity != "fine" or self.schedule != "iterative"
+        ):
+            raise DeepShrinkError(
+                f"method: {self.method} prunes once, per layer, weight by weight: give sparsity (a number or "
+                "{pattern: sparsity}), with the default scope, granularity and schedule"
+            )
         given = [k for k in ("sparsity", "quality", "sensitivity") if getattr(self, k) is not None]
         if len(given) != 1:
             raise DeepShrinkError(
@@ -237,6 +255,7 @@ class ShareStage(TrainStage):
     skippable: ClassVar[bool] = True
     bits: int | dict[str, int] | None = None  # None: 8 for conv, 5 for fully connected
     init: str = "linear"  # the paper's choice among random, density, linear
+    method: str = "kmeans"  # or calibrated: importance-weighted k-means and GPTQ's error feedback
     layers: list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -244,7 +263,27 @@ class ShareStage(TrainStage):
         if self.bits is not None:
             self.bits = _per_layer(self.bits, "bits", lambda v, k: check_bits(_number(v, k, 1, 16, integer=True), k))
         _choice(self.init, "init", INITS)
+        _choice(self.method, "method", SHARE_METHODS)
         self.layers = _patterns(self.layers, "layers")
+
+
+@dataclass
+class DistillStage:
+    """Fine-tuning without labels against the original model: ``distill:`` (see ``compress.distill``)."""
+
+    steps: int = 200
+    lr: float = 2e-5
+    quantization_aware: bool = True
+    hidden: list[str] | None = None  # module names (globs) whose outputs are matched too
+    hidden_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.steps = _number(self.steps, "steps", 1, integer=True)
+        self.lr = _number(self.lr, "lr", 0, low_open=True)
+        if not isinstance(self.quantization_aware, bool):
+            raise DeepShrinkError(f"quantization_aware={self.quantization_aware!r} must be true or false")
+        self.hidden = _patterns(self.hidden, "hidden")
+        self.hidden_weight = _number(self.hidden_weight, "hidden_weight", 0)
 
 
 @dataclass
@@ -289,16 +328,41 @@ STAGES: dict[str, type] = {
     "share": ShareStage,
     "ternary": TernaryStage,
     "finetune": FinetuneStage,
+    "distill": DistillStage,
     "encode": EncodeStage,
 }
+
+
+@dataclass
+class CalibrationSpec:
+    """``calibration:``: the unlabelled inputs of one-shot stages and distillation.
+
+    For a recipe on a data set, its first ``samples`` training inputs; for a pretrained
+    text model, the lines of ``texts`` (default: the calibration text shipped with
+    deepshrink), tokenized in batches.
+    """
+
+    samples: int = 2048
+    batch_size: int = 32
+    texts: str | None = None
+    max_length: int = 128  # tokens per text, at most
+    holdout: int = 128  # inputs kept out of calibration and training: the fidelity reported after each stage
+
+    def __post_init__(self) -> None:
+        for key in ("samples", "batch_size", "max_length"):
+            setattr(self, key, _number(getattr(self, key), key, 1, integer=True))
+        self.holdout = _number(self.holdout, "holdout", 0, integer=True)
+        _text(self.texts, "texts")
 
 
 @dataclass
 class Recipe:
     """A whole recipe: what to compress, on which data, and the stages in order."""
 
-    model: str
+    model: str | None = None
     stages: list = field(default_factory=list)
+    pretrained: str | None = None  # a pretrained model (Hugging Face folder or package) instead of `model`
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     model_kwargs: dict = field(default_factory=dict)
     state_dict: str | None = None  # trained weights (torch.save of a state_dict) to start from
     data: str = "mnist"
@@ -312,7 +376,12 @@ class Recipe:
     description: str | None = None
 
     def __post_init__(self) -> None:
-        _text(self.model, "model", optional=False)
+        if (self.model is None) == (self.pretrained is None):
+            raise DeepShrinkError("give exactly one of model (a factory to build) or pretrained (a model to load)")
+        _text(self.model, "model")
+        _text(self.pretrained, "pretrained")
+        if not isinstance(self.calibration, CalibrationSpec):
+            self.calibration = _build(CalibrationSpec, self.calibration, "calibration")
         if not isinstance(self.model_kwargs, dict):
             raise DeepShrinkError(f"model_kwargs={self.model_kwargs!r} must be a mapping of keyword arguments")
         for key in ("state_dict", "data_dir", "out", "name", "description"):
@@ -373,9 +442,8 @@ def parse_recipe(raw: object) -> Recipe:
         raise DeepShrinkError(
             f"a recipe must be a mapping with keys {', '.join(f.name for f in dataclasses.fields(Recipe))}"
         )
-    for key in ("model", "stages"):
-        if key not in raw:
-            raise DeepShrinkError(f"recipe: missing key {key!r}")
+    if "stages" not in raw:
+        raise DeepShrinkError("recipe: missing key 'stages'")
     return _build(Recipe, raw, "")
 
 
