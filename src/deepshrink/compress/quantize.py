@@ -250,7 +250,7 @@ def kmeans_1d(
     weights = np.asarray(weights, dtype=np.float64).reshape(-1)
     if weights.shape != values.shape or not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
         raise DeepShrinkError(f"weights must be {values.size} finite values >= 0 with a positive sum")
-    order = np.argsort(values, kind="stable")
+    order = np.argsort(values)  # equal values share a cluster whatever their order
     xs, ws = values[order], weights[order]
     mass = np.concatenate([[0.0], np.cumsum(ws)])
     moment = np.concatenate([[0.0], np.cumsum(ws * xs)])
