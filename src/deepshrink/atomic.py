@@ -13,12 +13,19 @@ tries hard to leave nothing else either:
 - A replaced file keeps its permission bits; a new one gets ``0o666`` less the
   umask, as ``open()`` would give it. After the rename the folder is fsynced,
   so the new name survives a power cut too.
+
+:func:`atomic_folder` does the same for a whole folder (a model with its config
+and tokenizer files): it is filled under a locked temporary name and renamed
+into place once complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from deepshrink.errors import DeepShrinkError
@@ -66,7 +73,10 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
             continue  # gone meanwhile, or not ours to open
         try:
             if _lock(fd) and os.fstat(fd).st_nlink:
-                candidate.unlink(missing_ok=True)
+                if candidate.is_dir():  # a folder of atomic_folder
+                    shutil.rmtree(candidate, ignore_errors=True)
+                else:
+                    candidate.unlink(missing_ok=True)
                 removed.append(candidate)
         finally:
             os.close(fd)
@@ -174,11 +184,72 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
             Path(name).unlink(missing_ok=True)
 
 
-def _reason(err: OSError, path: Path) -> str:
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A new, empty folder to fill in a ``with`` block, which then takes the place of ``path``.
+
+    The folder is a locked ``.NAME.tmp-XXXX`` sibling of ``path``; when the
+    block ends without an error it is fsynced and renamed to ``path`` (an old
+    ``path`` is first renamed aside, then deleted), otherwise it is deleted.
+    Readers see the old folder or the new one, never a mix; only in the
+    instant between the two renames is there none. A writer killed mid-way
+    (even by ``kill -9``) leaves its temporary folder unlocked, and the next
+    write to ``path`` removes it.
+
+    Raises:
+        DeepShrinkError: the folder cannot be made or renamed (naming the path
+            and the reason, e.g. a parent folder that does not exist).
+
+    Examples:
+        >>> import tempfile
+        >>> target = Path(tempfile.mkdtemp()) / "model"
+        >>> with atomic_folder(target) as folder:
+        ...     _ = (folder / "a.txt").write_text("a")
+        >>> sorted(p.name for p in target.iterdir())
+        ['a.txt']
+    """
+    path = Path(path)
+    try:
+        remove_stale_temporaries(path)
+        temporary = _temp_name(path)
+        os.mkdir(temporary)
+    except OSError as err:
+        raise DeepShrinkError(f"cannot write folder {str(path)!r}: {_reason(err, path, folder=True)}") from err
+    fd = os.open(temporary, os.O_RDONLY)
+    _lock(fd)
+    try:
+        yield temporary
+        _replace_folder(temporary, path)
+    finally:
+        os.close(fd)
+        shutil.rmtree(temporary, ignore_errors=True)  # gone already when the rename was made
+
+
+def _replace_folder(temporary: Path, path: Path) -> None:
+    """fsync what ``temporary`` holds, then rename it to ``path`` (an old ``path`` renamed aside, then deleted)."""
+    try:
+        for file in temporary.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(temporary)
+        old = None
+        if path.exists():
+            old = _temp_name(path)
+            os.rename(path, old)  # unlocked: if the writer is killed now, the next write removes it
+        os.rename(temporary, path)
+        _fsync_dir(path.parent)
+    except OSError as err:
+        raise DeepShrinkError(f"cannot write folder {str(path)!r}: {_reason(err, path, folder=True)}") from err
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _reason(err: OSError, path: Path, folder: bool = False) -> str:
     reason = err.strerror or str(err)
     if isinstance(err, FileNotFoundError) and not path.parent.is_dir():
         return f"folder {str(path.parent)!r} does not exist; create it first"
-    if isinstance(err, IsADirectoryError) or path.is_dir():
+    if not folder and (isinstance(err, IsADirectoryError) or path.is_dir()):
         return f"{reason}: it is a folder; give a file name"
     return reason
 

@@ -1,9 +1,10 @@
-"""Character-level text corpora (tinyshakespeare): windows of character indices."""
+"""Text: character-level corpora (tinyshakespeare) as windows of character indices, and files of one text a line."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -83,3 +84,19 @@ def char_windows(
     x = part[: n * length].reshape(n, length)
     y = part[1 : n * length + 1].reshape(n, length)
     return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def read_texts(path: str | os.PathLike) -> list[str]:
+    """The texts of a file: one per non-empty line, stripped (calibration sentences, a corpus to embed).
+
+    Raises:
+        DeepShrinkError: the file is missing, unreadable, not UTF-8, or holds no text.
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DeepShrinkError(f"cannot read texts from {str(path)!r}: {getattr(err, 'strerror', None) or err}") from err
+    texts = [line.strip() for line in lines if line.strip()]
+    if not texts:
+        raise DeepShrinkError(f"{str(path)!r} holds no text: give one text per line")
+    return texts
