@@ -75,3 +75,21 @@ def test_real_data_tests_skip_saying_how_to_get_the_data_unless_required(tmp_pat
         assert run.returncode != 0 and ("1 error" in run.stdout or "1 failed" in run.stdout)
     else:
         assert run.returncode == 0 and "1 skipped" in run.stdout
+
+
+def test_shipped_calibration_text_is_disjoint_from_the_benchmark_text():
+    from deepshrink.data.text import calibration_texts, read_texts
+
+    def norm(text: str) -> str:
+        return " ".join(text.lower().split()).rstrip(".!?")
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "text"
+    calibration = calibration_texts()
+    sentences = read_texts(root / "eval_sentences.txt")
+    pairs = [line.split("\t") for line in read_texts(root / "eval_pairs.tsv")]
+    assert len(calibration) == len({norm(t) for t in calibration}) == 1500
+    assert len(sentences) == 300 and len(pairs) == 300 and all(len(p) == 3 for p in pairs)
+    assert sorted({p[2] for p in pairs}) == ["paraphrase", "related", "unrelated"]
+    evaluated = {norm(t) for t in sentences} | {norm(t) for p in pairs for t in p[:2]}
+    assert len(evaluated) == 900  # 300 sentences and 600 pair sentences, all different
+    assert not evaluated & {norm(t) for t in calibration}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,3 +101,22 @@ def read_texts(path: str | os.PathLike) -> list[str]:
     if not texts:
         raise DeepShrinkError(f"{str(path)!r} holds no text: give one text per line")
     return texts
+
+
+def calibration_texts() -> list[str]:
+    """deepshrink's own calibration text: 1,500 English sentences, one a line, shipped with the package.
+
+    Written for this project (everyday speech, questions, news headlines, instructions,
+    technical and scientific statements, software talk), and disjoint from the sentences
+    ``benchmarks/bench_minilm.py`` evaluates on: the default unlabelled inputs for
+    calibrating and distilling a pretrained text model, offline.
+
+    Examples:
+        >>> texts = calibration_texts()
+        >>> len(texts), all(texts)
+        (1500, True)
+    """
+    with importlib.resources.as_file(
+        importlib.resources.files("deepshrink.data") / "sentences" / "calibration.txt"
+    ) as path:
+        return read_texts(path)
