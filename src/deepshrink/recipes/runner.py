@@ -36,6 +36,7 @@ from deepshrink.compress.ternary import ternarize_
 from deepshrink.compress.train import TrainConfig, evaluate, fit, iterative_prune
 from deepshrink.data.registry import Data, load_data
 from deepshrink.errors import DeepShrinkError
+from deepshrink.fileformat.codec import EncodeOptions
 from deepshrink.fileformat.model_io import build_model, load_state_dict_file, save
 from deepshrink.models.registry import model_factory
 from deepshrink.recipes.schema import (
@@ -302,19 +303,25 @@ def _pretrained_subject(recipe: Recipe) -> _Subject:
     texts = hf.read_texts(spec.texts) if spec.texts else text.calibration_texts()
     if len(texts) <= spec.holdout:
         raise DeepShrinkError(f"calibration: {len(texts)} texts leave none after holding out {spec.holdout}")
-    held = hf.text_batches(pretrained.tokenizer, texts[: spec.holdout], spec.batch_size, spec.max_length)
-    used = texts[spec.holdout : spec.holdout + spec.samples]
-    inputs = hf.text_batches(pretrained.tokenizer, used, spec.batch_size, spec.max_length)
-    reference = [pretrained.output(pretrained.model, b).detach() for b in held] if held else []
+    held = pretrained.batches(texts[: spec.holdout], spec.batch_size) if spec.holdout else []
+    inputs = pretrained.batches(texts[spec.holdout : spec.holdout + spec.samples], spec.batch_size)
+    outputs = functools.partial(_sentence_embedding, pretrained.pooling)
+    reference = [outputs(pretrained.model, b).detach() for b in held]
 
     def score(model: nn.Module) -> float:
-        return output_cosine(model, held, reference, pretrained.output) if held else float("nan")
+        return output_cosine(model, held, reference, outputs) if held else float("nan")
 
     def save(model: nn.Module, out: str, encode: EncodeStage) -> int:
         meta = {"recipe": recipe.name or "pretrained", "seed": recipe.seed}
-        return hf.save_pretrained(model, out, pretrained.source_dir, options=encode.options(), metadata=meta)
+        return hf.save_pretrained(model, out, pretrained.source_dir, options=EncodeOptions(**encode.options()),
+                                  metadata=meta)  # fmt: skip
 
-    return _Subject(pretrained.model, None, inputs, "fidelity", score, save, pretrained.output)
+    return _Subject(pretrained.model, None, inputs, "fidelity", score, save, outputs)
+
+
+def _sentence_embedding(pooling: Callable, model: nn.Module, batch: dict) -> torch.Tensor:
+    """What a sentence-embedding model serves: its token outputs pooled (and normalized) as the model says."""
+    return pooling(model(**batch)[0], batch["attention_mask"])
 
 
 def run_recipe(

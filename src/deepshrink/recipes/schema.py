@@ -345,11 +345,10 @@ class CalibrationSpec:
     samples: int = 2048
     batch_size: int = 32
     texts: str | None = None
-    max_length: int = 128  # tokens per text, at most
-    holdout: int = 128  # inputs kept out of calibration and training: the fidelity reported after each stage
+    holdout: int = 128  # texts kept out of calibration and training: the fidelity reported after each stage
 
     def __post_init__(self) -> None:
-        for key in ("samples", "batch_size", "max_length"):
+        for key in ("samples", "batch_size"):
             setattr(self, key, _number(getattr(self, key), key, 1, integer=True))
         self.holdout = _number(self.holdout, "holdout", 0, integer=True)
         _text(self.texts, "texts")
