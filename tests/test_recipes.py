@@ -260,3 +260,13 @@ def test_stages_that_need_labels_say_so_and_one_shot_settings_are_checked():
         parse_recipe({"model": "lenet-5", "pretrained": "x", "stages": [{"train": {}}]})
     with pytest.raises(DeepShrinkError, match="stages\\[0\\].distill: steps=0"):
         parse_recipe(_recipe({"distill": {"steps": 0}}))
+
+
+def test_a_device_that_is_not_here_is_named():
+    recipe = parse_recipe(_recipe({"train": {}}, data="digits", model_kwargs={"in_features": 64}, max_steps=1))
+    with pytest.raises(DeepShrinkError, match="is not a device"):
+        run_recipe(recipe, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeepShrinkError, match="no CUDA device here"):
+            run_recipe(recipe, device="cuda")
+    assert run_recipe(recipe, device="cpu")["stages"][0]["stage"] == "0: train"

@@ -154,7 +154,8 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed or 0)  # the model is built here, not by run_recipe: --seed sets its initialisation too
     model = _flags_model(args, kwargs)
     recipe = _flags_recipe(args, kwargs)
-    run_recipe(recipe, data_dir=args.data_dir, out=args.out, model=model, console=console, **_resumable(args, recipe))
+    run_recipe(recipe, data_dir=args.data_dir, out=args.out, model=model, console=console, device=args.device,
+               **_resumable(args, recipe))  # fmt: skip
 
 
 def _resumable(args: argparse.Namespace, recipe: Recipe) -> dict:
@@ -231,7 +232,7 @@ def _run_recipe(args: argparse.Namespace) -> None:
     if args.calib:
         recipe = dataclasses.replace(recipe, calibration=dataclasses.replace(recipe.calibration, texts=args.calib))
     run_recipe(recipe, data_dir=args.data_dir, out=args.out, console=console, trust_factory=args.trust_factory,
-               **_resumable(args, recipe))  # fmt: skip
+               device=args.device, **_resumable(args, recipe))  # fmt: skip
 
 
 def _set_array_dtype(recipe: Recipe, array_dtype: str) -> None:
@@ -459,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="--recipe with a pretrained model: calibration and distillation text, one per line (default: the "
         "English text shipped with deepshrink)",
     )
+    p.add_argument("--device", help="run every stage there, e.g. cuda (default: where the model is built, the CPU)")
     p.add_argument("--model", default="lenet-300-100", help=f"one of {', '.join(MODELS)} or module:factory")
     p.add_argument("--model-kwargs", type=_json_object, help="JSON keyword arguments for the factory")
     p.add_argument("--state-dict", help="trained weights (torch.save of a state_dict); else train from scratch")

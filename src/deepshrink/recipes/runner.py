@@ -337,6 +337,7 @@ def run_recipe(
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     pretrained: str | None = None,
     texts: str | None = None,
+    device: str | torch.device | None = None,
 ) -> dict:
     """Run a recipe's stages in order and write the compressed file if it names one.
 
@@ -367,6 +368,7 @@ def run_recipe(
         checkpoint_every: optimizer steps between saves inside a training run.
         pretrained: overrides the recipe's ``pretrained`` (a Hugging Face folder or package).
         texts: overrides ``calibration.texts`` (one text per line).
+        device: move the model there first (``"cuda"``); every stage then runs there.
 
     Returns:
         ``{"model", "metric", "stages": [{"stage", <metric>, "seconds", "cpu_seconds"}],
@@ -395,6 +397,8 @@ def run_recipe(
     else:
         subject = _built_subject(recipe, model, data_dir or recipe.data_dir, trust_factory)
     model, metric = subject.model, subject.metric
+    if device is not None:
+        model.to(check_device(device))
     teacher = copy.deepcopy(model).eval() if any(isinstance(s, DistillStage) for s in recipe.stages) else None
     ckpt = NO_CHECKPOINT
     if checkpoint is not None:
@@ -466,6 +470,21 @@ def check_destination(out: str | os.PathLike | None, folder: bool = False) -> No
         raise DeepShrinkError(f"cannot write {str(out)!r}: it is a folder; give a file name")
     if path.is_file() and folder:
         raise DeepShrinkError(f"cannot write the folder {str(out)!r}: a file has that name")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` that exists here.
+
+    Raises:
+        DeepShrinkError: not a device name, or a CUDA device on a machine without one.
+    """
+    try:
+        checked = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise DeepShrinkError(f"device={device!r} is not a device (cpu, cuda, cuda:1, ...): {err}") from None
+    if checked.type == "cuda" and not torch.cuda.is_available():
+        raise DeepShrinkError(f"device={device!r}: no CUDA device here (torch.cuda.is_available() is False)")
+    return checked
 
 
 def check_inputs(model: nn.Module, data: Data, what: str) -> None:
