@@ -33,14 +33,7 @@ from torch import nn
 from deepshrink.compress.calibrate import Calibration
 from deepshrink.compress.parametrization import compression_of, current_mask, reparametrize_
 from deepshrink.compress.prune import LayerSparsity, Mask, apply_mask_, check_sparsity, layer_sparsity
-from deepshrink.compress.quantize import (
-    DEFAULT_BITS,
-    LayerCodebook,
-    SharedWeight,
-    check_bits,
-    kmeans_1d,
-    nearest_code,
-)
+from deepshrink.compress.quantize import LayerCodebook, SharedWeight, bits_per_target, kmeans_1d, nearest_code
 from deepshrink.compress.targets import FilterFn, Target, find_targets, resolve_per_layer
 from deepshrink.errors import DeepShrinkError
 from deepshrink.progress import track
@@ -243,14 +236,9 @@ def share_calibrated_(
     Raises:
         DeepShrinkError: bits out of range, an unknown layer pattern.
     """
-    targets = find_targets(model, layers, filter_fn)
-    if not targets:
-        raise DeepShrinkError(f"{type(model).__name__} has no compressible weight")
-    per_layer = resolve_per_layer(bits, targets, "bits") if bits is not None else {}
     report = []
-    for t in track(targets, "sharing weights (calibrated k-means)", show=progress):
-        b = per_layer.get(t.name)
-        b = check_bits(DEFAULT_BITS[t.kind] if b is None else b, f"bits[{t.name}]")
+    for t, b in track(bits_per_target(model, bits, layers, filter_fn), "sharing weights (calibrated k-means)",
+                      show=progress):  # fmt: skip
         matrix = _matrix(t).float()
         mask = (current_mask(t) & (t.weight.detach() != 0)).reshape(matrix.shape)
         codebook = _weighted_codebook(t, matrix, mask, calibration, b)

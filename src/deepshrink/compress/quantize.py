@@ -10,7 +10,7 @@ tied to their centroid, and pruned weights stay exactly zero.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +25,7 @@ from deepshrink.compress.parametrization import (
     register_compression,
     reparametrize_,
 )
-from deepshrink.compress.targets import FilterFn, find_targets, resolve_per_layer
+from deepshrink.compress.targets import FilterFn, Target, find_targets, resolve_per_layer
 from deepshrink.errors import DeepShrinkError
 from deepshrink.progress import track
 from deepshrink.tensor import MAX_CODE_BITS, CompressedTensor
@@ -148,14 +148,7 @@ def latent_sharing_(model: nn.Module) -> int:
     Returns:
         How many weights were converted.
     """
-    done = 0
-    for t in find_targets(model, warn_unsupported=False):
-        comp = compression_of(t.module, t.param)
-        if isinstance(comp, SharedWeight):
-            latent = LatentSharedWeight(comp.codebook.detach().clone(), comp.mask, comp.bits)
-            reparametrize_(t.module, t.param, latent.to(comp.mask.device))
-            done += 1
-    return done
+    return _convert_(model, SharedWeight, lambda c, w: LatentSharedWeight(c.codebook.detach().clone(), c.mask, c.bits))
 
 
 def fix_sharing_(model: nn.Module) -> int:
@@ -164,12 +157,16 @@ def fix_sharing_(model: nn.Module) -> int:
     Returns:
         How many weights were converted.
     """
+    return _convert_(model, LatentSharedWeight, lambda c, w: c.fixed(w))
+
+
+def _convert_(model: nn.Module, kind: type[Compression], convert: Callable) -> int:
+    """Replace each ``kind`` parametrization ``c`` by ``convert(c, weight it computes)``; how many were."""
     done = 0
     for t in find_targets(model, warn_unsupported=False):
         comp = compression_of(t.module, t.param)
-        if isinstance(comp, LatentSharedWeight):
-            fixed = comp.fixed(t.weight.detach())
-            reparametrize_(t.module, t.param, fixed.to(comp.mask.device))
+        if isinstance(comp, kind):
+            reparametrize_(t.module, t.param, convert(comp, t.weight.detach()).to(comp.mask.device))
             done += 1
     return done
 
@@ -351,16 +348,9 @@ def share_weights_(
     """
     if init not in INITS:
         raise DeepShrinkError(f"init={init!r} must be one of {', '.join(INITS)}")
-    targets = find_targets(model, layers, filter_fn)
-    if not targets:
-        raise DeepShrinkError(f"{type(model).__name__} has no compressible weight")
-    per_layer = resolve_per_layer(bits, targets, "bits") if bits is not None else {}
     report = []
-    for t in track(targets, "sharing weights (k-means per layer)", show=progress):
-        b = per_layer.get(t.name)
-        b = check_bits(
-            DEFAULT_BITS[t.kind] if b is None else b, "bits" if not isinstance(bits, dict) else f"bits[{t.name}]"
-        )
+    for t, b in track(bits_per_target(model, bits, layers, filter_fn), "sharing weights (k-means per layer)",
+                      show=progress):  # fmt: skip
         mask = current_mask(t) & (t.weight.detach() != 0)
         weight = t.weight.detach()
         centroids, codes = kmeans_1d(weight[mask].cpu().numpy(), 1 << b, init, seed)
@@ -374,6 +364,29 @@ def share_weights_(
         reparametrize_(t.module, t.param, shared)
         report.append(LayerCodebook(t.name, b, codebook.numel(), int(mask.sum()), mse))
     return report
+
+
+def bits_per_target(
+    model: nn.Module,
+    bits: int | dict[str, int] | None,
+    layers: Iterable[str] | None = None,
+    filter_fn: FilterFn | None = None,
+) -> list[tuple[Target, int]]:
+    """The weights a sharing call touches, each with its checked bit width (default by kind: :data:`DEFAULT_BITS`).
+
+    Raises:
+        DeepShrinkError: no compressible weight, an unknown pattern, bits out of range (named with the layer).
+    """
+    targets = find_targets(model, layers, filter_fn)
+    if not targets:
+        raise DeepShrinkError(f"{type(model).__name__} has no compressible weight")
+    per_layer = resolve_per_layer(bits, targets, "bits") if bits is not None else {}
+    out = []
+    for t in targets:
+        b = per_layer.get(t.name)
+        name = "bits" if not isinstance(bits, dict) else f"bits[{t.name}]"
+        out.append((t, check_bits(DEFAULT_BITS[t.kind] if b is None else b, name)))
+    return out
 
 
 def compressed_tensors(model: nn.Module, layers: Iterable[str] | None = None) -> dict[str, CompressedTensor]:
