@@ -1,4 +1,4 @@
-"""Shared fixtures: the real data sets and a quickly trained LeNet-300-100.
+"""Shared fixtures: the real data sets, a quickly trained LeNet-300-100, and a tiny BERT folder.
 
 The data root is ``$DEEPSHRINK_DATA`` if set, else ``../shared/data`` beside the
 repository (where CI puts it). A test whose data set is missing is skipped with
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -125,3 +126,46 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """A test taking ``crafted_case`` runs once per crafted file of ``benchmarks/bench_fuzz.py``."""
     if "crafted_case" in metafunc.fixturenames:
         metafunc.parametrize("crafted_case", list(_load_benchmark("bench_fuzz").CASES))
+
+
+TINY_BERT_WORDS = ("the a cat dog bird sat ran flew on under over mat tree house big small red blue green old new "
+                   "happy sad quickly slowly and or but is was were has had will can see saw eat ate run play "
+                   "park river road car bus train day night rain sun").split()  # fmt: skip
+
+
+def _write_tiny_bert(folder: Path, sentence_transformers: bool = True) -> Path:
+    """A randomly initialised BERT (vocabulary of 62, hidden 32, two layers) with its WordPiece tokenizer, saved in
+    the Hugging Face layout, with sentence-transformers' files around it (mean pooling, normalized) when asked."""
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", *TINY_BERT_WORDS, "##s", "##ed", "##ing", "##ly"]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    model = transformers.BertModel(config)
+    with torch.no_grad():  # BERT's initialisation (std 0.02) makes every sentence alike; spread them apart
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(folder)
+    if sentence_transformers:
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                   {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]  # fmt: skip
+        (folder / "modules.json").write_text(json.dumps(modules))
+        (folder / "1_Pooling").mkdir()
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
+                                                                      "pooling_mode_mean_tokens": True}))  # fmt: skip
+        (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 16, "do_lower_case": False}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def write_tiny_bert() -> Callable[..., Path]:
+    """``write_tiny_bert(folder, sentence_transformers=True)`` writes a tiny BERT model folder (skips without
+    transformers)."""
+    pytest.importorskip("transformers", reason="needs transformers: pip install 'deepshrink[hf]'")
+    return _write_tiny_bert

@@ -33,43 +33,13 @@ from deepshrink.huggingface import (  # noqa: E402 (after the skip: the module n
     text_batches,
 )
 
-WORDS = ("the a cat dog bird sat ran flew on under over mat tree house big small red blue green old new "
-         "happy sad quickly slowly and or but is was were has had will can see saw eat ate run play "
-         "park river road car bus train day night rain sun").split()  # fmt: skip
 TEXTS = ["The cat sat on the mat.", "A big dog ran under the old tree", "Birds flew over the river at night",
          "the red car", "Happy children play in the park and the sun is out", "rain"]  # fmt: skip
 
 
-def _write_tiny_bert(folder: Path, sentence_transformers: bool = True) -> Path:
-    """A tiny BERT in the Hugging Face layout, with sentence-transformers' files around it when asked."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", *WORDS, "##s", "##ed", "##ing", "##ly"]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=64)  # fmt: skip
-    model = transformers.BertModel(config)
-    with torch.no_grad():  # BERT's initialisation (std 0.02) makes every sentence alike; spread them apart
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    model.save_pretrained(folder)
-    if sentence_transformers:
-        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-                   {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]  # fmt: skip
-        (folder / "modules.json").write_text(json.dumps(modules))
-        (folder / "1_Pooling").mkdir()
-        (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
-                                                                      "pooling_mode_mean_tokens": True}))  # fmt: skip
-        (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 16, "do_lower_case": False}))
-    return folder
-
-
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    folder = _write_tiny_bert(tmp_path_factory.mktemp("hf") / "tiny-bert")
+def tiny_dir(tmp_path_factory, write_tiny_bert) -> Path:
+    folder = write_tiny_bert(tmp_path_factory.mktemp("hf") / "tiny-bert")
     (folder / "modeling_evil.py").write_text("raise SystemExit('never imported')\n")  # code: never copied
     (folder / "onnx").mkdir()
     (folder / "onnx" / "model.onnx").write_bytes(b"\0" * 16)  # an export: never copied
@@ -124,8 +94,8 @@ def test_float16_arrays_and_saving_again_over_the_folder(tiny_dir: Path, tmp_pat
     assert cosine.min() > 0.999
 
 
-def test_a_plain_hugging_face_folder_is_mean_pooled(tiny_dir: Path, tmp_path: Path) -> None:
-    plain = _write_tiny_bert(tmp_path / "plain", sentence_transformers=False)
+def test_a_plain_hugging_face_folder_is_mean_pooled(write_tiny_bert, tmp_path: Path) -> None:
+    plain = write_tiny_bert(tmp_path / "plain", sentence_transformers=False)
     pretrained = load_pretrained(plain)
     assert pretrained.pooling.modes == ("mean",) and not pretrained.pooling.normalize
     assert pretrained.pooling.max_length == 64  # max_position_embeddings, the tokenizer having no limit
@@ -242,7 +212,8 @@ def test_a_pretrained_recipe_runs_the_whole_path_without_labels(tiny_dir: Path, 
     from deepshrink.recipes import parse_recipe, run_recipe
 
     texts = tmp_path / "calib.txt"
-    texts.write_text("\n".join(f"{t} {w}" for t in TEXTS for w in WORDS[:12]))
+    words = (tiny_dir / "vocab.txt").read_text().split()[7:19]  # twelve words of the tiny vocabulary
+    texts.write_text("\n".join(f"{t} {w}" for t in TEXTS for w in words))
     stages = [{"prune": {"method": "sparsegpt", "sparsity": {"encoder.*": 0.5}, "epochs": 0}},
               {"share": {"method": "calibrated", "bits": {"*": 4, "embeddings.word_embeddings": 3}, "epochs": 0}},
               {"distill": {"steps": 12, "lr": 1e-3, "hidden": ["encoder.layer.*.output"]}},

@@ -1,0 +1,32 @@
+"""The MiniLM benchmark end to end on a tiny BERT: every row built, read back and measured, the page and plot written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def test_bench_minilm_rows_on_a_tiny_bert(tmp_path: Path, write_tiny_bert, load_benchmark) -> None:
+    model = write_tiny_bert(tmp_path / "tiny")
+    bench = load_benchmark("bench_minilm")
+    out, published = tmp_path / "out", tmp_path / "published"
+    args = ["--model", str(model), "--repeats", "1", "--limit", "16", "--threads", "1"]
+    result = bench.main(args + ["--out-dir", str(out), "--publish", str(published)])
+    assert result["sentences"] == result["pairs"] == 16
+    rows = {r["setting"]: r for r in result["rows"]}
+    assert list(rows) == list(bench.SETTINGS)
+    fp32 = (model / "model.safetensors").stat().st_size
+    assert rows["original"]["bytes"] == result["fp32_bytes"] == fp32
+    assert rows["original"]["mean_cos"] > 0.99999 and rows["original"]["spearman"] > 0.99999
+    for row in rows.values():
+        assert abs(row["ratio"] - fp32 / row["bytes"]) < 1e-9
+        assert 0 < row["min_cos"] <= row["mean_cos"] <= 1.00001 and -1 <= row["spearman"] <= 1.00001
+        assert row["latency_ms"] > 0 and row["embed_s"] > 0
+    assert rows["fp16 + xz"]["ratio"] > 2 and rows["fp16 + xz"]["mean_cos"] > 0.999  # fp16 rounding only
+    assert rows["torch qint8"]["mean_cos"] < rows["fp16 + xz"]["mean_cos"]
+    assert rows["deepshrink k-means 5 bits"]["ratio"] > rows["fp16 + xz"]["ratio"]
+    assert json.loads((out / "minilm.json").read_text())["rows"][1]["setting"] == "fp16 + xz"
+    for folder in (out, published):
+        assert (folder / "minilm.png").stat().st_size > 1000
+        assert "| torch qint8 |" in (folder / "minilm.md").read_text()
+    assert [p.name for p in out.iterdir() if p.is_dir()] == []  # the settings' files were temporary
