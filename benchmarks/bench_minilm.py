@@ -59,6 +59,7 @@ from deepshrink.data.text import calibration_texts, read_texts
 from deepshrink.engine.runner import median_seconds
 from deepshrink.fileformat.codec import EncodeOptions
 from deepshrink.huggingface import MODEL_FILE, Pretrained, load_compressed, load_pretrained, save_pretrained
+from deepshrink.recipes import run_recipe
 
 from bench_eie import save_png
 from common import ROOT, add_output, add_threads, start_run, write_results
@@ -149,13 +150,32 @@ def shared_5_bits(model_dir: Path, calib_texts: list[str], work: Path) -> Path:
     return work / "out"
 
 
+def minilm_recipe(model_dir: Path, calib_texts: list[str], work: Path) -> Path:
+    """The built-in ``minilm`` recipe (calibrated sharing at 3/4/5 bits, quantization-aware distillation)."""
+    texts = work / "calibration.txt"
+    texts.write_text("\n".join(calib_texts) + "\n", encoding="utf-8")
+    run_recipe(
+        "minilm", pretrained=str(model_dir), texts=str(texts), out=str(work / "out"), console=Console(stderr=True)
+    )
+    return work / "out"
+
+
 #: name -> setting; the deepshrink rows are added here.
 SETTINGS: dict[str, Setting] = {
     "original": original,
     "fp16 + xz": fp16_xz,
     "torch qint8": torch_qint8,
     "deepshrink k-means 5 bits": shared_5_bits,
+    "deepshrink minilm recipe": minilm_recipe,
 }
+
+
+def prebuilt(spec: str) -> tuple[str, Setting]:
+    """``NAME=FOLDER`` of ``--prebuilt``: a row read from a folder ``save_pretrained`` wrote before this run."""
+    name, sep, folder = spec.partition("=")
+    if not sep or not (Path(folder) / MODEL_FILE).is_file():
+        raise SystemExit(f"--prebuilt {spec!r}: give NAME=FOLDER, a folder holding {MODEL_FILE}")
+    return name, lambda model_dir, calib, work: Path(folder)
 
 
 def build(setting: Setting, model_dir: Path, calib: list[str], work: Path) -> tuple[Built, float]:
@@ -293,9 +313,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--calib", help="calibration text, one per line (default deepshrink's own)")
     parser.add_argument("--repeats", type=int, default=15, help="single-sentence calls per setting for latency")
     parser.add_argument("--limit", type=int, help="only the first N sentences and pairs (a quick look)")
+    parser.add_argument(
+        "--prebuilt",
+        nargs="+",
+        default=[],
+        metavar="NAME=FOLDER",
+        help="also measure folders compressed before this run (e.g. by deepshrink compress --recipe minilm); "
+        "their build time is not measured here",
+    )
     add_threads(parser)
     add_output(parser, publish=True)
     args = parser.parse_args(argv)
+    for name, setting in map(prebuilt, args.prebuilt):
+        SETTINGS[name] = setting
+        args.settings = [*(args.settings or []), name] if args.settings else None
     run = start_run(args, argv)
     run["load"] = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     run["repeats"] = args.repeats

@@ -10,11 +10,20 @@ def test_bench_minilm_rows_on_a_tiny_bert(tmp_path: Path, write_tiny_bert, load_
     model = write_tiny_bert(tmp_path / "tiny")
     bench = load_benchmark("bench_minilm")
     out, published = tmp_path / "out", tmp_path / "published"
-    args = ["--model", str(model), "--repeats", "1", "--limit", "16", "--threads", "1"]
-    result = bench.main(args + ["--out-dir", str(out), "--publish", str(published)])
+    from deepshrink.compress.quantize import share_weights_
+    from deepshrink.huggingface import load_pretrained, save_pretrained
+
+    tiny = load_pretrained(model)
+    share_weights_(tiny.model, bits=3, progress=False)
+    save_pretrained(tiny.model, tmp_path / "mine", model)  # a folder compressed before the run
+    settings = ["original", "fp16 + xz", "torch qint8", "deepshrink k-means 5 bits"]  # the recipe is MiniLM's
+    args = ["--model", str(model), "--repeats", "1", "--limit", "16", "--threads", "1", "--settings", *settings]
+    result = bench.main(args + ["--prebuilt", f"mine={tmp_path / 'mine'}", "--out-dir", str(out), "--publish",
+                                str(published)])  # fmt: skip
     assert result["sentences"] == result["pairs"] == 16
     rows = {r["setting"]: r for r in result["rows"]}
-    assert list(rows) == list(bench.SETTINGS)
+    assert list(rows) == [*settings, "mine"]
+    assert rows["mine"]["ratio"] > rows["deepshrink k-means 5 bits"]["ratio"]  # 3 bits, not 5
     fp32 = (model / "model.safetensors").stat().st_size
     assert rows["original"]["bytes"] == result["fp32_bytes"] == fp32
     assert rows["original"]["mean_cos"] > 0.99999 and rows["original"]["spearman"] > 0.99999

@@ -305,7 +305,7 @@ def _pretrained_subject(recipe: Recipe) -> _Subject:
         raise DeepShrinkError(f"calibration: {len(texts)} texts leave none after holding out {spec.holdout}")
     held = pretrained.batches(texts[: spec.holdout], spec.batch_size) if spec.holdout else []
     inputs = pretrained.batches(texts[spec.holdout : spec.holdout + spec.samples], spec.batch_size)
-    outputs = functools.partial(_sentence_embedding, pretrained.pooling)
+    outputs = pretrained.output
     reference = [outputs(pretrained.model, b).detach() for b in held]
 
     def score(model: nn.Module) -> float:
@@ -317,11 +317,6 @@ def _pretrained_subject(recipe: Recipe) -> _Subject:
                                   metadata=meta)  # fmt: skip
 
     return _Subject(pretrained.model, None, inputs, "fidelity", score, save, outputs)
-
-
-def _sentence_embedding(pooling: Callable, model: nn.Module, batch: dict) -> torch.Tensor:
-    """What a sentence-embedding model serves: its token outputs pooled (and normalized) as the model says."""
-    return pooling(model(**batch)[0], batch["attention_mask"])
 
 
 def run_recipe(
