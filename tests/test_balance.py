@@ -82,14 +82,27 @@ def test_plain_pruning_is_unbalanced_and_balanced_is_faster_on_the_simulator() -
 
 
 def test_composes_with_plain_pruning_and_never_revives() -> None:
+    # Built, not drawn: with random weights, whether plain pruning leaves some PE more than the
+    # balanced count (and so loses weights to it) is a matter of the draw.
     net = nn.Sequential(nn.Linear(20, 40), nn.ReLU(), nn.Conv1d(4, 8, 3))
+    rank = torch.zeros(8, 12)  # the conv's matrix view, |weights| 1..96; PE p owns rows p and p + 4
+    rank[[0, 4]] = torch.arange(73, 97.0).reshape(2, 12)  # PE 0: the 24 largest
+    rank[[1, 5]] = torch.cat([torch.arange(49, 61.0), torch.arange(1, 13.0)]).reshape(2, 12)
+    rank[[2, 6]] = torch.cat([torch.arange(61, 73.0), torch.arange(13, 25.0)]).reshape(2, 12)
+    rank[[3, 7]] = torch.arange(25, 49.0).reshape(2, 12)  # PE 3: all below the median
+    with torch.no_grad():
+        net[0].weight.copy_(skewed_weight(40, 20, n_pe=4))
+        net[2].weight.copy_((rank * (-1) ** torch.arange(96.0).reshape(8, 12)).reshape(8, 4, 3))
     prune_(net, 0.5)
     alive = [net[0].weight.detach() != 0, net[2].weight.detach() != 0]
+    assert [int(alive[1][pe::4].sum()) for pe in range(4)] == [24, 12, 12, 0]
     prune_balanced_(net, {"0.weight": 0.8, "2.weight": 0.3}, n_pe=4)
     assert not (net[0].weight.detach() != 0)[~alive[0]].any()
     assert int((net[0].weight != 0).sum()) == 800 - 4 * math.floor(0.8 * 200)
-    # 0.3 asks for less than the 0.5 already pruned: nothing comes back
-    assert torch.equal(net[2].weight.detach() != 0, alive[1])
+    # 0.3 of each PE's 24 leaves 17: PE 0 loses its 7 smallest (73..79), the others keep what
+    # they have and nothing comes back, not even to PE 3, which has none
+    kept = (net[2].weight.detach() != 0).reshape(8, 12)
+    assert torch.equal(kept, (rank > 48) & ~((rank >= 73) & (rank <= 79)))
 
 
 def test_rows_not_divisible_by_pes_keep_proportionally() -> None:
