@@ -29,7 +29,7 @@ def short_run(tmp_path_factory, data_root, load_benchmark):
     """One short run of the script on LeNet-300-100 at two seeds, published to a temporary folder."""
     bench = load_benchmark("bench_lenet")
     out, published = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("published")
-    args = ["--nets", "lenet-300-100", "--seeds", "0", "1", "--max-steps", "120", "--data-dir", str(data_root)]
+    args = ["--nets", "lenet-300-100", "--seeds", "0", "1", "--max-steps", "200", "--data-dir", str(data_root)]
     results = bench.main(args + ["--out-dir", str(out), "--publish", str(published)])
     return bench, results[0], out, published
 
