@@ -21,7 +21,7 @@ from deepshrink.fileformat.info import size_breakdown
 from deepshrink.fileformat.model_io import load, read
 from deepshrink.models import lenet_5, lenet_300_100
 from deepshrink.recipes import load_recipe
-from deepshrink.recipes.schema import PruneStage
+from deepshrink.recipes.schema import PruneStage, ShareStage
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +119,25 @@ def test_paper_layers_name_real_weights_of_both_nets(load_benchmark):
         names = {t.name for t in find_targets(factory())}
         assert set(bench.PAPER[net]["layers"]) == names
         assert load_recipe(net).model == net
+
+
+def test_published_rows_come_from_the_builtin_recipes_and_the_readme_quotes_them() -> None:
+    """docs/results/lenet.json was written by the recipes as they are now, and README's row is its median."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    for result in json.loads((root / "docs" / "results" / "lenet.json").read_text()):
+        recipe = load_recipe(result["net"])
+        prune = next(s for s in recipe.stages if isinstance(s, PruneStage))
+        share = next(s for s in recipe.stages if isinstance(s, ShareStage))
+        runs = result["runs"]
+        assert result["seeds"] == [r["seed"] for r in runs] == [0, 1, 2] and result["recipe"] == recipe.name
+        for r in runs:
+            assert r["max_steps"] is None and not r["holdout"], "a published row is a full run on the test set"
+            for row in r["layers"]:
+                name = row["layer"].removesuffix(".weight")
+                assert row["kept_pct"] == pytest.approx(100 * (1 - prune.sparsity[name]), abs=0.05), row["layer"]
+                assert row["bits"] == share.bits[name], row["layer"]
+        m = result["median"]
+        assert m["error"] == statistics.median(r["error"] for r in runs)
+        assert m["ratio"] == statistics.median(r["ratio"] for r in runs)
+        assert f"**{m['error']:.2f}%** | {m['file_bytes']:,.0f} | **{m['ratio']:.1f}x**" in readme, result["net"]
