@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from deepshrink.compress.calibrate import calibrate
@@ -20,6 +22,7 @@ from deepshrink.compress.quantize import (
     fix_sharing_,
     kmeans_1d,
     latent_sharing_,
+    nearest_code,
     share_weights_,
 )
 from deepshrink.data.digits import load_digits
@@ -179,6 +182,19 @@ def test_weighted_kmeans_follows_the_weights():
         kmeans_1d(values, 2, weights=np.array([1.0, -1.0, 1.0, 1.0]))
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(-20, 20), min_size=1, max_size=30),
+    st.lists(st.integers(-8, 8), min_size=1, max_size=9),
+)
+def test_nearest_code_picks_the_nearest_entry_and_the_lower_on_a_tie(values, entries):
+    values, codebook = torch.tensor(values, dtype=torch.float32) / 2, torch.tensor(entries, dtype=torch.float32)
+    distance = (values[:, None] - codebook[None, :]).abs()
+    nearest = distance == distance.min(dim=1, keepdim=True).values
+    expected = torch.where(nearest, codebook[None, :], torch.inf).min(dim=1).values  # the lower of tied entries
+    assert torch.equal(codebook[nearest_code(values, codebook)], expected)
+
+
 def test_latent_sharing_round_trips_and_lets_codes_move():
     torch.manual_seed(3)
     layer = nn.Linear(16, 16)
@@ -239,8 +255,27 @@ def _targets(model: nn.Module):
     return [(t.name, t) for t in find_targets(model)]
 
 
-def test_distill_rejects_unknown_hidden_modules():
-    with pytest.raises(DeepShrinkError, match="match no module"):
+def test_frozen_modules_keep_every_parameter_and_train_again_afterwards():
+    torch.manual_seed(1)
+    teacher = Tokens()
+    student = copy.deepcopy(teacher)
+    share_weights_(student, bits=2, progress=False)
+    batches = [{"input_ids": torch.randint(0, 20, (4, 6)), "attention_mask": torch.ones(4, 6)} for _ in range(4)]
+    table = student.emb.weight.detach().clone()
+    projection = student.proj.weight.detach().clone()
+    trains = {n: p.requires_grad for n, p in student.emb.named_parameters()}
+    distill(student, teacher, batches, DistillConfig(steps=20, lr=1e-2, frozen=("emb",), progress=False))
+    assert torch.equal(student.emb.weight.detach(), table)  # neither codes nor centroids moved
+    assert isinstance(compression_of(student.emb, "weight"), SharedWeight)
+    assert not torch.equal(student.proj.weight.detach(), projection)
+    assert {n: p.requires_grad for n, p in student.emb.named_parameters()} == trains
+    assert any(trains.values())  # the centroids train again in a later fine-tuning
+
+
+def test_distill_rejects_unknown_hidden_or_frozen_modules():
+    with pytest.raises(DeepShrinkError, match="hidden pattern"):
         distill(nn.Linear(2, 2), nn.Linear(2, 2), [torch.ones(1, 2)], DistillConfig(steps=1, hidden=("nope",)))
+    with pytest.raises(DeepShrinkError, match="frozen pattern"):
+        distill(nn.Linear(2, 2), nn.Linear(2, 2), [torch.ones(1, 2)], DistillConfig(steps=1, frozen=("nope",)))
     with pytest.raises(DeepShrinkError, match="steps"):
         DistillConfig(steps=0)

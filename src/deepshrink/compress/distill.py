@@ -47,6 +47,10 @@ class DistillConfig:
             off, only centroids and unshared parameters train (Deep Compression's rule).
         hidden: glob patterns of module names whose outputs are matched too.
         hidden_weight: the weight of those terms against the output's.
+        frozen: glob patterns of module names that do not train: their parameters
+            (codebooks, codes, biases) stay as they are. A large embedding table is
+            the usual one: each step would rebuild and update all of it for the few
+            rows a batch uses.
         seed: the order of the batches.
         log_every: steps between loss records.
     """
@@ -56,6 +60,7 @@ class DistillConfig:
     quantization_aware: bool = True
     hidden: tuple[str, ...] = ()
     hidden_weight: float = 0.1
+    frozen: tuple[str, ...] = ()
     seed: int = 0
     log_every: int = 25
     progress: bool = True
@@ -69,6 +74,7 @@ class DistillConfig:
         if not self.hidden_weight >= 0:
             raise DeepShrinkError(f"hidden_weight={self.hidden_weight!r} must be >= 0")
         self.hidden = tuple(self.hidden)
+        self.frozen = tuple(self.frozen)
 
 
 def model_output(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -122,16 +128,25 @@ def output_cosine(
     return total / max(count, 1)
 
 
+def _matching(model: nn.Module, patterns: tuple[str, ...], what: str) -> dict[str, nn.Module]:
+    """The modules whose names match any of ``patterns``, by name.
+
+    Raises:
+        DeepShrinkError: a pattern matches no module.
+    """
+    modules = {n: m for n, m in model.named_modules() if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+    missing = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in modules)]
+    if missing:
+        raise DeepShrinkError(f"{what} pattern(s) {', '.join(map(repr, missing))} match no module")
+    return modules
+
+
 class _Taps:
     """Forward hooks keeping the outputs of the modules matching ``patterns``, by name."""
 
     def __init__(self, model: nn.Module, patterns: tuple[str, ...]) -> None:
         self.outputs: dict[str, torch.Tensor] = {}
-        modules = [(n, m) for n, m in model.named_modules() if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-        missing = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n, _ in modules)]
-        if missing:
-            raise DeepShrinkError(f"hidden pattern(s) {', '.join(map(repr, missing))} match no module")
-        self.handles = [m.register_forward_hook(self._keep(n)) for n, m in modules]
+        self.handles = [m.register_forward_hook(self._keep(n)) for n, m in _matching(model, patterns, "hidden").items()]
 
     def _keep(self, name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: object) -> None:
@@ -181,8 +196,8 @@ def distill(
         ``{"step", "loss"}`` records, the loss averaged over each logging window.
 
     Raises:
-        DeepShrinkError: no batches (on this rank), a hidden pattern that matches
-            no module, outputs of different shapes.
+        DeepShrinkError: no batches (on this rank), a hidden or frozen pattern
+            that matches no module, outputs of different shapes.
     """
     cfg = config or DistillConfig()
     ckpt = checkpoint or NO_CHECKPOINT
@@ -202,8 +217,12 @@ def _distill(
     if not mine:
         raise DeepShrinkError(f"distillation needs batches: rank {rank} of {world} got none")
     device = next(student.parameters()).device
+    frozen = _matching(student, cfg.frozen, "frozen")
+    held = [p for m in frozen.values() for p in m.parameters() if p.requires_grad]
     if cfg.quantization_aware:
-        latent_sharing_(student)
+        latent_sharing_(student, skip=frozen)
+    for p in held:
+        p.requires_grad_(False)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.steps)
@@ -250,6 +269,8 @@ def _distill(
     finally:
         student_taps.remove()
         teacher_taps.remove()
+        for p in held:
+            p.requires_grad_(True)
     if cfg.quantization_aware:
         fix_sharing_(student)
     student.eval()

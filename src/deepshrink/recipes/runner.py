@@ -227,6 +227,7 @@ def _distill(stage: DistillStage, run: Run) -> None:
         quantization_aware=stage.quantization_aware,
         hidden=tuple(stage.hidden or ()),
         hidden_weight=stage.hidden_weight,
+        frozen=tuple(stage.frozen or ()),
         seed=run.recipe.seed,
     )
     distill(run.model, run.teacher, run.inputs, config, outputs=run.outputs, checkpoint=run.ckpt)

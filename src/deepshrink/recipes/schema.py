@@ -276,6 +276,7 @@ class DistillStage:
     quantization_aware: bool = True
     hidden: list[str] | None = None  # module names (globs) whose outputs are matched too
     hidden_weight: float = 0.1
+    frozen: list[str] | None = None  # module names (globs) that do not train
 
     def __post_init__(self) -> None:
         self.steps = _number(self.steps, "steps", 1, integer=True)
@@ -284,6 +285,7 @@ class DistillStage:
             raise DeepShrinkError(f"quantization_aware={self.quantization_aware!r} must be true or false")
         self.hidden = _patterns(self.hidden, "hidden")
         self.hidden_weight = _number(self.hidden_weight, "hidden_weight", 0)
+        self.frozen = _patterns(self.frozen, "frozen")
 
 
 @dataclass
