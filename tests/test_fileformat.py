@@ -55,7 +55,7 @@ def assert_same_tensors(a: dict[str, CompressedTensor], b: dict[str, CompressedT
 
 
 @pytest.mark.parametrize("coder", ["none", "huffman", "ans"])
-@pytest.mark.parametrize("layout", ["auto", "relative", "bitmap"])
+@pytest.mark.parametrize("layout", ["auto", "relative", "bitmap", "holes"])
 def test_lenet300_reloads_bit_identical(lenet300, mnist_test, tmp_path: Path, coder: str, layout: str) -> None:
     path = tmp_path / "m.dsz"
     size = save(lenet300, path, coder=coder, layout=layout, factory="deepshrink.models:lenet_300_100")
@@ -287,6 +287,22 @@ def test_empty_and_all_zero_tensors_roundtrip(tmp_path: Path) -> None:
     for coder in ("none", "huffman", "ans"):
         save(tensors, tmp_path / "z.dsz", coder=coder)
         assert_same_tensors(tensors, read(tmp_path / "z.dsz").tensors)
+
+
+@pytest.mark.parametrize("layout", ["auto", "holes"])
+def test_a_tensor_kept_whole_stores_no_index(tmp_path: Path, layout: str) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    prune_(net[2], 0.01, progress=False)  # 5 of 512 weights go
+    share_weights_(net, bits=4, progress=False)
+    path = tmp_path / "whole.dsz"
+    save(net, path, coder="ans", layout=layout)
+    index = {e["name"]: e["index"] for e in read(path).header["tensors"] if e["kind"] == "compressed"}
+    assert index["0.weight"]["layout"] == "holes" and index["0.weight"]["n"] == 0
+    assert {t.name: t.index_bytes for t in size_breakdown(path).tensors}["0.weight"] == 0
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        assert torch.equal(net(x), load_into(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)), path)(x))
 
 
 def test_save_is_atomic(lenet5, tmp_path: Path, monkeypatch) -> None:

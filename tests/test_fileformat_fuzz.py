@@ -169,6 +169,31 @@ def test_malicious_files(data: bytes, match: str) -> None:
     rejects_within(data, match)
 
 
+def holes_file(nnz: int, stream: bytes, n: int) -> bytes:
+    """A 10 x 10 tensor whose positions are given as ``n`` 4-bit holes."""
+    entry = compressed_entry(nnz, n)
+    entry["index"]["layout"] = "holes"
+    return forge({"tensors": [entry]}, [stream, b"\x00" * -(-2 * nnz // 8), b"\x00" * 16])
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (holes_file(98, b"\x00\x00", 3), "nnz=98 but the index stream holds 97 positions"),
+        (holes_file(99, b"\xff\xff\xff\xf0", 8), "a hole at 105 is past the tensor's end"),
+        (holes_file(99, b"\x00\x00", 3), "nnz=99 but the index stream holds 97"),
+    ],
+)
+def test_holes_that_lie_are_refused(data: bytes, match: str) -> None:
+    rejects_within(data, match)
+
+
+def test_holes_decode_to_the_other_positions() -> None:
+    ct = decode_file(holes_file(97, b"\x03\x10", 3)).tensors["w"]  # gaps 0, 3, 1: holes 0, 4, 6
+    assert ct.nnz == 97 and not set(ct.positions.tolist()) & {0, 4, 6}
+    assert ct.positions.tolist() == sorted(set(range(100)) - {0, 4, 6})
+
+
 def test_deflate_bomb_stops_at_the_header_cap() -> None:
     bomb = deflated(b" " * (MAX_HEADER_BYTES + 1))  # 16 KB that would inflate past the cap
     # zlib grows its output by copying, so the peak is up to twice the cap: bounded, whatever the file says.

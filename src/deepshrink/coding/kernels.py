@@ -1,5 +1,5 @@
 """numba kernels of the coding domain: bit packing, prefix-code decoding, Huffman depths, varints,
-and relative indices or bitmaps to positions.
+and relative indices, bitmaps or holes to positions.
 
 Each kernel assumes validated input (the public wrappers in ``huffman.py`` and
 ``ans.py`` check it) *except* for the bytes it decodes: those may come from a
@@ -205,6 +205,21 @@ def relative_positions(stream: np.ndarray, escape: np.int64) -> np.ndarray:
             position += escape
         else:
             position += gap + 1
+            out[j] = position
+            j += 1
+    return out
+
+
+@njit(cache=True)
+def complement_positions(holes: np.ndarray, numel: np.int64) -> np.ndarray:
+    """The positions ``0..numel-1`` not in ``holes`` (strictly increasing, each ``< numel``), in one pass."""
+    out = np.empty(numel - holes.shape[0], dtype=np.int64)
+    h = np.int64(0)
+    j = np.int64(0)
+    for position in range(numel):
+        if h < holes.shape[0] and holes[h] == position:
+            h += 1
+        else:
             out[j] = position
             j += 1
     return out

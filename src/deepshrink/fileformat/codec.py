@@ -52,7 +52,7 @@ MAX_SHAPE_ELEMENTS = 1 << 48  # no dimension, and no product of them, may claim 
 MAX_DIMS = 16
 SECTIONS_PER_TENSOR = 3  # index, codes, codebook; an array uses one
 DEFAULT_INDEX_BITS = {"fc": 5, "conv": 8}  # Deep Compression: 5 bits for fully connected, 8 for conv
-LAYOUTS = ("auto", "relative", "bitmap")
+LAYOUTS = ("auto", "relative", "bitmap", "holes")
 CODEBOOK_DTYPES = {"float32": "<f4", "float16": "<f2"}
 ARRAY_STORAGE = ("float32", "float16")  # EncodeOptions.array_dtype: float arrays as they are, or rounded to fp16
 BITMAP_GROUP = 4  # a bitmap is coded as 4-position nibbles: a 16-symbol table stays tiny
@@ -73,8 +73,10 @@ class EncodeOptions:
             ``"ans"`` (closer to the entropy) or ``"none"``.
         index_bits: relative-index width, one int for all tensors or
             ``{name: bits}``; tensors not named get 5 (2-D) or 8 (conv) bits.
-        layout: positions as ``"relative"`` indices, a ``"bitmap"``, or
-            ``"auto"``: whichever is smaller for each tensor.
+        layout: positions as ``"relative"`` indices, a ``"bitmap"``, the
+            ``"holes"`` (relative indices of the weights *not* kept: nothing at
+            all for a tensor kept whole), or ``"auto"``: whichever is smallest
+            for each tensor.
         codebook_dtype: ``"float32"`` (exact) or ``"float16"`` (rounds the codebook).
         array_dtype: ``"float32"`` stores every plain array (biases,
             LayerNorm, any weight not compressed) in its own dtype, exactly;
@@ -192,8 +194,15 @@ def _bitmap_symbols(ct: CompressedTensor) -> np.ndarray:
     return (bits.reshape(-1, BITMAP_GROUP) @ (1 << np.arange(BITMAP_GROUP - 1, -1, -1))).astype(np.uint8)
 
 
+def _holes(ct: CompressedTensor) -> np.ndarray:
+    """The flat positions not kept, in increasing order."""
+    kept = np.zeros(ct.numel, dtype=bool)
+    kept[ct.positions] = True
+    return np.flatnonzero(~kept)
+
+
 def encode_positions(ct: CompressedTensor, index_bits: int, layout: str, coder: str) -> tuple[str, EncodedStream]:
-    """Code a tensor's positions as relative indices or a bitmap (the smaller under ``"auto"``).
+    """Code a tensor's positions as relative indices, a bitmap or holes (the smallest under ``"auto"``).
 
     Returns:
         ``(layout, stream)`` with the layout actually used.
@@ -203,6 +212,8 @@ def encode_positions(ct: CompressedTensor, index_bits: int, layout: str, coder: 
         candidates.append(("relative", encode_stream(encode_relative(ct.positions, index_bits), coder, index_bits)))
     if layout in ("auto", "bitmap"):
         candidates.append(("bitmap", encode_stream(_bitmap_symbols(ct), coder, BITMAP_GROUP)))
+    if layout in ("auto", "holes"):
+        candidates.append(("holes", encode_stream(encode_relative(_holes(ct), index_bits), coder, index_bits)))
     return min(candidates, key=lambda c: c[1].nbytes)  # ties keep relative, the paper's layout
 
 
@@ -493,15 +504,23 @@ def _decode_positions(entry: dict, numel: int, nnz: int, reader: _Reader, where:
         if status != kernels.OK:
             raise FileFormatError(f"{where}: bitmap has bits set past the tensor's end")
         return positions
-    if layout != "relative":
-        raise FileFormatError(f"{where}: unknown index layout {show_value(layout)} (relative or bitmap)")
+    if layout not in ("relative", "holes"):
+        raise FileFormatError(f"{where}: unknown index layout {show_value(layout)} (relative, bitmap or holes)")
     index_bits = _count(ref, "ib", where, 16)
     stream = reader.stream(ref, where)
     if index_bits < 1 or (stream.size and int(stream.max()) >= 1 << index_bits):
         raise FileFormatError(f"{where}: a relative index does not fit in ib={index_bits} bits")
-    _check_kept(kernels.relative_count(stream, np.int64((1 << index_bits) - 1)), nnz, where)
-    reader.charge(nnz, where, "positions")
-    return decode_relative(stream, index_bits)
+    listed = int(kernels.relative_count(stream, np.int64((1 << index_bits) - 1)))
+    if layout == "relative":
+        _check_kept(listed, nnz, where)
+        reader.charge(nnz, where, "positions")
+        return decode_relative(stream, index_bits)
+    _check_kept(numel - listed, nnz, where)
+    reader.charge(listed + nnz, where, "holes and positions")
+    holes = decode_relative(stream, index_bits)
+    if holes.size and holes[-1] >= numel:
+        raise FileFormatError(f"{where}: a hole at {int(holes[-1])} is past the tensor's end ({numel} weights)")
+    return kernels.complement_positions(holes, np.int64(numel))
 
 
 def _declared(entry: dict, where: str) -> int:
