@@ -93,3 +93,10 @@ def test_shipped_calibration_text_is_disjoint_from_the_benchmark_text():
     evaluated = {norm(t) for t in sentences} | {norm(t) for p in pairs for t in p[:2]}
     assert len(evaluated) == 900  # 300 sentences and 600 pair sentences, all different
     assert not evaluated & {norm(t) for t in calibration}
+
+
+def test_a_data_root_may_start_with_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "data" / "mnist").mkdir(parents=True)
+    with pytest.raises(DeepShrinkError, match=r"t10k-images-idx3-ubyte\[\.gz\] not found in .*data/mnist"):
+        load_mnist("~/data", "test")

@@ -22,7 +22,7 @@ def data_dir(path: str | os.PathLike | None = None, subdir: str = "") -> Path:
             f"no data directory: pass one (--data-dir / data_dir=) or set ${ENV_VAR} "
             f"to the folder holding {subdir or 'the data sets'}/"
         )
-    full = Path(root) / subdir
+    full = Path(root).expanduser() / subdir  # "~/data" in Python as on the command line
     if not full.is_dir():
         raise DeepShrinkError(f"data directory {full} does not exist")
     return full
