@@ -39,3 +39,23 @@ def test_bench_minilm_rows_on_a_tiny_bert(tmp_path: Path, write_tiny_bert, load_
         assert (folder / "minilm.png").stat().st_size > 1000
         assert "| torch qint8 |" in (folder / "minilm.md").read_text()
     assert [p.name for p in out.iterdir() if p.is_dir()] == []  # the settings' files were temporary
+
+
+def test_readme_minilm_rows_are_the_published_page() -> None:
+    """README's all-MiniLM-L6-v2 table repeats docs/results/minilm.md's figures (bytes, ratio, cosines, Spearman)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "results" / "minilm.md").read_text(encoding="utf-8")
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    published = {cells[0]: cells[1:6] for cells in _rows(page)}
+    names = {"torch dynamic qint8": "torch qint8", "deepshrink, 5-bit sharing alone": "deepshrink k-means 5 bits",
+             "deepshrink `minilm` recipe": "deepshrink minilm recipe", "fp16 + xz": "fp16 + xz"}  # fmt: skip
+    shown = {names[c[0]]: [re.sub(r"\*", "", v) for v in c[1:6]] for c in _rows(readme) if c[0] in names}
+    assert len(shown) == len(names)
+    for setting, figures in shown.items():
+        assert figures == published[setting], setting
+
+
+def _rows(text: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
