@@ -13,7 +13,9 @@ Each *setting* turns the model into a file and back into a model that embeds tex
 - deepshrink settings: a folder written by ``deepshrink.huggingface.save_pretrained``,
   reloaded with ``load_compressed`` (weights decoded once); its size is ``model.dsz``.
   ``deepshrink k-means 5 bits`` is weight sharing alone (every Linear and embedding, 5-bit
-  k-means, nothing pruned, no calibration, plain arrays in fp16): the API's plain path.
+  k-means, nothing pruned, no calibration, plain arrays in fp16): the API's plain path;
+  ``deepshrink minilm recipe`` the built-in recipe (calibrated sharing, distillation), and
+  ``..., 1 bit less`` the same with every layer one bit narrower (2 / 3 / 4 bits).
 
 Every row: the whole file's size and its ratio to the fp32 safetensors (90,868,376 bytes);
 the mean and minimum cosine between its sentence embeddings and the original's on the
@@ -59,7 +61,8 @@ from deepshrink.data.text import calibration_texts, read_texts
 from deepshrink.engine.runner import median_seconds
 from deepshrink.fileformat.codec import EncodeOptions
 from deepshrink.huggingface import MODEL_FILE, Pretrained, load_compressed, load_pretrained, save_pretrained
-from deepshrink.recipes import run_recipe
+from deepshrink.recipes import load_recipe, run_recipe
+from deepshrink.recipes.schema import ShareStage
 
 from bench_eie import save_png
 from common import ROOT, add_output, add_threads, start_run, write_results
@@ -150,14 +153,22 @@ def shared_5_bits(model_dir: Path, calib_texts: list[str], work: Path) -> Path:
     return work / "out"
 
 
-def minilm_recipe(model_dir: Path, calib_texts: list[str], work: Path) -> Path:
-    """The built-in ``minilm`` recipe (calibrated sharing at 3/4/5 bits, quantization-aware distillation)."""
-    texts = work / "calibration.txt"
-    texts.write_text("\n".join(calib_texts) + "\n", encoding="utf-8")
-    run_recipe(
-        "minilm", pretrained=str(model_dir), texts=str(texts), out=str(work / "out"), console=Console(stderr=True)
-    )
-    return work / "out"
+def minilm_recipe(bits_less: int = 0) -> Setting:
+    """The built-in ``minilm`` recipe (calibrated sharing at 3/4/5 bits, quantization-aware distillation),
+    with every layer's bits lowered by ``bits_less``: the next point of the size-fidelity trade-off."""
+
+    def build(model_dir: Path, calib_texts: list[str], work: Path) -> Path:
+        texts = work / "calibration.txt"
+        texts.write_text("\n".join(calib_texts) + "\n", encoding="utf-8")
+        recipe = load_recipe("minilm")
+        for stage in recipe.stages:
+            if isinstance(stage, ShareStage):
+                stage.bits = {layers: bits - bits_less for layers, bits in stage.bits.items()}
+        run_recipe(recipe, pretrained=str(model_dir), texts=str(texts), out=str(work / "out"),
+                   console=Console(stderr=True))  # fmt: skip
+        return work / "out"
+
+    return build
 
 
 #: name -> setting; the deepshrink rows are added here.
@@ -166,7 +177,8 @@ SETTINGS: dict[str, Setting] = {
     "fp16 + xz": fp16_xz,
     "torch qint8": torch_qint8,
     "deepshrink k-means 5 bits": shared_5_bits,
-    "deepshrink minilm recipe": minilm_recipe,
+    "deepshrink minilm recipe": minilm_recipe(),
+    "deepshrink minilm recipe, 1 bit less": minilm_recipe(bits_less=1),
 }
 
 
