@@ -272,6 +272,24 @@ def test_frozen_modules_keep_every_parameter_and_train_again_afterwards():
     assert any(trains.values())  # the centroids train again in a later fine-tuning
 
 
+def test_distillation_on_the_cpu_is_deterministic_and_restores_the_callers_setting():
+    torch.manual_seed(2)
+    teacher = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8))
+    batches = [torch.randn(16, 64) for _ in range(4)]
+    seen = []
+    students = []
+    for _ in range(2):
+        student = copy.deepcopy(teacher)
+        share_weights_(student, bits=2, progress=False)
+        student[0].register_forward_hook(lambda *_: seen.append(torch.are_deterministic_algorithms_enabled()))
+        distill(student, teacher, batches, DistillConfig(steps=8, lr=1e-2, progress=False))
+        students.append(student)
+    assert seen and all(seen) and not torch.are_deterministic_algorithms_enabled()
+    first, second = (s.state_dict() for s in students)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first if isinstance(first[k], torch.Tensor))
+
+
 def test_distill_rejects_unknown_hidden_or_frozen_modules():
     with pytest.raises(DeepShrinkError, match="hidden pattern"):
         distill(nn.Linear(2, 2), nn.Linear(2, 2), [torch.ones(1, 2)], DistillConfig(steps=1, hidden=("nope",)))

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from deepshrink.compress.calibrate import Batch, batch_to, call_model
 from deepshrink.compress.checkpoint import NO_CHECKPOINT, Checkpointer, NoCheckpoint, set_rng_state
 from deepshrink.compress.quantize import fix_sharing_, latent_sharing_
+from deepshrink.compress.train import deterministic_on_cpu
 from deepshrink.errors import DeepShrinkError
 from deepshrink.progress import progress_bar
 
@@ -240,7 +241,7 @@ def _distill(
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.5f}"), TimeRemainingColumn()]  # fmt: skip
     try:
-        with progress_bar(*columns, show=cfg.progress and rank == 0) as bar:
+        with progress_bar(*columns, show=cfg.progress and rank == 0) as bar, deterministic_on_cpu(device):
             task = bar.add_task("distilling", total=cfg.steps, completed=step, loss=float("nan"))
             while step < cfg.steps:
                 epoch, index = divmod(step, len(mine))
