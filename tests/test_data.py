@@ -78,7 +78,7 @@ def test_real_data_tests_skip_saying_how_to_get_the_data_unless_required(tmp_pat
 
 
 def test_shipped_calibration_text_is_disjoint_from_the_benchmark_text():
-    from deepshrink.data.text import calibration_texts, read_texts
+    from deepshrink.data.text import HELD_SENTENCES, calibration_texts, read_texts
 
     def norm(text: str) -> str:
         return " ".join(text.lower().split()).rstrip(".!?")
@@ -87,7 +87,11 @@ def test_shipped_calibration_text_is_disjoint_from_the_benchmark_text():
     calibration = calibration_texts()
     sentences = read_texts(root / "eval_sentences.txt")
     pairs = [line.split("\t") for line in read_texts(root / "eval_pairs.tsv")]
-    assert len(calibration) == len({norm(t) for t in calibration}) == 1500
+    assert len(calibration) == len({norm(t) for t in calibration}) == 1728
+    shipped, passages = calibration[:1500], calibration[1500:]
+    held = shipped[:HELD_SENTENCES]
+    joined = [s for s in shipped if any(s in p for p in passages)]
+    assert len(joined) == len(passages) * 6 == 1368 and not set(joined) & set(held)  # each sentence in one at most
     assert len(sentences) == 300 and len(pairs) == 300 and all(len(p) == 3 for p in pairs)
     assert sorted({p[2] for p in pairs}) == ["paraphrase", "related", "unrelated"]
     evaluated = {norm(t) for t in sentences} | {norm(t) for p in pairs for t in p[:2]}
