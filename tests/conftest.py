@@ -133,19 +133,38 @@ TINY_BERT_WORDS = ("the a cat dog bird sat ran flew on under over mat tree house
                    "park river road car bus train day night rain sun").split()  # fmt: skip
 
 
-def _write_tiny_bert(folder: Path, sentence_transformers: bool = True) -> Path:
-    """A randomly initialised BERT (vocabulary of 62, hidden 32, two layers) with its WordPiece tokenizer, saved in
-    the Hugging Face layout, with sentence-transformers' files around it (mean pooling, normalized) when asked."""
+def _tiny_config_and_tokenizer(family: str, vocab: Path, size: int) -> tuple[object, object]:
+    """A two-layer encoder of ``family`` (hidden 32) and its WordPiece tokenizer over ``vocab``."""
+    import transformers
+
+    if family == "bert":
+        config = transformers.BertConfig(vocab_size=size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+        return config, transformers.BertTokenizerFast(vocab_file=str(vocab))
+    if family == "distilbert":  # no token_type_ids, its own layer names
+        config = transformers.DistilBertConfig(vocab_size=size, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                               max_position_embeddings=64)  # fmt: skip
+        return config, transformers.DistilBertTokenizerFast(vocab_file=str(vocab))
+    if family == "electra":  # embeddings narrower than the encoder, projected up by a Linear
+        config = transformers.ElectraConfig(vocab_size=size, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+        return config, transformers.ElectraTokenizerFast(vocab_file=str(vocab))
+    raise ValueError(f"no tiny {family!r}")
+
+
+def _write_tiny_bert(folder: Path, sentence_transformers: bool = True, family: str = "bert") -> Path:
+    """A randomly initialised BERT (vocabulary of 62, hidden 32, two layers; or a DistilBERT or ELECTRA
+    ``family`` of that size) with its WordPiece tokenizer, saved in the Hugging Face layout, with
+    sentence-transformers' files around it (mean pooling, normalized) when asked."""
     import transformers
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", *TINY_BERT_WORDS, "##s", "##ed", "##ing", "##ly"]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    config, tokenizer = _tiny_config_and_tokenizer(family, folder / "vocab.txt", len(vocab))
+    tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=64)  # fmt: skip
-    model = transformers.BertModel(config)
+    model = transformers.AutoModel.from_config(config)
     with torch.no_grad():  # BERT's initialisation (std 0.02) makes every sentence alike; spread them apart
         for p in model.parameters():
             if p.dim() == 2:
@@ -165,7 +184,7 @@ def _write_tiny_bert(folder: Path, sentence_transformers: bool = True) -> Path:
 
 @pytest.fixture(scope="session")
 def write_tiny_bert() -> Callable[..., Path]:
-    """``write_tiny_bert(folder, sentence_transformers=True)`` writes a tiny BERT model folder (skips without
-    transformers)."""
+    """``write_tiny_bert(folder, sentence_transformers=True, family="bert")`` writes a tiny model folder (skips
+    without transformers)."""
     pytest.importorskip("transformers", reason="needs transformers: pip install 'deepshrink[hf]'")
     return _write_tiny_bert

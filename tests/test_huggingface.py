@@ -239,36 +239,11 @@ def test_a_pretrained_recipe_runs_the_whole_path_without_labels(tiny_dir: Path, 
         run_recipe(parse_recipe(labelled))
 
 
-def _retyped(folder: Path, family: str) -> Path:
-    """The tiny BERT folder rebuilt as another encoder family with the same WordPiece vocabulary."""
-    vocab = str(folder / "vocab.txt")
-    size = len(Path(vocab).read_text().split())
-    if family == "distilbert":  # no token_type_ids, its own layer names
-        config = transformers.DistilBertConfig(vocab_size=size, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                                               max_position_embeddings=64)  # fmt: skip
-        tokenizer = transformers.DistilBertTokenizerFast(vocab_file=vocab)
-    else:  # electra: embeddings narrower than the encoder, projected up by a Linear
-        config = transformers.ElectraConfig(vocab_size=size, embedding_size=16, hidden_size=32, num_hidden_layers=2,
-                                            num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)  # fmt: skip
-        tokenizer = transformers.ElectraTokenizerFast(vocab_file=vocab)
-    for stale in [*folder.glob("tokenizer*"), folder / "special_tokens_map.json", folder / "model.safetensors"]:
-        stale.unlink(missing_ok=True)
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    model = transformers.AutoModel.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    model.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize("family", ["distilbert", "electra"])
 def test_other_encoder_families_run_the_whole_path(write_tiny_bert, tmp_path: Path, family: str) -> None:
     from deepshrink.recipes import parse_recipe, run_recipe
 
-    folder = _retyped(write_tiny_bert(tmp_path / family), family)
+    folder = write_tiny_bert(tmp_path / family, family=family)
     texts = tmp_path / "calib.txt"
     texts.write_text("\n".join(f"{t} {w}" for t in TEXTS for w in ("cat", "dog", "bird", "tree", "red", "old")))
     stages = [{"prune": {"method": "wanda", "sparsity": 0.5, "epochs": 0}},
