@@ -31,7 +31,7 @@ class BuildWithOpenMP(build_ext):
             return super().build_extension(ext)
 
 
-flags = [] if sys.platform == "win32" else ["-O3", "-pthread"]
+flags = [] if sys.platform == "win32" else ["-O3", "-pthread", "-ffp-contract=off"]
 setup(
     cmdclass={"build_ext": BuildWithOpenMP},
     ext_modules=[

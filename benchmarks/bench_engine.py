@@ -177,7 +177,7 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 def bench_lenet(net: str, path: Path, test: tuple[torch.Tensor, torch.Tensor], images: int, repeats: int) -> dict:
     """Accuracy on all test images (engine fp32 / fixed16 vs decoded) and batch-1 images/s."""
-    dense, engine, fixed = decoded_model(path), from_file(path), from_file(path, fixed_point=True)
+    dense, engine, fixed = decoded_model(path), from_file(path), from_file(path, arithmetic="fixed16")
     x, y = test
     row = {"net": net, "file": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
            "file_bytes": path.stat().st_size}  # fmt: skip

@@ -20,6 +20,7 @@ from deepshrink.engine import (
     engine_layers,
     from_file,
     kernels,
+    matrix,
 )
 from deepshrink.engine.fixedpoint import fraction_bits, from_fixed, to_fixed
 from deepshrink.engine.matrix import segmented_stream, sliced_rows
@@ -136,7 +137,7 @@ def test_sliced_batch1_kernel_matches_dense(rows: int, cols: int, density: float
        active=st.floats(0, 1), fixed=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
 def test_every_batch1_kernel_matches_dense_on_any_matrix(rows, cols, density, bits, active, fixed, seed) -> None:
     t = random_tensor(rows, cols, density, seed=seed, bits=bits)
-    m = SparseMatrix(t, workers=2, fixed_point=fixed)
+    m = SparseMatrix(t, workers=2, arithmetic="fixed16" if fixed else "float32")
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(cols) * (rng.random(cols) < active)).astype(np.float32)
     expected = t.to_dense().numpy().astype(np.float64) @ x
@@ -177,7 +178,7 @@ def test_kernels_in_fixed_point_are_exact_integer_sums() -> None:
     dense = np.zeros(t.numel, dtype=np.int64)
     dense[t.positions] = cb[t.codes]
     dense = dense.reshape(300, 200)
-    m = SparseMatrix(t, workers=2, fixed_point=True)
+    m = SparseMatrix(t, workers=2, arithmetic="fixed16")
     np.testing.assert_array_equal(m.codebook[:-1], cb)
     acc = np.zeros((2, m.local_rows), dtype=np.int64)
     out = np.empty(300, dtype=np.float32)
@@ -251,7 +252,7 @@ def test_batches_go_per_sample_while_that_visits_fewer_weights() -> None:
 def test_fixed_point_matches_reference_exactly(batch: int) -> None:
     t = random_tensor(500, 300, 0.1, seed=7)
     x = np.maximum(np.random.default_rng(8).standard_normal((batch, 300)), 0).astype(np.float32) * 3
-    np.testing.assert_array_equal(SparseMatrix(t, fixed_point=True).matmul(x), fixed_point_reference(t, x))
+    np.testing.assert_array_equal(SparseMatrix(t, arithmetic="fixed16").matmul(x), fixed_point_reference(t, x))
 
 
 def test_all_zero_input_and_weights() -> None:
@@ -259,7 +260,7 @@ def test_all_zero_input_and_weights() -> None:
     assert not SparseMatrix(t).matvec(np.ones(30, np.float32)).any()
     t = random_tensor(40, 30, 0.3)
     assert not SparseMatrix(t).matvec(np.zeros(30, np.float32)).any()
-    assert not SparseMatrix(t, fixed_point=True).matvec(np.zeros(30, np.float32)).any()
+    assert not SparseMatrix(t, arithmetic="fixed16").matvec(np.zeros(30, np.float32)).any()
 
 
 def test_bad_input_is_named() -> None:
@@ -353,7 +354,7 @@ def test_sparse_conv_in_fixed_point_matches_reference_per_image() -> None:
     t = random_tensor(6, 2 * 9, 0.4, seed=9)
     x = np.maximum(np.random.default_rng(10).standard_normal((3, 2, 7, 8)), 0).astype(np.float32)
     x[1] *= 50  # each image gets its own Q format: its result must not depend on the others
-    out = SparseMatrix(t, fixed_point=True).conv2d(x, (3, 3), (1, 1), (1, 1))
+    out = SparseMatrix(t, arithmetic="fixed16").conv2d(x, (3, 3), (1, 1), (1, 1))
     cb, cb_frac = to_fixed(t.codebook)
     dense = np.zeros(t.numel, dtype=np.int64)
     dense[t.positions] = cb[t.codes]
@@ -505,14 +506,22 @@ def test_lenet5_on_engine_equals_decoded(lenet5: nn.Module, mnist_test, batch: i
     assert_same_predictions(engine, lenet5, images, batch)
 
 
-def test_fixed_point_keeps_lenet300_accuracy(lenet300: nn.Module, mnist_test) -> None:
+@pytest.mark.parametrize(
+    ("arithmetic", "tolerance"),
+    [
+        ("fixed16", 0.003),  # EIE: 16 bits keep accuracy
+        pytest.param("int8", 0.005, marks=pytest.mark.skipif(matrix._simd is None, reason="int8 runs on the SIMD "
+                                                             "extension, not built here (pip install -e .)")),
+    ],
+)  # fmt: skip
+def test_fixed_point_keeps_lenet300_accuracy(lenet300: nn.Module, mnist_test, arithmetic: str, tolerance: float):
     images, labels = mnist_test
     floating, fixed = (
-        float((logits(compile_model(lenet300, fixed_point=f), images, 1000).argmax(1) == labels).float().mean())
-        for f in (False, True)
+        float((logits(compile_model(lenet300, arithmetic=a), images, 1000).argmax(1) == labels).float().mean())
+        for a in ("float32", arithmetic)
     )
     assert floating > 0.9, floating
-    assert abs(fixed - floating) <= 0.003, (floating, fixed)  # EIE: 16 bits keep accuracy
+    assert abs(fixed - floating) <= tolerance, (floating, fixed)
 
 
 def test_from_file_runs_the_saved_model(lenet300: nn.Module, mnist_test, tmp_path) -> None:
@@ -546,3 +555,10 @@ def test_cli_run_and_bench(lenet300: nn.Module, mnist_test, tmp_path, capsys) ->
     )
     assert "speed-up" in capsys.readouterr().out
     assert main(["run", str(path)]) == 2  # neither --input nor --data: a named error, not a traceback
+    run = ["run", str(path), "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y8.npy")]
+    assert main([*run, "--arithmetic", "int4"]) == 2
+    assert "arithmetic='int4' is not one of float32, fixed16, int8" in capsys.readouterr().err
+    if matrix._simd is not None:
+        assert main([*run, "--arithmetic", "int8"]) == 0
+        int8 = torch.from_numpy(np.load(tmp_path / "y8.npy"))
+        assert (int8.argmax(1) == logits(lenet300, images, 40).argmax(1)).float().mean() >= 0.95

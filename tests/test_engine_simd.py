@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deepshrink.engine import SparseMatrix, layouts, matrix
+from deepshrink.engine.fixedpoint import int8_matmul_reference
 from deepshrink.errors import DeepShrinkError
 from deepshrink.tensor import CompressedTensor
 
@@ -131,7 +132,7 @@ def test_convolutions_in_c_match_numba(isa, monkeypatch, stride, dilation, group
 
 def test_fixed_point_and_the_missing_extension_run_on_numba(monkeypatch) -> None:
     t = structured_tensor(50, 60, 0.5, "unstructured", 4, seed=4)
-    assert not SparseMatrix(t, fixed_point=True).simd
+    assert not SparseMatrix(t, arithmetic="fixed16").simd
     monkeypatch.setattr(matrix, "_simd", None)
     m = SparseMatrix(t, workers=2)
     assert not m.simd and m.kernels(1) == ("csc", "sliced") and m.kernels(4) == ("samples", "csr")
@@ -168,3 +169,105 @@ def test_kernels_check_their_buffers() -> None:
         _simd.panels_matmul(codes[:1], None, None, table, x, out, bias, 40, 30, 2, 30, 40, 1)
     with pytest.raises(ValueError, match="unknown instruction set 'sse9'"):
         _simd.set_isa("sse9")
+
+
+def int8_weights(t: CompressedTensor) -> np.ndarray:
+    """The ``(rows, cols)`` int8 weights the int8 products use: each code's centroid rounded with the layer's scale."""
+    values, _ = layouts.int8_codebook(t.codebook)
+    rows, cols = t.shape[0], int(np.prod(t.shape[1:]))
+    weights = np.zeros(rows * cols, dtype=np.int64)
+    weights[t.positions] = values[t.codes]
+    return weights.reshape(rows, cols)
+
+
+# bits 1-5 decode codes through the vpermb table, 6-8 (more than 63 values) store the int8 weights themselves
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(0, 70), cols=st.integers(0, 200), density=st.floats(0, 1),
+       structure=st.sampled_from(["unstructured", "blocks", "dense"]), bits=st.integers(1, 8),
+       batch=st.integers(1, 40), scale=st.sampled_from([1e-3, 1.0, 1e3]), seed=st.integers(0, 2**16))  # fmt: skip
+def test_int8_is_bit_exact_against_its_numpy_reference(isa, rows, cols, density, structure, bits, batch, scale, seed):
+    t = structured_tensor(rows, cols, density, structure, bits, seed)
+    m = SparseMatrix(t, workers=2, arithmetic="int8")
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((batch, cols)) * scale * (rng.random((batch, cols)) < 0.8)).astype(np.float32)
+    x[0] = 0.0  # an all-zero token: scale 0, the bias alone
+    bias = rng.standard_normal(rows).astype(np.float32)
+    expected = int8_matmul_reference(x, int8_weights(t), layouts.int8_codebook(t.codebook)[1], bias)
+    assert m.kernels(batch) == ("int8",) and m.kernel_for(x) == "int8"
+    np.testing.assert_array_equal(m.matmul(x, bias), expected)
+    np.testing.assert_array_equal(m.matvec(x[-1], bias), expected[-1])
+
+
+@pytest.mark.parametrize("batch", [1, 7, 8, 13, 24, 25, 100])
+def test_int8_on_every_token_count_and_thread_count(isa, batch: int) -> None:
+    """Both kernel families (one panel up to 7 tokens, two panels from 8), one and two threads, the same bits."""
+    t = structured_tensor(100, 130, 0.7, "unstructured", 4, seed=batch)
+    x = np.random.default_rng(batch).standard_normal((batch, 130)).astype(np.float32)
+    expected = int8_matmul_reference(
+        x, int8_weights(t), layouts.int8_codebook(t.codebook)[1], np.zeros(100, np.float32)
+    )
+    for workers in (1, 2):
+        np.testing.assert_array_equal(SparseMatrix(t, workers=workers, arithmetic="int8").matmul(x), expected)
+
+
+def test_int8_is_close_to_the_decoded_matrix_and_per_token() -> None:
+    """Errors of the size int8 rounding makes, and a token's result independent of the rest of its batch."""
+    t = structured_tensor(64, 256, 1.0, "dense", 4, seed=3)
+    m = SparseMatrix(t, arithmetic="int8")
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((10, 256)).astype(np.float32)
+    x[3] *= 1000.0  # a loud token must not coarsen the others' quantization
+    exact = x.astype(np.float64) @ t.to_dense().numpy().T.astype(np.float64)
+    out = m.matmul(x)
+    # each product term is off by at most half a step of x and of w: a bound per output
+    peak_x, peak_w = np.abs(x).max(axis=1, keepdims=True), np.abs(t.codebook).max()
+    bound = 256 * (peak_x / 127 * peak_w + peak_w / 127 * peak_x) / 2 + 1e-3
+    assert (np.abs(out - exact) <= bound).all()
+    np.testing.assert_array_equal(out[5], m.matmul(x[5:6])[0])
+    assert np.abs(out[5] - exact[5]).max() < 0.05 * np.abs(exact[5]).max()
+
+
+@pytest.mark.parametrize(("stride", "dilation", "padding"), [((1, 1), (1, 1), 1), ((2, 1), (1, 2), 0)])
+def test_int8_convolution_is_the_int8_product_of_its_patches(isa, stride, dilation, padding) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from deepshrink.engine import SparseConv2d
+
+    rng = np.random.default_rng(6)
+    t = structured_tensor(8, 3 * 3 * 3, 0.6, "unstructured", 4, seed=6)
+    t4 = CompressedTensor((8, 3, 3, 3), t.positions, t.codes, t.codebook, t.bits)
+    x = torch.from_numpy(rng.standard_normal((2, 3, 11, 9)).astype(np.float32))
+    bias = torch.from_numpy(rng.standard_normal(8).astype(np.float32))
+    conv = SparseConv2d(t4, bias, stride=stride, padding=padding, dilation=dilation, arithmetic="int8")
+    out = conv(x)
+    patches = F.unfold(x, (3, 3), dilation=dilation, padding=padding, stride=stride)  # (batch, 27, positions)
+    flat = patches.transpose(1, 2).reshape(-1, 27).numpy()
+    expected = int8_matmul_reference(flat, int8_weights(t), layouts.int8_codebook(t.codebook)[1], bias.numpy())
+    np.testing.assert_array_equal(out.permute(0, 2, 3, 1).reshape(-1, 8).numpy(), expected)
+    exact = F.conv2d(x, t4.to_dense(), bias, stride, padding, dilation)
+    assert out.shape == exact.shape and (out - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_int8_refuses_what_it_cannot_run(monkeypatch) -> None:
+    import torch
+
+    from deepshrink.engine import SparseConv2d, compile_model
+
+    t = structured_tensor(8, 27, 0.5, "unstructured", 4, seed=7)
+    with pytest.raises(DeepShrinkError, match="arithmetic='int4' is not one of float32, fixed16, int8"):
+        SparseMatrix(t, arithmetic="int4")
+    with pytest.raises(DeepShrinkError, match="is not one of"):
+        compile_model(torch.nn.Linear(2, 2), {}, arithmetic="bf16")
+    wide = CompressedTensor((1, 1 << 16), np.array([5]), np.array([0]), np.array([1.0], np.float32), 1)
+    with pytest.raises(DeepShrinkError, match="fewer than 65,536 columns"):
+        SparseMatrix(wide, arithmetic="int8")
+    with pytest.raises(DeepShrinkError, match="groups=1"):
+        SparseMatrix(t, arithmetic="int8").conv2d(np.zeros((1, 6, 5, 5), np.float32), (3, 3), (1, 1), (1, 1), None, 2)
+    grouped = CompressedTensor((8, 3, 3, 3), t.positions, t.codes, t.codebook, t.bits)
+    with pytest.warns(UserWarning, match="runs in float32"):
+        conv = SparseConv2d(grouped, groups=2, arithmetic="int8")
+    assert conv.matrix.arithmetic == "float32"
+    monkeypatch.setattr(matrix, "_simd", None)
+    with pytest.raises(DeepShrinkError, match="SIMD extension"):
+        SparseMatrix(t, arithmetic="int8")

@@ -18,6 +18,7 @@ import torch
 
 from deepshrink.compress.prune import prune_
 from deepshrink.compress.quantize import share_weights_
+from deepshrink.engine import matrix
 from deepshrink.errors import DeepShrinkError, FileFormatError
 from deepshrink.fileformat.info import size_breakdown
 
@@ -74,6 +75,13 @@ def test_compressed_model_saves_and_reloads_computing_the_same(tiny_dir: Path, t
     engine = load_compressed(out, engine=True)
     assert sum(type(m).__name__ == "SparseLinear" for m in engine.model.modules()) == 13  # 6 a layer, the pooler
     torch.testing.assert_close(engine.embed(TEXTS, batch_size=4), expected, atol=1e-6, rtol=0)
+    if matrix._simd is not None:  # int8: per-token activations and codebooks rounded to int8
+        int8 = load_compressed(out, engine=True, arithmetic="int8").embed(TEXTS, batch_size=4)
+        assert torch.nn.functional.cosine_similarity(int8, expected).min() > 0.99
+    with pytest.raises(DeepShrinkError, match="pass engine=True"):
+        load_compressed(out, arithmetic="int8")
+    with pytest.raises(DeepShrinkError, match="is not one of"):
+        load_compressed(out, engine=True, arithmetic="int7")
     from deepshrink.fileformat.model_io import read
 
     meta = read(out / MODEL_FILE).metadata

@@ -339,7 +339,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from deepshrink.engine.runner import predict, save_npy
 
     inputs, labels = _engine_inputs(args)
-    model = from_file(args.file, trust_factory=args.trust_factory, fixed_point=args.fixed_point)
+    model = from_file(args.file, trust_factory=args.trust_factory, arithmetic=args.arithmetic)
     start = time.perf_counter()
     out = predict(model, inputs, args.batch_size)
     seconds = time.perf_counter() - start
@@ -598,7 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a .dsz file on the sparse inference engine (inputs from .npy or a test set)")
     _engine_options(p)
     p.add_argument("--batch-size", type=_positive_int, default=1)
-    p.add_argument("--fixed-point", action="store_true", help="EIE's 16-bit fixed-point arithmetic")
+    p.add_argument("--arithmetic", default="float32",
+                   help="float32 (default: the decoded model's outputs), fixed16 (EIE's 16-bit fixed point) or int8 "
+                   "(per-token int8 on VNNI: fastest, approximate)")  # fmt: skip
     p.add_argument("--output", help="write the outputs here as .npy")
     p.set_defaults(func=_cmd_run)
 

@@ -465,7 +465,9 @@ def save_pretrained(
     return size
 
 
-def load_compressed(out_dir: str | os.PathLike, *, engine: bool = False, max_elements: int | None = None) -> Pretrained:
+def load_compressed(
+    out_dir: str | os.PathLike, *, engine: bool = False, arithmetic: str = "float32", max_elements: int | None = None
+) -> Pretrained:
     """Rebuild a model that :func:`save_pretrained` wrote, for inference.
 
     The model is built from the folder's config.json by the transformers class
@@ -477,6 +479,10 @@ def load_compressed(out_dir: str | os.PathLike, *, engine: bool = False, max_ele
         engine: run the compressed layers on deepshrink's engine
             (:func:`deepshrink.engine.compile_model`); by default every weight is
             decoded once into a plain dense model, as fast as the original.
+        arithmetic: the engine's arithmetic (``engine=True`` only): ``"float32"``
+            (outputs those of the dense model up to rounding) or ``"int8"`` (per-token
+            int8 on VNNI: faster than torch's dynamic qint8, approximate); see
+            :func:`deepshrink.engine.compile_model`.
         max_elements: the most elements reading and decoding the file may
             allocate (default ``2**26``; see :func:`deepshrink.read`).
 
@@ -485,10 +491,19 @@ def load_compressed(out_dir: str | os.PathLike, *, engine: bool = False, max_ele
 
     Raises:
         DeepShrinkError: transformers is missing, the folder lacks
-            ``model.dsz`` or config.json, or the config needs remote code.
+            ``model.dsz`` or config.json, the config needs remote code, or
+            ``arithmetic`` is unknown or given without ``engine=True``.
         FileFormatError: the file is damaged, was not written by
             :func:`save_pretrained`, or does not fit the model the config builds.
     """
+    if arithmetic != "float32" and not engine:
+        raise DeepShrinkError(f"arithmetic={arithmetic!r} is the engine's: pass engine=True")
+    if engine:
+        from deepshrink.engine.compile import compile_model
+        from deepshrink.engine.matrix import ARITHMETICS
+
+        if arithmetic not in ARITHMETICS:
+            raise DeepShrinkError(f"arithmetic={arithmetic!r} is not one of {', '.join(ARITHMETICS)}")
     root = Path(out_dir)
     if not (root / MODEL_FILE).is_file():
         raise DeepShrinkError(f"no {MODEL_FILE} in {root}: not a folder save_pretrained wrote")
@@ -505,9 +520,7 @@ def load_compressed(out_dir: str | os.PathLike, *, engine: bool = False, max_ele
     model = cls(config)
     try:
         if engine:
-            from deepshrink.engine.compile import compile_model
-
-            model = compile_model(load_into(model, contents), contents.tensors, inplace=True)
+            model = compile_model(load_into(model, contents), contents.tensors, arithmetic=arithmetic, inplace=True)
         else:
             dense = {n: ct.to_dense() for n, ct in contents.tensors.items()}
             model.load_state_dict({**dense, **contents.arrays}, strict=True)

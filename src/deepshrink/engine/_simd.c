@@ -31,6 +31,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 #if defined(_OPENMP)
@@ -484,6 +485,316 @@ static void panels_matmul_run(const Panels *P, const float *table, const float *
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* int8_matmul: products in int8 on VNNI, for arithmetic="int8".
+ *
+ * W in 16-row panels of one-byte codes grouped by four columns: in the 64-byte vector of panel
+ * p, group c, byte 4i + q is the code of row 16p + i, column 4c + q (rows and columns padded with
+ * a code whose value is 0). One vpermb through the layer's table (its codebook as int8, at most 64
+ * values, one scale for the layer) decodes 64 weights straight into the order vpdpbusd reads
+ * (table NULL: the bytes are the int8 weights themselves, for codebooks of more than 64 values).
+ * Each token is quantized on its own, q = rint(x * 127 / max|x|), and stored as q + 128 (an
+ * unsigned byte: vpdpbusd multiplies unsigned by signed), four columns to a dword, so one
+ * broadcast and one vpdpbusd make 64 multiply-adds into exact int32 sums (|sum| <= cols * 255 *
+ * 127 < 2^31 below 65,536 columns). Then out = float(sum - 128 rowsum) * (scale_t * wscale) +
+ * bias, multiply and add rounded apart: bit-exact against the NumPy reference
+ * (deepshrink.engine.layouts.int8_reference) on every instruction set. */
+
+#define INT8_TABLE 64       /* values one vpermb decodes from */
+#define INT8_PAIR_TOKENS 12 /* tokens of a block run two panels at a time (2 x 12 accumulators) */
+#define INT8_PAIR_MIN 8     /* fewest tokens that run the pair kernels */
+
+typedef struct {
+    const uint8_t *codes;
+    const int8_t *table; /* NULL: codes are the weights */
+    const int32_t *rowsum;
+    float wscale;
+    int64_t groups, rows, panels;
+} Int8Panels;
+
+/* A block of tokens quantized: x[c * n + t] holds token t's four bytes of column group c. */
+typedef struct {
+    int64_t first, n;
+    uint32_t *x;
+    float *scale; /* per token: max|x| / 127 */
+} Int8Tokens;
+
+static float int8_inverse(float peak) { return peak > 0.0f ? 127.0f / peak : 0.0f; }
+static float int8_scale(float peak) { return peak > 0.0f ? peak / 127.0f : 0.0f; }
+
+static void quantize_portable(const float *x, int64_t n_cols, int64_t groups, int64_t stride, uint8_t *q, float *scale) {
+    float peak = 0.0f;
+    for (int64_t k = 0; k < n_cols; k++) peak = fabsf(x[k]) > peak ? fabsf(x[k]) : peak;
+    float inv = int8_inverse(peak);
+    *scale = int8_scale(peak);
+    for (int64_t c = 0; c < groups; c++)
+        for (int r = 0; r < 4; r++) {
+            int64_t k = 4 * c + r;
+            float v = k < n_cols ? nearbyintf(x[k] * inv) : 0.0f;
+            v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+            q[c * stride + r] = (uint8_t)((int)v + 128);
+        }
+}
+
+static int64_t int8_weight(const Int8Panels *P, const uint8_t *vec, int lane) {
+    return P->table ? P->table[vec[lane] & (INT8_TABLE - 1)] : (int8_t)vec[lane];
+}
+
+static void int8_panel_portable(const Int8Panels *P, const Int8Tokens *b, int64_t p, int32_t *acc) {
+    memset(acc, 0, sizeof(int32_t) * LANES * b->n);
+    const uint8_t *codes = P->codes + 64 * p * P->groups;
+    for (int64_t c = 0; c < P->groups; c++)
+        for (int64_t t = 0; t < b->n; t++) {
+            const uint8_t *xb = (const uint8_t *)&b->x[c * b->n + t];
+            for (int i = 0; i < LANES; i++)
+                for (int r = 0; r < 4; r++) acc[t * LANES + i] += (int32_t)xb[r] * (int32_t)int8_weight(P, codes + 64 * c, 4 * i + r);
+        }
+}
+
+#if HAVE_X86
+#define AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi")))
+static int use_vnni = 0;
+
+AVX512VNNI static void quantize_avx512(const float *x, int64_t n_cols, int64_t groups, int64_t stride, uint8_t *q,
+                                       float *scale) {
+    __m512 peak = _mm512_setzero_ps();
+    for (int64_t k = 0; k < n_cols; k += 16) {
+        __mmask16 m = n_cols - k >= 16 ? 0xFFFF : (__mmask16)((1u << (n_cols - k)) - 1);
+        peak = _mm512_max_ps(peak, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + k)));
+    }
+    float top = _mm512_reduce_max_ps(peak);
+    __m512 inv = _mm512_set1_ps(int8_inverse(top));
+    *scale = int8_scale(top);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), zero = _mm512_set1_epi32(128);
+    for (int64_t c = 0; c < groups; c += 4) { /* 16 columns: four groups */
+        int64_t k = 4 * c;
+        __mmask16 m = n_cols - k >= 16 ? 0xFFFF : n_cols > k ? (__mmask16)((1u << (n_cols - k)) - 1) : 0;
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k), inv));
+        v = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(v, lo), hi), zero);
+        uint32_t words[4];
+        _mm_storeu_si128((__m128i *)words, _mm512_cvtepi32_epi8(v));
+        for (int64_t g = 0; g < 4 && c + g < groups; g++) memcpy(q + (c + g) * stride, &words[g], 4);
+    }
+}
+
+#define WEIGHTS(ptr) (P->table ? _mm512_permutexvar_epi8(QUAD(ptr), table) : QUAD(ptr))
+
+/* One panel for NT tokens; KU sets of accumulators when NT is small, so the chains stay independent. */
+#define DEFINE_INT8_KERNEL(NT, KU)                                                                           \
+    AVX512VNNI static void int8_panel_##NT(const Int8Panels *P, const Int8Tokens *b, int64_t p, int32_t *acc) { \
+        __m512i table = P->table ? _mm512_loadu_si512((const void *)P->table) : _mm512_setzero_si512();       \
+        __m512i a[KU][NT];                                                                                   \
+        UNROLL for (int u = 0; u < KU; u++) UNROLL for (int t = 0; t < NT; t++) a[u][t] = _mm512_setzero_si512(); \
+        const uint8_t *codes = P->codes + 64 * p * P->groups;                                                \
+        const int32_t *x = (const int32_t *)b->x;                                                            \
+        int64_t n = P->groups, c = 0;                                                                        \
+        for (; c + KU <= n; c += KU)                                                                         \
+            UNROLL for (int u = 0; u < KU; u++) {                                                            \
+                __m512i w = WEIGHTS(codes + 64 * (c + u));                                                   \
+                UNROLL for (int t = 0; t < NT; t++)                                                          \
+                    a[u][t] = _mm512_dpbusd_epi32(a[u][t], _mm512_set1_epi32(x[(c + u) * NT + t]), w);       \
+            }                                                                                                \
+        for (; c < n; c++) {                                                                                 \
+            __m512i w = WEIGHTS(codes + 64 * c);                                                             \
+            UNROLL for (int t = 0; t < NT; t++) a[0][t] = _mm512_dpbusd_epi32(a[0][t], _mm512_set1_epi32(x[c * NT + t]), w); \
+        }                                                                                                    \
+        UNROLL for (int u = 1; u < KU; u++) UNROLL for (int t = 0; t < NT; t++) a[0][t] = _mm512_add_epi32(a[0][t], a[u][t]); \
+        UNROLL for (int t = 0; t < NT; t++) _mm512_storeu_si512((void *)(acc + t * LANES), a[0][t]);        \
+    }
+
+DEFINE_INT8_KERNEL(1, 4)
+DEFINE_INT8_KERNEL(2, 2)
+DEFINE_INT8_KERNEL(3, 2)
+DEFINE_INT8_KERNEL(4, 1)
+DEFINE_INT8_KERNEL(5, 1)
+DEFINE_INT8_KERNEL(6, 1)
+DEFINE_INT8_KERNEL(7, 1)
+DEFINE_INT8_KERNEL(8, 1)
+DEFINE_INT8_KERNEL(9, 1)
+DEFINE_INT8_KERNEL(10, 1)
+DEFINE_INT8_KERNEL(11, 1)
+DEFINE_INT8_KERNEL(12, 1)
+DEFINE_INT8_KERNEL(13, 1)
+DEFINE_INT8_KERNEL(14, 1)
+DEFINE_INT8_KERNEL(15, 1)
+DEFINE_INT8_KERNEL(16, 1)
+DEFINE_INT8_KERNEL(17, 1)
+DEFINE_INT8_KERNEL(18, 1)
+DEFINE_INT8_KERNEL(19, 1)
+DEFINE_INT8_KERNEL(20, 1)
+DEFINE_INT8_KERNEL(21, 1)
+DEFINE_INT8_KERNEL(22, 1)
+DEFINE_INT8_KERNEL(23, 1)
+DEFINE_INT8_KERNEL(24, 1)
+
+typedef void (*Int8Kernel)(const Int8Panels *, const Int8Tokens *, int64_t, int32_t *);
+static const Int8Kernel int8_kernels[TOKENS_MAX + 1] = {
+    NULL,    int8_panel_1,  int8_panel_2,  int8_panel_3,  int8_panel_4,  int8_panel_5,  int8_panel_6,
+    int8_panel_7,  int8_panel_8,  int8_panel_9,  int8_panel_10, int8_panel_11, int8_panel_12, int8_panel_13,
+    int8_panel_14, int8_panel_15, int8_panel_16, int8_panel_17, int8_panel_18, int8_panel_19, int8_panel_20,
+    int8_panel_21, int8_panel_22, int8_panel_23, int8_panel_24};
+
+/* Two panels for NT tokens (batches): each broadcast activation feeds both panels' vpdpbusd,
+ * half the loads of one panel at a time. acc: panel p's NT x 16 sums, then panel p + 1's. */
+#define DEFINE_INT8_PAIR(NT)                                                                                  \
+    AVX512VNNI static void int8_pair_##NT(const Int8Panels *P, const Int8Tokens *b, int64_t p, int32_t *acc) { \
+        __m512i table = P->table ? _mm512_loadu_si512((const void *)P->table) : _mm512_setzero_si512();       \
+        __m512i a0[NT], a1[NT];                                                                              \
+        UNROLL for (int t = 0; t < NT; t++) a0[t] = a1[t] = _mm512_setzero_si512();                          \
+        const uint8_t *c0 = P->codes + 64 * p * P->groups, *c1 = c0 + 64 * P->groups;                       \
+        const int32_t *x = (const int32_t *)b->x;                                                            \
+        for (int64_t c = 0; c < P->groups; c++) {                                                            \
+            __m512i w0 = WEIGHTS(c0 + 64 * c), w1 = WEIGHTS(c1 + 64 * c);                                    \
+            UNROLL for (int t = 0; t < NT; t++) {                                                            \
+                __m512i v = _mm512_set1_epi32(x[c * NT + t]);                                                \
+                a0[t] = _mm512_dpbusd_epi32(a0[t], v, w0);                                                   \
+                a1[t] = _mm512_dpbusd_epi32(a1[t], v, w1);                                                   \
+            }                                                                                                \
+        }                                                                                                    \
+        UNROLL for (int t = 0; t < NT; t++) {                                                                \
+            _mm512_storeu_si512((void *)(acc + t * LANES), a0[t]);                                           \
+            _mm512_storeu_si512((void *)(acc + (NT + t) * LANES), a1[t]);                                    \
+        }                                                                                                    \
+    }
+
+DEFINE_INT8_PAIR(1)
+DEFINE_INT8_PAIR(2)
+DEFINE_INT8_PAIR(3)
+DEFINE_INT8_PAIR(4)
+DEFINE_INT8_PAIR(5)
+DEFINE_INT8_PAIR(6)
+DEFINE_INT8_PAIR(7)
+DEFINE_INT8_PAIR(8)
+DEFINE_INT8_PAIR(9)
+DEFINE_INT8_PAIR(10)
+DEFINE_INT8_PAIR(11)
+DEFINE_INT8_PAIR(12)
+
+static const Int8Kernel int8_pairs[INT8_PAIR_TOKENS + 1] = {
+    NULL, int8_pair_1, int8_pair_2, int8_pair_3, int8_pair_4,  int8_pair_5, int8_pair_6,
+    int8_pair_7, int8_pair_8, int8_pair_9, int8_pair_10, int8_pair_11, int8_pair_12};
+#endif
+
+typedef struct {
+    const Int8Panels *P;
+    const Int8Tokens *blocks;
+    const float *bias;
+    float *out;
+    int64_t ldo, n_blocks, step; /* step: panels a unit of work covers (2: the pair kernels) */
+} Int8Job;
+
+/* Sums to outputs, one multiply and one add each in float32 (the reference's operations). */
+static void int8_store(const Int8Job *j, const int32_t *acc, const Int8Tokens *b, int64_t p) {
+    const Int8Panels *P = j->P;
+    int64_t row0 = p * LANES, n = min64(P->rows - row0, LANES);
+    for (int64_t t = 0; t < b->n; t++) {
+        float s = b->scale[t] * P->wscale;
+        float *o = j->out + (b->first + t) * j->ldo + row0;
+        for (int64_t i = 0; i < n; i++) {
+            float v = (float)(acc[t * LANES + i] - 128 * P->rowsum[row0 + i]) * s;
+            o[i] = v + j->bias[row0 + i];
+        }
+    }
+}
+
+#if HAVE_X86
+AVX512VNNI static void int8_store_avx512(const Int8Job *j, const int32_t *acc, const Int8Tokens *b, int64_t p) {
+    const Int8Panels *P = j->P;
+    int64_t row0 = p * LANES, n = min64(P->rows - row0, LANES);
+    __mmask16 m = n == LANES ? 0xFFFF : (__mmask16)((1u << n) - 1);
+    __m512i zero_point = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(P->rowsum + row0)), 7);
+    __m512 bias = _mm512_maskz_loadu_ps(m, j->bias + row0);
+    for (int64_t t = 0; t < b->n; t++) {
+        __m512i sums = _mm512_sub_epi32(_mm512_loadu_si512((const void *)(acc + t * LANES)), zero_point);
+        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(b->scale[t] * P->wscale));
+        _mm512_mask_storeu_ps(j->out + (b->first + t) * j->ldo + row0, m, _mm512_add_ps(v, bias));
+    }
+}
+#endif
+
+/* Unit u of token block bi: panels step u .. step u + step - 1. */
+static void int8_block(const Int8Job *j, int64_t u, int64_t bi) {
+    int32_t acc[LANES * TOKENS_MAX] __attribute__((aligned(64)));
+    const Int8Tokens *b = &j->blocks[bi];
+    int64_t first = u * j->step, last = min64(first + j->step, j->P->panels);
+#if HAVE_X86
+    if (use_vnni) {
+        if (last - first == 2) {
+            int8_pairs[b->n](j->P, b, first, acc);
+            int8_store_avx512(j, acc, b, first);
+            int8_store_avx512(j, acc + b->n * LANES, b, first + 1);
+            return;
+        }
+        int8_kernels[b->n](j->P, b, first, acc);
+        int8_store_avx512(j, acc, b, first);
+        return;
+    }
+#endif
+    for (int64_t p = first; p < last; p++) {
+        int8_panel_portable(j->P, b, p, acc);
+        int8_store(j, acc, b, p);
+    }
+}
+
+static void int8_panel_chunk(const void *ctx, int64_t u) {
+    const Int8Job *j = ctx;
+    for (int64_t bi = 0; bi < j->n_blocks; bi++) int8_block(j, u, bi);
+}
+
+static void int8_token_chunk(const void *ctx, int64_t bi) {
+    const Int8Job *j = ctx;
+    for (int64_t u = 0; u * j->step < j->P->panels; u++) int8_block(j, u, bi);
+}
+
+typedef struct {
+    const float *x;
+    int64_t ldx, n_cols, groups;
+    Int8Tokens *blocks;
+    int64_t per_block;
+} QuantizeJob;
+
+static void quantize_chunk(const void *ctx, int64_t token) {
+    const QuantizeJob *q = ctx;
+    const Int8Tokens *b = &q->blocks[token / q->per_block];
+    int64_t t = token - b->first;
+    uint8_t *dst = (uint8_t *)(b->x + t);
+    const float *x = q->x + token * q->ldx;
+#if HAVE_X86
+    if (use_vnni)
+        quantize_avx512(x, q->n_cols, q->groups, 4 * b->n, dst, &b->scale[t]);
+    else
+#endif
+        quantize_portable(x, q->n_cols, q->groups, 4 * b->n, dst, &b->scale[t]);
+}
+
+static void int8_matmul_run(const Int8Panels *P, const float *x, int64_t ldx, int64_t n_cols, float *out, int64_t ldo,
+                            const float *bias, int64_t tokens, int threads) {
+    /* batches: blocks of at most 12 tokens, two panels at a time; else every token, one panel at a time */
+    int64_t step = tokens >= INT8_PAIR_MIN ? 2 : 1, most = step == 2 ? INT8_PAIR_TOKENS : TOKENS_MAX;
+    int64_t n_blocks = (tokens + most - 1) / most;
+    int64_t per_block = (tokens + n_blocks - 1) / n_blocks;
+    Int8Tokens *blocks = malloc(sizeof(Int8Tokens) * n_blocks);
+    uint32_t *xs = malloc(sizeof(uint32_t) * P->groups * tokens);
+    float *scales = malloc(sizeof(float) * tokens);
+    for (int64_t bi = 0; bi < n_blocks; bi++) {
+        Int8Tokens *b = &blocks[bi];
+        b->first = bi * per_block;
+        b->n = min64(tokens - b->first, per_block);
+        b->x = xs + b->first * P->groups;
+        b->scale = scales + b->first;
+    }
+    QuantizeJob qj = {x, ldx, n_cols, P->groups, blocks, per_block};
+    parallel_chunks(quantize_chunk, &qj, tokens, tokens * n_cols >= 65536 ? threads : 1);
+    Int8Job job = {P, blocks, bias, out, ldo, n_blocks, step};
+    if (n_blocks >= 2 * threads)
+        parallel_chunks(int8_token_chunk, &job, n_blocks, threads);
+    else
+        parallel_chunks(int8_panel_chunk, &job, (P->panels + step - 1) / step, threads);
+    free(blocks);
+    free(xs);
+    free(scales);
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* tiled_matvec. Slice s (rows slice_rows[16 s .. 16 s + 15], sorted by length) covers every
  * tile of TILE_COLS columns in order; tile c of slice s takes n = steps[s * tiles + c] steps
  * of 16 entries, one per lane, an entry code << 5 | local column. Steps go in pairs, lane by
@@ -923,6 +1234,37 @@ static PyObject *py_panels_matmul(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_int8_matmul(PyObject *self, PyObject *args) {
+    PyObject *codes, *table, *rowsum, *x, *out, *bias;
+    Py_ssize_t rows, n_cols, tokens, ldx, ldo;
+    float wscale;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOOfOOOnnnnni", &codes, &table, &rowsum, &wscale, &x, &out, &bias, &rows, &n_cols,
+                          &tokens, &ldx, &ldo, &threads))
+        return NULL;
+    if (n_cols >= 65536) {
+        PyErr_Format(PyExc_ValueError, "int8 products take fewer than 65,536 columns (int32 sums), got %zd", n_cols);
+        return NULL;
+    }
+    Buffers b = {.n = 0};
+    Int8Panels P = {.wscale = wscale, .groups = (n_cols + 3) / 4, .rows = rows, .panels = (rows + LANES - 1) / LANES};
+    const float *xp, *bp;
+    float *op;
+    int ok = (P.codes = get_buffer(&b, codes, 0, P.panels * P.groups * 64, "codes")) != NULL &&
+             (table == Py_None || (P.table = get_buffer(&b, table, 0, INT8_TABLE, "table")) != NULL) &&
+             (P.rowsum = get_buffer(&b, rowsum, 0, P.panels * LANES * 4, "rowsum")) != NULL &&
+             (xp = get_buffer(&b, x, 0, matrix_bytes(tokens, ldx, n_cols), "x")) != NULL &&
+             (op = (float *)get_buffer(&b, out, 1, matrix_bytes(tokens, ldo, rows), "out")) != NULL &&
+             (bp = get_buffer(&b, bias, 0, rows * 4, "bias")) != NULL;
+    if (ok && tokens > 0 && rows > 0) {
+        Py_BEGIN_ALLOW_THREADS int8_matmul_run(&P, xp, ldx, n_cols, op, ldo, bp, tokens, threads);
+        Py_END_ALLOW_THREADS
+    }
+    release(&b);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_tiled_matvec(PyObject *self, PyObject *args) {
     PyObject *ptr, *steps, *entries, *slice_rows, *table, *x, *out, *bias;
     Py_ssize_t rows, n_cols;
@@ -1049,6 +1391,22 @@ static int cpu_has_avx512(void) {
 #endif
 }
 
+static int cpu_has_vnni(void) {
+#if HAVE_X86
+    return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
+#else
+    return 0;
+#endif
+}
+
+static void set_vnni(int on) {
+#if HAVE_X86
+    use_vnni = on;
+#else
+    (void)on;
+#endif
+}
+
 static PyObject *py_isa(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(use_avx512 ? "avx512" : "portable");
 }
@@ -1058,12 +1416,14 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
     if (strcmp(name, "portable") == 0) {
         use_avx512 = 0;
+        set_vnni(0);
     } else if (strcmp(name, "avx512") == 0) {
         if (!cpu_has_avx512()) {
             PyErr_SetString(PyExc_ValueError, "this CPU (or build) has no AVX-512 F/BW/VL/DQ kernels");
             return NULL;
         }
         use_avx512 = 1;
+        set_vnni(cpu_has_vnni());
     } else {
         PyErr_Format(PyExc_ValueError, "unknown instruction set '%s'; use 'avx512' or 'portable'", name);
         return NULL;
@@ -1082,6 +1442,8 @@ static PyObject *py_threaded(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"panels_matmul", py_panels_matmul, METH_VARARGS,
      "panels_matmul(codes, blk_ptr, cols, table, x, out, bias, rows, n_cols, tokens, ldx, ldo, threads)"},
+    {"int8_matmul", py_int8_matmul, METH_VARARGS,
+     "int8_matmul(codes, table, rowsum, wscale, x, out, bias, rows, n_cols, tokens, ldx, ldo, threads)"},
     {"tiled_matvec", py_tiled_matvec, METH_VARARGS,
      "tiled_matvec(ptr, steps, entries, slice_rows, table, x, out, bias, rows, n_cols, threads)"},
     {"rows_matmul", py_rows_matmul, METH_VARARGS,
@@ -1101,5 +1463,6 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_simd", "SIMD kernel
 
 PyMODINIT_FUNC PyInit__simd(void) {
     use_avx512 = cpu_has_avx512();
+    set_vnni(cpu_has_vnni());
     return PyModule_Create(&module);
 }

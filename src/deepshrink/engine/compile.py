@@ -22,6 +22,7 @@ from torch.nn.utils import parametrize
 
 from deepshrink.compress.parametrization import bake_
 from deepshrink.engine.layers import SparseConv1d, SparseConv2d, SparseEmbedding, SparseLinear
+from deepshrink.engine.matrix import ARITHMETICS
 from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
 from deepshrink.tensor import CompressedTensor
 
@@ -68,7 +69,7 @@ def _shape(module: nn.Module, param: str) -> tuple[int, ...] | None:
 
 
 def _lstm_replacement(
-    module: nn.LSTM, name: str, tensors: dict[str, CompressedTensor], fixed_point: bool
+    module: nn.LSTM, name: str, tensors: dict[str, CompressedTensor], arithmetic: str
 ) -> nn.Module | None:
     """An :class:`EngineLSTM` for ``module`` from its compressed gate matrices, or ``None`` (with a warning)."""
     from deepshrink.engine.lstm import EngineLSTM, SparseLSTM
@@ -76,8 +77,8 @@ def _lstm_replacement(
     own = {k.rpartition(".")[2]: t for k, t in tensors.items() if k.rpartition(".")[0] == name}
     needed = [f"weight_{kind}_l{k}" for k in range(module.num_layers) for kind in ("ih", "hh")]
     reason = (
-        "the engine's LSTM runs in fp32 only"
-        if fixed_point
+        "the engine's LSTM runs in float32 only"
+        if arithmetic != "float32"
         else "bidirectional or proj_size LSTMs have no engine kernel"
         if module.bidirectional or module.proj_size
         else "not every gate matrix is compressed"
@@ -96,7 +97,7 @@ def compile_model(
     tensors: dict[str, CompressedTensor] | None = None,
     *,
     workers: int | None = None,
-    fixed_point: bool = False,
+    arithmetic: str = "float32",
     inplace: bool = False,
 ) -> nn.Module:
     """A copy of ``model`` whose compressed Linear and Conv2d layers run on the engine.
@@ -106,15 +107,19 @@ def compile_model(
         tensors: compressed weights by parameter name (``"fc1.weight"``); default
             :func:`deepshrink.compress.quantize.compressed_tensors` of ``model``.
         workers: rows interleaved over this many workers (default: numba's threads).
-        fixed_point: EIE's 16-bit fixed-point arithmetic instead of fp32.
+        arithmetic: ``"float32"`` (default: the decoded model's outputs up to float
+            rounding), ``"fixed16"`` (EIE's 16-bit fixed point) or ``"int8"`` (every
+            token's activations and each codebook rounded to int8, VNNI products: the
+            speed of dense int8, fidelity measured in docs/results/peers.md); see
+            :class:`~deepshrink.engine.matrix.SparseMatrix`.
         inplace: swap the modules in ``model`` itself instead of a deep copy.
 
     Returns:
         The model, in eval mode, for inference only.
 
     Raises:
-        DeepShrinkError: a name in ``tensors`` is not a weight of ``model``, or a
-            shape differs.
+        DeepShrinkError: a name in ``tensors`` is not a weight of ``model``, a
+            shape differs, or ``arithmetic`` is unknown or cannot run here.
 
     Examples:
         >>> w = CompressedTensor.from_dense(torch.tensor([[0.0, 2.0], [1.0, 0.0]]))
@@ -122,6 +127,8 @@ def compile_model(
         >>> type(fast[0]).__name__
         'SparseLinear'
     """
+    if arithmetic not in ARITHMETICS:
+        raise DeepShrinkError(f"arithmetic={arithmetic!r} is not one of {', '.join(ARITHMETICS)}")
     if tensors is None:
         from deepshrink.compress.quantize import compressed_tensors
 
@@ -138,7 +145,7 @@ def compile_model(
             raise DeepShrinkError(f"{name!r} is not a weight of {type(model).__name__}")
         if isinstance(module, nn.LSTM):
             done = module_name in lstms_done
-            replacement = None if done else _lstm_replacement(module, module_name, tensors, fixed_point)
+            replacement = None if done else _lstm_replacement(module, module_name, tensors, arithmetic)
             lstms_done.add(module_name)
         elif param != "weight":  # a recurrent layer's weight_hh_l0, attention's in_proj_weight, ...
             layer = parametrize.type_before_parametrizations(module).__name__
@@ -149,7 +156,7 @@ def compile_model(
                           "the layer", stacklevel=2)  # fmt: skip
             continue
         else:
-            replacement = _replacement(module, name, weight, workers=workers, fixed_point=fixed_point)
+            replacement = _replacement(module, name, weight, workers=workers, arithmetic=arithmetic)
         if replacement is None:
             continue
         if not module_name:  # the model is itself the layer
@@ -167,7 +174,7 @@ def from_file(
     *,
     trust_factory: bool = False,
     workers: int | None = None,
-    fixed_point: bool = False,
+    arithmetic: str = "float32",
 ) -> nn.Module:
     """Build an engine model from a file written by :func:`deepshrink.save`.
 
@@ -175,7 +182,7 @@ def from_file(
         path: the compressed-model file.
         model: your architecture, when the file names no factory (filled in place).
         trust_factory: allow a factory outside ``deepshrink.models`` (runs code).
-        workers, fixed_point: as in :func:`compile_model`.
+        workers, arithmetic: as in :func:`compile_model`.
 
     Returns:
         The model with its compressed Linear / Conv2d layers on the engine.
@@ -194,7 +201,7 @@ def from_file(
         raise DeepShrinkError(f"{os.fspath(path)} names no model factory; pass model= your architecture")
     else:
         model = model_from_file(contents, trust_factory)
-    return compile_model(model, contents.tensors, workers=workers, fixed_point=fixed_point, inplace=True)
+    return compile_model(model, contents.tensors, workers=workers, arithmetic=arithmetic, inplace=True)
 
 
 def engine_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -66,3 +66,41 @@ def to_fixed(values: np.ndarray, axis: int | None = None) -> tuple[np.ndarray, i
 def from_fixed(acc: np.ndarray, frac: int | np.ndarray) -> np.ndarray:
     """Wide integer accumulators with ``frac`` fraction bits (a scalar or per sample) back to float32."""
     return (acc.astype(np.float64) * np.exp2(-np.asarray(frac, dtype=np.float64))).astype(np.float32)
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row of the float32 ``x`` to int8 on its own: ``q = rint(x * 127 / max|row|)``.
+
+    The engine's int8 products quantize their activations this way (per token, so a
+    token's result does not depend on its batch), in these float32 operations.
+
+    Returns:
+        ``(q, scale)``: int32 array in [-127, 127] and the float32 scale of each row, ``x ~= q * scale``.
+
+    Examples:
+        >>> q, s = quantize_int8(np.array([[0.5, -1.0, 0.25]], dtype=np.float32))
+        >>> q.tolist(), s.tolist()
+        ([[64, -127, 32]], [0.007874015718698502])
+    """
+    peak = np.max(np.abs(x), axis=-1, initial=np.float32(0))
+    some = peak > 0
+    inverse = np.divide(np.float32(127), peak, out=np.zeros_like(peak), where=some)
+    scale = np.divide(peak, np.float32(127), out=np.zeros_like(peak), where=some)
+    return np.clip(np.rint(x * inverse[..., None]), -127, 127).astype(np.int32), scale
+
+
+def int8_matmul_reference(x: np.ndarray, weights: np.ndarray, scale: np.float32, bias: np.ndarray) -> np.ndarray:
+    """``x @ W.T + bias`` as the engine's int8 products compute it: their NumPy reference.
+
+    Args:
+        x: ``(batch, cols)`` float32.
+        weights: ``(rows, cols)`` integers in [-127, 127]; ``W = weights * scale``.
+        scale: the weights' float32 scale.
+        bias: ``(rows,)`` float32.
+
+    Returns:
+        ``(batch, rows)`` float32: exact integer sums, then one float32 multiply and one add.
+    """
+    q, token_scale = quantize_int8(x)
+    sums = q.astype(np.int64) @ weights.astype(np.int64).T
+    return sums.astype(np.float32) * (token_scale * np.float32(scale))[:, None] + bias

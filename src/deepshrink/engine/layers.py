@@ -84,7 +84,8 @@ class SparseLinear(_EngineModule):
         weight: ``(out_features, in_features)`` compressed weight.
         bias: ``(out_features,)`` or ``None``.
         workers: rows are interleaved over this many workers (default: numba's threads).
-        fixed_point: EIE's 16-bit fixed-point arithmetic instead of fp32.
+        arithmetic: ``"float32"`` (default), ``"fixed16"`` (EIE's 16-bit fixed point) or
+            ``"int8"`` (per-token int8 on VNNI); see :class:`~deepshrink.engine.matrix.SparseMatrix`.
 
     Raises:
         DeepShrinkError: ``weight`` is not 2-D or ``bias`` does not match.
@@ -101,13 +102,13 @@ class SparseLinear(_EngineModule):
         bias: torch.Tensor | None = None,
         *,
         workers: int | None = None,
-        fixed_point: bool = False,
+        arithmetic: str = "float32",
     ) -> None:
         super().__init__()
         if len(weight.shape) != 2:
             raise DeepShrinkError(f"SparseLinear needs a 2-D weight, got shape {weight.shape}")
         self.out_features, self.in_features = self.weight_shape = weight.shape
-        self.matrix = SparseMatrix(weight, workers, fixed_point)
+        self.matrix = SparseMatrix(weight, workers, arithmetic)
         self.register_buffer("bias", _bias_buffer(bias, self.out_features, "SparseLinear"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +190,10 @@ class SparseConv2d(_EngineModule):
         bias: ``(out_channels,)`` or ``None``.
         stride, padding, dilation, groups: as in ``nn.Conv2d``, including
             ``padding="same"`` / ``"valid"`` (zero padding) and depthwise convolutions.
-        workers, fixed_point: as in :class:`SparseLinear`.
+        workers: as in :class:`SparseLinear`.
+        arithmetic: as in :class:`SparseLinear`; in ``"int8"`` the input is unfolded (im2col)
+            and each output position's patch quantized as a token. Grouped convolutions
+            (``groups > 1``) run in float32 there, with a warning.
 
     Raises:
         DeepShrinkError: ``weight`` is not 4-D, ``groups`` does not divide the output
@@ -207,7 +211,7 @@ class SparseConv2d(_EngineModule):
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         workers: int | None = None,
-        fixed_point: bool = False,
+        arithmetic: str = "float32",
     ) -> None:
         super().__init__()
         if len(weight.shape) != 4:
@@ -221,7 +225,11 @@ class SparseConv2d(_EngineModule):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self._stride, self._dilation = _pair(stride), _pair(dilation)  # as the kernel takes them
         self._pad = _pad_amounts(padding, self.kernel_size, self._stride, self._dilation)
-        self.matrix = SparseMatrix(weight, workers, fixed_point)
+        if arithmetic == "int8" and groups > 1:
+            warnings.warn(f"a convolution in {groups} groups runs in float32: int8 products take groups=1",
+                          stacklevel=2)  # fmt: skip
+            arithmetic = "float32"
+        self.matrix = SparseMatrix(weight, workers, arithmetic)
         self.register_buffer("bias", _bias_buffer(bias, self.out_channels, "SparseConv2d"))
 
     @classmethod
@@ -258,7 +266,7 @@ class SparseConv1d(SparseConv2d):
     Args:
         weight: ``(out_channels, in_channels, k)`` compressed weight (its matrix
             view is the 2-D kernel's: same positions, same codes).
-        bias, stride, padding, dilation, groups, workers, fixed_point: as in
+        bias, stride, padding, dilation, groups, workers, arithmetic: as in
             ``nn.Conv1d`` and :class:`SparseConv2d`.
 
     Raises:
@@ -275,7 +283,7 @@ class SparseConv1d(SparseConv2d):
         dilation: int | tuple[int] = 1,
         groups: int = 1,
         workers: int | None = None,
-        fixed_point: bool = False,
+        arithmetic: str = "float32",
     ) -> None:
         if len(weight.shape) != 3:
             raise DeepShrinkError(f"SparseConv1d needs a 3-D weight, got shape {weight.shape}")
@@ -285,7 +293,7 @@ class SparseConv1d(SparseConv2d):
         super().__init__(as_2d, bias, stride=(1, _single(stride)),
                          padding=padding if isinstance(padding, str) else (0, _single(padding)),
                          dilation=(1, _single(dilation)), groups=groups, workers=workers,
-                         fixed_point=fixed_point)  # fmt: skip
+                         arithmetic=arithmetic)  # fmt: skip
         self.weight_shape = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -279,3 +279,67 @@ def row_entries(tensor: CompressedTensor) -> tuple[np.ndarray, np.ndarray, np.nd
     table = np.zeros(ROW_TABLE, dtype=np.float32)
     table[: len(tensor.codebook)] = tensor.codebook
     return seg_ptr, entries, g.lane_rows, table
+
+
+#: Values one vpermb decodes from (``int8_matmul``'s table).
+INT8_TABLE = 64
+
+
+@dataclass(frozen=True)
+class Int8Panels:
+    """A matrix laid out for ``int8_matmul`` (see :func:`int8_panels`).
+
+    Attributes:
+        codes: ``(panels * groups, 64)`` uint8: per 16-row panel and group of 4 columns, byte
+            ``4 i + q`` is the code of row ``16 p + i``, column ``4 c + q``.
+        table: ``(64,)`` int8: the codebook as integers, then a zero (padding, pruned weights);
+            None when the codebook has more values than that: the codes are then the int8 weights.
+        rowsum: ``(panels * 16,)`` int32: each row's sum of int8 weights.
+        scale: a weight is its int8 value times this.
+    """
+
+    codes: np.ndarray
+    table: np.ndarray | None
+    rowsum: np.ndarray
+    scale: np.float32
+
+
+def int8_codebook(codebook: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """The centroids rounded to int8 with one scale for the layer (``max |c| / 127``).
+
+    Examples:
+        >>> values, scale = int8_codebook(np.array([0.5, -1.27, 0.0], dtype=np.float32))
+        >>> values.tolist(), float(scale)
+        ([50, -127, 0], 0.009999999776482582)
+    """
+    peak = np.float32(np.max(np.abs(codebook), initial=0.0))
+    scale = peak / np.float32(127) if peak > 0 else np.float32(1)
+    return np.clip(np.rint(codebook / scale), -127, 127).astype(np.int8), np.float32(scale)
+
+
+def int8_panels(tensor: CompressedTensor) -> Int8Panels:
+    """Every weight of the matrix as an int8 code (pruned and padding ones a zero), grouped for vpdpbusd.
+
+    Examples:
+        >>> t = CompressedTensor((2, 3), np.array([0, 4]), np.array([1, 0]), np.array([0.5, -1.0]), 1)
+        >>> p = int8_panels(t)
+        >>> p.codes.shape, p.codes[0, :8].tolist(), p.rowsum[:3].tolist()  # row 0: code 1 then zeros (code 2)
+        ((1, 64), [1, 2, 2, 2, 2, 0, 2, 2], [-127, 64, 0])
+    """
+    rows, n_cols = _shape(tensor)
+    values, scale = int8_codebook(tensor.codebook)
+    panels, groups = -(-rows // LANES), -(-n_cols // 4)
+    row, col = np.divmod(tensor.positions, max(n_cols, 1))
+    weights = values[tensor.codes]
+    if len(values) < INT8_TABLE:
+        table = np.zeros(INT8_TABLE, dtype=np.int8)
+        table[: len(values)] = values
+        full = np.full((panels * LANES, groups * 4), len(values), dtype=np.uint8)
+        full[row, col] = tensor.codes
+    else:
+        table = None
+        full = np.zeros((panels * LANES, groups * 4), dtype=np.uint8)
+        full[row, col] = weights.view(np.uint8)
+    rowsum = np.bincount(row, weights=weights, minlength=panels * LANES).astype(np.int32)
+    codes = full.reshape(panels, LANES, groups, 4).transpose(0, 2, 1, 3)
+    return Int8Panels(np.ascontiguousarray(codes).reshape(-1, 4 * LANES), table, rowsum, scale)

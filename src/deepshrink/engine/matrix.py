@@ -14,6 +14,10 @@ is there, fp32 products run on it:
 - ``rows`` (batches, unstructured sparsity): 4-row groups in 128-column chunks, the
   tokens in the SIMD lanes;
 
+- ``int8`` (``arithmetic="int8"``, every batch): each token quantized to int8 on its
+  own, the codebook as int8 with one scale, 64 multiply-adds per VNNI instruction into
+  exact int32 sums: dense int8 speed, the fidelity of per-token scales;
+
 and, from the numba kernels (:mod:`deepshrink.engine.kernels`, which also run
 everything when the extension is missing and in fixed point):
 
@@ -94,6 +98,13 @@ PARALLEL_MIN_COST = 40_000
 #: The dense panel layout stores a byte per weight: beyond this many per kept weight it
 #: streams more memory than the sparse layouts save in work.
 DENSE_PANEL_MAX_BYTES_PER_WEIGHT = 8
+
+
+#: Cost of one multiply-add of the int8 kernel, in the same unit (~250 G a second on 2 Zen 4 cores).
+INT8_MAC_COST = 0.01
+#: The arithmetics a matrix computes in: float32 (exact to rounding), EIE's 16-bit fixed point
+#: (numba), and int8 per token on VNNI.
+ARITHMETICS = ("float32", "fixed16", "int8")
 
 
 #: Accumulators per 64-byte cache line (float32; int64 ones take two lines, as safe).
@@ -237,11 +248,17 @@ class SparseMatrix:
         tensor: the weight; its matrix view (``rows = shape[0]``) is used.
         workers: threads of a product, and how many workers the batch-1 CSC layout
             interleaves rows over; defaults to numba's thread count.
-        fixed_point: compute in EIE's 16-bit fixed point (int16 codebook and
-            activations, int64 accumulators, numba kernels) instead of fp32.
+        arithmetic: ``"float32"`` (default; outputs those of the decoded matrix up to
+            float rounding); ``"fixed16"``: EIE's 16-bit fixed point (int16 codebook and
+            activations, int64 accumulators, numba kernels); ``"int8"``: every token's
+            activations and the codebook rounded to int8 (one scale each), exact int32
+            sums on VNNI (:func:`~deepshrink.engine.fixedpoint.int8_matmul_reference`
+            is its bit-exact reference): dense int8 speed, every weight visited.
 
     Raises:
-        DeepShrinkError: if ``workers`` is not a positive integer or ``tensor`` is 0-D.
+        DeepShrinkError: if ``workers`` is not a positive integer, ``tensor`` is 0-D,
+            ``arithmetic`` is unknown, or ``"int8"`` cannot run here (no SIMD extension,
+            65,536 columns or more).
 
     Examples:
         >>> import torch
@@ -250,17 +267,26 @@ class SparseMatrix:
         [6.0, 1.0, -3.0]
     """
 
-    def __init__(self, tensor: CompressedTensor, workers: int | None = None, fixed_point: bool = False) -> None:
+    def __init__(self, tensor: CompressedTensor, workers: int | None = None, arithmetic: str = "float32") -> None:
         workers = numba.get_num_threads() if workers is None else workers
         if not isinstance(workers, (int, np.integer)) or workers < 1:
             raise DeepShrinkError(f"workers={workers!r} must be a positive integer")
         if not tensor.shape:
             raise DeepShrinkError("a 0-D tensor has no matrix view; the engine needs at least 1-D weights")
+        if arithmetic not in ARITHMETICS:
+            raise DeepShrinkError(f"arithmetic={arithmetic!r} is not one of {', '.join(ARITHMETICS)}")
         self.tensor = tensor
         # not tensor.matrix_shape: that reports 0 columns when there are 0 rows
         self.shape = (tensor.shape[0], math.prod(tensor.shape[1:]))
+        if arithmetic == "int8" and _simd is None:
+            raise DeepShrinkError("arithmetic='int8' runs on the SIMD extension, which this install lacks "
+                                  "(pip install builds it where a C compiler is found)")  # fmt: skip
+        if arithmetic == "int8" and self.shape[1] >= 1 << 16:
+            raise DeepShrinkError(f"arithmetic='int8' takes fewer than 65,536 columns (int32 sums), the matrix has "
+                                  f"{self.shape[1]}")  # fmt: skip
         self.workers = int(workers)
-        self.fixed_point = bool(fixed_point)
+        self.arithmetic = arithmetic
+        fixed_point = self.fixed_point = arithmetic == "fixed16"
         codebook, self.codebook_frac = to_fixed(tensor.codebook) if fixed_point else (tensor.codebook, 0)
         # the kernels' extended codebook: the centroids, then the zero that padding entries point at
         self.codebook = np.append(codebook, codebook.dtype.type(0))
@@ -282,8 +308,8 @@ class SparseMatrix:
         table_bytes = len(codebook) * (self.shape[1] + 1) * self._zero.itemsize
         #: whether the sliced kernel indexes a product table (see kernels.fill_slice_values)
         self.use_table = table_bytes <= TABLE_MAX_BYTES
-        #: whether products run on the SIMD extension where it pays (fp32, extension built)
-        self.simd = _simd is not None and not fixed_point
+        #: whether float32 products run on the SIMD extension where it pays (extension built)
+        self.simd = _simd is not None and arithmetic == "float32"
         self._table = layouts.panel_table(tensor) if self.simd else None
         self._csc_column_cost = tensor.nnz / max(self.shape[1], 1) + SEGMENT_COST * self.workers
         # numba's choices (no SIMD extension, or fixed point): counting the activations (a
@@ -487,6 +513,8 @@ class SparseMatrix:
 
     def _plan(self, x: np.ndarray) -> tuple[str, float]:
         """:meth:`kernel_for`'s choice and its estimated cost (``nan`` where numba's own rules chose)."""
+        if self.arithmetic == "int8":
+            return "int8", self._int8_cost(1 if x.ndim == 1 else x.shape[0])
         if x.ndim == 1 or x.shape[0] == 1:
             if self.simd:
                 costs = self._vector_costs(int(np.count_nonzero(x)))
@@ -495,6 +523,20 @@ class SparseMatrix:
         if self.simd and self._batch_lines():
             return min(self._batch_costs(x).items(), key=lambda c: c[1])
         return ("samples" if self.prefers_samples(x) else "csr"), math.nan  # numba's, or a codebook past the tables
+
+    def _int8_cost(self, tokens: int) -> float:
+        return self.shape[0] * self.shape[1] * tokens * INT8_MAC_COST + CALL_COST
+
+    def _int8_layout(self) -> layouts.Int8Panels:
+        return self._layout("int8", lambda: layouts.int8_panels(self.tensor))
+
+    def _int8(self, x: np.ndarray, bias: np.ndarray, threads: int) -> np.ndarray:
+        """``x @ W.T + bias`` in int8 for a contiguous ``(batch, cols)`` ``x``."""
+        p = self._int8_layout()
+        out = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
+        _simd.int8_matmul(p.codes, p.table, p.rowsum, float(p.scale), x, out, bias, self.shape[0], self.shape[1],
+                          x.shape[0], self.shape[1], self.shape[0], threads)  # fmt: skip
+        return out
 
     def kernel_for(self, x: np.ndarray) -> str:
         """The kernel a product with the ``(cols,)`` or ``(batch, cols)`` ``x`` runs, by the cost model.
@@ -575,6 +617,8 @@ class SparseMatrix:
 
     def kernels(self, batch: int) -> tuple[str, ...]:
         """The kernels that can run a product of ``batch`` samples here (see :meth:`kernel_for`)."""
+        if self.arithmetic == "int8":
+            return ("int8",)
         simd = []
         if self.simd and self._panel_kind() is not None:
             simd.append("panels")
@@ -597,6 +641,8 @@ class SparseMatrix:
 
     def _vector(self, x: np.ndarray, bias: np.ndarray, kernel: str, threads: int) -> np.ndarray:
         """``W @ x + bias`` by the named batch-1 kernel (``threads``: the SIMD kernels')."""
+        if kernel == "int8":
+            return self._int8(x.reshape(1, -1), bias, threads).reshape(-1)
         out = np.empty(self.shape[0], dtype=np.float32)
         if kernel == "tiled":
             t = self._tiles()
@@ -637,6 +683,8 @@ class SparseMatrix:
             raise DeepShrinkError(f"kernel {kernel!r} cannot run a batch of {x.shape[0]} here; "
                                   f"available: {', '.join(self.kernels(x.shape[0]))}")  # fmt: skip
         x, bias = np.ascontiguousarray(x), self.check_bias(bias)
+        if kernel == "int8":
+            return self._int8(x, bias, self._threads_for(self._int8_cost(x.shape[0])))
         if x.shape[0] == 1:
             cost = self._vector_costs(int(np.count_nonzero(x))).get(kernel, math.nan) if self.simd else math.nan
             return self._vector(x[0], bias, kernel, self._threads_for(cost)).reshape(1, -1)
@@ -645,6 +693,8 @@ class SparseMatrix:
 
     def _batch(self, x: np.ndarray, bias: np.ndarray, kernel: str, threads: int) -> np.ndarray:
         """``x @ W.T + bias`` for a contiguous ``(batch, cols)`` batch by the named batch kernel."""
+        if kernel == "int8":
+            return self._int8(x, bias, threads)
         if kernel == "samples":
             return np.stack([self._matvec(row, bias) for row in x])
         if kernel == "csr":
@@ -755,6 +805,10 @@ class SparseMatrix:
         ]
         if min(out_h, out_w) < 1:
             raise DeepShrinkError(f"input of {x.shape[2:]} is smaller than the dilated kernel {kernel}")
+        if self.arithmetic == "int8":
+            if groups != 1:
+                raise DeepShrinkError(f"int8 convolutions take groups=1, got {groups}; use arithmetic='float32'")
+            return self._int8_conv(x, kernel, stride, dilation, (out_h, out_w), self.check_bias(bias))
         row_ptr, gaps, codes = self.row_major()
         xk, frac = self._quantize(np.ascontiguousarray(x), axis=0)
         scale = np.exp2(-(np.ravel(frac) + self.codebook_frac)) if self.fixed_point else np.ones(x.shape[0])
@@ -772,6 +826,28 @@ class SparseMatrix:
            scale, self.check_bias(bias), out)  # fmt: skip
         return out
 
+    def _int8_conv(
+        self,
+        x: np.ndarray,
+        kernel: tuple[int, int],
+        stride: tuple[int, int],
+        dilation: tuple[int, int],
+        out_size: tuple[int, int],
+        bias: np.ndarray,
+    ) -> np.ndarray:
+        """The convolution as one int8 product, each output position's input patch (im2col) a token.
+
+        int8 visits every weight anyway, so the dense patch matrix costs no extra work, and
+        a patch quantized on its own keeps a convolution's result independent of the rest
+        of the image, as a token's is of its batch.
+        """
+        (kh, kw), (sh, sw), (dh, dw), (out_h, out_w) = kernel, stride, dilation, out_size
+        windows = np.lib.stride_tricks.sliding_window_view(x, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(2, 3))
+        windows = windows[:, :, ::sh, ::sw, ::dh, ::dw][:, :, :out_h, :out_w]  # (batch, in, out_h, out_w, kh, kw)
+        patches = np.ascontiguousarray(windows.transpose(0, 2, 3, 1, 4, 5)).reshape(-1, self.shape[1])
+        out = self._int8(patches, bias, self._threads_for(self._int8_cost(len(patches))))
+        return np.ascontiguousarray(out.reshape(x.shape[0], out_h, out_w, -1).transpose(0, 3, 1, 2))
+
     def __repr__(self) -> str:
-        mode = "fixed16" if self.fixed_point else "fp32"
-        return f"SparseMatrix({self.shape[0]}x{self.shape[1]}, nnz={self.tensor.nnz}, workers={self.workers}, {mode})"
+        return (f"SparseMatrix({self.shape[0]}x{self.shape[1]}, nnz={self.tensor.nnz}, workers={self.workers}, "
+                f"{self.arithmetic})")  # fmt: skip
