@@ -190,21 +190,27 @@ def prebuilt(spec: str) -> tuple[str, Setting]:
     return name, lambda model_dir, calib, work: Path(folder)
 
 
-def build(setting: Setting, model_dir: Path, calib: list[str], work: Path) -> tuple[Built, float]:
+def build(setting: Setting, model_dir: Path, calib: list[str], work: Path) -> tuple[Built, float, Path | None]:
     """Run one setting in its own folder ``work``; a folder it returns is read back with ``load_compressed``.
 
     Returns:
-        What it built, and the seconds it took to make its file.
+        What it built, the seconds it took to make its file, and its folder (None for a Built).
     """
     start = time.perf_counter()
     result = setting(model_dir, calib, work)
     seconds = time.perf_counter() - start
     if isinstance(result, Built):
-        return result, seconds - result.load_seconds
+        return result, seconds - result.load_seconds, None
+    return read_folder(Path(result)), seconds, Path(result)
+
+
+def read_folder(folder: Path, arithmetic: str | None = None) -> Built:
+    """A folder ``save_pretrained`` wrote, decoded once, or on the engine in ``arithmetic``."""
     start = time.perf_counter()
-    pretrained = load_compressed(result)
-    load = time.perf_counter() - start
-    return Built((Path(result) / MODEL_FILE).stat().st_size, f"{MODEL_FILE}", pretrained, load), seconds
+    engine = {} if arithmetic is None else {"engine": True, "arithmetic": arithmetic}
+    pretrained = load_compressed(folder, **engine)
+    how = MODEL_FILE if arithmetic is None else f"{MODEL_FILE}, run on the engine in {arithmetic}"
+    return Built((folder / MODEL_FILE).stat().st_size, how, pretrained, time.perf_counter() - start)
 
 
 def pair_similarities(pretrained: Pretrained, pairs: list[tuple[str, str, str]]) -> torch.Tensor:
@@ -224,20 +230,26 @@ def measure(args: argparse.Namespace, console: Console) -> dict:
     if unknown:
         raise SystemExit(f"unknown settings {unknown}; known: {', '.join(SETTINGS)}")
     rows, models = [], {}
+
+    def add_row(name: str, built: Built, build_seconds: float) -> None:
+        start = time.perf_counter()
+        embeddings = built.pretrained.embed(sentences)
+        embed_seconds = time.perf_counter() - start
+        similarities = pair_similarities(built.pretrained, pairs)
+        models[name] = built.pretrained
+        rows.append({"setting": name, "bytes": built.bytes, "measured": built.measured,
+                     "ratio": fp32_bytes / built.bytes, "embeddings": embeddings, "pairs": similarities,
+                     "build_s": build_seconds, "load_s": built.load_seconds, "embed_s": embed_seconds})  # fmt: skip
+
     with tempfile.TemporaryDirectory(dir=args.out_dir) as tmp:
         for name in ["original", *(n for n in chosen if n != "original")]:
             console.print(f"[bold]{name}[/bold]: building")
             work = Path(tmp) / f"setting{len(rows)}"
             work.mkdir()
-            built, build_seconds = build(SETTINGS[name], model_dir, calib, work)
-            start = time.perf_counter()
-            embeddings = built.pretrained.embed(sentences)
-            embed_seconds = time.perf_counter() - start
-            similarities = pair_similarities(built.pretrained, pairs)
-            models[name] = built.pretrained
-            rows.append({"setting": name, "bytes": built.bytes, "measured": built.measured,
-                         "ratio": fp32_bytes / built.bytes, "embeddings": embeddings, "pairs": similarities,
-                         "build_s": build_seconds, "load_s": built.load_seconds, "embed_s": embed_seconds})  # fmt: skip
+            built, build_seconds, folder = build(SETTINGS[name], model_dir, calib, work)
+            add_row(name, built, build_seconds)
+            if folder is not None and name in args.int8:  # the same file, run in int8: nothing more to build
+                add_row(f"{name}, engine int8", read_folder(folder, "int8"), 0.0)
     reference, reference_pairs = rows[0]["embeddings"], rows[0]["pairs"]
     for row in rows:
         cosine = torch.nn.functional.cosine_similarity(row.pop("embeddings"), reference)
@@ -332,6 +344,13 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="NAME=FOLDER",
         help="also measure folders compressed before this run (e.g. by deepshrink compress --recipe minilm); "
         "their build time is not measured here",
+    )
+    parser.add_argument(
+        "--int8",
+        nargs="*",
+        default=["deepshrink minilm recipe"],
+        metavar="NAME",
+        help="settings whose file also gets a row run on the engine in int8 (default: the minilm recipe)",
     )
     add_threads(parser)
     add_output(parser, publish=True)

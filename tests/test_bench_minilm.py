@@ -18,12 +18,15 @@ def test_bench_minilm_rows_on_a_tiny_bert(tmp_path: Path, write_tiny_bert, load_
     save_pretrained(tiny.model, tmp_path / "mine", model)  # a folder compressed before the run
     settings = ["original", "fp16 + xz", "torch qint8", "deepshrink k-means 5 bits"]  # the recipe is MiniLM's
     args = ["--model", str(model), "--repeats", "1", "--limit", "16", "--threads", "1", "--settings", *settings]
-    result = bench.main(args + ["--prebuilt", f"mine={tmp_path / 'mine'}", "--out-dir", str(out), "--publish",
-                                str(published)])  # fmt: skip
+    result = bench.main(args + ["--prebuilt", f"mine={tmp_path / 'mine'}", "--int8", "mine", "--out-dir", str(out),
+                                "--publish", str(published)])  # fmt: skip
     assert result["sentences"] == result["pairs"] == 16
     rows = {r["setting"]: r for r in result["rows"]}
-    assert list(rows) == [*settings, "mine"]
+    assert list(rows) == [*settings, "mine", "mine, engine int8"]
     assert rows["mine"]["ratio"] > rows["deepshrink k-means 5 bits"]["ratio"]  # 3 bits, not 5
+    int8 = rows["mine, engine int8"]  # the same file, computed in int8 on the engine
+    assert int8["bytes"] == rows["mine"]["bytes"] and "engine in int8" in int8["measured"]
+    assert 0.8 < int8["mean_cos"] < rows["mine"]["mean_cos"]  # a random tiny BERT: int8 rounding shows
     fp32 = (model / "model.safetensors").stat().st_size
     assert rows["original"]["bytes"] == result["fp32_bytes"] == fp32
     assert rows["original"]["mean_cos"] > 0.99999 and rows["original"]["spearman"] > 0.99999

@@ -171,13 +171,17 @@ def test_kernels_check_their_buffers() -> None:
         _simd.set_isa("sse9")
 
 
-def int8_weights(t: CompressedTensor) -> np.ndarray:
-    """The ``(rows, cols)`` int8 weights the int8 products use: each code's centroid rounded with the layer's scale."""
-    values, _ = layouts.int8_codebook(t.codebook)
+def int8_reference(t: CompressedTensor, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """The NumPy reference of ``t``'s int8 product: its int8 weights and float32 outliers built here from the codes."""
+    counts = np.bincount(t.codes, minlength=len(t.codebook))
+    values, scale, outlier = layouts.int8_codebook(t.codebook, counts)
     rows, cols = t.shape[0], int(np.prod(t.shape[1:]))
     weights = np.zeros(rows * cols, dtype=np.int64)
     weights[t.positions] = values[t.codes]
-    return weights.reshape(rows, cols)
+    far = outlier[t.codes]
+    row, col = np.divmod(t.positions[far], max(cols, 1))
+    outliers = (row, col, t.codebook[t.codes[far]])
+    return int8_matmul_reference(x, weights.reshape(rows, cols), scale, bias, outliers)
 
 
 # bits 1-5 decode codes through the vpermb table, 6-8 (more than 63 values) store the int8 weights themselves
@@ -192,7 +196,7 @@ def test_int8_is_bit_exact_against_its_numpy_reference(isa, rows, cols, density,
     x = (rng.standard_normal((batch, cols)) * scale * (rng.random((batch, cols)) < 0.8)).astype(np.float32)
     x[0] = 0.0  # an all-zero token: scale 0, the bias alone
     bias = rng.standard_normal(rows).astype(np.float32)
-    expected = int8_matmul_reference(x, int8_weights(t), layouts.int8_codebook(t.codebook)[1], bias)
+    expected = int8_reference(t, x, bias)
     assert m.kernels(batch) == ("int8",) and m.kernel_for(x) == "int8"
     np.testing.assert_array_equal(m.matmul(x, bias), expected)
     np.testing.assert_array_equal(m.matvec(x[-1], bias), expected[-1])
@@ -203,9 +207,7 @@ def test_int8_on_every_token_count_and_thread_count(isa, batch: int) -> None:
     """Both kernel families (one panel up to 7 tokens, two panels from 8), one and two threads, the same bits."""
     t = structured_tensor(100, 130, 0.7, "unstructured", 4, seed=batch)
     x = np.random.default_rng(batch).standard_normal((batch, 130)).astype(np.float32)
-    expected = int8_matmul_reference(
-        x, int8_weights(t), layouts.int8_codebook(t.codebook)[1], np.zeros(100, np.float32)
-    )
+    expected = int8_reference(t, x, np.zeros(100, np.float32))
     for workers in (1, 2):
         np.testing.assert_array_equal(SparseMatrix(t, workers=workers, arithmetic="int8").matmul(x), expected)
 
@@ -227,6 +229,22 @@ def test_int8_is_close_to_the_decoded_matrix_and_per_token() -> None:
     assert np.abs(out[5] - exact[5]).max() < 0.05 * np.abs(exact[5]).max()
 
 
+def test_int8_keeps_far_centroids_in_float32(isa) -> None:
+    """One centroid 100x the others (as importance-weighted k-means keeps a few large weights) leaves the rest's step fine."""
+    rng = np.random.default_rng(8)
+    codebook = np.append(rng.standard_normal(15) * 0.05, 5.0).astype(np.float32)
+    codes = rng.integers(0, 15, 64 * 200)
+    codes[rng.choice(len(codes), 20, replace=False)] = 15  # 20 weights use the far centroid
+    t = CompressedTensor((64, 200), np.arange(64 * 200), codes, codebook, 4)
+    layout = layouts.int8_panels(t)
+    assert len(layout.outliers[1]) == 20 and layout.scale == np.float32(np.abs(codebook[:15]).max() / 127)
+    x = rng.standard_normal((9, 200)).astype(np.float32)
+    out = SparseMatrix(t, arithmetic="int8").matmul(x)
+    np.testing.assert_array_equal(out, int8_reference(t, x, np.zeros(64, np.float32)))
+    exact = x.astype(np.float64) @ t.to_dense().numpy().T.astype(np.float64)
+    assert np.abs(out - exact).max() < 0.02 * np.abs(exact).max()
+
+
 @pytest.mark.parametrize(("stride", "dilation", "padding"), [((1, 1), (1, 1), 1), ((2, 1), (1, 2), 0)])
 def test_int8_convolution_is_the_int8_product_of_its_patches(isa, stride, dilation, padding) -> None:
     import torch
@@ -243,7 +261,7 @@ def test_int8_convolution_is_the_int8_product_of_its_patches(isa, stride, dilati
     out = conv(x)
     patches = F.unfold(x, (3, 3), dilation=dilation, padding=padding, stride=stride)  # (batch, 27, positions)
     flat = patches.transpose(1, 2).reshape(-1, 27).numpy()
-    expected = int8_matmul_reference(flat, int8_weights(t), layouts.int8_codebook(t.codebook)[1], bias.numpy())
+    expected = int8_reference(t, flat, bias.numpy())
     np.testing.assert_array_equal(out.permute(0, 2, 3, 1).reshape(-1, 8).numpy(), expected)
     exact = F.conv2d(x, t4.to_dense(), bias, stride, padding, dilation)
     assert out.shape == exact.shape and (out - exact).abs().max() < 0.05 * exact.abs().max()

@@ -496,8 +496,11 @@ static void panels_matmul_run(const Panels *P, const float *table, const float *
  * unsigned byte: vpdpbusd multiplies unsigned by signed), four columns to a dword, so one
  * broadcast and one vpdpbusd make 64 multiply-adds into exact int32 sums (|sum| <= cols * 255 *
  * 127 < 2^31 below 65,536 columns). Then out = float(sum - 128 rowsum) * (scale_t * wscale) +
- * bias, multiply and add rounded apart: bit-exact against the NumPy reference
- * (deepshrink.engine.layouts.int8_reference) on every instruction set. */
+ * bias, and the layer's outliers, the few weights whose centroid is far beyond the others (their
+ * code is 0 in the table, so they do not coarsen everyone's scale), added in float32 from a CSR
+ * list: out += x[col] * value, row by row in order. Every multiply and add rounded apart:
+ * bit-exact against the NumPy reference (deepshrink.engine.fixedpoint.int8_matmul_reference) on
+ * every instruction set. */
 
 #define INT8_TABLE 64       /* values one vpermb decodes from */
 #define INT8_PAIR_TOKENS 12 /* tokens of a block run two panels at a time (2 x 12 accumulators) */
@@ -507,6 +510,9 @@ typedef struct {
     const uint8_t *codes;
     const int8_t *table; /* NULL: codes are the weights */
     const int32_t *rowsum;
+    const int64_t *outlier_ptr; /* rows + 1 */
+    const int32_t *outlier_cols;
+    const float *outlier_values;
     float wscale;
     int64_t groups, rows, panels;
 } Int8Panels;
@@ -677,10 +683,21 @@ static const Int8Kernel int8_pairs[INT8_PAIR_TOKENS + 1] = {
 typedef struct {
     const Int8Panels *P;
     const Int8Tokens *blocks;
-    const float *bias;
+    const float *bias, *x;
     float *out;
-    int64_t ldo, n_blocks, step; /* step: panels a unit of work covers (2: the pair kernels) */
+    int64_t ldx, ldo, n_blocks, step; /* step: panels a unit of work covers (2: the pair kernels) */
 } Int8Job;
+
+/* The outliers of panel p's rows, in float32, after the int8 sums are stored. */
+static void int8_outliers(const Int8Job *j, const Int8Tokens *b, int64_t p) {
+    const Int8Panels *P = j->P;
+    for (int64_t r = p * LANES; r < min64(P->rows, (p + 1) * LANES); r++)
+        for (int64_t e = P->outlier_ptr[r]; e < P->outlier_ptr[r + 1]; e++) {
+            const float *x = j->x + b->first * j->ldx + P->outlier_cols[e];
+            float value = P->outlier_values[e], *o = j->out + b->first * j->ldo + r;
+            for (int64_t t = 0; t < b->n; t++) o[t * j->ldo] = o[t * j->ldo] + x[t * j->ldx] * value;
+        }
+}
 
 /* Sums to outputs, one multiply and one add each in float32 (the reference's operations). */
 static void int8_store(const Int8Job *j, const int32_t *acc, const Int8Tokens *b, int64_t p) {
@@ -722,16 +739,20 @@ static void int8_block(const Int8Job *j, int64_t u, int64_t bi) {
             int8_pairs[b->n](j->P, b, first, acc);
             int8_store_avx512(j, acc, b, first);
             int8_store_avx512(j, acc + b->n * LANES, b, first + 1);
+            int8_outliers(j, b, first);
+            int8_outliers(j, b, first + 1);
             return;
         }
         int8_kernels[b->n](j->P, b, first, acc);
         int8_store_avx512(j, acc, b, first);
+        int8_outliers(j, b, first);
         return;
     }
 #endif
     for (int64_t p = first; p < last; p++) {
         int8_panel_portable(j->P, b, p, acc);
         int8_store(j, acc, b, p);
+        int8_outliers(j, b, p);
     }
 }
 
@@ -784,7 +805,7 @@ static void int8_matmul_run(const Int8Panels *P, const float *x, int64_t ldx, in
     }
     QuantizeJob qj = {x, ldx, n_cols, P->groups, blocks, per_block};
     parallel_chunks(quantize_chunk, &qj, tokens, tokens * n_cols >= 65536 ? threads : 1);
-    Int8Job job = {P, blocks, bias, out, ldo, n_blocks, step};
+    Int8Job job = {P, blocks, bias, x, out, ldx, ldo, n_blocks, step};
     if (n_blocks >= 2 * threads)
         parallel_chunks(int8_token_chunk, &job, n_blocks, threads);
     else
@@ -1235,12 +1256,12 @@ static PyObject *py_panels_matmul(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_int8_matmul(PyObject *self, PyObject *args) {
-    PyObject *codes, *table, *rowsum, *x, *out, *bias;
+    PyObject *codes, *table, *rowsum, *optr, *ocols, *ovals, *x, *out, *bias;
     Py_ssize_t rows, n_cols, tokens, ldx, ldo;
     float wscale;
     int threads;
-    if (!PyArg_ParseTuple(args, "OOOfOOOnnnnni", &codes, &table, &rowsum, &wscale, &x, &out, &bias, &rows, &n_cols,
-                          &tokens, &ldx, &ldo, &threads))
+    if (!PyArg_ParseTuple(args, "OOO(OOO)fOOOnnnnni", &codes, &table, &rowsum, &optr, &ocols, &ovals, &wscale, &x, &out,
+                          &bias, &rows, &n_cols, &tokens, &ldx, &ldo, &threads))
         return NULL;
     if (n_cols >= 65536) {
         PyErr_Format(PyExc_ValueError, "int8 products take fewer than 65,536 columns (int32 sums), got %zd", n_cols);
@@ -1253,7 +1274,21 @@ static PyObject *py_int8_matmul(PyObject *self, PyObject *args) {
     int ok = (P.codes = get_buffer(&b, codes, 0, P.panels * P.groups * 64, "codes")) != NULL &&
              (table == Py_None || (P.table = get_buffer(&b, table, 0, INT8_TABLE, "table")) != NULL) &&
              (P.rowsum = get_buffer(&b, rowsum, 0, P.panels * LANES * 4, "rowsum")) != NULL &&
-             (xp = get_buffer(&b, x, 0, matrix_bytes(tokens, ldx, n_cols), "x")) != NULL &&
+             (P.outlier_ptr = get_buffer(&b, optr, 0, (rows + 1) * 8, "outlier_ptr")) != NULL;
+    Py_ssize_t n_out = ok ? P.outlier_ptr[rows] : 0;
+    for (Py_ssize_t r = 0; ok && r < rows; r++)
+        if (P.outlier_ptr[r] < 0 || P.outlier_ptr[r] > P.outlier_ptr[r + 1] || P.outlier_ptr[r + 1] > n_out) {
+            PyErr_SetString(PyExc_ValueError, "outlier_ptr is not a non-decreasing list of offsets");
+            ok = 0;
+        }
+    ok = ok && (P.outlier_cols = get_buffer(&b, ocols, 0, n_out * 4, "outlier_cols")) != NULL &&
+             (P.outlier_values = get_buffer(&b, ovals, 0, n_out * 4, "outlier_values")) != NULL;
+    for (Py_ssize_t e = 0; ok && e < n_out; e++)
+        if (P.outlier_cols[e] < 0 || P.outlier_cols[e] >= n_cols) {
+            PyErr_Format(PyExc_ValueError, "outlier column %d is outside the %zd columns", P.outlier_cols[e], n_cols);
+            ok = 0;
+        }
+    ok = ok && (xp = get_buffer(&b, x, 0, matrix_bytes(tokens, ldx, n_cols), "x")) != NULL &&
              (op = (float *)get_buffer(&b, out, 1, matrix_bytes(tokens, ldo, rows), "out")) != NULL &&
              (bp = get_buffer(&b, bias, 0, rows * 4, "bias")) != NULL;
     if (ok && tokens > 0 && rows > 0) {
@@ -1443,7 +1478,8 @@ static PyMethodDef methods[] = {
     {"panels_matmul", py_panels_matmul, METH_VARARGS,
      "panels_matmul(codes, blk_ptr, cols, table, x, out, bias, rows, n_cols, tokens, ldx, ldo, threads)"},
     {"int8_matmul", py_int8_matmul, METH_VARARGS,
-     "int8_matmul(codes, table, rowsum, wscale, x, out, bias, rows, n_cols, tokens, ldx, ldo, threads)"},
+     "int8_matmul(codes, table, rowsum, (outlier_ptr, outlier_cols, outlier_values), wscale, x, out, bias, rows, n_cols, "
+     "tokens, ldx, ldo, threads)"},
     {"tiled_matvec", py_tiled_matvec, METH_VARARGS,
      "tiled_matvec(ptr, steps, entries, slice_rows, table, x, out, bias, rows, n_cols, threads)"},
     {"rows_matmul", py_rows_matmul, METH_VARARGS,

@@ -89,18 +89,29 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(x * inverse[..., None]), -127, 127).astype(np.int32), scale
 
 
-def int8_matmul_reference(x: np.ndarray, weights: np.ndarray, scale: np.float32, bias: np.ndarray) -> np.ndarray:
+def int8_matmul_reference(
+    x: np.ndarray,
+    weights: np.ndarray,
+    scale: np.float32,
+    bias: np.ndarray,
+    outliers: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
     """``x @ W.T + bias`` as the engine's int8 products compute it: their NumPy reference.
 
     Args:
         x: ``(batch, cols)`` float32.
-        weights: ``(rows, cols)`` integers in [-127, 127]; ``W = weights * scale``.
+        weights: ``(rows, cols)`` integers in [-127, 127]; ``W = weights * scale`` plus the outliers.
         scale: the weights' float32 scale.
         bias: ``(rows,)`` float32.
+        outliers: ``(rows, cols, values)`` of the weights kept in float32, in row-major order.
 
     Returns:
-        ``(batch, rows)`` float32: exact integer sums, then one float32 multiply and one add.
+        ``(batch, rows)`` float32: exact integer sums, then one float32 multiply and one add,
+        then each outlier's product added in order.
     """
     q, token_scale = quantize_int8(x)
     sums = q.astype(np.int64) @ weights.astype(np.int64).T
-    return sums.astype(np.float32) * (token_scale * np.float32(scale))[:, None] + bias
+    out = sums.astype(np.float32) * (token_scale * np.float32(scale))[:, None] + bias
+    for row, col, value in zip(*(outliers or ((), (), ()))):
+        out[:, row] = out[:, row] + x[:, col] * np.float32(value)
+    return out

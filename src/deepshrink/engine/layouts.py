@@ -283,6 +283,12 @@ def row_entries(tensor: CompressedTensor) -> tuple[np.ndarray, np.ndarray, np.nd
 
 #: Values one vpermb decodes from (``int8_matmul``'s table).
 INT8_TABLE = 64
+#: A centroid beyond this many times the layer's mean weight magnitude is an outlier for int8: its
+#: weights are computed in float32 from a short list, so that one far centroid (importance-weighted
+#: k-means keeps a few large weights as their own centroid) does not coarsen every other's int8 step.
+INT8_OUTLIER_FACTOR = 8.0
+#: The most weights (a fraction of the kept ones) the float32 outlier list takes; the largest centroids first.
+INT8_OUTLIER_SHARE = 0.01
 
 
 @dataclass(frozen=True)
@@ -292,29 +298,49 @@ class Int8Panels:
     Attributes:
         codes: ``(panels * groups, 64)`` uint8: per 16-row panel and group of 4 columns, byte
             ``4 i + q`` is the code of row ``16 p + i``, column ``4 c + q``.
-        table: ``(64,)`` int8: the codebook as integers, then a zero (padding, pruned weights);
-            None when the codebook has more values than that: the codes are then the int8 weights.
+        table: ``(64,)`` int8: the codebook as integers (0 for outliers), then a zero (padding,
+            pruned weights); None when the codebook has more values than that: the codes are then
+            the int8 weights.
         rowsum: ``(panels * 16,)`` int32: each row's sum of int8 weights.
         scale: a weight is its int8 value times this.
+        outliers: ``(ptr, cols, values)``: the outlier weights in CSR (int64 ``rows + 1``, int32,
+            float32), computed in float32.
     """
 
     codes: np.ndarray
     table: np.ndarray | None
     rowsum: np.ndarray
     scale: np.float32
+    outliers: tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def int8_codebook(codebook: np.ndarray) -> tuple[np.ndarray, np.float32]:
-    """The centroids rounded to int8 with one scale for the layer (``max |c| / 127``).
+def int8_codebook(codebook: np.ndarray, counts: np.ndarray | None = None) -> tuple[np.ndarray, np.float32, np.ndarray]:
+    """The centroids rounded to int8 with one scale for the layer, outliers set apart.
+
+    Args:
+        codebook: the centroids.
+        counts: how many weights use each (default one each).
+
+    Returns:
+        ``(values, scale, outlier)``: int8 values (0 for outliers), the float32 scale
+        (``max |inlier| / 127``) and which centroids are outliers (see :data:`INT8_OUTLIER_FACTOR`).
 
     Examples:
-        >>> values, scale = int8_codebook(np.array([0.5, -1.27, 0.0], dtype=np.float32))
-        >>> values.tolist(), float(scale)
-        ([50, -127, 0], 0.009999999776482582)
+        >>> values, scale, outlier = int8_codebook(np.array([0.5, -1.27, 0.0, 90.0], dtype=np.float32), [500, 500, 500, 1])
+        >>> values.tolist(), float(scale), outlier.tolist()
+        ([50, -127, 0, 0], 0.009999999776482582, [False, False, False, True])
     """
-    peak = np.float32(np.max(np.abs(codebook), initial=0.0))
-    scale = peak / np.float32(127) if peak > 0 else np.float32(1)
-    return np.clip(np.rint(codebook / scale), -127, 127).astype(np.int8), np.float32(scale)
+    magnitude = np.abs(codebook).astype(np.float64)
+    counts = np.ones(len(codebook)) if counts is None else np.asarray(counts, dtype=np.float64)
+    mean = (magnitude * counts).sum() / max(counts.sum(), 1.0)
+    order = np.argsort(-magnitude, kind="stable")
+    within = np.zeros(len(codebook), dtype=bool)
+    within[order[np.cumsum(counts[order]) <= INT8_OUTLIER_SHARE * counts.sum()]] = True
+    outlier = within & (magnitude > INT8_OUTLIER_FACTOR * mean)
+    peak = np.float32(np.max(magnitude[~outlier], initial=0.0))
+    scale = np.float32(peak / np.float32(127) if peak > 0 else 1)
+    values = np.where(outlier, 0, np.clip(np.rint(codebook / scale), -127, 127)).astype(np.int8)
+    return values, scale, outlier
 
 
 def int8_panels(tensor: CompressedTensor) -> Int8Panels:
@@ -327,7 +353,7 @@ def int8_panels(tensor: CompressedTensor) -> Int8Panels:
         ((1, 64), [1, 2, 2, 2, 2, 0, 2, 2], [-127, 64, 0])
     """
     rows, n_cols = _shape(tensor)
-    values, scale = int8_codebook(tensor.codebook)
+    values, scale, outlier = int8_codebook(tensor.codebook, np.bincount(tensor.codes, minlength=len(tensor.codebook)))
     panels, groups = -(-rows // LANES), -(-n_cols // 4)
     row, col = np.divmod(tensor.positions, max(n_cols, 1))
     weights = values[tensor.codes]
@@ -342,4 +368,7 @@ def int8_panels(tensor: CompressedTensor) -> Int8Panels:
         full[row, col] = weights.view(np.uint8)
     rowsum = np.bincount(row, weights=weights, minlength=panels * LANES).astype(np.int32)
     codes = full.reshape(panels, LANES, groups, 4).transpose(0, 2, 1, 3)
-    return Int8Panels(np.ascontiguousarray(codes).reshape(-1, 4 * LANES), table, rowsum, scale)
+    far = outlier[tensor.codes]  # positions ascend: the list is row-major
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(row[far], minlength=rows))]).astype(np.int64)
+    outliers = (ptr, col[far].astype(np.int32), tensor.codebook[tensor.codes[far]].astype(np.float32))
+    return Int8Panels(np.ascontiguousarray(codes).reshape(-1, 4 * LANES), table, rowsum, scale, outliers)
