@@ -15,8 +15,10 @@ is there, fp32 products run on it:
   tokens in the SIMD lanes;
 
 - ``int8`` (``arithmetic="int8"``, every batch): each token quantized to int8 on its
-  own, the codebook as int8 with one scale, 64 multiply-adds per VNNI instruction into
-  exact int32 sums: dense int8 speed, the fidelity of per-token scales;
+  own, the codebook as int8 with one scale (far centroids apart, in float32), 64
+  multiply-adds per VNNI instruction into exact int32 sums: dense int8 speed, the fidelity
+  of per-token scales. The cost model weighs it against the float32 kernels below, which
+  keep the products they run faster (very sparse layers at small batches);
 
 and, from the numba kernels (:mod:`deepshrink.engine.kernels`, which also run
 everything when the extension is missing and in fixed point):
@@ -100,8 +102,11 @@ PARALLEL_MIN_COST = 40_000
 DENSE_PANEL_MAX_BYTES_PER_WEIGHT = 8
 
 
-#: Cost of one multiply-add of the int8 kernel, in the same unit (~250 G a second on 2 Zen 4 cores).
-INT8_MAC_COST = 0.01
+#: Costs of the int8 kernel in the same unit, one thread, Zen 4 (bench_peers' EIE layers and MiniLM's
+#: shapes): streaming a weight's one-byte code (from L3; about 2.5x that from memory), and one
+#: multiply-add (~185 G a second a core).
+INT8_WEIGHT_COST = 0.027
+INT8_MAC_COST = 0.0075
 #: The arithmetics a matrix computes in: float32 (exact to rounding), EIE's 16-bit fixed point
 #: (numba), and int8 per token on VNNI.
 ARITHMETICS = ("float32", "fixed16", "int8")
@@ -253,7 +258,10 @@ class SparseMatrix:
             activations, int64 accumulators, numba kernels); ``"int8"``: every token's
             activations and the codebook rounded to int8 (one scale each), exact int32
             sums on VNNI (:func:`~deepshrink.engine.fixedpoint.int8_matmul_reference`
-            is its bit-exact reference): dense int8 speed, every weight visited.
+            is its bit-exact reference): dense int8 speed, every weight visited. Where a
+            float32 kernel is cheaper (very sparse layers at small batches) it runs
+            instead, so a token's result can differ by int8 rounding between batch
+            sizes; ``run(x, "int8")`` forces int8.
 
     Raises:
         DeepShrinkError: if ``workers`` is not a positive integer, ``tensor`` is 0-D,
@@ -309,7 +317,7 @@ class SparseMatrix:
         #: whether the sliced kernel indexes a product table (see kernels.fill_slice_values)
         self.use_table = table_bytes <= TABLE_MAX_BYTES
         #: whether float32 products run on the SIMD extension where it pays (extension built)
-        self.simd = _simd is not None and arithmetic == "float32"
+        self.simd = _simd is not None and not fixed_point
         self._table = layouts.panel_table(tensor) if self.simd else None
         self._csc_column_cost = tensor.nnz / max(self.shape[1], 1) + SEGMENT_COST * self.workers
         # numba's choices (no SIMD extension, or fixed point): counting the activations (a
@@ -512,9 +520,19 @@ class SparseMatrix:
         return costs
 
     def _plan(self, x: np.ndarray) -> tuple[str, float]:
-        """:meth:`kernel_for`'s choice and its estimated cost (``nan`` where numba's own rules chose)."""
-        if self.arithmetic == "int8":
-            return "int8", self._int8_cost(1 if x.ndim == 1 else x.shape[0])
+        """:meth:`kernel_for`'s choice and its estimated cost (``nan`` where numba's own rules chose).
+
+        In int8 a float32 kernel still runs the products it does faster (sparse layers at
+        small batches): more exact, and sooner.
+        """
+        kernel, cost = self._float_plan(x)
+        if self.arithmetic != "int8":
+            return kernel, cost
+        tokens = 1 if x.ndim == 1 else x.shape[0]
+        int8 = self._int8_cost(tokens) + (CALL_COST if tokens > 1 else 0.0)  # as the batch kernels' costs count it
+        return (kernel, cost) if cost < int8 else ("int8", int8)
+
+    def _float_plan(self, x: np.ndarray) -> tuple[str, float]:
         if x.ndim == 1 or x.shape[0] == 1:
             if self.simd:
                 costs = self._vector_costs(int(np.count_nonzero(x)))
@@ -525,7 +543,7 @@ class SparseMatrix:
         return ("samples" if self.prefers_samples(x) else "csr"), math.nan  # numba's, or a codebook past the tables
 
     def _int8_cost(self, tokens: int) -> float:
-        return self.shape[0] * self.shape[1] * tokens * INT8_MAC_COST + CALL_COST
+        return self.shape[0] * self.shape[1] * (INT8_WEIGHT_COST + tokens * INT8_MAC_COST)
 
     def _int8_layout(self) -> layouts.Int8Panels:
         return self._layout("int8", lambda: layouts.int8_panels(self.tensor))
@@ -617,9 +635,7 @@ class SparseMatrix:
 
     def kernels(self, batch: int) -> tuple[str, ...]:
         """The kernels that can run a product of ``batch`` samples here (see :meth:`kernel_for`)."""
-        if self.arithmetic == "int8":
-            return ("int8",)
-        simd = []
+        simd = ["int8"] if self.arithmetic == "int8" else []
         if self.simd and self._panel_kind() is not None:
             simd.append("panels")
         if batch == 1:
