@@ -302,6 +302,8 @@ class SparseMatrix:
         self.centroids = codebook
         self.pad_code = len(codebook)
         self._layouts: dict[str, object] = {}  # each built on first use
+        self._int8_settled: dict[int, bool] = {}  # token count -> int8 beats every float32 kernel (see _plan)
+        self._line_costs_by_batch: dict[int, dict[str, float]] = {}
         self._no_bias = np.zeros(self.shape[0], dtype=np.float32)
         # each worker's accumulator row padded to whole cache lines, with a line of slack:
         # two threads adding into one shared line pass it back and forth (false sharing),
@@ -500,14 +502,16 @@ class SparseMatrix:
         return self._layout("vector_bound", bound)
 
     def _vector_costs(self, active: int) -> dict[str, float]:
-        """Each batch-1 kernel's cost for ``active`` non-zero activations."""
-        return {name: slope * active + fixed for name, slope, fixed in self._vector_lines()}
+        """Each batch-1 kernel's cost for ``active`` non-zero activations (int8's too, in int8)."""
+        costs = {name: slope * active + fixed for name, slope, fixed in self._vector_lines()}
+        if self.arithmetic == "int8":
+            costs["int8"] = self._int8_cost(1)
+        return costs
 
     def _batch_costs(self, x: np.ndarray, every: bool = False) -> dict[str, float]:
         """Each SIMD batch kernel's cost for the ``(batch, cols)`` ``x``; ``"samples"`` only where it may win (or ``every``)."""
         batch = x.shape[0]
-        passes = 1 if batch <= 16 else -(-batch // 32) * 2  # the row kernel: 16 tokens, or 32 at twice the cost
-        costs = {name: per * (batch if name == "panels" else passes) + CALL_COST for name, per in self._batch_lines()}
+        costs = self._line_costs(batch)
         none, every_column = self._vector_bound()
         # per sample, the cheapest line is a concave function of the active count, so it lies above its chord
         # from 0 to every column: one count over the whole batch bounds the sum, and the counts per sample
@@ -519,26 +523,41 @@ class SparseMatrix:
             costs["samples"] = float(cheapest.sum()) + batch * CALL_COST
         return costs
 
+    def _line_costs(self, batch: int) -> dict[str, float]:
+        """Each SIMD batch kernel's cost for ``batch`` tokens (int8's too, in int8): none depends on their values."""
+        cached = self._line_costs_by_batch.get(batch)
+        if cached is None:
+            passes = 1 if batch <= 16 else -(-batch // 32) * 2  # the row kernel: 16 tokens, or 32 at twice the cost
+            costs = {name: per * (batch if name == "panels" else passes) for name, per in self._batch_lines()}
+            if self.arithmetic == "int8":
+                costs["int8"] = self._int8_cost(batch)
+            cached = self._line_costs_by_batch[batch] = {name: cost + CALL_COST for name, cost in costs.items()}
+        return dict(cached)
+
     def _plan(self, x: np.ndarray) -> tuple[str, float]:
         """:meth:`kernel_for`'s choice and its estimated cost (``nan`` where numba's own rules chose).
 
-        In int8 a float32 kernel still runs the products it does faster (sparse layers at
-        small batches): more exact, and sooner.
+        In int8 the int8 product is one more line of the cost model, so a float32 kernel still
+        runs the products it does faster (sparse layers at small batches): more exact, and
+        sooner. Where int8 beats every float32 kernel whatever the activations (a dense
+        layer's case) that is settled once per batch size: weighing the kernels again, the
+        activations counted, costs a small layer's product time.
         """
-        kernel, cost = self._float_plan(x)
-        if self.arithmetic != "int8":
-            return kernel, cost
         tokens = 1 if x.ndim == 1 else x.shape[0]
-        int8 = self._int8_cost(tokens) + (CALL_COST if tokens > 1 else 0.0)  # as the batch kernels' costs count it
-        return (kernel, cost) if cost < int8 else ("int8", int8)
-
-    def _float_plan(self, x: np.ndarray) -> tuple[str, float]:
+        if self.arithmetic == "int8" and tokens > 1:
+            settled = self._int8_settled.get(tokens)
+            if settled is None:
+                lines = self._line_costs(tokens)
+                per_sample = tokens * (self._vector_bound()[0] + CALL_COST)  # "samples", every count at its least
+                settled = self._int8_settled[tokens] = min(per_sample, *lines.values()) == lines["int8"]
+            if settled:
+                return "int8", self._int8_cost(tokens) + CALL_COST
         if x.ndim == 1 or x.shape[0] == 1:
             if self.simd:
                 costs = self._vector_costs(int(np.count_nonzero(x)))
                 return min(costs.items(), key=lambda c: c[1])
             return ("sliced" if self.prefers_rows(x) else "csc"), math.nan
-        if self.simd and self._batch_lines():
+        if self.simd and (self._batch_lines() or self.arithmetic == "int8"):
             return min(self._batch_costs(x).items(), key=lambda c: c[1])
         return ("samples" if self.prefers_samples(x) else "csr"), math.nan  # numba's, or a codebook past the tables
 
