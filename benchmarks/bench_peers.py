@@ -4,17 +4,22 @@ Three parts, every library on the same number of threads (``--threads``, default
 
 - EIE's nine layers (random weights at the published densities, 16 shared values,
   activations at the published densities), unstructured and with 16 x 1 block sparsity
-  at the same density, at batch 1 and 16: the engine (its kernel chosen by its cost
-  model, named in the table) against dense torch, torch.sparse CSR, scipy CSR, ONNX
-  Runtime fp32 and ONNX Runtime int8 (dynamic quantization: int8 weights, activations
-  quantized per call, the VNNI GEMM), each on the decoded weights;
+  at the same density, at batch 1 and 16: the engine in float32 (its kernel chosen by its
+  cost model, named in the table) and in int8 (``arithmetic="int8"``: per-token int8 on
+  VNNI where that is the faster product) against dense torch, torch.sparse CSR, scipy CSR,
+  ONNX Runtime fp32 and ONNX Runtime int8 (dynamic quantization: int8 weights, activations
+  quantized per call, the VNNI GEMM), each on the decoded weights, and the two int8s'
+  errors against the exact product;
 - all-MiniLM-L6-v2 (sentence-transformers) with every Linear and the word embeddings
   pruned to ``--minilm-sparsity`` and shared at ``--minilm-bits`` (through
   ``deepshrink.compress``), or a compressed ``.dsz`` of it (``--minilm-file``): one sentence
-  (batch 1) and 32 at once (the sentences written below), the engine against the decoded
-  model in fp32 and torch's dynamic qint8 of the original, the engine's largest difference
-  from the decoded model's output, and the memory it holds; skipped, with the reason, where
-  transformers or the weights are not installed;
+  (batch 1) and 32 at once (the sentences written below), the engine in float32 and in
+  int8 against the decoded model in fp32 and torch's dynamic qint8 of the original, their
+  largest differences from the decoded model's output, the mean cosine of their sentence
+  embeddings to the original's, and the memory the engine holds; skipped, with the reason,
+  where transformers or the weights are not installed. The published page runs the file
+  of the ``minilm`` recipe (``deepshrink compress --recipe minilm --out minilm-dsz``, then
+  ``--minilm-file minilm-dsz/model.dsz``);
 - the first call of a compiled model in a fresh process with an empty numba cache (what
   a fresh install meets): MiniLM and LeNet-5 loaded from their files.
 
