@@ -487,11 +487,12 @@ static void panels_matmul_run(const Panels *P, const float *table, const float *
 /* ------------------------------------------------------------------------------------------ */
 /* int8_matmul: products in int8 on VNNI, for arithmetic="int8".
  *
- * W in 16-row panels of one-byte codes grouped by four columns: in the 64-byte vector of panel
- * p, group c, byte 4i + q is the code of row 16p + i, column 4c + q (rows and columns padded with
- * a code whose value is 0). One vpermb through the layer's table (its codebook as int8, at most 64
- * values, one scale for the layer) decodes 64 weights straight into the order vpdpbusd reads
- * (table NULL: the bytes are the int8 weights themselves, for codebooks of more than 64 values).
+ * W in 16-row panels of codes grouped by four columns: in the 64 codes of panel p, group c, code
+ * 4i + q is that of row 16p + i, column 4c + q (rows and columns padded with a code whose value is
+ * 0), one byte each, or, where every code is below 16, two to a byte (32 bytes: half the memory
+ * traffic, which bounds small batches). One vpermb through the layer's table (its codebook as int8,
+ * at most 64 values, one scale for the layer) decodes 64 weights straight into the order vpdpbusd
+ * reads (table NULL: the bytes are the int8 weights themselves, for codebooks of more values).
  * Each token is quantized on its own, q = rint(x * 127 / max|x|), and stored as q + 128 (an
  * unsigned byte: vpdpbusd multiplies unsigned by signed), four columns to a dword, so one
  * broadcast and one vpdpbusd make 64 multiply-adds into exact int32 sums (|sum| <= cols * 255 *
@@ -509,6 +510,7 @@ static void panels_matmul_run(const Panels *P, const float *table, const float *
 typedef struct {
     const uint8_t *codes;
     const int8_t *table; /* NULL: codes are the weights */
+    int64_t vec;         /* bytes of a group's 64 codes: 64, or 32 packed two to a byte (4-bit codes) */
     const int32_t *rowsum;
     const int64_t *outlier_ptr; /* rows + 1 */
     const int32_t *outlier_cols;
@@ -541,18 +543,21 @@ static void quantize_portable(const float *x, int64_t n_cols, int64_t groups, in
         }
 }
 
+/* Byte `lane` of a group's 64 weights; packed, code j < 32 is the low nibble of byte j, code j >= 32
+ * the high nibble of byte j - 32 (so two masks and a shift unpack 64 codes in order). */
 static int64_t int8_weight(const Int8Panels *P, const uint8_t *vec, int lane) {
+    if (P->vec == 32) return P->table[lane < 32 ? vec[lane] & 15 : vec[lane - 32] >> 4];
     return P->table ? P->table[vec[lane] & (INT8_TABLE - 1)] : (int8_t)vec[lane];
 }
 
 static void int8_panel_portable(const Int8Panels *P, const Int8Tokens *b, int64_t p, int32_t *acc) {
     memset(acc, 0, sizeof(int32_t) * LANES * b->n);
-    const uint8_t *codes = P->codes + 64 * p * P->groups;
+    const uint8_t *codes = P->codes + P->vec * p * P->groups;
     for (int64_t c = 0; c < P->groups; c++)
         for (int64_t t = 0; t < b->n; t++) {
             const uint8_t *xb = (const uint8_t *)&b->x[c * b->n + t];
             for (int i = 0; i < LANES; i++)
-                for (int r = 0; r < 4; r++) acc[t * LANES + i] += (int32_t)xb[r] * (int32_t)int8_weight(P, codes + 64 * c, 4 * i + r);
+                for (int r = 0; r < 4; r++) acc[t * LANES + i] += (int32_t)xb[r] * (int32_t)int8_weight(P, codes + P->vec * c, 4 * i + r);
         }
 }
 
@@ -582,7 +587,17 @@ AVX512VNNI static void quantize_avx512(const float *x, int64_t n_cols, int64_t g
     }
 }
 
-#define WEIGHTS(ptr) (P->table ? _mm512_permutexvar_epi8(QUAD(ptr), table) : QUAD(ptr))
+AVX512VNNI static inline __m512i unpack_nibbles(const uint8_t *ptr) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)ptr), low = _mm256_set1_epi8(15);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, low)),
+                              _mm256_and_si256(_mm256_srli_epi16(v, 4), low), 1);
+}
+
+/* A group's 64 int8 weights: 4-bit codes unpacked, or one-byte codes, through the table (or the bytes themselves). */
+#define WEIGHTS(ptr)                                                     \
+    (P->vec == 32 ? _mm512_permutexvar_epi8(unpack_nibbles(ptr), table) \
+     : P->table   ? _mm512_permutexvar_epi8(QUAD(ptr), table)           \
+                  : QUAD(ptr))
 
 /* One panel for NT tokens; KU sets of accumulators when NT is small, so the chains stay independent. */
 #define DEFINE_INT8_KERNEL(NT, KU)                                                                           \
@@ -590,17 +605,17 @@ AVX512VNNI static void quantize_avx512(const float *x, int64_t n_cols, int64_t g
         __m512i table = P->table ? _mm512_loadu_si512((const void *)P->table) : _mm512_setzero_si512();       \
         __m512i a[KU][NT];                                                                                   \
         UNROLL for (int u = 0; u < KU; u++) UNROLL for (int t = 0; t < NT; t++) a[u][t] = _mm512_setzero_si512(); \
-        const uint8_t *codes = P->codes + 64 * p * P->groups;                                                \
+        const uint8_t *codes = P->codes + P->vec * p * P->groups;                                            \
         const int32_t *x = (const int32_t *)b->x;                                                            \
         int64_t n = P->groups, c = 0;                                                                        \
         for (; c + KU <= n; c += KU)                                                                         \
             UNROLL for (int u = 0; u < KU; u++) {                                                            \
-                __m512i w = WEIGHTS(codes + 64 * (c + u));                                                   \
+                __m512i w = WEIGHTS(codes + P->vec * (c + u));                                               \
                 UNROLL for (int t = 0; t < NT; t++)                                                          \
                     a[u][t] = _mm512_dpbusd_epi32(a[u][t], _mm512_set1_epi32(x[(c + u) * NT + t]), w);       \
             }                                                                                                \
         for (; c < n; c++) {                                                                                 \
-            __m512i w = WEIGHTS(codes + 64 * c);                                                             \
+            __m512i w = WEIGHTS(codes + P->vec * c);                                                         \
             UNROLL for (int t = 0; t < NT; t++) a[0][t] = _mm512_dpbusd_epi32(a[0][t], _mm512_set1_epi32(x[c * NT + t]), w); \
         }                                                                                                    \
         UNROLL for (int u = 1; u < KU; u++) UNROLL for (int t = 0; t < NT; t++) a[0][t] = _mm512_add_epi32(a[0][t], a[u][t]); \
@@ -646,10 +661,10 @@ static const Int8Kernel int8_kernels[TOKENS_MAX + 1] = {
         __m512i table = P->table ? _mm512_loadu_si512((const void *)P->table) : _mm512_setzero_si512();       \
         __m512i a0[NT], a1[NT];                                                                              \
         UNROLL for (int t = 0; t < NT; t++) a0[t] = a1[t] = _mm512_setzero_si512();                          \
-        const uint8_t *c0 = P->codes + 64 * p * P->groups, *c1 = c0 + 64 * P->groups;                       \
+        const uint8_t *c0 = P->codes + P->vec * p * P->groups, *c1 = c0 + P->vec * P->groups;               \
         const int32_t *x = (const int32_t *)b->x;                                                            \
         for (int64_t c = 0; c < P->groups; c++) {                                                            \
-            __m512i w0 = WEIGHTS(c0 + 64 * c), w1 = WEIGHTS(c1 + 64 * c);                                    \
+            __m512i w0 = WEIGHTS(c0 + P->vec * c), w1 = WEIGHTS(c1 + P->vec * c);                            \
             UNROLL for (int t = 0; t < NT; t++) {                                                            \
                 __m512i v = _mm512_set1_epi32(x[c * NT + t]);                                                \
                 a0[t] = _mm512_dpbusd_epi32(a0[t], v, w0);                                                   \
@@ -1259,9 +1274,9 @@ static PyObject *py_int8_matmul(PyObject *self, PyObject *args) {
     PyObject *codes, *table, *rowsum, *optr, *ocols, *ovals, *x, *out, *bias;
     Py_ssize_t rows, n_cols, tokens, ldx, ldo;
     float wscale;
-    int threads;
-    if (!PyArg_ParseTuple(args, "OOO(OOO)fOOOnnnnni", &codes, &table, &rowsum, &optr, &ocols, &ovals, &wscale, &x, &out,
-                          &bias, &rows, &n_cols, &tokens, &ldx, &ldo, &threads))
+    int packed, threads;
+    if (!PyArg_ParseTuple(args, "OpOO(OOO)fOOOnnnnni", &codes, &packed, &table, &rowsum, &optr, &ocols, &ovals, &wscale,
+                          &x, &out, &bias, &rows, &n_cols, &tokens, &ldx, &ldo, &threads))
         return NULL;
     if (n_cols >= 65536) {
         PyErr_Format(PyExc_ValueError, "int8 products take fewer than 65,536 columns (int32 sums), got %zd", n_cols);
@@ -1271,7 +1286,12 @@ static PyObject *py_int8_matmul(PyObject *self, PyObject *args) {
     Int8Panels P = {.wscale = wscale, .groups = (n_cols + 3) / 4, .rows = rows, .panels = (rows + LANES - 1) / LANES};
     const float *xp, *bp;
     float *op;
-    int ok = (P.codes = get_buffer(&b, codes, 0, P.panels * P.groups * 64, "codes")) != NULL &&
+    P.vec = packed ? 32 : 64;
+    if (packed && table == Py_None) {
+        PyErr_SetString(PyExc_ValueError, "4-bit codes need a table");
+        return NULL;
+    }
+    int ok = (P.codes = get_buffer(&b, codes, 0, P.panels * P.groups * P.vec, "codes")) != NULL &&
              (table == Py_None || (P.table = get_buffer(&b, table, 0, INT8_TABLE, "table")) != NULL) &&
              (P.rowsum = get_buffer(&b, rowsum, 0, P.panels * LANES * 4, "rowsum")) != NULL &&
              (P.outlier_ptr = get_buffer(&b, optr, 0, (rows + 1) * 8, "outlier_ptr")) != NULL;
@@ -1478,8 +1498,8 @@ static PyMethodDef methods[] = {
     {"panels_matmul", py_panels_matmul, METH_VARARGS,
      "panels_matmul(codes, blk_ptr, cols, table, x, out, bias, rows, n_cols, tokens, ldx, ldo, threads)"},
     {"int8_matmul", py_int8_matmul, METH_VARARGS,
-     "int8_matmul(codes, table, rowsum, (outlier_ptr, outlier_cols, outlier_values), wscale, x, out, bias, rows, n_cols, "
-     "tokens, ldx, ldo, threads)"},
+     "int8_matmul(codes, packed, table, rowsum, (outlier_ptr, outlier_cols, outlier_values), wscale, x, out, bias, rows, "
+     "n_cols, tokens, ldx, ldo, threads)"},
     {"tiled_matvec", py_tiled_matvec, METH_VARARGS,
      "tiled_matvec(ptr, steps, entries, slice_rows, table, x, out, bias, rows, n_cols, threads)"},
     {"rows_matmul", py_rows_matmul, METH_VARARGS,

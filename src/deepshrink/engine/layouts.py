@@ -296,11 +296,14 @@ class Int8Panels:
     """A matrix laid out for ``int8_matmul`` (see :func:`int8_panels`).
 
     Attributes:
-        codes: ``(panels * groups, 64)`` uint8: per 16-row panel and group of 4 columns, byte
-            ``4 i + q`` is the code of row ``16 p + i``, column ``4 c + q``.
-        table: ``(64,)`` int8: the codebook as integers (0 for outliers), then a zero (padding,
-            pruned weights); None when the codebook has more values than that: the codes are then
-            the int8 weights.
+        codes: per 16-row panel and group of 4 columns, 64 codes, code ``4 i + q`` that of row
+            ``16 p + i``, column ``4 c + q``: ``(panels * groups, 64)`` uint8, or, ``packed``,
+            ``(panels * groups, 32)`` with code ``j`` in the low nibble of byte ``j`` (``j < 32``)
+            or the high nibble of byte ``j - 32``.
+        packed: whether every code is below 16, stored two to a byte (half the bytes to stream).
+        table: ``(64,)`` int8: the codebook as integers (0 for outliers), then a zero for pruned
+            and padding weights where no centroid is 0 already; None when the codebook has more
+            values than that: the codes are then the int8 weights.
         rowsum: ``(panels * 16,)`` int32: each row's sum of int8 weights.
         scale: a weight is its int8 value times this.
         outliers: ``(ptr, cols, values)``: the outlier weights in CSR (int64 ``rows + 1``, int32,
@@ -308,6 +311,7 @@ class Int8Panels:
     """
 
     codes: np.ndarray
+    packed: bool
     table: np.ndarray | None
     rowsum: np.ndarray
     scale: np.float32
@@ -344,13 +348,13 @@ def int8_codebook(codebook: np.ndarray, counts: np.ndarray | None = None) -> tup
 
 
 def int8_panels(tensor: CompressedTensor) -> Int8Panels:
-    """Every weight of the matrix as an int8 code (pruned and padding ones a zero), grouped for vpdpbusd.
+    """Every weight of the matrix as a code of an int8 value (pruned and padding ones a zero), grouped for vpdpbusd.
 
     Examples:
         >>> t = CompressedTensor((2, 3), np.array([0, 4]), np.array([1, 0]), np.array([0.5, -1.0]), 1)
-        >>> p = int8_panels(t)
-        >>> p.codes.shape, p.codes[0, :8].tolist(), p.rowsum[:3].tolist()  # row 0: code 1 then zeros (code 2)
-        ((1, 64), [1, 2, 2, 2, 2, 0, 2, 2], [-127, 64, 0])
+        >>> p = int8_panels(t)  # codes 0, 1 and the zero, 2: packed, byte j holds codes j and j + 32 (rows 8-15)
+        >>> p.packed, p.codes.shape, p.codes[0, :8].tolist(), p.rowsum[:3].tolist()  # (0, 0) is code 1, (1, 1) code 0
+        (True, (1, 32), [33, 34, 34, 34, 34, 32, 34, 34], [-127, 64, 0])
     """
     rows, n_cols = _shape(tensor)
     values, scale, outlier = int8_codebook(tensor.codebook, np.bincount(tensor.codes, minlength=len(tensor.codebook)))
@@ -358,17 +362,22 @@ def int8_panels(tensor: CompressedTensor) -> Int8Panels:
     row, col = np.divmod(tensor.positions, max(n_cols, 1))
     weights = values[tensor.codes]
     if len(values) < INT8_TABLE:
+        zeros = np.flatnonzero(values == 0)
+        zero = int(zeros[0]) if len(zeros) else len(values)  # a centroid rounded to 0 (or an outlier's) serves
         table = np.zeros(INT8_TABLE, dtype=np.int8)
         table[: len(values)] = values
-        full = np.full((panels * LANES, groups * 4), len(values), dtype=np.uint8)
+        full = np.full((panels * LANES, groups * 4), zero, dtype=np.uint8)
         full[row, col] = tensor.codes
     else:
         table = None
         full = np.zeros((panels * LANES, groups * 4), dtype=np.uint8)
         full[row, col] = weights.view(np.uint8)
     rowsum = np.bincount(row, weights=weights, minlength=panels * LANES).astype(np.int32)
-    codes = full.reshape(panels, LANES, groups, 4).transpose(0, 2, 1, 3)
+    codes = np.ascontiguousarray(full.reshape(panels, LANES, groups, 4).transpose(0, 2, 1, 3)).reshape(-1, 4 * LANES)
+    packed = table is not None and int(full.max(initial=0)) < 16
+    if packed:
+        codes = codes[:, :32] | (codes[:, 32:] << 4)
     far = outlier[tensor.codes]  # positions ascend: the list is row-major
     ptr = np.concatenate([[0], np.cumsum(np.bincount(row[far], minlength=rows))]).astype(np.int64)
     outliers = (ptr, col[far].astype(np.int32), tensor.codebook[tensor.codes[far]].astype(np.float32))
-    return Int8Panels(np.ascontiguousarray(codes).reshape(-1, 4 * LANES), table, rowsum, scale, outliers)
+    return Int8Panels(codes, packed, table, rowsum, scale, outliers)

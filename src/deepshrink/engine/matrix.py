@@ -575,8 +575,8 @@ class SparseMatrix:
         """``x @ W.T + bias`` in int8 for a contiguous ``(batch, cols)`` ``x``."""
         p = self._int8_layout()
         out = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
-        _simd.int8_matmul(p.codes, p.table, p.rowsum, p.outliers, float(p.scale), x, out, bias, self.shape[0],
-                          self.shape[1], x.shape[0], self.shape[1], self.shape[0], threads)  # fmt: skip
+        _simd.int8_matmul(p.codes, p.packed, p.table, p.rowsum, p.outliers, float(p.scale), x, out, bias,
+                          self.shape[0], self.shape[1], x.shape[0], self.shape[1], self.shape[0], threads)  # fmt: skip
         return out
 
     def kernel_for(self, x: np.ndarray) -> str:
