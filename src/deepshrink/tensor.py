@@ -44,7 +44,7 @@ class CompressedTensor:
 
     Args:
         shape: the dense shape.
-        positions: ``(nnz,)`` strictly increasing flat row-major indices (int64).
+        positions: ``(nnz,)`` strictly increasing flat row-major indices (int32 below 2**31 elements, else int64).
         codes: ``(nnz,)`` codebook index of each surviving weight.
         codebook: ``(k,)`` float32 shared values, ``k <= 2**bits``.
         bits: bits per code, 1..16.
@@ -73,7 +73,9 @@ class CompressedTensor:
             raise DeepShrinkError(f"shape {shape} has a negative dimension")
         if not isinstance(self.bits, (int, np.integer)) or not 1 <= self.bits <= MAX_CODE_BITS:
             raise DeepShrinkError(f"bits={self.bits!r} must be an integer in 1..{MAX_CODE_BITS}")
-        positions = np.ascontiguousarray(self.positions, dtype=np.int64)
+        positions = np.ascontiguousarray(self.positions)
+        if positions.dtype not in (np.int32, np.int64):  # unsigned ones would wrap in the order check below
+            positions = positions.astype(np.int64)  # checked below, then narrowed where it fits
         codes = np.asarray(self.codes)
         codebook = np.ascontiguousarray(self.codebook, dtype=np.float32)
         if positions.ndim != 1 or codes.ndim != 1 or codebook.ndim != 1:
@@ -90,7 +92,9 @@ class CompressedTensor:
                 raise DeepShrinkError(f"a code is outside the codebook of {len(codebook)} entries")
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "bits", int(self.bits))
-        object.__setattr__(self, "positions", positions)
+        # int32 where every position fits: a tensor kept whole lists every position in memory, and int64 made
+        # that 8 bytes a weight (MiniLM on the engine held more than its fp32 weights)
+        object.__setattr__(self, "positions", positions.astype(np.int32) if numel < 1 << 31 else positions)
         object.__setattr__(self, "codes", np.ascontiguousarray(codes, dtype=code_dtype(self.bits)))
         object.__setattr__(self, "codebook", codebook)
 
