@@ -559,6 +559,9 @@ def test_cli_run_and_bench(lenet300: nn.Module, mnist_test, tmp_path, capsys) ->
     assert main([*run, "--arithmetic", "int4"]) == 2
     assert "arithmetic='int4' is not one of float32, fixed16, int8" in capsys.readouterr().err
     if matrix._simd is not None:
+        assert main(["bench", str(path), "--input", str(tmp_path / "x.npy"), "--batch-sizes", "8", "--repeats", "1",
+                     "--arithmetic", "int8"]) == 0  # fmt: skip
+        assert "engine (int8)" in capsys.readouterr().out
         assert main([*run, "--arithmetic", "int8"]) == 0
         int8 = torch.from_numpy(np.load(tmp_path / "y8.npy"))
         assert (int8.argmax(1) == logits(lenet300, images, 40).argmax(1)).float().mean() >= 0.95

@@ -361,10 +361,10 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     from deepshrink.engine.runner import bench_file
 
     inputs, _ = _engine_inputs(args)
-    rows = bench_file(args.file, inputs, tuple(args.batch_sizes), args.repeats, args.trust_factory)
+    rows = bench_file(args.file, inputs, tuple(args.batch_sizes), args.repeats, args.trust_factory, args.arithmetic)
     table = NameTable(
         ["engine us", "dense us", "speed-up", "1st call s", "max |diff|"],
-        f"{args.file}: engine vs dense torch, per sample ({torch.get_num_threads()} torch threads)",
+        f"{args.file}: engine ({args.arithmetic}) vs dense torch, per sample ({torch.get_num_threads()} torch threads)",
         name_heading="batch",
     )
     for r in rows:
@@ -409,6 +409,9 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="data root (default $DEEPSHRINK_DATA)")
     p.add_argument("--images", type=_positive_int, default=1000, help="--data: how many test images")
     p.add_argument("--threads", type=_positive_int, help="torch and numba threads (default: their own defaults)")
+    p.add_argument("--arithmetic", default="float32",
+                   help="float32 (default: the decoded model's outputs), fixed16 (EIE's 16-bit fixed point) or int8 "
+                   "(per-token int8 on VNNI: fastest, approximate)")  # fmt: skip
     p.add_argument(
         "--trust-factory",
         action="store_true",
@@ -598,9 +601,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a .dsz file on the sparse inference engine (inputs from .npy or a test set)")
     _engine_options(p)
     p.add_argument("--batch-size", type=_positive_int, default=1)
-    p.add_argument("--arithmetic", default="float32",
-                   help="float32 (default: the decoded model's outputs), fixed16 (EIE's 16-bit fixed point) or int8 "
-                   "(per-token int8 on VNNI: fastest, approximate)")  # fmt: skip
     p.add_argument("--output", help="write the outputs here as .npy")
     p.set_defaults(func=_cmd_run)
 

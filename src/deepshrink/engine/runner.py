@@ -103,8 +103,10 @@ def bench_file(
     batch_sizes: tuple[int, ...] = (1, 16),
     repeats: int = 5,
     trust_factory: bool = False,
+    arithmetic: str = "float32",
 ) -> list[dict]:
-    """Time the engine against dense torch on ``inputs`` at each batch size.
+    """Time the engine (in ``arithmetic``, see :func:`~deepshrink.engine.compile_model`) against dense torch on
+    ``inputs`` at each batch size.
 
     Returns:
         One dict per batch size: ``batch``, ``engine_us`` and ``dense_us`` per
@@ -116,7 +118,10 @@ def bench_file(
     """
     if any(b < 1 for b in batch_sizes):
         raise DeepShrinkError(f"batch sizes {batch_sizes} must all be >= 1")
-    dense, engine = decoded_model(path, trust_factory), from_file(path, trust_factory=trust_factory)
+    dense, engine = (
+        decoded_model(path, trust_factory),
+        from_file(path, trust_factory=trust_factory, arithmetic=arithmetic),
+    )
     if not engine_layers(engine):
         raise DeepShrinkError(f"{os.fspath(path)} has no compressed Linear or Conv2d layer for the engine")
     rows = []
