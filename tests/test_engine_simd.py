@@ -230,6 +230,18 @@ def test_int8_is_close_to_the_decoded_matrix_and_per_token() -> None:
     assert np.abs(out[5] - exact[5]).max() < 0.05 * np.abs(exact[5]).max()
 
 
+def test_int8_turns_a_token_holding_nan_or_inf_into_nan(isa) -> None:
+    """As a float32 product would, and only that token's outputs (the others are as without it)."""
+    t = structured_tensor(40, 70, 0.8, "unstructured", 3, seed=10)
+    x = np.random.default_rng(10).standard_normal((4, 70)).astype(np.float32)
+    x[1, 5], x[2, 69] = np.nan, -np.inf
+    m = SparseMatrix(t, arithmetic="int8")
+    out = m.run(x, "int8")
+    np.testing.assert_array_equal(out, int8_reference(t, x, np.zeros(40, np.float32)))
+    assert np.isnan(out[1:3]).all() and np.isfinite(out[[0, 3]]).all()
+    np.testing.assert_array_equal(out[[0, 3]], m.run(x[[0, 3]], "int8"))
+
+
 def test_int8_keeps_far_centroids_in_float32(isa) -> None:
     """One centroid 100x the others (as importance-weighted k-means keeps a few large weights) leaves the rest's step fine."""
     rng = np.random.default_rng(8)

@@ -31,6 +31,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -529,9 +530,19 @@ typedef struct {
 static float int8_inverse(float peak) { return peak > 0.0f ? 127.0f / peak : 0.0f; }
 static float int8_scale(float peak) { return peak > 0.0f ? peak / 127.0f : 0.0f; }
 
+/* A token holding a NaN or an infinity: its outputs are NaN (as a float product's would be), its bytes all zeros. */
+static void quantize_nonfinite(int64_t groups, int64_t stride, uint8_t *q, float *scale) {
+    *scale = NAN;
+    for (int64_t c = 0; c < groups; c++) memset(q + c * stride, 128, 4);
+}
+
 static void quantize_portable(const float *x, int64_t n_cols, int64_t groups, int64_t stride, uint8_t *q, float *scale) {
     float peak = 0.0f;
-    for (int64_t k = 0; k < n_cols; k++) peak = fabsf(x[k]) > peak ? fabsf(x[k]) : peak;
+    for (int64_t k = 0; k < n_cols; k++) {
+        float a = fabsf(x[k]);
+        if (!(a <= FLT_MAX)) return quantize_nonfinite(groups, stride, q, scale);
+        peak = a > peak ? a : peak;
+    }
     float inv = int8_inverse(peak);
     *scale = int8_scale(peak);
     for (int64_t c = 0; c < groups; c++)
@@ -567,11 +578,15 @@ static int use_vnni = 0;
 
 AVX512VNNI static void quantize_avx512(const float *x, int64_t n_cols, int64_t groups, int64_t stride, uint8_t *q,
                                        float *scale) {
-    __m512 peak = _mm512_setzero_ps();
+    __m512 peak = _mm512_setzero_ps(), largest = _mm512_set1_ps(FLT_MAX);
+    __mmask16 bad = 0;
     for (int64_t k = 0; k < n_cols; k += 16) {
         __mmask16 m = n_cols - k >= 16 ? 0xFFFF : (__mmask16)((1u << (n_cols - k)) - 1);
-        peak = _mm512_max_ps(peak, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + k)));
+        __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + k));
+        bad |= _mm512_cmp_ps_mask(a, largest, _CMP_NLE_UQ); /* NaN (unordered) or infinite */
+        peak = _mm512_max_ps(peak, a);
     }
+    if (bad) return quantize_nonfinite(groups, stride, q, scale);
     float top = _mm512_reduce_max_ps(peak);
     __m512 inv = _mm512_set1_ps(int8_inverse(top));
     *scale = int8_scale(top);

@@ -75,18 +75,22 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     token's result does not depend on its batch), in these float32 operations.
 
     Returns:
-        ``(q, scale)``: int32 array in [-127, 127] and the float32 scale of each row, ``x ~= q * scale``.
+        ``(q, scale)``: int32 array in [-127, 127] and the float32 scale of each row, ``x ~= q * scale``;
+        a row holding a NaN or an infinity gets zeros and scale NaN.
 
     Examples:
         >>> q, s = quantize_int8(np.array([[0.5, -1.0, 0.25]], dtype=np.float32))
         >>> q.tolist(), s.tolist()
         ([[64, -127, 32]], [0.007874015718698502])
     """
-    peak = np.max(np.abs(x), axis=-1, initial=np.float32(0))
+    finite = np.isfinite(x).all(axis=-1)
+    peak = np.max(np.abs(np.where(finite[..., None], x, 0)), axis=-1, initial=np.float32(0)).astype(np.float32)
     some = peak > 0
     inverse = np.divide(np.float32(127), peak, out=np.zeros_like(peak), where=some)
     scale = np.divide(peak, np.float32(127), out=np.zeros_like(peak), where=some)
-    return np.clip(np.rint(x * inverse[..., None]), -127, 127).astype(np.int32), scale
+    scale[~finite] = np.nan  # a NaN or an infinity: the row's products are NaN, as in float32
+    q = np.clip(np.rint(np.where(finite[..., None], x, 0) * inverse[..., None]), -127, 127).astype(np.int32)
+    return q, scale
 
 
 def int8_matmul_reference(
