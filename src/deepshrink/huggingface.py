@@ -500,10 +500,9 @@ def load_compressed(
         raise DeepShrinkError(f"arithmetic={arithmetic!r} is the engine's: pass engine=True")
     if engine:
         from deepshrink.engine.compile import compile_model
-        from deepshrink.engine.matrix import ARITHMETICS
+        from deepshrink.engine.matrix import check_arithmetic
 
-        if arithmetic not in ARITHMETICS:
-            raise DeepShrinkError(f"arithmetic={arithmetic!r} is not one of {', '.join(ARITHMETICS)}")
+        check_arithmetic(arithmetic)
     root = Path(out_dir)
     if not (root / MODEL_FILE).is_file():
         raise DeepShrinkError(f"no {MODEL_FILE} in {root}: not a folder save_pretrained wrote")

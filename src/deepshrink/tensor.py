@@ -94,7 +94,7 @@ class CompressedTensor:
         object.__setattr__(self, "bits", int(self.bits))
         # int32 where every position fits: a tensor kept whole lists every position in memory, and int64 made
         # that 8 bytes a weight (MiniLM on the engine held more than its fp32 weights)
-        object.__setattr__(self, "positions", positions.astype(np.int32) if numel < 1 << 31 else positions)
+        object.__setattr__(self, "positions", positions.astype(np.int32, copy=False) if numel < 1 << 31 else positions)
         object.__setattr__(self, "codes", np.ascontiguousarray(codes, dtype=code_dtype(self.bits)))
         object.__setattr__(self, "codebook", codebook)
 

@@ -455,10 +455,16 @@ static void token_block_chunk(const void *ctx, int64_t bi) {
     for (int64_t p = 0; p < j->P->panels; p++) panel_block(j, p, bi);
 }
 
+/* Tokens per block when `tokens` are cut into blocks of at most `most`, their number in *n_blocks; even
+ * blocks: 30 tokens at most 24 a block are 15 + 15, not 24 + 6. */
+static int64_t even_blocks(int64_t tokens, int64_t most, int64_t *n_blocks) {
+    *n_blocks = (tokens + most - 1) / most;
+    return (tokens + *n_blocks - 1) / *n_blocks;
+}
+
 static void panels_matmul_run(const Panels *P, const float *table, const float *x, int64_t ldx, float *out,
                               int64_t ldo, const float *bias, int64_t tokens, int threads) {
-    int64_t n_blocks = (tokens + TOKENS_MAX - 1) / TOKENS_MAX;
-    int64_t per_block = (tokens + n_blocks - 1) / n_blocks; /* even blocks: 30 tokens = 15 + 15, not 24 + 6 */
+    int64_t n_blocks, per_block = even_blocks(tokens, TOKENS_MAX, &n_blocks);
     Tokens *blocks = malloc(sizeof(Tokens) * n_blocks);
     float *xs = malloc(sizeof(float) * (P->n_cols + 1) * tokens);
     int32_t *act = malloc(sizeof(int32_t) * (P->n_cols * n_blocks + 1));
@@ -821,8 +827,7 @@ static void int8_matmul_run(const Int8Panels *P, const float *x, int64_t ldx, in
                             const float *bias, int64_t tokens, int threads) {
     /* batches: blocks of at most 12 tokens, two panels at a time; else every token, one panel at a time */
     int64_t step = tokens >= INT8_PAIR_MIN ? 2 : 1, most = step == 2 ? INT8_PAIR_TOKENS : TOKENS_MAX;
-    int64_t n_blocks = (tokens + most - 1) / most;
-    int64_t per_block = (tokens + n_blocks - 1) / n_blocks;
+    int64_t n_blocks, per_block = even_blocks(tokens, most, &n_blocks);
     Int8Tokens *blocks = malloc(sizeof(Int8Tokens) * n_blocks);
     uint32_t *xs = malloc(sizeof(uint32_t) * P->groups * tokens);
     float *scales = malloc(sizeof(float) * tokens);

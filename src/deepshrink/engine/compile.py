@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 
 from deepshrink.compress.parametrization import bake_
 from deepshrink.engine.layers import SparseConv1d, SparseConv2d, SparseEmbedding, SparseLinear
-from deepshrink.engine.matrix import ARITHMETICS
+from deepshrink.engine.matrix import check_arithmetic
 from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
 from deepshrink.tensor import CompressedTensor
 
@@ -127,8 +127,7 @@ def compile_model(
         >>> type(fast[0]).__name__
         'SparseLinear'
     """
-    if arithmetic not in ARITHMETICS:
-        raise DeepShrinkError(f"arithmetic={arithmetic!r} is not one of {', '.join(ARITHMETICS)}")
+    check_arithmetic(arithmetic)
     if tensors is None:
         from deepshrink.compress.quantize import compressed_tensors
 

@@ -115,6 +115,12 @@ INT8_MAC_COST = 0.0075
 ARITHMETICS = ("float32", "fixed16", "int8")
 
 
+def check_arithmetic(arithmetic: str) -> None:
+    """Raise a DeepShrinkError naming the choices unless ``arithmetic`` is one of :data:`ARITHMETICS`."""
+    if arithmetic not in ARITHMETICS:
+        raise DeepShrinkError(f"arithmetic={arithmetic!r} is not one of {', '.join(ARITHMETICS)}")
+
+
 #: Accumulators per 64-byte cache line (float32; int64 ones take two lines, as safe).
 _LINE = 16
 
@@ -284,8 +290,7 @@ class SparseMatrix:
             raise DeepShrinkError(f"workers={workers!r} must be a positive integer")
         if not tensor.shape:
             raise DeepShrinkError("a 0-D tensor has no matrix view; the engine needs at least 1-D weights")
-        if arithmetic not in ARITHMETICS:
-            raise DeepShrinkError(f"arithmetic={arithmetic!r} is not one of {', '.join(ARITHMETICS)}")
+        check_arithmetic(arithmetic)
         self.tensor = tensor
         # not tensor.matrix_shape: that reports 0 columns when there are 0 rows
         self.shape = (tensor.shape[0], math.prod(tensor.shape[1:]))
@@ -556,7 +561,7 @@ class SparseMatrix:
                 settled = self._int8_settled[tokens] = min(per_sample, *lines.values()) == lines["int8"]
             if settled:
                 return "int8", self._int8_cost(tokens) + CALL_COST
-        if x.ndim == 1 or x.shape[0] == 1:
+        if tokens == 1:
             if self.simd:
                 costs = self._vector_costs(int(np.count_nonzero(x)))
                 return min(costs.items(), key=lambda c: c[1])
@@ -722,8 +727,6 @@ class SparseMatrix:
             raise DeepShrinkError(f"kernel {kernel!r} cannot run a batch of {x.shape[0]} here; "
                                   f"available: {', '.join(self.kernels(x.shape[0]))}")  # fmt: skip
         x, bias = np.ascontiguousarray(x), self.check_bias(bias)
-        if kernel == "int8":
-            return self._int8(x, bias, self._threads_for(self._int8_cost(x.shape[0])))
         if x.shape[0] == 1:
             cost = self._vector_costs(int(np.count_nonzero(x))).get(kernel, math.nan) if self.simd else math.nan
             return self._vector(x[0], bias, kernel, self._threads_for(cost)).reshape(1, -1)
