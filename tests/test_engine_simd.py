@@ -198,8 +198,10 @@ def test_int8_is_bit_exact_against_its_numpy_reference(isa, rows, cols, density,
     bias = rng.standard_normal(rows).astype(np.float32)
     expected = int8_reference(t, x, bias)
     assert "int8" in m.kernels(batch)
-    np.testing.assert_array_equal(m.run(x, "int8", bias), expected)
-    np.testing.assert_array_equal(m.run(x[-1:], "int8", bias), expected[-1:])
+    assert ("int8-blocks" in m.kernels(batch)) == m._blocky()  # the block layout where under 90% of blocks are kept
+    for kernel in (k for k in m.kernels(batch) if k.startswith("int8")):
+        np.testing.assert_array_equal(m.run(x, kernel, bias), expected)
+        np.testing.assert_array_equal(m.run(x[-1:], kernel, bias), expected[-1:])
 
 
 @pytest.mark.parametrize("batch", [1, 7, 8, 13, 24, 25, 100])
@@ -210,6 +212,22 @@ def test_int8_on_every_token_count_and_thread_count(isa, batch: int) -> None:
     expected = int8_reference(t, x, np.zeros(100, np.float32))
     for workers in (1, 2):
         np.testing.assert_array_equal(SparseMatrix(t, workers=workers, arithmetic="int8").run(x, "int8"), expected)
+
+
+@pytest.mark.parametrize("batch", [1, 15, 16, 17, 33, 100])
+def test_int8_blocks_on_every_token_count_and_thread_count(isa, batch: int) -> None:
+    """The block layout's kernel (16 tokens in the lanes, the last block partial), one and two threads, far centroids."""
+    rng = np.random.default_rng(batch)
+    t = structured_tensor(100, 132, 0.3, "blocks", 4, seed=batch)
+    codes = rng.integers(0, 15, t.nnz)
+    codes[rng.choice(t.nnz, 5, replace=False)] = 15  # a few weights on a far centroid
+    t = CompressedTensor(t.shape, t.positions, codes, np.append(t.codebook[:15], np.float32(50)), 4)
+    x = rng.standard_normal((batch, 132)).astype(np.float32)
+    expected = int8_reference(t, x, np.ones(100, np.float32))
+    for workers in (1, 2):
+        m = SparseMatrix(t, workers=workers, arithmetic="int8")
+        np.testing.assert_array_equal(m.run(x, "int8-blocks", np.ones(100, np.float32)), expected)
+    assert len(layouts.int8_panels(t, blocks=True).outliers[1]) > 0  # the far centroid's weights went to float32
 
 
 def test_int8_is_close_to_the_decoded_matrix_and_per_token() -> None:

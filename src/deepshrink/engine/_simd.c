@@ -508,7 +508,15 @@ static void panels_matmul_run(const Panels *P, const float *table, const float *
  * code is 0 in the table, so they do not coarsen everyone's scale), added in float32 from a CSR
  * list: out += x[col] * value, row by row in order. Every multiply and add rounded apart:
  * bit-exact against the NumPy reference (deepshrink.engine.fixedpoint.int8_matmul_reference) on
- * every instruction set. */
+ * every instruction set.
+ *
+ * The block layout (matrices pruned in 16 x 1 blocks) keeps only the blocks holding a weight, four
+ * to a group as their int8 weights (byte 4i + q: row i of block q), and turns the loops around:
+ * the tokens in the lanes. A block of 16 tokens is quantized as above, then each group of four
+ * columns transposed in place (column c's 16 tokens at byte 16c), so a group's activations are
+ * four 16-byte loads from anywhere and one vpermb, and each row's four weights one broadcast:
+ * 16 vpdpbusd, one per row of the panel, per group of four blocks. The 16 x 16 sums are then
+ * transposed in registers into the dense kernels' order, and stored as theirs. */
 
 #define INT8_TABLE 64       /* values one vpermb decodes from */
 #define INT8_PAIR_TOKENS 12 /* tokens of a block run two panels at a time (2 x 12 accumulators) */
@@ -518,6 +526,8 @@ typedef struct {
     const uint8_t *codes;
     const int8_t *table; /* NULL: codes are the weights */
     int64_t vec;         /* bytes of a group's 64 codes: 64, or 32 packed two to a byte (4-bit codes) */
+    const int64_t *blk_ptr; /* the block layout (NULL: dense): panel p's 16 x 1 blocks are blk_ptr[p] .. blk_ptr[p + 1] */
+    const int32_t *cols;    /* each block's column (n_cols: padding), four blocks' int8 weights to a group of codes */
     const int32_t *rowsum;
     const int64_t *outlier_ptr; /* rows + 1 */
     const int32_t *outlier_cols;
@@ -578,6 +588,16 @@ static void int8_panel_portable(const Int8Panels *P, const Int8Tokens *b, int64_
         }
 }
 
+/* The block layout, tokens in the lanes: acc as the dense kernels leave it (acc[t * 16 + i], row i, token t). */
+static void int8_blocks_portable(const Int8Panels *P, const Int8Tokens *b, int64_t p, int32_t *acc) {
+    memset(acc, 0, sizeof(int32_t) * LANES * b->n);
+    const uint8_t *xt = (const uint8_t *)b->x;
+    for (int64_t k = P->blk_ptr[p]; k < P->blk_ptr[p + 1]; k++)
+        for (int64_t t = 0; t < b->n; t++)
+            for (int i = 0; i < LANES; i++)
+                acc[t * LANES + i] += (int32_t)xt[P->cols[k] * LANES + t] * (int32_t)(int8_t)P->codes[16 * (k & ~3) + 4 * i + (k & 3)];
+}
+
 #if HAVE_X86
 #define AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi")))
 static int use_vnni = 0;
@@ -612,6 +632,13 @@ AVX512VNNI static inline __m512i unpack_nibbles(const uint8_t *ptr) {
     __m256i v = _mm256_loadu_si256((const __m256i *)ptr), low = _mm256_set1_epi8(15);
     return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, low)),
                               _mm256_and_si256(_mm256_srli_epi16(v, 4), low), 1);
+}
+
+AVX512VNNI static void transpose_group_avx512(uint8_t *v) {
+    const __m512i order = _mm512_set_epi32(0x3f3b3733, 0x2f2b2723, 0x1f1b1713, 0x0f0b0703, 0x3e3a3632, 0x2e2a2622,
+                                           0x1e1a1612, 0x0e0a0602, 0x3d393531, 0x2d292521, 0x1d191511, 0x0d090501,
+                                           0x3c383430, 0x2c282420, 0x1c181410, 0x0c080400);
+    _mm512_storeu_si512((void *)v, _mm512_permutexvar_epi8(order, _mm512_loadu_si512((const void *)v)));
 }
 
 /* A group's 64 int8 weights: 4-bit codes unpacked, or one-byte codes, through the table (or the bytes themselves). */
@@ -711,6 +738,46 @@ DEFINE_INT8_PAIR(10)
 DEFINE_INT8_PAIR(11)
 DEFINE_INT8_PAIR(12)
 
+/* The block layout's panel p for a block of up to 16 tokens (the lanes): one accumulator per row. */
+AVX512VNNI static void int8_blocks_avx512(const Int8Panels *P, const Int8Tokens *b, int64_t p, int32_t *acc) {
+    /* byte 4t + q of a group's activations: token t of its block q's column (byte 16q + t once loaded) */
+    const __m512i gather = _mm512_set_epi32(0x3f2f1f0f, 0x3e2e1e0e, 0x3d2d1d0d, 0x3c2c1c0c, 0x3b2b1b0b, 0x3a2a1a0a,
+                                            0x39291909, 0x38281808, 0x37271707, 0x36261606, 0x35251505, 0x34241404,
+                                            0x33231303, 0x32221202, 0x31211101, 0x30201000);
+    __m512i a[LANES];
+    UNROLL for (int i = 0; i < LANES; i++) a[i] = _mm512_setzero_si512();
+    const uint8_t *xt = (const uint8_t *)b->x;
+    for (int64_t k = P->blk_ptr[p]; k < P->blk_ptr[p + 1]; k += 4) {
+        const int32_t *c = P->cols + k, *w = (const int32_t *)(P->codes + 16 * k);
+        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(xt + LANES * c[0])));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(xt + LANES * c[1])), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(xt + LANES * c[2])), 2);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(xt + LANES * c[3])), 3);
+        v = _mm512_permutexvar_epi8(gather, v);
+        UNROLL for (int i = 0; i < LANES; i++) a[i] = _mm512_dpbusd_epi32(a[i], v, _mm512_set1_epi32(w[i]));
+    }
+    /* 16 x 16 transpose (row i, token t) -> acc[t * 16 + i]: pairs, then quads of rows, then 128-bit quarters */
+    __m512 t[LANES], u[LANES];
+    UNROLL for (int k = 0; k < 8; k++) {
+        t[2 * k] = _mm512_unpacklo_ps(_mm512_castsi512_ps(a[2 * k]), _mm512_castsi512_ps(a[2 * k + 1]));
+        t[2 * k + 1] = _mm512_unpackhi_ps(_mm512_castsi512_ps(a[2 * k]), _mm512_castsi512_ps(a[2 * k + 1]));
+    }
+    UNROLL for (int m = 0; m < 4; m++) { /* u[4m + c]: rows 4m .. 4m + 3 of token 4L + c in quarter L */
+        u[4 * m] = _mm512_shuffle_ps(t[4 * m], t[4 * m + 2], 0x44);
+        u[4 * m + 1] = _mm512_shuffle_ps(t[4 * m], t[4 * m + 2], 0xEE);
+        u[4 * m + 2] = _mm512_shuffle_ps(t[4 * m + 1], t[4 * m + 3], 0x44);
+        u[4 * m + 3] = _mm512_shuffle_ps(t[4 * m + 1], t[4 * m + 3], 0xEE);
+    }
+    UNROLL for (int c = 0; c < 4; c++) {
+        __m512 lo01 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), hi01 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
+        __m512 lo23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44), hi23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
+        _mm512_storeu_ps((float *)(acc + c * LANES), _mm512_shuffle_f32x4(lo01, lo23, 0x88));
+        _mm512_storeu_ps((float *)(acc + (4 + c) * LANES), _mm512_shuffle_f32x4(lo01, lo23, 0xDD));
+        _mm512_storeu_ps((float *)(acc + (8 + c) * LANES), _mm512_shuffle_f32x4(hi01, hi23, 0x88));
+        _mm512_storeu_ps((float *)(acc + (12 + c) * LANES), _mm512_shuffle_f32x4(hi01, hi23, 0xDD));
+    }
+}
+
 static const Int8Kernel int8_pairs[INT8_PAIR_TOKENS + 1] = {
     NULL, int8_pair_1, int8_pair_2, int8_pair_3, int8_pair_4,  int8_pair_5, int8_pair_6,
     int8_pair_7, int8_pair_8, int8_pair_9, int8_pair_10, int8_pair_11, int8_pair_12};
@@ -769,6 +836,20 @@ static void int8_block(const Int8Job *j, int64_t u, int64_t bi) {
     int32_t acc[LANES * TOKENS_MAX] __attribute__((aligned(64)));
     const Int8Tokens *b = &j->blocks[bi];
     int64_t first = u * j->step, last = min64(first + j->step, j->P->panels);
+    if (j->P->blk_ptr) {
+#if HAVE_X86
+        if (use_vnni) {
+            int8_blocks_avx512(j->P, b, first, acc);
+            int8_store_avx512(j, acc, b, first);
+        } else
+#endif
+        {
+            int8_blocks_portable(j->P, b, first, acc);
+            int8_store(j, acc, b, first);
+        }
+        int8_outliers(j, b, first);
+        return;
+    }
 #if HAVE_X86
     if (use_vnni) {
         if (last - first == 2) {
@@ -806,7 +887,7 @@ typedef struct {
     const float *x;
     int64_t ldx, n_cols, groups;
     Int8Tokens *blocks;
-    int64_t per_block;
+    int64_t per_block, stride; /* stride: bytes from a token's group of four columns to the next */
 } QuantizeJob;
 
 static void quantize_chunk(const void *ctx, int64_t token) {
@@ -815,31 +896,60 @@ static void quantize_chunk(const void *ctx, int64_t token) {
     int64_t t = token - b->first;
     uint8_t *dst = (uint8_t *)(b->x + t);
     const float *x = q->x + token * q->ldx;
+    int64_t stride = q->stride ? q->stride : 4 * b->n;
 #if HAVE_X86
     if (use_vnni)
-        quantize_avx512(x, q->n_cols, q->groups, 4 * b->n, dst, &b->scale[t]);
+        quantize_avx512(x, q->n_cols, q->groups, stride, dst, &b->scale[t]);
     else
 #endif
-        quantize_portable(x, q->n_cols, q->groups, 4 * b->n, dst, &b->scale[t]);
+        quantize_portable(x, q->n_cols, q->groups, stride, dst, &b->scale[t]);
+}
+
+/* The block layout's activations: each group of four columns of 16 tokens (byte 4t + q) transposed in
+ * place to column by column (byte 16q + t), so column c's 16 tokens are the 16 bytes at 16c. */
+static void transpose_groups(uint8_t *x, int64_t groups) {
+    for (int64_t g = 0; g < groups; g++) {
+        uint8_t *v = x + 64 * g, tmp[64];
+#if HAVE_X86
+        if (use_vnni) {
+            transpose_group_avx512(v);
+            continue;
+        }
+#endif
+        for (int t = 0; t < LANES; t++)
+            for (int q = 0; q < 4; q++) tmp[LANES * q + t] = v[4 * t + q];
+        memcpy(v, tmp, 64);
+    }
 }
 
 static void int8_matmul_run(const Int8Panels *P, const float *x, int64_t ldx, int64_t n_cols, float *out, int64_t ldo,
                             const float *bias, int64_t tokens, int threads) {
-    /* batches: blocks of at most 12 tokens, two panels at a time; else every token, one panel at a time */
-    int64_t step = tokens >= INT8_PAIR_MIN ? 2 : 1, most = step == 2 ? INT8_PAIR_TOKENS : TOKENS_MAX;
-    int64_t n_blocks, per_block = even_blocks(tokens, most, &n_blocks);
+    /* the block layout: blocks of 16 tokens (the lanes), each with a group more, of zeros, for the padding
+     * blocks' column n_cols; batches: blocks of at most 12 tokens, two panels at a time; else every token,
+     * one panel at a time */
+    int blocked = P->blk_ptr != NULL;
+    int64_t step = !blocked && tokens >= INT8_PAIR_MIN ? 2 : 1;
+    int64_t most = blocked ? LANES : step == 2 ? INT8_PAIR_TOKENS : TOKENS_MAX, n_blocks, per_block;
+    if (blocked) {
+        per_block = LANES;
+        n_blocks = (tokens + LANES - 1) / LANES;
+    } else
+        per_block = even_blocks(tokens, most, &n_blocks);
+    int64_t block_words = blocked ? LANES * (P->groups + 1) : 0; /* blocked: each block's own 16-token stride */
     Int8Tokens *blocks = malloc(sizeof(Int8Tokens) * n_blocks);
-    uint32_t *xs = malloc(sizeof(uint32_t) * P->groups * tokens);
+    uint32_t *xs = malloc(sizeof(uint32_t) * (blocked ? block_words * n_blocks : P->groups * tokens));
     float *scales = malloc(sizeof(float) * tokens);
+    if (blocked) memset(xs, 128, sizeof(uint32_t) * block_words * n_blocks); /* q = 0: padding tokens, column */
     for (int64_t bi = 0; bi < n_blocks; bi++) {
         Int8Tokens *b = &blocks[bi];
         b->first = bi * per_block;
         b->n = min64(tokens - b->first, per_block);
-        b->x = xs + b->first * P->groups;
+        b->x = xs + (blocked ? bi * block_words : b->first * P->groups);
         b->scale = scales + b->first;
     }
-    QuantizeJob qj = {x, ldx, n_cols, P->groups, blocks, per_block};
+    QuantizeJob qj = {x, ldx, n_cols, P->groups, blocks, per_block, blocked ? 4 * LANES : 0};
     parallel_chunks(quantize_chunk, &qj, tokens, tokens * n_cols >= 65536 ? threads : 1);
+    for (int64_t bi = 0; blocked && bi < n_blocks; bi++) transpose_groups((uint8_t *)blocks[bi].x, P->groups);
     Int8Job job = {P, blocks, bias, x, out, ldx, ldo, n_blocks, step};
     if (n_blocks >= 2 * threads)
         parallel_chunks(int8_token_chunk, &job, n_blocks, threads);
@@ -1231,6 +1341,34 @@ static void conv_chunk(const void *ctx, int64_t o) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* count_nonzero: each row's non-zero activations, for the cost model. NumPy's count of a float
+ * array takes ~0.6 ns an element (40 us for 16 x 4,096, more than some products it decides);
+ * one compare to a mask and one popcount per 16 do it in ~0.03. NaN counts, as x != 0 says. */
+
+static int64_t count_row_portable(const float *x, int64_t n) {
+    int64_t count = 0;
+    for (int64_t k = 0; k < n; k++) count += x[k] != 0.0f;
+    return count;
+}
+
+#if HAVE_X86
+AVX512 static int64_t count_row_avx512(const float *x, int64_t n) {
+    int64_t count = 0, k = 0;
+    const __m512 zero = _mm512_setzero_ps();
+    for (; k + 16 <= n; k += 16) count += __builtin_popcount(_mm512_cmp_ps_mask(_mm512_loadu_ps(x + k), zero, _CMP_NEQ_UQ));
+    __mmask16 m = (__mmask16)((1u << (n - k)) - 1);
+    return count + __builtin_popcount(_mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, x + k), zero, _CMP_NEQ_UQ));
+}
+#endif
+
+static int64_t count_row(const float *x, int64_t n) {
+#if HAVE_X86
+    if (use_avx512) return count_row_avx512(x, n);
+#endif
+    return count_row_portable(x, n);
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* Python bindings: contiguous buffers in (NumPy arrays), sizes checked against what the
  * kernel will read, nothing allocated on the Python side. */
 
@@ -1291,13 +1429,17 @@ static PyObject *py_panels_matmul(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_int8_matmul(PyObject *self, PyObject *args) {
-    PyObject *codes, *table, *rowsum, *optr, *ocols, *ovals, *x, *out, *bias;
+    PyObject *codes, *table, *rowsum, *optr, *ocols, *ovals, *x, *out, *bias, *blocks = Py_None, *blk_ptr, *bcols;
     Py_ssize_t rows, n_cols, tokens, ldx, ldo;
     float wscale;
     int packed, threads;
-    if (!PyArg_ParseTuple(args, "OpOO(OOO)fOOOnnnnni", &codes, &packed, &table, &rowsum, &optr, &ocols, &ovals, &wscale,
-                          &x, &out, &bias, &rows, &n_cols, &tokens, &ldx, &ldo, &threads))
+    if (!PyArg_ParseTuple(args, "OpOO(OOO)fOOOnnnnni|O", &codes, &packed, &table, &rowsum, &optr, &ocols, &ovals,
+                          &wscale, &x, &out, &bias, &rows, &n_cols, &tokens, &ldx, &ldo, &threads, &blocks))
         return NULL;
+    if (blocks != Py_None && (!PyArg_ParseTuple(blocks, "OO", &blk_ptr, &bcols) || packed || table != Py_None)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "the block layout holds int8 weights: no table, not packed");
+        return NULL;
+    }
     if (n_cols >= 65536) {
         PyErr_Format(PyExc_ValueError, "int8 products take fewer than 65,536 columns (int32 sums), got %zd", n_cols);
         return NULL;
@@ -1311,8 +1453,25 @@ static PyObject *py_int8_matmul(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "4-bit codes need a table");
         return NULL;
     }
-    int ok = (P.codes = get_buffer(&b, codes, 0, P.panels * P.groups * P.vec, "codes")) != NULL &&
-             (table == Py_None || (P.table = get_buffer(&b, table, 0, INT8_TABLE, "table")) != NULL) &&
+    int ok = 1;
+    if (blocks != Py_None) {
+        ok = (P.blk_ptr = get_buffer(&b, blk_ptr, 0, (P.panels + 1) * 8, "blk_ptr")) != NULL;
+        for (Py_ssize_t p = 0; ok && p < P.panels; p++)
+            if (P.blk_ptr[0] != 0 || P.blk_ptr[p] > P.blk_ptr[p + 1] || P.blk_ptr[p + 1] % 4) {
+                PyErr_SetString(PyExc_ValueError, "blk_ptr is not a non-decreasing list of offsets, multiples of 4, from 0");
+                ok = 0;
+            }
+        Py_ssize_t n_blocks = ok ? P.blk_ptr[P.panels] : 0;
+        ok = ok && (P.cols = get_buffer(&b, bcols, 0, n_blocks * 4, "cols")) != NULL;
+        for (Py_ssize_t k = 0; ok && k < n_blocks; k++)
+            if (P.cols[k] < 0 || P.cols[k] > n_cols) {
+                PyErr_Format(PyExc_ValueError, "block column %d is outside the %zd columns (and padding)", P.cols[k], n_cols);
+                ok = 0;
+            }
+        ok = ok && (P.codes = get_buffer(&b, codes, 0, n_blocks * LANES, "codes")) != NULL;
+    } else
+        ok = (P.codes = get_buffer(&b, codes, 0, P.panels * P.groups * P.vec, "codes")) != NULL;
+    ok = ok && (table == Py_None || (P.table = get_buffer(&b, table, 0, INT8_TABLE, "table")) != NULL) &&
              (P.rowsum = get_buffer(&b, rowsum, 0, P.panels * LANES * 4, "rowsum")) != NULL &&
              (P.outlier_ptr = get_buffer(&b, optr, 0, (rows + 1) * 8, "outlier_ptr")) != NULL;
     Py_ssize_t n_out = ok ? P.outlier_ptr[rows] : 0;
@@ -1456,6 +1615,24 @@ static PyObject *py_conv2d(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_count_nonzero(PyObject *self, PyObject *args) {
+    PyObject *x, *counts;
+    Py_ssize_t n, n_cols;
+    if (!PyArg_ParseTuple(args, "OOnn", &x, &counts, &n, &n_cols)) return NULL;
+    Buffers b = {.n = 0};
+    const float *xp;
+    int64_t *cp, total = 0;
+    int ok = (xp = get_buffer(&b, x, 0, n * n_cols * 4, "x")) != NULL &&
+             (cp = (int64_t *)get_buffer(&b, counts, 1, n * 8, "counts")) != NULL;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS for (Py_ssize_t i = 0; i < n; i++) total += cp[i] = count_row(xp + i * n_cols, n_cols);
+        Py_END_ALLOW_THREADS
+    }
+    release(&b);
+    if (!ok) return NULL;
+    return PyLong_FromLongLong(total);
+}
+
 static int cpu_has_avx512(void) {
 #if HAVE_X86
     __builtin_cpu_init();
@@ -1519,7 +1696,7 @@ static PyMethodDef methods[] = {
      "panels_matmul(codes, blk_ptr, cols, table, x, out, bias, rows, n_cols, tokens, ldx, ldo, threads)"},
     {"int8_matmul", py_int8_matmul, METH_VARARGS,
      "int8_matmul(codes, packed, table, rowsum, (outlier_ptr, outlier_cols, outlier_values), wscale, x, out, bias, rows, "
-     "n_cols, tokens, ldx, ldo, threads)"},
+     "n_cols, tokens, ldx, ldo, threads[, (blk_ptr, cols)])"},
     {"tiled_matvec", py_tiled_matvec, METH_VARARGS,
      "tiled_matvec(ptr, steps, entries, slice_rows, table, x, out, bias, rows, n_cols, threads)"},
     {"rows_matmul", py_rows_matmul, METH_VARARGS,
@@ -1529,6 +1706,9 @@ static PyMethodDef methods[] = {
     {"conv2d", py_conv2d, METH_VARARGS,
      "conv2d(row_ptr, gaps, codes, codebook, x, acc, out, bias, (batch, in, h, w, out, out_h, out_w, width, kh, kw), "
      "(sh, sw, dh, dw, groups), wide, threads)"},
+    {"count_nonzero", py_count_nonzero, METH_VARARGS,
+     "count_nonzero(x, counts, n, n_cols): each row's non-zero count of the (n, n_cols) float32 x into the int64 "
+     "counts; returns the total"},
     {"isa", py_isa, METH_NOARGS, "the instruction set the kernels run: 'avx512' or 'portable'"},
     {"set_isa", py_set_isa, METH_VARARGS, "set_isa(name): run the 'avx512' (if the CPU has it) or 'portable' kernels"},
     {"threaded", py_threaded, METH_NOARGS, "whether the kernels run on several threads (OpenMP or POSIX threads)"},

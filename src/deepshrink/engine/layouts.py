@@ -131,6 +131,11 @@ def block_codes(tensor: CompressedTensor, table: Table) -> tuple[np.ndarray, np.
         >>> ptr.tolist(), cols.tolist(), codes[0, [0, 1, 4, 5]].tolist()  # lanes 0 and 1 of blocks 0 and 1
         ([0, 4], [0, 1, 3, 3], [1, 2, 2, 0])
     """
+    return _block_quads(tensor, tensor.codes.astype(np.uint8), 0 if table.zero is None else table.zero)
+
+
+def _block_quads(tensor: CompressedTensor, entries: np.ndarray, fill: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`block_codes` with each kept weight's byte ``entries`` (pruned ones ``fill``)."""
     n_rows, n_cols = _shape(tensor)
     panels = -(-n_rows // LANES)
     rows, cols = tensor.rows_cols()
@@ -143,9 +148,9 @@ def block_codes(tensor: CompressedTensor, table: Table) -> tuple[np.ndarray, np.
     slot = blk_ptr[panel_of] + np.arange(len(present)) - np.searchsorted(panel_of, panel_of)
     block_cols = np.full(int(blk_ptr[-1]), n_cols, dtype=np.int32)
     block_cols[slot] = present % max(n_cols, 1)
-    codes = np.full((int(blk_ptr[-1]), LANES), 0 if table.zero is None else table.zero, dtype=np.uint8)
-    codes[slot[np.searchsorted(present, (rows // LANES) * n_cols + cols)], rows % LANES] = tensor.codes
-    return blk_ptr, block_cols, _quads(codes)
+    quads = np.full((int(blk_ptr[-1]), LANES), fill, dtype=np.uint8)
+    quads[slot[np.searchsorted(present, (rows // LANES) * n_cols + cols)], rows % LANES] = entries
+    return blk_ptr, block_cols, _quads(quads)
 
 
 @dataclass(frozen=True)
@@ -308,6 +313,10 @@ class Int8Panels:
         scale: a weight is its int8 value times this.
         outliers: ``(ptr, cols, values)``: the outlier weights in CSR (int64 ``rows + 1``, int32,
             float32), computed in float32.
+        blocks: None, or (the block layout, ``int8_panels(..., blocks=True)``) ``(blk_ptr, cols)``
+            of :func:`block_codes`: only the 16 x 1 blocks holding a kept weight, four to a group;
+            ``codes`` then holds their int8 weights (``table`` None), byte ``4 i + q`` of a group
+            row ``i`` of its block ``q``.
     """
 
     codes: np.ndarray
@@ -316,6 +325,7 @@ class Int8Panels:
     rowsum: np.ndarray
     scale: np.float32
     outliers: tuple[np.ndarray, np.ndarray, np.ndarray]
+    blocks: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def int8_codebook(codebook: np.ndarray, counts: np.ndarray | None = None) -> tuple[np.ndarray, np.float32, np.ndarray]:
@@ -347,8 +357,36 @@ def int8_codebook(codebook: np.ndarray, counts: np.ndarray | None = None) -> tup
     return values, scale, outlier
 
 
-def int8_panels(tensor: CompressedTensor) -> Int8Panels:
+def _int8_values(tensor: CompressedTensor) -> tuple[np.ndarray, np.float32, np.ndarray]:
+    """:func:`int8_codebook` of the tensor's codebook, weighted by how many weights use each centroid."""
+    return int8_codebook(tensor.codebook, np.bincount(tensor.codes, minlength=len(tensor.codebook)))
+
+
+def _int8_zero(values: np.ndarray) -> int:
+    """The code of pruned and padding weights: a centroid rounded to 0 (or an outlier's) serves, else one past them."""
+    zeros = np.flatnonzero(values == 0)
+    return int(zeros[0]) if len(zeros) else len(values)
+
+
+def int8_packs(tensor: CompressedTensor) -> bool:
+    """Whether :func:`int8_panels` stores this matrix's codes two to a byte (every code, the zero's too, below 16).
+
+    Examples:
+        >>> t = CompressedTensor((2, 3), np.array([0, 4]), np.array([1, 0]), np.array([0.5, -1.0]), 1)
+        >>> int8_packs(t)
+        True
+    """
+    values = _int8_values(tensor)[0]
+    rows, n_cols = _shape(tensor)
+    padded = tensor.nnz < tensor.numel or rows % LANES or n_cols % 4
+    largest = max(int(tensor.codes.max(initial=0)), _int8_zero(values) if padded else 0)
+    return len(values) < INT8_TABLE and largest < 16
+
+
+def int8_panels(tensor: CompressedTensor, blocks: bool = False) -> Int8Panels:
     """Every weight of the matrix as a code of an int8 value (pruned and padding ones a zero), grouped for vpdpbusd.
+
+    ``blocks``: only the 16 x 1 blocks holding a kept weight, as their int8 weights (see :class:`Int8Panels`).
 
     Examples:
         >>> t = CompressedTensor((2, 3), np.array([0, 4]), np.array([1, 0]), np.array([0.5, -1.0]), 1)
@@ -357,13 +395,19 @@ def int8_panels(tensor: CompressedTensor) -> Int8Panels:
         (True, (1, 32), [33, 34, 34, 34, 34, 32, 34, 34], [-127, 64, 0])
     """
     rows, n_cols = _shape(tensor)
-    values, scale, outlier = int8_codebook(tensor.codebook, np.bincount(tensor.codes, minlength=len(tensor.codebook)))
+    values, scale, outlier = _int8_values(tensor)
     panels, groups = -(-rows // LANES), -(-n_cols // 4)
     row, col = np.divmod(tensor.positions, max(n_cols, 1))
     weights = values[tensor.codes]
+    rowsum = np.bincount(row, weights=weights, minlength=panels * LANES).astype(np.int32)
+    far = outlier[tensor.codes]  # positions ascend: the list is row-major
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(row[far], minlength=rows))]).astype(np.int64)
+    outliers = (ptr, col[far].astype(np.int32), tensor.codebook[tensor.codes[far]].astype(np.float32))
+    if blocks:
+        blk_ptr, cols, quads = _block_quads(tensor, weights.view(np.uint8), 0)
+        return Int8Panels(quads, False, None, rowsum, scale, outliers, (blk_ptr, cols))
     if len(values) < INT8_TABLE:
-        zeros = np.flatnonzero(values == 0)
-        zero = int(zeros[0]) if len(zeros) else len(values)  # a centroid rounded to 0 (or an outlier's) serves
+        zero = _int8_zero(values)
         table = np.zeros(INT8_TABLE, dtype=np.int8)
         table[: len(values)] = values
         full = np.full((panels * LANES, groups * 4), zero, dtype=np.uint8)
@@ -372,12 +416,8 @@ def int8_panels(tensor: CompressedTensor) -> Int8Panels:
         table = None
         full = np.zeros((panels * LANES, groups * 4), dtype=np.uint8)
         full[row, col] = weights.view(np.uint8)
-    rowsum = np.bincount(row, weights=weights, minlength=panels * LANES).astype(np.int32)
     codes = np.ascontiguousarray(full.reshape(panels, LANES, groups, 4).transpose(0, 2, 1, 3)).reshape(-1, 4 * LANES)
-    packed = table is not None and int(full.max(initial=0)) < 16
+    packed = int8_packs(tensor)
     if packed:
         codes = codes[:, :32] | (codes[:, 32:] << 4)
-    far = outlier[tensor.codes]  # positions ascend: the list is row-major
-    ptr = np.concatenate([[0], np.cumsum(np.bincount(row[far], minlength=rows))]).astype(np.int64)
-    outliers = (ptr, col[far].astype(np.int32), tensor.codebook[tensor.codes[far]].astype(np.float32))
     return Int8Panels(codes, packed, table, rowsum, scale, outliers)

@@ -19,6 +19,9 @@ is there, fp32 products run on it:
   multiply-adds per VNNI instruction into exact int32 sums: dense int8 speed, the fidelity
   of per-token scales. The cost model weighs it against the float32 kernels below, which
   keep the products they run faster (very sparse layers at small batches);
+- ``int8-blocks`` (``arithmetic="int8"``, matrices pruned in 16 x 1 blocks): the same
+  arithmetic on the kept blocks only, 16 tokens in the SIMD lanes: a block's 16 weights
+  serve 16 tokens per instruction, so batches cost the kept blocks' share of dense int8;
 
 and, from the numba kernels (:mod:`deepshrink.engine.kernels`, which also run
 everything when the extension is missing and in fixed point):
@@ -105,10 +108,14 @@ PARALLEL_MIN_COST = 40_000
 DENSE_PANEL_MAX_BYTES_PER_WEIGHT = 8
 
 
-#: Costs of the int8 kernel in the same unit, one thread, Zen 4 (bench_peers' EIE layers and MiniLM's
-#: shapes): streaming a weight's one-byte code (from L3; about 2.5x that from memory), and one
-#: multiply-add (~185 G a second a core).
-INT8_WEIGHT_COST = 0.027
+#: Costs of the int8 kernel in the same unit, one thread, Zen 4 (fitted on the nine EIE layers at
+#: batches 1-64, 2026-12-04): streaming a weight's one-byte code from the last-level cache, and from
+#: memory (matrices over :data:`INT8_CACHE_BYTES`: Alex-6, VGG-6), and one multiply-add (~185 G a second a core).
+INT8_WEIGHT_COST = 0.015
+INT8_MEMORY_WEIGHT_COST = 0.05
+INT8_CACHE_BYTES = 16 << 20
+#: The block layout's int8 kernel (``"int8-blocks"``): a group of four 16 x 1 blocks times a block of up to 16 tokens.
+INT8_BLOCK_GROUP_COST = 12.0
 INT8_MAC_COST = 0.0075
 #: The arithmetics a matrix computes in: float32 (exact to rounding), EIE's 16-bit fixed point
 #: (numba), and int8 per token on VNNI.
@@ -310,7 +317,7 @@ class SparseMatrix:
         self.centroids = codebook
         self.pad_code = len(codebook)
         self._layouts: dict[str, object] = {}  # each built on first use
-        self._int8_settled: dict[int, bool] = {}  # token count -> int8 beats every float32 kernel (see _plan)
+        self._int8_settled: dict[int, str | None] = {}  # token count -> the int8 kernel beating every other (_plan)
         self._line_costs_by_batch: dict[int, dict[str, float]] = {}
         self._no_bias = np.zeros(self.shape[0], dtype=np.float32)
         # each worker's accumulator row padded to whole cache lines, with a line of slack:
@@ -409,14 +416,22 @@ class SparseMatrix:
 
     def _blocks(self) -> int:
         """Number of 16 x 1 blocks (16 rows of a panel, one column) holding a kept weight."""
+        return self._layout("blocks", lambda: int(self._panel_blocks().sum()))
 
-        def count() -> int:
+    def _panel_blocks(self) -> np.ndarray:
+        """Each 16-row panel's count of 16 x 1 blocks holding a kept weight."""
+
+        def count() -> np.ndarray:
             rows, cols = self.tensor.rows_cols()
             grid = np.zeros((-(-self.shape[0] // layouts.LANES), self.shape[1]), dtype=bool)
             grid[rows // layouts.LANES, cols] = True
-            return int(np.count_nonzero(grid))
+            return np.count_nonzero(grid, axis=1)
 
-        return self._layout("block_count", count)
+        return self._layout("block_counts", count)
+
+    def _blocky(self) -> bool:
+        """Whether under 90% of the 16 x 1 blocks hold a weight: the block layouts pay (see :func:`layouts.block_codes`)."""
+        return self._blocks() < 0.9 * -(-self.shape[0] // layouts.LANES) * self.shape[1]
 
     def _panel_kind(self) -> str | None:
         """``"dense"`` or ``"block"``: the panel layout this matrix would use, or None without one."""
@@ -424,8 +439,7 @@ class SparseMatrix:
         def kind() -> str | None:
             if self._table is None or not self.tensor.nnz:
                 return None
-            panels = -(-self.shape[0] // layouts.LANES)
-            if self._blocks() < 0.9 * panels * self.shape[1]:
+            if self._blocky():
                 return "block"
             padded = -(-self.shape[0] // (layouts.LANES * layouts.SUPER)) * layouts.LANES * layouts.SUPER
             return "dense" if padded * self.shape[1] <= DENSE_PANEL_MAX_BYTES_PER_WEIGHT * self.tensor.nnz else None
@@ -513,9 +527,7 @@ class SparseMatrix:
     def _vector_costs(self, active: int) -> dict[str, float]:
         """Each batch-1 kernel's cost for ``active`` non-zero activations (int8's too, in int8)."""
         costs = {name: slope * active + fixed for name, slope, fixed in self._vector_lines()}
-        if self.arithmetic == "int8":
-            costs["int8"] = self._int8_cost(1)
-        return costs
+        return {**costs, **self._layout("int8_vector_costs", lambda: self._int8_costs(1))}
 
     def _batch_costs(self, x: np.ndarray, every: bool = False) -> dict[str, float]:
         """Each SIMD batch kernel's cost for the ``(batch, cols)`` ``x``; ``"samples"`` only where it may win (or ``every``)."""
@@ -523,14 +535,24 @@ class SparseMatrix:
         costs = self._line_costs(batch)
         none, every_column = self._vector_bound()
         # per sample, the cheapest line is a concave function of the active count, so it lies above its chord
-        # from 0 to every column: one count over the whole batch bounds the sum, and the counts per sample
-        # (two NumPy passes, as long as a small product) are taken only when that bound may win
-        least = batch * none + (every_column - none) * int(np.count_nonzero(x)) / max(self.shape[1], 1)
+        # from 0 to every column: the batch's total count bounds the sum, and the lines are weighed sample by
+        # sample only when that bound may win
+        total, active = self._active(x)
+        least = batch * none + (every_column - none) * total / max(self.shape[1], 1)
         if every or least + batch * CALL_COST < min(costs.values(), default=math.inf):
-            active = np.count_nonzero(x, axis=1)
             cheapest = np.min([slope * active + fixed for _, slope, fixed in self._vector_lines()], axis=0)
             costs["samples"] = float(cheapest.sum()) + batch * CALL_COST
         return costs
+
+    def _active(self, x: np.ndarray) -> tuple[int, np.ndarray]:
+        """The non-zero activations of the contiguous ``(cols,)`` or ``(batch, cols)`` ``x``: in all, and per sample.
+
+        Counted in C (only the SIMD kernels' cost model asks): NumPy's count of a float array costs a
+        small layer's product time (40 us for 16 x 4,096; the C count 3 us).
+        """
+        n = 1 if x.ndim == 1 else x.shape[0]
+        active = np.empty(n, dtype=np.int64)
+        return _simd.count_nonzero(x, active, n, self.shape[1]), active
 
     def _line_costs(self, batch: int) -> dict[str, float]:
         """Each SIMD batch kernel's cost for ``batch`` tokens (int8's too, in int8): none depends on their values."""
@@ -538,58 +560,72 @@ class SparseMatrix:
         if cached is None:
             passes = 1 if batch <= 16 else -(-batch // 32) * 2  # the row kernel: 16 tokens, or 32 at twice the cost
             costs = {name: per * (batch if name == "panels" else passes) for name, per in self._batch_lines()}
-            if self.arithmetic == "int8":
-                costs["int8"] = self._int8_cost(batch)
+            costs.update(self._int8_costs(batch))
             cached = self._line_costs_by_batch[batch] = {name: cost + CALL_COST for name, cost in costs.items()}
         return dict(cached)
 
     def _plan(self, x: np.ndarray) -> tuple[str, float]:
         """:meth:`kernel_for`'s choice and its estimated cost (``nan`` where numba's own rules chose).
 
-        In int8 the int8 product is one more line of the cost model, so a float32 kernel still
+        In int8 the int8 products are more lines of the cost model, so a float32 kernel still
         runs the products it does faster (sparse layers at small batches): more exact, and
-        sooner. Where int8 beats every float32 kernel whatever the activations (a dense
-        layer's case) that is settled once per batch size: weighing the kernels again, the
-        activations counted, costs a small layer's product time.
+        sooner. Where an int8 kernel beats every float32 kernel whatever the activations (a
+        dense or block-sparse layer's case) that is settled once per batch size: weighing the
+        kernels again, the activations counted, costs a small layer's product time.
         """
         tokens = 1 if x.ndim == 1 else x.shape[0]
         if self.arithmetic == "int8" and tokens > 1:
-            settled = self._int8_settled.get(tokens)
-            if settled is None:
+            if tokens not in self._int8_settled:
                 lines = self._line_costs(tokens)
                 per_sample = tokens * (self._vector_bound()[0] + CALL_COST)  # "samples", every count at its least
-                settled = self._int8_settled[tokens] = min(per_sample, *lines.values()) == lines["int8"]
+                cheapest = min(lines, key=lines.get)
+                int8 = cheapest.startswith("int8") and lines[cheapest] <= per_sample
+                self._int8_settled[tokens] = cheapest if int8 else None
+            settled = self._int8_settled[tokens]
             if settled:
-                return "int8", self._int8_cost(tokens) + CALL_COST
+                return settled, self._line_costs_by_batch[tokens][settled]
         if tokens == 1:
             if self.simd:
-                costs = self._vector_costs(int(np.count_nonzero(x)))
+                costs = self._vector_costs(self._active(x)[0])
                 return min(costs.items(), key=lambda c: c[1])
             return ("sliced" if self.prefers_rows(x) else "csc"), math.nan
         if self.simd and (self._batch_lines() or self.arithmetic == "int8"):
             return min(self._batch_costs(x).items(), key=lambda c: c[1])
         return ("samples" if self.prefers_samples(x) else "csr"), math.nan  # numba's, or a codebook past the tables
 
+    def _int8_costs(self, tokens: int) -> dict[str, float]:
+        """The int8 kernels' costs for ``tokens`` (none outside int8): dense, and the block layout's where it pays."""
+        if self.arithmetic != "int8":
+            return {}
+        if not self._blocky():
+            return {"int8": self._int8_cost(tokens)}
+        groups = self._layout("int8_groups", lambda: int((-(-self._panel_blocks() // 4)).sum()))  # of 4 blocks
+        return {"int8": self._int8_cost(tokens), "int8-blocks": groups * -(-tokens // 16) * INT8_BLOCK_GROUP_COST}
+
     def _int8_cost(self, tokens: int) -> float:
-        return self.shape[0] * self.shape[1] * (INT8_WEIGHT_COST + tokens * INT8_MAC_COST)
+        weights = self.shape[0] * self.shape[1]
+        packed = self._layout("int8_packs", lambda: layouts.int8_packs(self.tensor))  # 4-bit codes, two to a byte
+        streamed = weights / 2 if packed else weights
+        return streamed * (INT8_WEIGHT_COST if streamed <= INT8_CACHE_BYTES else INT8_MEMORY_WEIGHT_COST) + (
+            weights * tokens * INT8_MAC_COST
+        )
 
-    def _int8_layout(self) -> layouts.Int8Panels:
-        return self._layout("int8", lambda: layouts.int8_panels(self.tensor))
-
-    def _int8(self, x: np.ndarray, bias: np.ndarray, threads: int) -> np.ndarray:
-        """``x @ W.T + bias`` in int8 for a contiguous ``(batch, cols)`` ``x``."""
-        p = self._int8_layout()
+    def _int8(self, x: np.ndarray, bias: np.ndarray, kernel: str, threads: int) -> np.ndarray:
+        """``x @ W.T + bias`` in int8 for a contiguous ``(batch, cols)`` ``x``: ``"int8"`` or ``"int8-blocks"``."""
+        blocks = kernel == "int8-blocks"
+        p = self._layout(kernel, lambda: layouts.int8_panels(self.tensor, blocks))
         out = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
         _simd.int8_matmul(p.codes, p.packed, p.table, p.rowsum, p.outliers, float(p.scale), x, out, bias,
-                          self.shape[0], self.shape[1], x.shape[0], self.shape[1], self.shape[0], threads)  # fmt: skip
+                          self.shape[0], self.shape[1], x.shape[0], self.shape[1], self.shape[0], threads,
+                          p.blocks)  # fmt: skip
         return out
 
     def kernel_for(self, x: np.ndarray) -> str:
         """The kernel a product with the ``(cols,)`` or ``(batch, cols)`` ``x`` runs, by the cost model.
 
         Batch 1: ``"csc"``, ``"sliced"``, ``"tiled"`` or ``"panels"``; batches: ``"panels"``,
-        ``"rows"``, ``"csr"`` or ``"samples"`` (the batch-1 choice once per sample). See
-        the module docstring for what each does.
+        ``"rows"``, ``"csr"`` or ``"samples"`` (the batch-1 choice once per sample); in int8
+        also ``"int8"`` and ``"int8-blocks"``. See the module docstring for what each does.
         """
         return self._plan(x)[0]
 
@@ -663,7 +699,7 @@ class SparseMatrix:
 
     def kernels(self, batch: int) -> tuple[str, ...]:
         """The kernels that can run a product of ``batch`` samples here (see :meth:`kernel_for`)."""
-        simd = ["int8"] if self.arithmetic == "int8" else []
+        simd = list(self._int8_costs(batch))
         if self.simd and self._panel_kind() is not None:
             simd.append("panels")
         if batch == 1:
@@ -685,8 +721,8 @@ class SparseMatrix:
 
     def _vector(self, x: np.ndarray, bias: np.ndarray, kernel: str, threads: int) -> np.ndarray:
         """``W @ x + bias`` by the named batch-1 kernel (``threads``: the SIMD kernels')."""
-        if kernel == "int8":
-            return self._int8(x.reshape(1, -1), bias, threads).reshape(-1)
+        if kernel.startswith("int8"):
+            return self._int8(x.reshape(1, -1), bias, kernel, threads).reshape(-1)
         out = np.empty(self.shape[0], dtype=np.float32)
         if kernel == "tiled":
             t = self._tiles()
@@ -728,15 +764,15 @@ class SparseMatrix:
                                   f"available: {', '.join(self.kernels(x.shape[0]))}")  # fmt: skip
         x, bias = np.ascontiguousarray(x), self.check_bias(bias)
         if x.shape[0] == 1:
-            cost = self._vector_costs(int(np.count_nonzero(x))).get(kernel, math.nan) if self.simd else math.nan
+            cost = self._vector_costs(self._active(x)[0]).get(kernel, math.nan) if self.simd else math.nan
             return self._vector(x[0], bias, kernel, self._threads_for(cost)).reshape(1, -1)
         cost = self._batch_costs(x, every=True).get(kernel, math.nan) if self.simd else math.nan
         return self._batch(x, bias, kernel, self._threads_for(cost))
 
     def _batch(self, x: np.ndarray, bias: np.ndarray, kernel: str, threads: int) -> np.ndarray:
         """``x @ W.T + bias`` for a contiguous ``(batch, cols)`` batch by the named batch kernel."""
-        if kernel == "int8":
-            return self._int8(x, bias, threads)
+        if kernel.startswith("int8"):
+            return self._int8(x, bias, kernel, threads)
         if kernel == "samples":
             return np.stack([self._matvec(row, bias) for row in x])
         if kernel == "csr":
@@ -887,7 +923,8 @@ class SparseMatrix:
         windows = np.lib.stride_tricks.sliding_window_view(x, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(2, 3))
         windows = windows[:, :, ::sh, ::sw, ::dh, ::dw][:, :, :out_h, :out_w]  # (batch, in, out_h, out_w, kh, kw)
         patches = np.ascontiguousarray(windows.transpose(0, 2, 3, 1, 4, 5)).reshape(-1, self.shape[1])
-        out = self._int8(patches, bias, self._threads_for(self._int8_cost(len(patches))))
+        kernel, cost = min(self._int8_costs(len(patches)).items(), key=lambda c: c[1])
+        out = self._int8(patches, bias, kernel, self._threads_for(cost))
         return np.ascontiguousarray(out.reshape(x.shape[0], out_h, out_w, -1).transpose(0, 3, 1, 2))
 
     def __repr__(self) -> str:
