@@ -171,6 +171,39 @@ def test_kernels_check_their_buffers() -> None:
         _simd.set_isa("sse9")
 
 
+def test_int8_sparse_layouts_are_checked_before_a_kernel_reads_them() -> None:
+    """A layout whose offsets go backwards or whose columns leave the matrix is refused, not read out of bounds."""
+    t = structured_tensor(40, 30, 0.2, "unstructured", 4, seed=6)
+    x, out, bias = np.zeros((2, 30), np.float32), np.empty((2, 40), np.float32), np.zeros(40, np.float32)
+    for layout in ("blocks", "rows"):
+        p = layouts.int8_panels(t, layout)
+        ptr, cols, by_rows = p.sparse
+
+        def run(ptr=ptr, cols=cols, p=p, by_rows=by_rows) -> None:
+            _simd.int8_matmul(p.codes, False, None, p.rowsum, p.outliers, float(p.scale), x, out, bias, 40, 30, 2, 30,
+                              40, 1, (ptr, cols, by_rows))  # fmt: skip
+
+        run()
+        backwards = ptr.copy()
+        backwards[1] = backwards[-1] + 4
+        with pytest.raises(ValueError, match="ptr is not a non-decreasing list of offsets"):
+            run(ptr=backwards)
+        outside = cols.copy()
+        outside[-1] = 60
+        with pytest.raises(ValueError, match="60 is outside the matrix"):
+            run(cols=outside)
+
+
+def test_count_nonzero_counts_each_row_as_numpy_does(isa) -> None:
+    """The cost model's count: NaN counts (NaN != 0), -0.0 does not, every length (the vector tail)."""
+    x = np.random.default_rng(3).standard_normal((5, 37)).astype(np.float32)
+    x[x < 0.3] = 0.0
+    x[0, 3], x[1, 36], x[2, 5] = np.nan, -0.0, np.inf
+    counts = np.empty(5, np.int64)
+    assert _simd.count_nonzero(x, counts, 5, 37) == np.count_nonzero(x)
+    np.testing.assert_array_equal(counts, np.count_nonzero(x, axis=1))
+
+
 def int8_reference(t: CompressedTensor, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """The NumPy reference of ``t``'s int8 product: its int8 weights and float32 outliers built here from the codes."""
     counts = np.bincount(t.codes, minlength=len(t.codebook))
@@ -215,19 +248,22 @@ def test_int8_on_every_token_count_and_thread_count(isa, batch: int) -> None:
 
 
 @pytest.mark.parametrize("batch", [1, 15, 16, 17, 33, 100])
-def test_int8_blocks_on_every_token_count_and_thread_count(isa, batch: int) -> None:
-    """The block layout's kernel (16 tokens in the lanes, the last block partial), one and two threads, far centroids."""
+@pytest.mark.parametrize(("structure", "kernel"), [("blocks", "int8-blocks"), ("unstructured", "int8-rows")])
+@pytest.mark.parametrize("cols", [132, 2100])  # the row layout: one chunk of columns, and three
+def test_int8_sparse_layouts_on_every_token_count_and_thread_count(isa, batch, structure, kernel, cols) -> None:
+    """The block and row layouts' kernels (16 tokens in the lanes, the last block partial), one and two threads,
+    rows of every length (empty ones too), far centroids."""
     rng = np.random.default_rng(batch)
-    t = structured_tensor(100, 132, 0.3, "blocks", 4, seed=batch)
+    t = structured_tensor(100, cols, 0.3 if structure == "blocks" else 0.05, structure, 4, seed=batch)
     codes = rng.integers(0, 15, t.nnz)
     codes[rng.choice(t.nnz, 5, replace=False)] = 15  # a few weights on a far centroid
     t = CompressedTensor(t.shape, t.positions, codes, np.append(t.codebook[:15], np.float32(50)), 4)
-    x = rng.standard_normal((batch, 132)).astype(np.float32)
+    x = rng.standard_normal((batch, cols)).astype(np.float32)
     expected = int8_reference(t, x, np.ones(100, np.float32))
     for workers in (1, 2):
         m = SparseMatrix(t, workers=workers, arithmetic="int8")
-        np.testing.assert_array_equal(m.run(x, "int8-blocks", np.ones(100, np.float32)), expected)
-    assert len(layouts.int8_panels(t, blocks=True).outliers[1]) > 0  # the far centroid's weights went to float32
+        np.testing.assert_array_equal(m.run(x, kernel, np.ones(100, np.float32)), expected)
+    assert len(layouts.int8_panels(t, kernel.partition("-")[2]).outliers[1]) > 0  # the far centroid's weights: float32
 
 
 def test_int8_is_close_to_the_decoded_matrix_and_per_token() -> None:

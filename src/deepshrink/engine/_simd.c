@@ -70,6 +70,20 @@ static int use_avx512 = 0;
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+/* A buffer on a cache-line boundary, for kernels that load whole 64-byte vectors from it: malloc's 16-byte
+ * alignment makes each such load straddle two lines (measured: 2x the time of the int8 row kernel). */
+#if defined(_MSC_VER)
+#include <malloc.h>
+static void *alloc_lines(size_t bytes) { return _aligned_malloc(bytes ? bytes : 64, 64); }
+static void free_lines(void *p) { _aligned_free(p); }
+#else
+static void *alloc_lines(size_t bytes) {
+    void *p = NULL;
+    return posix_memalign(&p, 64, bytes ? bytes : 64) ? NULL : p;
+}
+static void free_lines(void *p) { free(p); }
+#endif
+
 /* ------------------------------------------------------------------------------------------ */
 /* The thread pool. A product is cut into chunks; the caller posts them, wakes the helpers
  * and claims chunks itself, one at a time, as do the helpers that are running. When none is
@@ -516,9 +530,22 @@ static void panels_matmul_run(const Panels *P, const float *table, const float *
  * columns transposed in place (column c's 16 tokens at byte 16c), so a group's activations are
  * four 16-byte loads from anywhere and one vpermb, and each row's four weights one broadcast:
  * 16 vpdpbusd, one per row of the panel, per group of four blocks. The 16 x 16 sums are then
- * transposed in registers into the dense kernels' order, and stored as theirs. */
+ * transposed in registers into the dense kernels' order, and stored as theirs.
+ *
+ * The row layout (unstructured sparsity) keeps, row by row, each group of four columns holding a
+ * kept weight (its number, and its four int8 weights, zeros included), and the activations as
+ * quantized (not transposed): a group's 16 tokens are one 64-byte load, so one load and one
+ * vpdpbusd make a row's 64 multiply-adds (the zeros' among them): one instruction per group a row
+ * touches (31% of them at 9% density), against one per group of every row in the dense layout.
+ * The groups are cut into chunks of INT8_ROW_CHUNK, and a unit of work runs chunk by chunk over
+ * its rows, their sums kept in memory between chunks: the chunk's activations stay in L1 (loads
+ * from anywhere in the whole width missed L1 every time, and ran 4x slower). */
 
 #define INT8_TABLE 64       /* values one vpermb decodes from */
+#define INT8_ROW_CHUNK 256  /* groups of four columns a chunk of the row layout spans: 16 tokens' activations, 16 KiB */
+#define ROW_ACC 4
+#define INT8_ROW_PANELS 8   /* panels a unit of the row layout's work covers: their sums stay in L1 between chunks */
+enum { INT8_DENSE, INT8_BLOCKS, INT8_ROWS };
 #define INT8_PAIR_TOKENS 12 /* tokens of a block run two panels at a time (2 x 12 accumulators) */
 #define INT8_PAIR_MIN 8     /* fewest tokens that run the pair kernels */
 
@@ -526,8 +553,11 @@ typedef struct {
     const uint8_t *codes;
     const int8_t *table; /* NULL: codes are the weights */
     int64_t vec;         /* bytes of a group's 64 codes: 64, or 32 packed two to a byte (4-bit codes) */
-    const int64_t *blk_ptr; /* the block layout (NULL: dense): panel p's 16 x 1 blocks are blk_ptr[p] .. blk_ptr[p + 1] */
-    const int32_t *cols;    /* each block's column (n_cols: padding), four blocks' int8 weights to a group of codes */
+    int kind;            /* INT8_DENSE, INT8_BLOCKS or INT8_ROWS */
+    const int64_t *ptr;  /* blocks: panel p's 16 x 1 blocks are ptr[p] .. ptr[p + 1]; rows: row r's groups in chunk
+                          * c are ptr[c * rows + r] .. ptr[c * rows + r + 1] */
+    int64_t chunks;      /* rows: chunks of INT8_ROW_CHUNK groups */
+    const uint16_t *cols; /* each block's (or weight's) column; codes holds their int8 weights */
     const int32_t *rowsum;
     const int64_t *outlier_ptr; /* rows + 1 */
     const int32_t *outlier_cols;
@@ -592,10 +622,23 @@ static void int8_panel_portable(const Int8Panels *P, const Int8Tokens *b, int64_
 static void int8_blocks_portable(const Int8Panels *P, const Int8Tokens *b, int64_t p, int32_t *acc) {
     memset(acc, 0, sizeof(int32_t) * LANES * b->n);
     const uint8_t *xt = (const uint8_t *)b->x;
-    for (int64_t k = P->blk_ptr[p]; k < P->blk_ptr[p + 1]; k++)
-        for (int64_t t = 0; t < b->n; t++)
-            for (int i = 0; i < LANES; i++)
-                acc[t * LANES + i] += (int32_t)xt[P->cols[k] * LANES + t] * (int32_t)(int8_t)P->codes[16 * (k & ~3) + 4 * i + (k & 3)];
+    for (int i = 0; i < LANES; i++)
+        for (int64_t k = P->ptr[p]; k < P->ptr[p + 1]; k++) {
+            int8_t w = (int8_t)P->codes[16 * (k & ~3) + 4 * i + (k & 3)];
+            for (int64_t t = 0; t < b->n; t++) acc[t * LANES + i] += (int32_t)xt[P->cols[k] * LANES + t] * (int32_t)w;
+        }
+}
+
+/* The row layout's rows first .. last - 1 (those of a unit of panels): sums[16 (r - first) + t], token t in lane t. */
+static void int8_rows_portable(const Int8Panels *P, const Int8Tokens *b, int64_t first, int64_t last, int32_t *sums) {
+    memset(sums, 0, sizeof(int32_t) * LANES * (last - first));
+    const uint8_t *x = (const uint8_t *)b->x;
+    for (int64_t c = 0; c < P->chunks; c++)
+        for (int64_t r = first; r < last; r++)
+            for (int64_t k = P->ptr[c * P->rows + r]; k < P->ptr[c * P->rows + r + 1]; k++)
+                for (int64_t t = 0; t < b->n; t++)
+                    for (int q = 0; q < 4; q++)
+                        sums[LANES * (r - first) + t] += (int32_t)x[4 * (P->cols[k] * LANES + t) + q] * (int32_t)(int8_t)P->codes[4 * k + q];
 }
 
 #if HAVE_X86
@@ -738,25 +781,20 @@ DEFINE_INT8_PAIR(10)
 DEFINE_INT8_PAIR(11)
 DEFINE_INT8_PAIR(12)
 
-/* The block layout's panel p for a block of up to 16 tokens (the lanes): one accumulator per row. */
-AVX512VNNI static void int8_blocks_avx512(const Int8Panels *P, const Int8Tokens *b, int64_t p, int32_t *acc) {
-    /* byte 4t + q of a group's activations: token t of its block q's column (byte 16q + t once loaded) */
+/* Byte 4t + q: token t's activation in column c[q], from the transposed block (column c's 16 tokens at byte 16c). */
+AVX512VNNI static inline __m512i group_activations(const uint8_t *xt, const uint16_t *c) {
     const __m512i gather = _mm512_set_epi32(0x3f2f1f0f, 0x3e2e1e0e, 0x3d2d1d0d, 0x3c2c1c0c, 0x3b2b1b0b, 0x3a2a1a0a,
                                             0x39291909, 0x38281808, 0x37271707, 0x36261606, 0x35251505, 0x34241404,
                                             0x33231303, 0x32221202, 0x31211101, 0x30201000);
-    __m512i a[LANES];
-    UNROLL for (int i = 0; i < LANES; i++) a[i] = _mm512_setzero_si512();
-    const uint8_t *xt = (const uint8_t *)b->x;
-    for (int64_t k = P->blk_ptr[p]; k < P->blk_ptr[p + 1]; k += 4) {
-        const int32_t *c = P->cols + k, *w = (const int32_t *)(P->codes + 16 * k);
-        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(xt + LANES * c[0])));
-        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(xt + LANES * c[1])), 1);
-        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(xt + LANES * c[2])), 2);
-        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(xt + LANES * c[3])), 3);
-        v = _mm512_permutexvar_epi8(gather, v);
-        UNROLL for (int i = 0; i < LANES; i++) a[i] = _mm512_dpbusd_epi32(a[i], v, _mm512_set1_epi32(w[i]));
-    }
-    /* 16 x 16 transpose (row i, token t) -> acc[t * 16 + i]: pairs, then quads of rows, then 128-bit quarters */
+    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(xt + LANES * c[0])));
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(xt + LANES * c[1])), 1);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(xt + LANES * c[2])), 2);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(xt + LANES * c[3])), 3);
+    return _mm512_permutexvar_epi8(gather, v);
+}
+
+/* 16 x 16 sums (a[i]: row i, token t in lane t) into acc[t * 16 + i]: pairs, quads of rows, then 128-bit quarters. */
+AVX512VNNI static void transpose_sums(const __m512i *a, int32_t *acc) {
     __m512 t[LANES], u[LANES];
     UNROLL for (int k = 0; k < 8; k++) {
         t[2 * k] = _mm512_unpacklo_ps(_mm512_castsi512_ps(a[2 * k]), _mm512_castsi512_ps(a[2 * k + 1]));
@@ -775,6 +813,45 @@ AVX512VNNI static void int8_blocks_avx512(const Int8Panels *P, const Int8Tokens 
         _mm512_storeu_ps((float *)(acc + (4 + c) * LANES), _mm512_shuffle_f32x4(lo01, lo23, 0xDD));
         _mm512_storeu_ps((float *)(acc + (8 + c) * LANES), _mm512_shuffle_f32x4(hi01, hi23, 0x88));
         _mm512_storeu_ps((float *)(acc + (12 + c) * LANES), _mm512_shuffle_f32x4(hi01, hi23, 0xDD));
+    }
+}
+
+/* The block layout's panel p for a block of up to 16 tokens (the lanes): one accumulator per row. */
+AVX512VNNI static void int8_blocks_avx512(const Int8Panels *P, const Int8Tokens *b, int64_t p, int32_t *acc) {
+    __m512i a[LANES];
+    UNROLL for (int i = 0; i < LANES; i++) a[i] = _mm512_setzero_si512();
+    const uint8_t *xt = (const uint8_t *)b->x;
+    for (int64_t k = P->ptr[p]; k < P->ptr[p + 1]; k += 4) {
+        __m512i v = group_activations(xt, P->cols + k);
+        const int32_t *w = (const int32_t *)(P->codes + 16 * k);
+        UNROLL for (int i = 0; i < LANES; i++) a[i] = _mm512_dpbusd_epi32(a[i], v, _mm512_set1_epi32(w[i]));
+    }
+    transpose_sums(a, acc);
+}
+
+/* The row layout's rows first .. last - 1, as int8_rows_portable: chunk by chunk, each row's groups in turn (four
+ * accumulators, so the vpdpbusd chains overlap), its sums kept in sums between chunks. */
+AVX512VNNI static void int8_rows_avx512(const Int8Panels *P, const Int8Tokens *b, int64_t first, int64_t last, int32_t *sums) {
+    const uint32_t *x = b->x;
+    const int32_t *w = (const int32_t *)P->codes;
+    for (int64_t r = first; r < last; r++) _mm512_store_si512((void *)(sums + LANES * (r - first)), _mm512_setzero_si512());
+    for (int64_t c = 0; c < P->chunks; c++) {
+        const int64_t *ptr = P->ptr + c * P->rows;
+        for (int64_t r = first; r < last; r++) {
+            int64_t k = ptr[r], end = ptr[r + 1];
+            if (k == end) continue;
+            int32_t *row = sums + LANES * (r - first);
+            __m512i s[ROW_ACC];
+            UNROLL for (int u = 0; u < ROW_ACC; u++) s[u] = _mm512_setzero_si512();
+            s[0] = _mm512_load_si512((const void *)row);
+            for (; k + ROW_ACC <= end; k += ROW_ACC)
+                UNROLL for (int u = 0; u < ROW_ACC; u++) s[u] = _mm512_dpbusd_epi32(
+                    s[u], _mm512_load_si512((const void *)(x + LANES * P->cols[k + u])), _mm512_set1_epi32(w[k + u]));
+            for (int u = 0; k < end; k++, u++)
+                s[u] = _mm512_dpbusd_epi32(s[u], _mm512_load_si512((const void *)(x + LANES * P->cols[k])), _mm512_set1_epi32(w[k]));
+            UNROLL for (int h = ROW_ACC / 2; h > 0; h /= 2) UNROLL for (int u = 0; u < h; u++) s[u] = _mm512_add_epi32(s[u], s[u + h]);
+            _mm512_store_si512((void *)row, s[0]);
+        }
     }
 }
 
@@ -836,7 +913,7 @@ static void int8_block(const Int8Job *j, int64_t u, int64_t bi) {
     int32_t acc[LANES * TOKENS_MAX] __attribute__((aligned(64)));
     const Int8Tokens *b = &j->blocks[bi];
     int64_t first = u * j->step, last = min64(first + j->step, j->P->panels);
-    if (j->P->blk_ptr) {
+    if (j->P->kind == INT8_BLOCKS) {
 #if HAVE_X86
         if (use_vnni) {
             int8_blocks_avx512(j->P, b, first, acc);
@@ -848,6 +925,30 @@ static void int8_block(const Int8Job *j, int64_t u, int64_t bi) {
             int8_store(j, acc, b, first);
         }
         int8_outliers(j, b, first);
+        return;
+    }
+    if (j->P->kind == INT8_ROWS) {
+        int32_t sums[LANES * LANES * INT8_ROW_PANELS] __attribute__((aligned(64)));
+        int64_t r1 = min64(last * LANES, j->P->rows);
+        memset(sums + LANES * (r1 - first * LANES), 0, sizeof(int32_t) * LANES * (last * LANES - r1)); /* padding rows */
+#if HAVE_X86
+        if (use_vnni) {
+            int8_rows_avx512(j->P, b, first * LANES, r1, sums);
+            for (int64_t p = first; p < last; p++) {
+                transpose_sums((const __m512i *)(sums + LANES * LANES * (p - first)), acc);
+                int8_store_avx512(j, acc, b, p);
+                int8_outliers(j, b, p);
+            }
+            return;
+        }
+#endif
+        int8_rows_portable(j->P, b, first * LANES, r1, sums);
+        for (int64_t p = first; p < last; p++) {
+            for (int64_t t = 0; t < b->n; t++)
+                for (int i = 0; i < LANES; i++) acc[t * LANES + i] = sums[LANES * (LANES * (p - first) + i) + t];
+            int8_store(j, acc, b, p);
+            int8_outliers(j, b, p);
+        }
         return;
     }
 #if HAVE_X86
@@ -924,11 +1025,11 @@ static void transpose_groups(uint8_t *x, int64_t groups) {
 
 static void int8_matmul_run(const Int8Panels *P, const float *x, int64_t ldx, int64_t n_cols, float *out, int64_t ldo,
                             const float *bias, int64_t tokens, int threads) {
-    /* the block layout: blocks of 16 tokens (the lanes), each with a group more, of zeros, for the padding
-     * blocks' column n_cols; batches: blocks of at most 12 tokens, two panels at a time; else every token,
+    /* the block and row layouts: blocks of 16 tokens (the lanes), each with a group more, of zeros, for the
+     * padding blocks' column n_cols; batches: blocks of at most 12 tokens, two panels at a time; else every token,
      * one panel at a time */
-    int blocked = P->blk_ptr != NULL;
-    int64_t step = !blocked && tokens >= INT8_PAIR_MIN ? 2 : 1;
+    int blocked = P->kind != INT8_DENSE; /* the block and row layouts: tokens in the lanes */
+    int64_t step = P->kind == INT8_ROWS ? INT8_ROW_PANELS : !blocked && tokens >= INT8_PAIR_MIN ? 2 : 1;
     int64_t most = blocked ? LANES : step == 2 ? INT8_PAIR_TOKENS : TOKENS_MAX, n_blocks, per_block;
     if (blocked) {
         per_block = LANES;
@@ -937,7 +1038,7 @@ static void int8_matmul_run(const Int8Panels *P, const float *x, int64_t ldx, in
         per_block = even_blocks(tokens, most, &n_blocks);
     int64_t block_words = blocked ? LANES * (P->groups + 1) : 0; /* blocked: each block's own 16-token stride */
     Int8Tokens *blocks = malloc(sizeof(Int8Tokens) * n_blocks);
-    uint32_t *xs = malloc(sizeof(uint32_t) * (blocked ? block_words * n_blocks : P->groups * tokens));
+    uint32_t *xs = alloc_lines(sizeof(uint32_t) * (blocked ? block_words * n_blocks : P->groups * tokens));
     float *scales = malloc(sizeof(float) * tokens);
     if (blocked) memset(xs, 128, sizeof(uint32_t) * block_words * n_blocks); /* q = 0: padding tokens, column */
     for (int64_t bi = 0; bi < n_blocks; bi++) {
@@ -949,14 +1050,14 @@ static void int8_matmul_run(const Int8Panels *P, const float *x, int64_t ldx, in
     }
     QuantizeJob qj = {x, ldx, n_cols, P->groups, blocks, per_block, blocked ? 4 * LANES : 0};
     parallel_chunks(quantize_chunk, &qj, tokens, tokens * n_cols >= 65536 ? threads : 1);
-    for (int64_t bi = 0; blocked && bi < n_blocks; bi++) transpose_groups((uint8_t *)blocks[bi].x, P->groups);
+    for (int64_t bi = 0; P->kind == INT8_BLOCKS && bi < n_blocks; bi++) transpose_groups((uint8_t *)blocks[bi].x, P->groups);
     Int8Job job = {P, blocks, bias, x, out, ldx, ldo, n_blocks, step};
     if (n_blocks >= 2 * threads)
         parallel_chunks(int8_token_chunk, &job, n_blocks, threads);
     else
         parallel_chunks(int8_panel_chunk, &job, (P->panels + step - 1) / step, threads);
     free(blocks);
-    free(xs);
+    free_lines(xs);
     free(scales);
 }
 
@@ -1170,7 +1271,7 @@ static void rows_store_chunk(const void *ctx, int64_t i) {
 static void rows_matmul_run(const RowChunks *R, const float *table, const float *x, int64_t ldx, float *out,
                             int64_t ldo, const float *bias, int64_t tokens, int threads) {
     int64_t tt = tokens > 16 ? 32 : 16, span = (CHUNK_COLS + 1) * tt;
-    float *xt = malloc(sizeof(float) * R->chunks * span);
+    float *xt = alloc_lines(sizeof(float) * R->chunks * span);
     float *acc = malloc(sizeof(float) * R->groups * ROW_GROUP * tt);
     int32_t *slot = calloc(R->rows, sizeof(int32_t)); /* zeros: a group_rows that is no permutation reads in bounds */
     for (int64_t s = 0; s < R->groups * ROW_GROUP; s++)
@@ -1192,7 +1293,7 @@ static void rows_matmul_run(const RowChunks *R, const float *table, const float 
         parallel_chunks(group_range_chunk, &job, (R->groups + job.per_chunk - 1) / job.per_chunk, threads);
         parallel_chunks(rows_store_chunk, &job, (R->rows + STORE_ROWS - 1) / STORE_ROWS, threads);
     }
-    free(xt);
+    free_lines(xt);
     free(acc);
     free(slot);
 }
@@ -1429,15 +1530,16 @@ static PyObject *py_panels_matmul(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_int8_matmul(PyObject *self, PyObject *args) {
-    PyObject *codes, *table, *rowsum, *optr, *ocols, *ovals, *x, *out, *bias, *blocks = Py_None, *blk_ptr, *bcols;
+    PyObject *codes, *table, *rowsum, *optr, *ocols, *ovals, *x, *out, *bias, *sparse = Py_None, *sptr, *scols;
     Py_ssize_t rows, n_cols, tokens, ldx, ldo;
     float wscale;
     int packed, threads;
     if (!PyArg_ParseTuple(args, "OpOO(OOO)fOOOnnnnni|O", &codes, &packed, &table, &rowsum, &optr, &ocols, &ovals,
-                          &wscale, &x, &out, &bias, &rows, &n_cols, &tokens, &ldx, &ldo, &threads, &blocks))
+                          &wscale, &x, &out, &bias, &rows, &n_cols, &tokens, &ldx, &ldo, &threads, &sparse))
         return NULL;
-    if (blocks != Py_None && (!PyArg_ParseTuple(blocks, "OO", &blk_ptr, &bcols) || packed || table != Py_None)) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "the block layout holds int8 weights: no table, not packed");
+    int by_rows = 0;
+    if (sparse != Py_None && (!PyArg_ParseTuple(sparse, "OOp", &sptr, &scols, &by_rows) || packed || table != Py_None)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "the sparse layouts hold int8 weights: no table, not packed");
         return NULL;
     }
     if (n_cols >= 65536) {
@@ -1454,21 +1556,25 @@ static PyObject *py_int8_matmul(PyObject *self, PyObject *args) {
         return NULL;
     }
     int ok = 1;
-    if (blocks != Py_None) {
-        ok = (P.blk_ptr = get_buffer(&b, blk_ptr, 0, (P.panels + 1) * 8, "blk_ptr")) != NULL;
-        for (Py_ssize_t p = 0; ok && p < P.panels; p++)
-            if (P.blk_ptr[0] != 0 || P.blk_ptr[p] > P.blk_ptr[p + 1] || P.blk_ptr[p + 1] % 4) {
-                PyErr_SetString(PyExc_ValueError, "blk_ptr is not a non-decreasing list of offsets, multiples of 4, from 0");
+    if (sparse != Py_None) {
+        P.kind = by_rows ? INT8_ROWS : INT8_BLOCKS;
+        P.chunks = (P.groups + INT8_ROW_CHUNK - 1) / INT8_ROW_CHUNK;
+        Py_ssize_t n_ptr = by_rows ? P.chunks * rows : P.panels, step = by_rows ? 1 : 4, top = by_rows ? P.groups - 1 : n_cols;
+        ok = (P.ptr = get_buffer(&b, sptr, 0, (n_ptr + 1) * 8, "ptr")) != NULL;
+        for (Py_ssize_t i = 0; ok && i <= n_ptr; i++)
+            if ((i ? P.ptr[i - 1] > P.ptr[i] : P.ptr[0] != 0) || P.ptr[i] % step) {
+                PyErr_Format(PyExc_ValueError, "ptr is not a non-decreasing list of offsets%s from 0", by_rows ? "" : ", multiples of 4,");
                 ok = 0;
             }
-        Py_ssize_t n_blocks = ok ? P.blk_ptr[P.panels] : 0;
-        ok = ok && (P.cols = get_buffer(&b, bcols, 0, n_blocks * 4, "cols")) != NULL;
-        for (Py_ssize_t k = 0; ok && k < n_blocks; k++)
-            if (P.cols[k] < 0 || P.cols[k] > n_cols) {
-                PyErr_Format(PyExc_ValueError, "block column %d is outside the %zd columns (and padding)", P.cols[k], n_cols);
-                ok = 0;
-            }
-        ok = ok && (P.codes = get_buffer(&b, codes, 0, n_blocks * LANES, "codes")) != NULL;
+        Py_ssize_t n = ok ? P.ptr[n_ptr] : 0;
+        ok = ok && (P.cols = get_buffer(&b, scols, 0, n * 2, "cols")) != NULL;
+        uint16_t largest = 0; /* a branch-free maximum: the compiler vectorises it (a branch per entry cost 0.5 ns) */
+        for (Py_ssize_t k = 0; k < n; k++) largest = P.cols[k] > largest ? P.cols[k] : largest;
+        if (ok && n && largest > top) {
+            PyErr_Format(PyExc_ValueError, "%s %d is outside the matrix", by_rows ? "group" : "column", largest);
+            ok = 0;
+        }
+        ok = ok && (P.codes = get_buffer(&b, codes, 0, by_rows ? 4 * n : LANES * n, "codes")) != NULL;
     } else
         ok = (P.codes = get_buffer(&b, codes, 0, P.panels * P.groups * P.vec, "codes")) != NULL;
     ok = ok && (table == Py_None || (P.table = get_buffer(&b, table, 0, INT8_TABLE, "table")) != NULL) &&
@@ -1696,7 +1802,7 @@ static PyMethodDef methods[] = {
      "panels_matmul(codes, blk_ptr, cols, table, x, out, bias, rows, n_cols, tokens, ldx, ldo, threads)"},
     {"int8_matmul", py_int8_matmul, METH_VARARGS,
      "int8_matmul(codes, packed, table, rowsum, (outlier_ptr, outlier_cols, outlier_values), wscale, x, out, bias, rows, "
-     "n_cols, tokens, ldx, ldo, threads[, (blk_ptr, cols)])"},
+     "n_cols, tokens, ldx, ldo, threads[, (ptr, cols, by_rows)])"},
     {"tiled_matvec", py_tiled_matvec, METH_VARARGS,
      "tiled_matvec(ptr, steps, entries, slice_rows, table, x, out, bias, rows, n_cols, threads)"},
     {"rows_matmul", py_rows_matmul, METH_VARARGS,

@@ -292,6 +292,8 @@ INT8_TABLE = 64
 #: weights are computed in float32 from a short list, so that one far centroid (importance-weighted
 #: k-means keeps a few large weights as their own centroid) does not coarsen every other's int8 step.
 INT8_OUTLIER_FACTOR = 8.0
+#: Groups of four columns a chunk of the int8 row layout spans (16 tokens' activations: 16 KiB, in L1).
+INT8_ROW_CHUNK = 256
 #: The most weights (a fraction of the kept ones) the float32 outlier list takes; the largest centroids first.
 INT8_OUTLIER_SHARE = 0.01
 
@@ -313,10 +315,14 @@ class Int8Panels:
         scale: a weight is its int8 value times this.
         outliers: ``(ptr, cols, values)``: the outlier weights in CSR (int64 ``rows + 1``, int32,
             float32), computed in float32.
-        blocks: None, or (the block layout, ``int8_panels(..., blocks=True)``) ``(blk_ptr, cols)``
-            of :func:`block_codes`: only the 16 x 1 blocks holding a kept weight, four to a group;
-            ``codes`` then holds their int8 weights (``table`` None), byte ``4 i + q`` of a group
-            row ``i`` of its block ``q``.
+        sparse: None (dense), or ``(ptr, cols, by_rows)`` of a sparse layout, ``codes`` then
+            the int8 weights (``table`` None): the block layout (``by_rows`` False) keeps the
+            16 x 1 blocks holding a kept weight (``ptr`` and ``cols`` those of :func:`block_codes`
+            as uint16), four to a group, byte ``4 i + q`` of a group row ``i`` of its block ``q``;
+            the row layout (``by_rows``) keeps, row by row, each group of four columns holding a
+            kept weight: ``cols`` its number (uint16), ``codes`` its four int8 weights (zeros
+            included); the groups are cut into chunks of :data:`INT8_ROW_CHUNK`, row ``r``'s
+            in chunk ``c`` at ``ptr[c * rows + r]:ptr[c * rows + r + 1]``.
     """
 
     codes: np.ndarray
@@ -325,7 +331,7 @@ class Int8Panels:
     rowsum: np.ndarray
     scale: np.float32
     outliers: tuple[np.ndarray, np.ndarray, np.ndarray]
-    blocks: tuple[np.ndarray, np.ndarray] | None = None
+    sparse: tuple[np.ndarray, np.ndarray, bool] | None = None
 
 
 def int8_codebook(codebook: np.ndarray, counts: np.ndarray | None = None) -> tuple[np.ndarray, np.float32, np.ndarray]:
@@ -383,10 +389,11 @@ def int8_packs(tensor: CompressedTensor) -> bool:
     return len(values) < INT8_TABLE and largest < 16
 
 
-def int8_panels(tensor: CompressedTensor, blocks: bool = False) -> Int8Panels:
+def int8_panels(tensor: CompressedTensor, layout: str = "dense") -> Int8Panels:
     """Every weight of the matrix as a code of an int8 value (pruned and padding ones a zero), grouped for vpdpbusd.
 
-    ``blocks``: only the 16 x 1 blocks holding a kept weight, as their int8 weights (see :class:`Int8Panels`).
+    ``layout``: ``"dense"``; ``"blocks"``: only the 16 x 1 blocks holding a kept weight; ``"rows"``: only the kept
+    weights, row by row (see :class:`Int8Panels`).
 
     Examples:
         >>> t = CompressedTensor((2, 3), np.array([0, 4]), np.array([1, 0]), np.array([0.5, -1.0]), 1)
@@ -403,9 +410,19 @@ def int8_panels(tensor: CompressedTensor, blocks: bool = False) -> Int8Panels:
     far = outlier[tensor.codes]  # positions ascend: the list is row-major
     ptr = np.concatenate([[0], np.cumsum(np.bincount(row[far], minlength=rows))]).astype(np.int64)
     outliers = (ptr, col[far].astype(np.int32), tensor.codebook[tensor.codes[far]].astype(np.float32))
-    if blocks:
+    if layout == "blocks":
         blk_ptr, cols, quads = _block_quads(tensor, weights.view(np.uint8), 0)
-        return Int8Panels(quads, False, None, rowsum, scale, outliers, (blk_ptr, cols))
+        return Int8Panels(quads, False, None, rowsum, scale, outliers, (blk_ptr, cols.astype(np.uint16), False))
+    if layout == "rows":
+        chunks = -(-groups // INT8_ROW_CHUNK)
+        segment = (col // 4 // INT8_ROW_CHUNK) * rows + row  # (chunk, row)
+        keys, slot = np.unique(segment * groups + col // 4, return_inverse=True)
+        entries = np.zeros((len(keys), 4), dtype=np.uint8)
+        entries[slot, col % 4] = weights.view(np.uint8)
+        ptr = np.zeros(chunks * rows + 1, dtype=np.int64)
+        np.cumsum(np.bincount(keys // groups, minlength=chunks * rows), out=ptr[1:])
+        return Int8Panels(entries.reshape(-1), False, None, rowsum, scale, outliers,
+                          (ptr, (keys % groups).astype(np.uint16), True))  # fmt: skip
     if len(values) < INT8_TABLE:
         zero = _int8_zero(values)
         table = np.zeros(INT8_TABLE, dtype=np.int8)

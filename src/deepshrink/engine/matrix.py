@@ -116,6 +116,15 @@ INT8_MEMORY_WEIGHT_COST = 0.05
 INT8_CACHE_BYTES = 16 << 20
 #: The block layout's int8 kernel (``"int8-blocks"``): a group of four 16 x 1 blocks times a block of up to 16 tokens.
 INT8_BLOCK_GROUP_COST = 12.0
+#: The row layout's (``"int8-rows"``), per block of up to 16 tokens: a row's group of four columns holding
+#: a kept weight (6 bytes: streamed from the cache, or from memory past :data:`INT8_CACHE_BYTES`), and a
+#: row's pass over a chunk of columns (its sums loaded and stored, its loop set up); fitted on the nine EIE
+#: layers at batches 16 and 64, within 20%. Beyond ``INT8_ROWS_MAX_DENSITY`` the row layout is not offered
+#: (dense int8 costs less).
+INT8_ROW_GROUP_COST = 0.8
+INT8_ROW_MEMORY_GROUP_COST = 1.2
+INT8_ROW_PASS_COST = 15.0
+INT8_ROWS_MAX_DENSITY = 0.5
 INT8_MAC_COST = 0.0075
 #: The arithmetics a matrix computes in: float32 (exact to rounding), EIE's 16-bit fixed point
 #: (numba), and int8 per token on VNNI.
@@ -597,10 +606,22 @@ class SparseMatrix:
         """The int8 kernels' costs for ``tokens`` (none outside int8): dense, and the block layout's where it pays."""
         if self.arithmetic != "int8":
             return {}
-        if not self._blocky():
-            return {"int8": self._int8_cost(tokens)}
-        groups = self._layout("int8_groups", lambda: int((-(-self._panel_blocks() // 4)).sum()))  # of 4 blocks
-        return {"int8": self._int8_cost(tokens), "int8-blocks": groups * -(-tokens // 16) * INT8_BLOCK_GROUP_COST}
+        costs = {"int8": self._int8_cost(tokens)}
+        passes = -(-tokens // 16)  # the sparse layouts' kernels: 16 tokens at a time, the lanes
+        if self._blocky():
+            groups = self._layout("int8_groups", lambda: int((-(-self._panel_blocks() // 4)).sum()))  # of 4 blocks
+            costs["int8-blocks"] = groups * passes * INT8_BLOCK_GROUP_COST
+        if self.tensor.nnz <= INT8_ROWS_MAX_DENSITY * self.shape[0] * self.shape[1]:
+            row_groups = self._layout("int8_row_groups", self._row_groups_of_four)
+            chunks = -(-self.shape[1] // (4 * layouts.INT8_ROW_CHUNK))
+            per_group = INT8_ROW_GROUP_COST if 6 * row_groups <= INT8_CACHE_BYTES else INT8_ROW_MEMORY_GROUP_COST
+            costs["int8-rows"] = (row_groups * per_group + self.shape[0] * chunks * INT8_ROW_PASS_COST) * passes
+        return costs
+
+    def _row_groups_of_four(self) -> int:
+        """Groups of the row layout: each row's groups of four columns holding a kept weight."""
+        rows, cols = self.tensor.rows_cols()
+        return len(np.unique(rows * -(-self.shape[1] // 4) + cols // 4))
 
     def _int8_cost(self, tokens: int) -> float:
         weights = self.shape[0] * self.shape[1]
@@ -611,13 +632,12 @@ class SparseMatrix:
         )
 
     def _int8(self, x: np.ndarray, bias: np.ndarray, kernel: str, threads: int) -> np.ndarray:
-        """``x @ W.T + bias`` in int8 for a contiguous ``(batch, cols)`` ``x``: ``"int8"`` or ``"int8-blocks"``."""
-        blocks = kernel == "int8-blocks"
-        p = self._layout(kernel, lambda: layouts.int8_panels(self.tensor, blocks))
+        """``x @ W.T + bias`` in int8 for a contiguous ``(batch, cols)`` ``x``: ``"int8"``, ``"int8-blocks"`` or ``"int8-rows"``."""
+        p = self._layout(kernel, lambda: layouts.int8_panels(self.tensor, kernel.partition("-")[2] or "dense"))
         out = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
         _simd.int8_matmul(p.codes, p.packed, p.table, p.rowsum, p.outliers, float(p.scale), x, out, bias,
                           self.shape[0], self.shape[1], x.shape[0], self.shape[1], self.shape[0], threads,
-                          p.blocks)  # fmt: skip
+                          p.sparse)  # fmt: skip
         return out
 
     def kernel_for(self, x: np.ndarray) -> str:
