@@ -1561,11 +1561,12 @@ static PyObject *py_int8_matmul(PyObject *self, PyObject *args) {
         P.chunks = (P.groups + INT8_ROW_CHUNK - 1) / INT8_ROW_CHUNK;
         Py_ssize_t n_ptr = by_rows ? P.chunks * rows : P.panels, step = by_rows ? 1 : 4, top = by_rows ? P.groups - 1 : n_cols;
         ok = (P.ptr = get_buffer(&b, sptr, 0, (n_ptr + 1) * 8, "ptr")) != NULL;
-        for (Py_ssize_t i = 0; ok && i <= n_ptr; i++)
-            if ((i ? P.ptr[i - 1] > P.ptr[i] : P.ptr[0] != 0) || P.ptr[i] % step) {
-                PyErr_Format(PyExc_ValueError, "ptr is not a non-decreasing list of offsets%s from 0", by_rows ? "" : ", multiples of 4,");
-                ok = 0;
-            }
+        int bad = ok && (P.ptr[0] != 0 || P.ptr[n_ptr] % step); /* branch-free over the offsets, as the columns below */
+        for (Py_ssize_t i = 1; ok && i <= n_ptr; i++) bad |= (P.ptr[i - 1] > P.ptr[i]) | (P.ptr[i] % step != 0);
+        if (bad) {
+            PyErr_Format(PyExc_ValueError, "ptr is not a non-decreasing list of offsets%s from 0", by_rows ? "" : ", multiples of 4,");
+            ok = 0;
+        }
         Py_ssize_t n = ok ? P.ptr[n_ptr] : 0;
         ok = ok && (P.cols = get_buffer(&b, scols, 0, n * 2, "cols")) != NULL;
         uint16_t largest = 0; /* a branch-free maximum: the compiler vectorises it (a branch per entry cost 0.5 ns) */
