@@ -85,3 +85,21 @@ def test_relative_rejects_bad_input():
         encode_relative(np.array([3, 3]), 4)
     with pytest.raises(DeepShrinkError, match="does not fit"):
         decode_relative(np.array([16]), 4)
+
+
+def test_a_tensor_kept_whole_stores_no_positions():
+    """Every weight kept: positions 0 .. numel - 1 come from the shape, not from memory; the rest is unchanged."""
+    import pickle
+
+    rng = np.random.default_rng(0)
+    whole = CompressedTensor((30, 40), np.arange(1200), rng.integers(0, 4, 1200), np.arange(4, dtype=np.float32), 2)
+    assert whole.whole and whole.nnz == 1200 and whole._positions is None
+    np.testing.assert_array_equal(whole.positions, np.arange(1200))
+    assert whole.positions.dtype == np.int32
+    assert whole.nbytes == whole.codes.nbytes + whole.codebook.nbytes  # no 4 bytes a weight of positions
+    pruned = CompressedTensor((30, 40), np.arange(0, 1200, 2), rng.integers(0, 4, 600), np.arange(4, dtype=np.float32), 2)
+    assert not pruned.whole and pruned.nbytes == 600 * 4 + 600 + 16
+    copy = pickle.loads(pickle.dumps(whole))
+    assert copy.whole and torch.equal(copy.to_dense(), whole.to_dense())
+    rows, cols = whole.rows_cols()
+    assert rows[41] == 1 and cols[41] == 1

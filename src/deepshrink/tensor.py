@@ -14,7 +14,7 @@ belongs to one input activation, as in EIE's column-major layout.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import numpy as np
 import torch
@@ -44,7 +44,8 @@ class CompressedTensor:
 
     Args:
         shape: the dense shape.
-        positions: ``(nnz,)`` strictly increasing flat row-major indices (int32 below 2**31 elements, else int64).
+        positions: ``(nnz,)`` strictly increasing flat row-major indices (int32 below 2**31 elements, else int64);
+            not stored when every weight is kept (:attr:`whole`): :attr:`positions` makes them from the shape.
         codes: ``(nnz,)`` codebook index of each surviving weight.
         codebook: ``(k,)`` float32 shared values, ``k <= 2**bits``.
         bits: bits per code, 1..16.
@@ -61,19 +62,20 @@ class CompressedTensor:
     """
 
     shape: tuple[int, ...]
-    positions: np.ndarray
+    positions: InitVar[np.ndarray]  # read back through the property below; not stored for a tensor kept whole
     codes: np.ndarray
     codebook: np.ndarray
     bits: int
+    _positions: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
     _csc: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, positions: np.ndarray) -> None:
         shape = tuple(int(s) for s in self.shape)
         if any(s < 0 for s in shape):
             raise DeepShrinkError(f"shape {shape} has a negative dimension")
         if not isinstance(self.bits, (int, np.integer)) or not 1 <= self.bits <= MAX_CODE_BITS:
             raise DeepShrinkError(f"bits={self.bits!r} must be an integer in 1..{MAX_CODE_BITS}")
-        positions = np.ascontiguousarray(self.positions)
+        positions = np.ascontiguousarray(positions)
         if positions.dtype not in (np.int32, np.int64):  # unsigned ones would wrap in the order check below
             positions = positions.astype(np.int64)  # checked below, then narrowed where it fits
         codes = np.asarray(self.codes)
@@ -92,9 +94,14 @@ class CompressedTensor:
                 raise DeepShrinkError(f"a code is outside the codebook of {len(codebook)} entries")
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "bits", int(self.bits))
-        # int32 where every position fits: a tensor kept whole lists every position in memory, and int64 made
-        # that 8 bytes a weight (MiniLM on the engine held more than its fp32 weights)
-        object.__setattr__(self, "positions", positions.astype(np.int32, copy=False) if numel < 1 << 31 else positions)
+        # A tensor kept whole (every position, so 0 .. numel - 1: strictly increasing inside the range) stores
+        # none: its positions were 4 bytes a weight beside a code of half a byte (MiniLM on the engine held 41
+        # MiB of them). Elsewhere int32 where every position fits, not int64.
+        if len(positions) == numel:
+            positions = None
+        elif numel < 1 << 31:
+            positions = positions.astype(np.int32, copy=False)
+        object.__setattr__(self, "_positions", positions)
         object.__setattr__(self, "codes", np.ascontiguousarray(codes, dtype=code_dtype(self.bits)))
         object.__setattr__(self, "codebook", codebook)
 
@@ -133,7 +140,18 @@ class CompressedTensor:
 
     @property
     def nnz(self) -> int:
-        return len(self.positions)
+        return self.numel if self._positions is None else len(self._positions)
+
+    @property
+    def whole(self) -> bool:
+        """Whether every weight is kept (no pruning): the positions are then not stored."""
+        return self._positions is None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays this tensor holds: positions (none when whole), codes and codebook."""
+        stored = 0 if self._positions is None else self._positions.nbytes
+        return stored + self.codes.nbytes + self.codebook.nbytes
 
     @property
     def density(self) -> float:
@@ -207,3 +225,14 @@ class CompressedTensor:
             f"CompressedTensor(shape={self.shape}, nnz={self.nnz}, density={self.density:.3f}, "
             f"bits={self.bits}, codebook={len(self.codebook)})"
         )
+
+
+def _positions(self: CompressedTensor) -> np.ndarray:
+    """``(nnz,)`` flat row-major positions of the kept weights (made on each call for a tensor kept whole)."""
+    if self._positions is None:
+        return np.arange(self.numel, dtype=np.int32 if self.numel < 1 << 31 else np.int64)
+    return self._positions
+
+
+# Set after the class is made: a property named as the InitVar inside the class body would be its default.
+CompressedTensor.positions = property(_positions)  # type: ignore[assignment]

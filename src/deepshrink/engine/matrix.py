@@ -371,9 +371,7 @@ class SparseMatrix:
         Layouts are built by the first product that needs them, so this grows with use;
         it is what a model on the engine really keeps in memory (no dense weight).
         """
-        tensor = self.tensor
-        return sum(_array_bytes(a) for a in (tensor.positions, tensor.codes, tensor.codebook, self._table,
-                                              *self._layouts.values()))  # fmt: skip
+        return self.tensor.nbytes + sum(_array_bytes(a) for a in (self._table, *self._layouts.values()))
 
     def _layout(self, name: str, build: Callable[[], object]) -> object:
         if name not in self._layouts:
