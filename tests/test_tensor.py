@@ -97,7 +97,9 @@ def test_a_tensor_kept_whole_stores_no_positions():
     np.testing.assert_array_equal(whole.positions, np.arange(1200))
     assert whole.positions.dtype == np.int32
     assert whole.nbytes == whole.codes.nbytes + whole.codebook.nbytes  # no 4 bytes a weight of positions
-    pruned = CompressedTensor((30, 40), np.arange(0, 1200, 2), rng.integers(0, 4, 600), np.arange(4, dtype=np.float32), 2)
+    pruned = CompressedTensor(
+        (30, 40), np.arange(0, 1200, 2), rng.integers(0, 4, 600), np.arange(4, dtype=np.float32), 2
+    )
     assert not pruned.whole and pruned.nbytes == 600 * 4 + 600 + 16
     copy = pickle.loads(pickle.dumps(whole))
     assert copy.whole and torch.equal(copy.to_dense(), whole.to_dense())
