@@ -116,6 +116,10 @@ DENSE_PANEL_MAX_BYTES_PER_WEIGHT = 8
 INT8_WEIGHT_COST = 0.015
 INT8_MEMORY_WEIGHT_COST = 0.05
 INT8_CACHE_BYTES = 16 << 20
+#: Every int8 kernel's outputs: a row's (its outliers looked up), and a row's per token (scaled, biased, stored);
+#: fitted as the difference between the EIE layers of 1,000 and of 8,791 rows at batches 1 and 16.
+INT8_OUTPUT_ROW_COST = 5.0
+INT8_OUTPUT_COST = 0.9
 #: The block layout's int8 kernel (``"int8-blocks"``): a group of four 16 x 1 blocks times a block of up to 16 tokens.
 INT8_BLOCK_GROUP_COST = 12.0
 #: The row layout's (``"int8-rows"``), per block of up to 16 tokens: a row's group of four columns holding
@@ -603,9 +607,13 @@ class SparseMatrix:
         return ("samples" if self.prefers_samples(x) else "csr"), math.nan  # numba's, or a codebook past the tables
 
     def _int8_costs(self, tokens: int) -> dict[str, float]:
-        """The int8 kernels' costs for ``tokens`` (none outside int8): dense, and the block layout's where it pays."""
+        """The int8 kernels' costs for ``tokens`` (none outside int8): dense, and the sparse layouts' where they may pay.
+
+        Each also pays its outputs (scaled, biased, stored, the row's outliers looked up) row by row.
+        """
         if self.arithmetic != "int8":
             return {}
+        outputs = self.shape[0] * (INT8_OUTPUT_ROW_COST + tokens * INT8_OUTPUT_COST)
         costs = {"int8": self._int8_cost(tokens)}
         passes = -(-tokens // 16)  # the sparse layouts' kernels: 16 tokens at a time, the lanes
         if self._blocky():
@@ -616,7 +624,7 @@ class SparseMatrix:
             chunks = -(-self.shape[1] // (4 * layouts.INT8_ROW_CHUNK))
             per_group = INT8_ROW_GROUP_COST if 6 * row_groups <= INT8_CACHE_BYTES else INT8_ROW_MEMORY_GROUP_COST
             costs["int8-rows"] = (row_groups * per_group + self.shape[0] * chunks * INT8_ROW_PASS_COST) * passes
-        return costs
+        return {name: cost + outputs for name, cost in costs.items()}
 
     def _row_groups_of_four(self) -> int:
         """Groups of the row layout: each row's groups of four columns holding a kept weight."""
