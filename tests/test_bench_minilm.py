@@ -26,7 +26,9 @@ def test_bench_minilm_rows_on_a_tiny_bert(tmp_path: Path, write_tiny_bert, load_
     assert rows["mine"]["ratio"] > rows["deepshrink k-means 5 bits"]["ratio"]  # 3 bits, not 5
     int8 = rows["mine, engine int8"]  # the same file, computed in int8 on the engine
     assert int8["bytes"] == rows["mine"]["bytes"] and "engine in int8" in int8["measured"]
-    assert 0.8 < int8["mean_cos"] < rows["mine"]["mean_cos"]  # a random tiny BERT: int8 rounding shows
+    # int8 rounding moves a random tiny BERT's embeddings a little either way (its cost model runs the smallest
+    # products in float32), never far
+    assert int8["mean_cos"] > 0.8 and abs(int8["mean_cos"] - rows["mine"]["mean_cos"]) < 0.02
     fp32 = (model / "model.safetensors").stat().st_size
     assert rows["original"]["bytes"] == result["fp32_bytes"] == fp32
     assert rows["original"]["mean_cos"] > 0.99999 and rows["original"]["spearman"] > 0.99999
