@@ -543,7 +543,7 @@ static void panels_matmul_run(const Panels *P, const float *table, const float *
 
 #define INT8_TABLE 64       /* values one vpermb decodes from */
 #define INT8_ROW_CHUNK 256  /* groups of four columns a chunk of the row layout spans: 16 tokens' activations, 16 KiB */
-#define ROW_ACC 4
+#define ROW_ACC 4 /* the row layout's chains: a row's groups come in multiples of 4 */
 #define INT8_ROW_PANELS 8   /* panels a unit of the row layout's work covers: their sums stay in L1 between chunks */
 enum { INT8_DENSE, INT8_BLOCKS, INT8_ROWS };
 #define INT8_PAIR_TOKENS 12 /* tokens of a block run two panels at a time (2 x 12 accumulators) */
@@ -844,11 +844,9 @@ AVX512VNNI static void int8_rows_avx512(const Int8Panels *P, const Int8Tokens *b
             __m512i s[ROW_ACC];
             UNROLL for (int u = 0; u < ROW_ACC; u++) s[u] = _mm512_setzero_si512();
             s[0] = _mm512_load_si512((const void *)row);
-            for (; k + ROW_ACC <= end; k += ROW_ACC)
+            for (; k < end; k += ROW_ACC) /* a multiple of ROW_ACC: the layout pads each row with zeros */
                 UNROLL for (int u = 0; u < ROW_ACC; u++) s[u] = _mm512_dpbusd_epi32(
                     s[u], _mm512_load_si512((const void *)(x + LANES * P->cols[k + u])), _mm512_set1_epi32(w[k + u]));
-            for (int u = 0; k < end; k++, u++)
-                s[u] = _mm512_dpbusd_epi32(s[u], _mm512_load_si512((const void *)(x + LANES * P->cols[k])), _mm512_set1_epi32(w[k]));
             UNROLL for (int h = ROW_ACC / 2; h > 0; h /= 2) UNROLL for (int u = 0; u < h; u++) s[u] = _mm512_add_epi32(s[u], s[u + h]);
             _mm512_store_si512((void *)row, s[0]);
         }
@@ -1559,12 +1557,12 @@ static PyObject *py_int8_matmul(PyObject *self, PyObject *args) {
     if (sparse != Py_None) {
         P.kind = by_rows ? INT8_ROWS : INT8_BLOCKS;
         P.chunks = (P.groups + INT8_ROW_CHUNK - 1) / INT8_ROW_CHUNK;
-        Py_ssize_t n_ptr = by_rows ? P.chunks * rows : P.panels, step = by_rows ? 1 : 4, top = by_rows ? P.groups - 1 : n_cols;
+        Py_ssize_t n_ptr = by_rows ? P.chunks * rows : P.panels, top = by_rows ? P.groups - 1 : n_cols;
         ok = (P.ptr = get_buffer(&b, sptr, 0, (n_ptr + 1) * 8, "ptr")) != NULL;
-        int bad = ok && (P.ptr[0] != 0 || P.ptr[n_ptr] % step); /* branch-free over the offsets, as the columns below */
-        for (Py_ssize_t i = 1; ok && i <= n_ptr; i++) bad |= (P.ptr[i - 1] > P.ptr[i]) | (P.ptr[i] % step != 0);
+        int bad = ok && (P.ptr[0] != 0 || P.ptr[n_ptr] % 4); /* branch-free over the offsets, as the columns below */
+        for (Py_ssize_t i = 1; ok && i <= n_ptr; i++) bad |= (P.ptr[i - 1] > P.ptr[i]) | (P.ptr[i] % 4 != 0);
         if (bad) {
-            PyErr_Format(PyExc_ValueError, "ptr is not a non-decreasing list of offsets%s from 0", by_rows ? "" : ", multiples of 4,");
+            PyErr_SetString(PyExc_ValueError, "ptr is not a non-decreasing list of offsets, multiples of 4, from 0");
             ok = 0;
         }
         Py_ssize_t n = ok ? P.ptr[n_ptr] : 0;

@@ -322,7 +322,8 @@ class Int8Panels:
             the row layout (``by_rows``) keeps, row by row, each group of four columns holding a
             kept weight: ``cols`` its number (uint16), ``codes`` its four int8 weights (zeros
             included); the groups are cut into chunks of :data:`INT8_ROW_CHUNK`, row ``r``'s
-            in chunk ``c`` at ``ptr[c * rows + r]:ptr[c * rows + r + 1]``.
+            in chunk ``c`` at ``ptr[c * rows + r]:ptr[c * rows + r + 1]``, padded to a multiple
+            of 4 with zeros.
     """
 
     codes: np.ndarray
@@ -417,12 +418,17 @@ def int8_panels(tensor: CompressedTensor, layout: str = "dense") -> Int8Panels:
         chunks = -(-groups // INT8_ROW_CHUNK)
         segment = (col // 4 // INT8_ROW_CHUNK) * rows + row  # (chunk, row)
         keys, slot = np.unique(segment * groups + col // 4, return_inverse=True)
-        entries = np.zeros((len(keys), 4), dtype=np.uint8)
-        entries[slot, col % 4] = weights.view(np.uint8)
+        # each (chunk, row) padded to a multiple of 4 groups (zeros): the kernel's four chains need no tail loop
+        counts = np.bincount(keys // groups, minlength=chunks * rows)
         ptr = np.zeros(chunks * rows + 1, dtype=np.int64)
-        np.cumsum(np.bincount(keys // groups, minlength=chunks * rows), out=ptr[1:])
-        return Int8Panels(entries.reshape(-1), False, None, rowsum, scale, outliers,
-                          (ptr, (keys % groups).astype(np.uint16), True))  # fmt: skip
+        np.cumsum(-(-counts // 4) * 4, out=ptr[1:])
+        key_segment = keys // groups
+        place = ptr[key_segment] + np.arange(len(keys)) - (np.cumsum(counts) - counts)[key_segment]
+        entries = np.zeros((int(ptr[-1]), 4), dtype=np.uint8)
+        entries[place[slot], col % 4] = weights.view(np.uint8)
+        quads = np.zeros(int(ptr[-1]), dtype=np.uint16)
+        quads[place] = keys % groups
+        return Int8Panels(entries.reshape(-1), False, None, rowsum, scale, outliers, (ptr, quads, True))
     if len(values) < INT8_TABLE:
         zero = _int8_zero(values)
         table = np.zeros(INT8_TABLE, dtype=np.int8)
