@@ -112,10 +112,11 @@ DENSE_PANEL_MAX_BYTES_PER_WEIGHT = 8
 
 #: Costs of the int8 kernel in the same unit, one thread, Zen 4 (fitted on the nine EIE layers at
 #: batches 1-64, 2026-12-04): streaming a weight's one-byte code from the last-level cache, and from
-#: memory (matrices over :data:`INT8_CACHE_BYTES`: Alex-6, VGG-6), and one multiply-add (~185 G a second a core).
+#: memory (past :data:`INT8_CACHE_BYTES`, half the last-level cache of a CCD that other jobs share: Alex-6,
+#: Alex-7, VGG-6, VGG-7 at 16-100 MiB), and one multiply-add (~185 G a second a core).
 INT8_WEIGHT_COST = 0.015
 INT8_MEMORY_WEIGHT_COST = 0.05
-INT8_CACHE_BYTES = 16 << 20
+INT8_CACHE_BYTES = 8 << 20
 #: Every int8 kernel's outputs: a row's (its outliers looked up), and a row's per token (scaled, biased, stored);
 #: fitted as the difference between the EIE layers of 1,000 and of 8,791 rows at batches 1 and 16.
 INT8_OUTPUT_ROW_COST = 5.0
