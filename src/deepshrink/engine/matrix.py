@@ -22,8 +22,8 @@ is there, fp32 products run on it:
 - ``int8-blocks`` and ``int8-rows`` (``arithmetic="int8"``, sparse matrices): the same
   arithmetic on the kept 16 x 1 blocks only, or, row by row, on the groups of four
   columns holding a kept weight; 16 tokens in the SIMD lanes, so a batch costs the kept
-  blocks' (or groups') share of dense int8: 1.9-16x ONNX Runtime's int8 on block-sparse
-  EIE layers at batch 16, 1.5-2.2x on unstructured ones at 4-9% density;
+  blocks' (or groups') share of dense int8: 1.6-14x ONNX Runtime's int8 on block-sparse
+  EIE layers at batch 16, 1.5-2.7x on unstructured ones at 4-9% density;
 
 and, from the numba kernels (:mod:`deepshrink.engine.kernels`, which also run
 everything when the extension is missing and in fixed point):
