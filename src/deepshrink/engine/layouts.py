@@ -401,6 +401,9 @@ def int8_panels(tensor: CompressedTensor, layout: str = "dense") -> Int8Panels:
         >>> p = int8_panels(t)  # codes 0, 1 and the zero, 2: packed, byte j holds codes j and j + 32 (rows 8-15)
         >>> p.packed, p.codes.shape, p.codes[0, :8].tolist(), p.rowsum[:3].tolist()  # (0, 0) is code 1, (1, 1) code 0
         (True, (1, 32), [33, 34, 34, 34, 34, 32, 34, 34], [-127, 64, 0])
+        >>> r = int8_panels(t, "rows")  # each row's one group of columns, padded to four groups with zeros
+        >>> r.sparse[0].tolist(), r.codes.view(np.int8)[[0, 17]].tolist()  # -1.0 and 0.5 as int8
+        ([0, 4, 8], [-127, 64])
     """
     rows, n_cols = _shape(tensor)
     values, scale, outlier = _int8_values(tensor)
