@@ -313,12 +313,14 @@ def test_int8_keeps_far_centroids_in_float32(isa) -> None:
 
 
 @pytest.mark.parametrize(("stride", "dilation", "padding"), [((1, 1), (1, 1), 1), ((2, 1), (1, 2), 0)])
-def test_int8_convolution_is_the_int8_product_of_its_patches(isa, stride, dilation, padding) -> None:
+@pytest.mark.parametrize("kernel", ["int8", "int8-blocks", "int8-rows"])
+def test_int8_convolution_is_the_int8_product_of_its_patches(isa, stride, dilation, padding, kernel, monkeypatch):
     import torch
     import torch.nn.functional as F
 
     from deepshrink.engine import SparseConv2d
 
+    monkeypatch.setattr(SparseMatrix, "_int8_costs", lambda self, tokens: {kernel: 0.0})  # each int8 kernel in turn
     rng = np.random.default_rng(6)
     t = structured_tensor(8, 3 * 3 * 3, 0.6, "unstructured", 4, seed=6)
     t4 = CompressedTensor((8, 3, 3, 3), t.positions, t.codes, t.codebook, t.bits)
