@@ -558,7 +558,7 @@ typedef struct {
     const int64_t *ptr;  /* blocks: panel p's 16 x 1 blocks are ptr[p] .. ptr[p + 1]; rows: row r's groups in chunk
                           * c are ptr[c * rows + r] .. ptr[c * rows + r + 1] */
     int64_t chunks;      /* rows: chunks of INT8_ROW_CHUNK groups */
-    const uint16_t *cols; /* each block's (or weight's) column; codes holds their int8 weights */
+    const uint16_t *cols; /* blocks: each block's column; rows: each group's number; codes: their int8 weights */
     const int32_t *rowsum;
     const int64_t *outlier_ptr; /* rows + 1 */
     const int32_t *outlier_cols;
@@ -907,6 +907,29 @@ AVX512VNNI static void int8_store_avx512(const Int8Job *j, const int32_t *acc, c
 }
 #endif
 
+/* Panel p's sums (acc[t * 16 + i], row i, token t) to outputs, then its rows' outliers. */
+static void int8_finish(const Int8Job *j, const int32_t *acc, const Int8Tokens *b, int64_t p) {
+#if HAVE_X86
+    if (use_vnni)
+        int8_store_avx512(j, acc, b, p);
+    else
+#endif
+        int8_store(j, acc, b, p);
+    int8_outliers(j, b, p);
+}
+
+/* A panel's sums in the row layout's order (row i's 16 tokens at sums[16 i]) into the dense kernels' (acc[t * 16 + i]). */
+static void sums_to_acc(const int32_t *sums, int64_t tokens, int32_t *acc) {
+#if HAVE_X86
+    if (use_vnni) {
+        transpose_sums((const __m512i *)sums, acc);
+        return;
+    }
+#endif
+    for (int64_t t = 0; t < tokens; t++)
+        for (int i = 0; i < LANES; i++) acc[t * LANES + i] = sums[LANES * i + t];
+}
+
 /* Unit u of token block bi: panels step u .. step u + step - 1. */
 static void int8_block(const Int8Job *j, int64_t u, int64_t bi) {
     int32_t acc[LANES * TOKENS_MAX] __attribute__((aligned(64)));
@@ -914,16 +937,12 @@ static void int8_block(const Int8Job *j, int64_t u, int64_t bi) {
     int64_t first = u * j->step, last = min64(first + j->step, j->P->panels);
     if (j->P->kind == INT8_BLOCKS) {
 #if HAVE_X86
-        if (use_vnni) {
+        if (use_vnni)
             int8_blocks_avx512(j->P, b, first, acc);
-            int8_store_avx512(j, acc, b, first);
-        } else
+        else
 #endif
-        {
             int8_blocks_portable(j->P, b, first, acc);
-            int8_store(j, acc, b, first);
-        }
-        int8_outliers(j, b, first);
+        int8_finish(j, acc, b, first);
         return;
     }
     if (j->P->kind == INT8_ROWS) {
@@ -931,22 +950,14 @@ static void int8_block(const Int8Job *j, int64_t u, int64_t bi) {
         int64_t r1 = min64(last * LANES, j->P->rows);
         memset(sums + LANES * (r1 - first * LANES), 0, sizeof(int32_t) * LANES * (last * LANES - r1)); /* padding rows */
 #if HAVE_X86
-        if (use_vnni) {
+        if (use_vnni)
             int8_rows_avx512(j->P, b, first * LANES, r1, sums);
-            for (int64_t p = first; p < last; p++) {
-                transpose_sums((const __m512i *)(sums + LANES * LANES * (p - first)), acc);
-                int8_store_avx512(j, acc, b, p);
-                int8_outliers(j, b, p);
-            }
-            return;
-        }
+        else
 #endif
-        int8_rows_portable(j->P, b, first * LANES, r1, sums);
+            int8_rows_portable(j->P, b, first * LANES, r1, sums);
         for (int64_t p = first; p < last; p++) {
-            for (int64_t t = 0; t < b->n; t++)
-                for (int i = 0; i < LANES; i++) acc[t * LANES + i] = sums[LANES * (LANES * (p - first) + i) + t];
-            int8_store(j, acc, b, p);
-            int8_outliers(j, b, p);
+            sums_to_acc(sums + LANES * LANES * (p - first), b->n, acc);
+            int8_finish(j, acc, b, p);
         }
         return;
     }
@@ -954,22 +965,18 @@ static void int8_block(const Int8Job *j, int64_t u, int64_t bi) {
     if (use_vnni) {
         if (last - first == 2) {
             int8_pairs[b->n](j->P, b, first, acc);
-            int8_store_avx512(j, acc, b, first);
-            int8_store_avx512(j, acc + b->n * LANES, b, first + 1);
-            int8_outliers(j, b, first);
-            int8_outliers(j, b, first + 1);
+            int8_finish(j, acc, b, first);
+            int8_finish(j, acc + b->n * LANES, b, first + 1);
             return;
         }
         int8_kernels[b->n](j->P, b, first, acc);
-        int8_store_avx512(j, acc, b, first);
-        int8_outliers(j, b, first);
+        int8_finish(j, acc, b, first);
         return;
     }
 #endif
     for (int64_t p = first; p < last; p++) {
         int8_panel_portable(j->P, b, p, acc);
-        int8_store(j, acc, b, p);
-        int8_outliers(j, b, p);
+        int8_finish(j, acc, b, p);
     }
 }
 
@@ -1027,14 +1034,14 @@ static void int8_matmul_run(const Int8Panels *P, const float *x, int64_t ldx, in
     /* the block and row layouts: blocks of 16 tokens (the lanes), each with a group more, of zeros, for the
      * padding blocks' column n_cols; batches: blocks of at most 12 tokens, two panels at a time; else every token,
      * one panel at a time */
-    int blocked = P->kind != INT8_DENSE; /* the block and row layouts: tokens in the lanes */
+    int blocked = P->kind != INT8_DENSE;
     int64_t step = P->kind == INT8_ROWS ? INT8_ROW_PANELS : !blocked && tokens >= INT8_PAIR_MIN ? 2 : 1;
-    int64_t most = blocked ? LANES : step == 2 ? INT8_PAIR_TOKENS : TOKENS_MAX, n_blocks, per_block;
+    int64_t n_blocks, per_block;
     if (blocked) {
         per_block = LANES;
         n_blocks = (tokens + LANES - 1) / LANES;
     } else
-        per_block = even_blocks(tokens, most, &n_blocks);
+        per_block = even_blocks(tokens, step == 2 ? INT8_PAIR_TOKENS : TOKENS_MAX, &n_blocks);
     int64_t block_words = blocked ? LANES * (P->groups + 1) : 0; /* blocked: each block's own 16-token stride */
     Int8Tokens *blocks = malloc(sizeof(Int8Tokens) * n_blocks);
     uint32_t *xs = alloc_lines(sizeof(uint32_t) * (blocked ? block_words * n_blocks : P->groups * tokens));
