@@ -33,6 +33,11 @@ def _strictly_increasing(positions: np.ndarray) -> bool:
     )
 
 
+def _position_dtype(numel: int) -> type:
+    """int32 where every flat position of ``numel`` elements fits, else int64."""
+    return np.int32 if numel < 1 << 31 else np.int64
+
+
 def code_dtype(bits: int) -> type:
     """Smallest unsigned NumPy dtype that holds a ``bits``-bit code."""
     return np.uint8 if bits <= 8 else np.uint16
@@ -99,8 +104,8 @@ class CompressedTensor:
         # MiB of them). Elsewhere int32 where every position fits, not int64.
         if len(positions) == numel:
             positions = None
-        elif numel < 1 << 31:
-            positions = positions.astype(np.int32, copy=False)
+        else:
+            positions = positions.astype(_position_dtype(numel), copy=False)
         object.__setattr__(self, "_positions", positions)
         object.__setattr__(self, "codes", np.ascontiguousarray(codes, dtype=code_dtype(self.bits)))
         object.__setattr__(self, "codebook", codebook)
@@ -230,7 +235,7 @@ class CompressedTensor:
 def _positions(self: CompressedTensor) -> np.ndarray:
     """``(nnz,)`` flat row-major positions of the kept weights (made on each call for a tensor kept whole)."""
     if self._positions is None:
-        return np.arange(self.numel, dtype=np.int32 if self.numel < 1 << 31 else np.int64)
+        return np.arange(self.numel, dtype=_position_dtype(self.numel))
     return self._positions
 
 

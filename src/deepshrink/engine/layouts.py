@@ -383,7 +383,11 @@ def int8_packs(tensor: CompressedTensor) -> bool:
         >>> int8_packs(t)
         True
     """
-    values = _int8_values(tensor)[0]
+    return _packs(tensor, _int8_values(tensor)[0])
+
+
+def _packs(tensor: CompressedTensor, values: np.ndarray) -> bool:
+    """:func:`int8_packs` with the int8 codebook ``values`` already computed."""
     rows, n_cols = _shape(tensor)
     padded = tensor.nnz < tensor.numel or rows % LANES or n_cols % 4
     largest = max(int(tensor.codes.max(initial=0)), _int8_zero(values) if padded else 0)
@@ -443,7 +447,7 @@ def int8_panels(tensor: CompressedTensor, layout: str = "dense") -> Int8Panels:
         full = np.zeros((panels * LANES, groups * 4), dtype=np.uint8)
         full[row, col] = weights.view(np.uint8)
     codes = np.ascontiguousarray(full.reshape(panels, LANES, groups, 4).transpose(0, 2, 1, 3)).reshape(-1, 4 * LANES)
-    packed = int8_packs(tensor)
+    packed = _packs(tensor, values)
     if packed:
         codes = codes[:, :32] | (codes[:, 32:] << 4)
     return Int8Panels(codes, packed, table, rowsum, scale, outliers)

@@ -436,8 +436,11 @@ class SparseMatrix:
         """Each 16-row panel's count of 16 x 1 blocks holding a kept weight."""
 
         def count() -> np.ndarray:
+            panels = -(-self.shape[0] // layouts.LANES)
+            if self.tensor.whole:  # every block holds weights: no positions to make and divide
+                return np.full(panels, self.shape[1])
             rows, cols = self.tensor.rows_cols()
-            grid = np.zeros((-(-self.shape[0] // layouts.LANES), self.shape[1]), dtype=bool)
+            grid = np.zeros((panels, self.shape[1]), dtype=bool)
             grid[rows // layouts.LANES, cols] = True
             return np.count_nonzero(grid, axis=1)
 
