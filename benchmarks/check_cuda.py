@@ -1,7 +1,7 @@
 """The whole pretrained-model path on a CUDA device: calibration, pruning, sharing, distillation, file, reload.
 
 Run where a GPU is (the CPU path never needs it): ``python benchmarks/check_cuda.py``.
-It compresses all-MiniLM-L6-v2 (the ``[hf]`` extra) with a short version of the
+It compresses all-MiniLM-L6-v2 (the ``[hf]`` extra; ``--model DIR``: another model folder) with a short version of the
 built-in ``minilm`` recipe plus a SparseGPT pruning stage, every stage on ``cuda``,
 and checks that
 
@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 
 from deepshrink.recipes import load_recipe, run_recipe
-from deepshrink.recipes.schema import DistillStage, PruneStage
+from deepshrink.recipes.schema import DistillStage, EncodeStage, PruneStage
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", help="cpu runs the same checks there (a smoke test)")
     parser.add_argument("--steps", type=int, default=50, help="distillation steps")
+    parser.add_argument("--model", help="a Hugging Face model folder (default: the recipe's, all-MiniLM-L6-v2)")
     args = parser.parse_args()
     kind = torch.device(args.device).type
     if kind == "cuda" and not torch.cuda.is_available():
@@ -45,7 +46,11 @@ def main() -> int:
     recipe = load_recipe("minilm")
     stages = [PruneStage(method="sparsegpt", sparsity={"encoder.*": 0.3}, epochs=0)]
     stages += [dataclasses.replace(s, steps=args.steps) if isinstance(s, DistillStage) else s for s in recipe.stages]
-    recipe = dataclasses.replace(recipe, stages=stages)
+    # float32 codebooks and arrays: the file then holds exactly what the model computes (the recipe's float16
+    # rounds them, which moves MiniLM's outputs by about 3e-3)
+    stages = [dataclasses.replace(s, codebook_dtype="float32", array_dtype="float32") if isinstance(s, EncodeStage)
+              else s for s in stages]  # fmt: skip
+    recipe = dataclasses.replace(recipe, stages=stages, pretrained=args.model or recipe.pretrained)
     failures = []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "minilm-dsz"
