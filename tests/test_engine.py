@@ -428,6 +428,13 @@ def test_sparse_embedding_matches_the_decoded_table() -> None:
     ids = torch.randint(0, 50, (3, 7))
     with torch.no_grad():
         torch.testing.assert_close(fast(ids), net(ids), rtol=0, atol=0)
+        for other in (ids.int(), ids.t(), ids[0, 0], ids[:0], torch.tensor([49, 0])):  # int32, strided, 0-d, empty
+            torch.testing.assert_close(fast(other), net(other), rtol=0, atol=0)
+    for bad in (torch.tensor([3, 50]), torch.tensor([-1, 2])):
+        with pytest.raises(IndexError, match=r"index (50|-1) is out of range for 50 embeddings"):
+            fast(bad)
+    with pytest.raises(DeepShrinkError, match="takes int64 or int32 CPU indices, got torch.float32"):
+        fast(ids.float())
     with pytest.raises(DeepShrinkError, match="at most 255 shared values"):
         SparseEmbedding(random_tensor(300, 2, 1.0, bits=9))
 

@@ -57,6 +57,26 @@ def nonzero_columns(x: np.ndarray) -> np.ndarray:
     return found[:n]
 
 
+@njit(cache=True, nogil=True)
+def decode_rows(codes: np.ndarray, values: np.ndarray, ids: np.ndarray, out: np.ndarray) -> None:
+    """``out[i] = values[codes[ids[i]]]``: the rows of a coded table that ``ids`` (checked in range) name.
+
+    An embedding lookup from a table of one-byte codes. Torch's two gathers (the codes,
+    then the values, through int64 indices) took 4x as long for MiniLM's 32 sentences.
+
+    Examples:
+        >>> out = np.empty((2, 2), dtype=np.float32)
+        >>> decode_rows(np.array([[0, 1], [2, 0]], dtype=np.uint8), np.array([0.5, -1.0, 2.0], dtype=np.float32),
+        ...             np.array([1, 0]), out)
+        >>> out.tolist()
+        [[2.0, 0.5], [0.5, -1.0]]
+    """
+    for i in range(ids.shape[0]):
+        row, dst = codes[ids[i]], out[i]
+        for j in range(row.shape[0]):
+            dst[j] = values[row[j]]
+
+
 @intrinsic
 def _prefetch(typingctx, array, index):
     """Ask the CPU to fetch the cache line of ``array[index]`` (LLVM's prefetch: read, keep).

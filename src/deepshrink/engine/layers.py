@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepshrink.engine import kernels
 from deepshrink.engine.matrix import SparseMatrix
 from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
 from deepshrink.tensor import CompressedTensor
@@ -165,7 +166,18 @@ class SparseEmbedding(_EngineModule):
         self.register_buffer("values", torch.from_numpy(np.append(weight.codebook, np.float32(0))), persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.values[self.codes[ids].long()]
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or not ids.is_cpu:
+            got = f"{ids.dtype} on {ids.device}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise DeepShrinkError(f"SparseEmbedding takes int64 or int32 CPU indices, got {got}")
+        flat = ids.reshape(-1).numpy()
+        out = np.empty((flat.shape[0], self.embedding_dim), dtype=np.float32)
+        if flat.shape[0]:
+            low, high = int(flat.min()), int(flat.max())
+            if low < 0 or high >= self.num_embeddings:  # as nn.Embedding: no negative indices either
+                raise IndexError(f"SparseEmbedding: index {low if low < 0 else high} is out of range for "
+                                 f"{self.num_embeddings} embeddings")  # fmt: skip
+            kernels.decode_rows(self.codes.numpy(), self.values.numpy(), flat, out)
+        return torch.from_numpy(out).reshape(*ids.shape, self.embedding_dim)
 
     def _decode(self) -> torch.Tensor:
         return self.values[self.codes.long()]
