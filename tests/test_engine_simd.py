@@ -330,10 +330,52 @@ def test_int8_convolution_is_the_int8_product_of_its_patches(isa, stride, dilati
     out = conv(x)
     patches = F.unfold(x, (3, 3), dilation=dilation, padding=padding, stride=stride)  # (batch, 27, positions)
     flat = patches.transpose(1, 2).reshape(-1, 27).numpy()
-    expected = int8_reference(t, flat, bias.numpy())
-    np.testing.assert_array_equal(out.permute(0, 2, 3, 1).reshape(-1, 8).numpy(), expected)
+    expected = int8_reference(t, flat, bias.numpy())  # the (c, i, j) patches times the weight as stored
+    np.testing.assert_allclose(out.permute(0, 2, 3, 1).reshape(-1, 8).numpy(), expected, rtol=0, atol=1e-6)
     exact = F.conv2d(x, t4.to_dense(), bias, stride, padding, dilation)
     assert out.shape == exact.shape and (out - exact).abs().max() < 0.05 * exact.abs().max()
+    assert out.is_contiguous(memory_format=torch.channels_last)  # the next convolution reads it as it is
+    torch.testing.assert_close(conv(x.contiguous(memory_format=torch.channels_last)), out, rtol=0, atol=0)
+    torch.testing.assert_close(conv._decode(), t4.to_dense(), rtol=0, atol=0)  # the weight, back in nn.Conv2d's order
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    kernel=st.sampled_from([(1, 1), (3, 3), (2, 3), (1, 5)]),
+    stride=st.sampled_from([(1, 1), (2, 2), (1, 3)]),
+    dilation=st.sampled_from([(1, 1), (2, 1)]),
+    padding=st.sampled_from([0, 1, (2, 0), "same", "valid"]),
+    size=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    batch=st.integers(1, 3),
+)
+def test_int8_convolution_of_any_geometry_is_its_patches_product(isa, kernel, stride, dilation, padding, size, batch):
+    """1 x 1 (the image is its own patch matrix), "same" with an even kernel (one more on the right), one position."""
+    import torch
+    import torch.nn.functional as F
+
+    from deepshrink.engine import SparseConv2d
+
+    stride = (1, 1) if padding == "same" else stride  # nn.Conv2d refuses "same" with a stride
+    x = torch.from_numpy(np.random.default_rng(sum(size)).standard_normal((batch, 4, *size)).astype(np.float32))
+    t = structured_tensor(6, 4 * kernel[0] * kernel[1], 0.7, "unstructured", 4, seed=batch)
+    t4 = CompressedTensor((6, 4, *kernel), t.positions, t.codes, t.codebook, t.bits)
+    reference = torch.nn.Conv2d(4, 6, kernel, stride, padding, dilation, bias=False)
+    try:
+        with torch.no_grad():
+            expected_shape = reference(x).shape
+    except RuntimeError:
+        return  # smaller than the dilated kernel: nn.Conv2d refuses it, and so does the engine (tested elsewhere)
+    conv = SparseConv2d(t4, stride=stride, padding=padding, dilation=dilation, arithmetic="int8")
+    out = conv(x)
+    assert out.shape == expected_shape
+    patches = F.unfold(F.pad(x, conv._pad), kernel, dilation=dilation, stride=stride)  # (c, i, j) order
+    patches = patches.transpose(1, 2).reshape(-1, t.shape[1]).numpy()
+    ours = patches.reshape(len(patches), 4, -1).transpose(0, 2, 1).reshape(len(patches), -1)  # (i, j, c): the layer's
+    if conv.matrix.kernel_for(ours if len(ours) > 1 else ours[0]).startswith("int8"):
+        expected = int8_reference(t, patches, np.zeros(6, np.float32))
+    else:  # a float32 kernel was cheaper (int8 arithmetic leaves such products to it): the decoded product
+        expected = patches @ t.to_dense().numpy().T
+    np.testing.assert_allclose(out.permute(0, 2, 3, 1).reshape(-1, 6).numpy(), expected, rtol=0, atol=1e-5)
 
 
 def test_int8_leaves_very_sparse_products_to_float32() -> None:
@@ -358,8 +400,8 @@ def test_int8_refuses_what_it_cannot_run(monkeypatch) -> None:
     wide = CompressedTensor((1, 1 << 16), np.array([5]), np.array([0]), np.array([1.0], np.float32), 1)
     with pytest.raises(DeepShrinkError, match="fewer than 65,536 columns"):
         SparseMatrix(wide, arithmetic="int8")
-    with pytest.raises(DeepShrinkError, match="groups=1"):
-        SparseMatrix(t, arithmetic="int8").conv2d(np.zeros((1, 6, 5, 5), np.float32), (3, 3), (1, 1), (1, 1), None, 2)
+    with pytest.raises(DeepShrinkError, match="SparseConv2d runs it"):
+        SparseMatrix(t, arithmetic="int8").conv2d(np.zeros((1, 3, 5, 5), np.float32), (3, 3), (1, 1), (1, 1))
     grouped = CompressedTensor((8, 3, 3, 3), t.positions, t.codes, t.codebook, t.bits)
     with pytest.warns(UserWarning, match="runs in float32"):
         conv = SparseConv2d(grouped, groups=2, arithmetic="int8")

@@ -77,6 +77,42 @@ def decode_rows(codes: np.ndarray, values: np.ndarray, ids: np.ndarray, out: np.
             dst[j] = values[row[j]]
 
 
+@njit(parallel=True, cache=True, nogil=True)
+def nhwc_patches(x: np.ndarray, kernel, stride, dilation, pad, out_w: int, out: np.ndarray) -> None:
+    """im2col from a channels-last image: row ``(b, oy, ox)`` of ``out`` is that output position's patch.
+
+    ``x`` is ``(batch, H, W, C)``; a patch is ``kh * kw`` runs of ``C`` contiguous channels,
+    tap by tap (``(i, j, c)``), zeros where a tap falls in the padding (``pad``: top,
+    left), so no padded copy of the image is made. ``out`` is ``(batch * out_h * out_w,
+    kh * kw * C)``: ``out_h * out_w`` positions per image, ``out_w`` to a row.
+
+    Examples:
+        >>> x = np.arange(1, 5, dtype=np.float32).reshape(1, 2, 2, 1)  # [[1, 2], [3, 4]]
+        >>> out = np.empty((4, 4), dtype=np.float32)
+        >>> nhwc_patches(x, (2, 2), (1, 1), (1, 1), (1, 1), 2, out)  # 2 x 2 kernel, padding 1 on top and left
+        >>> out.tolist()[0], out.tolist()[3]
+        ([0.0, 0.0, 0.0, 1.0], [1.0, 2.0, 3.0, 4.0])
+    """
+    batch, height, width, channels = x.shape
+    positions = out.shape[0] // batch
+    for t in prange(out.shape[0]):
+        b, at = divmod(np.int64(t), positions)  # int64: prange's unsigned index with a signed one gives floats
+        oy, ox = divmod(at, out_w)
+        k = 0
+        for i in range(kernel[0]):
+            y = oy * stride[0] + i * dilation[0] - pad[0]
+            for j in range(kernel[1]):
+                col = ox * stride[1] + j * dilation[1] - pad[1]
+                # loops, not slices: a slice is an array object made per tap, and the first layer's taps hold 3
+                if 0 <= y < height and 0 <= col < width:
+                    for c in range(channels):
+                        out[t, k + c] = x[b, y, col, c]
+                else:
+                    for c in range(channels):
+                        out[t, k + c] = 0
+                k += channels
+
+
 @intrinsic
 def _prefetch(typingctx, array, index):
     """Ask the CPU to fetch the cache line of ``array[index]`` (LLVM's prefetch: read, keep).

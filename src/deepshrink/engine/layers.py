@@ -69,6 +69,16 @@ class _EngineModule(nn.Module):
     def _decode(self) -> torch.Tensor:
         return self.matrix.tensor.to_dense().reshape(self.weight_shape)
 
+    def _rows(self, flat: np.ndarray) -> np.ndarray:
+        """``flat @ W.T + bias`` for a contiguous ``(n, cols)`` float32 array, every ``n`` (0 and 1 too)."""
+        bias = self._bias_array()
+        # checked by the caller, straight to the products: at batch 1 a small layer's product takes microseconds
+        if flat.shape[0] == 1:
+            return self.matrix._matvec(flat[0], bias).reshape(1, -1)
+        if flat.shape[0]:
+            return self.matrix._product(flat, bias)
+        return np.empty((0, self.matrix.shape[0]), dtype=np.float32)
+
     @property
     def held_bytes(self) -> int:
         """Bytes the module holds for its weight now: see :attr:`SparseMatrix.held_bytes`, plus its buffers."""
@@ -115,15 +125,7 @@ class SparseLinear(_EngineModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.in_features,):
             raise DeepShrinkError(f"SparseLinear expects inputs (..., {self.in_features}), got {tuple(x.shape)}")
-        flat = _as_numpy(x, "SparseLinear").reshape(-1, self.in_features)
-        bias = self._bias_array()
-        # checked here, straight to the products: at batch 1 a small layer's product takes microseconds
-        if flat.shape[0] == 1:
-            y = self.matrix._matvec(flat[0], bias)
-        elif flat.shape[0]:
-            y = self.matrix._product(flat, bias)
-        else:
-            y = np.empty((0, self.out_features), dtype=np.float32)
+        y = self._rows(_as_numpy(x, "SparseLinear").reshape(-1, self.in_features))
         return torch.from_numpy(y).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -203,9 +205,13 @@ class SparseConv2d(_EngineModule):
         stride, padding, dilation, groups: as in ``nn.Conv2d``, including
             ``padding="same"`` / ``"valid"`` (zero padding) and depthwise convolutions.
         workers: as in :class:`SparseLinear`.
-        arithmetic: as in :class:`SparseLinear`; in ``"int8"`` the input is unfolded (im2col)
-            and each output position's patch quantized as a token. Grouped convolutions
-            (``groups > 1``) run in float32 there, with a warning.
+        arithmetic: as in :class:`SparseLinear`; in ``"int8"`` each output position's patch
+            is a token of one int8 product (im2col). Patches are read from the image
+            channels-last, the matrix's columns ordered tap by tap to match, and the
+            output is returned channels-last (``torch.channels_last``: the next
+            convolution reads it without a copy; torch's elementwise layers keep the
+            format). Grouped convolutions (``groups > 1``) run in float32 there, with a
+            warning.
 
     Raises:
         DeepShrinkError: ``weight`` is not 4-D, ``groups`` does not divide the output
@@ -241,7 +247,8 @@ class SparseConv2d(_EngineModule):
             warnings.warn(f"a convolution in {groups} groups runs in float32: int8 products take groups=1",
                           stacklevel=2)  # fmt: skip
             arithmetic = "float32"
-        self.matrix = SparseMatrix(weight, workers, arithmetic)
+        self._channels_last = arithmetic == "int8"
+        self.matrix = SparseMatrix(_taps_first(weight) if self._channels_last else weight, workers, arithmetic)
         self.register_buffer("bias", _bias_buffer(bias, self.out_channels, "SparseConv2d"))
 
     @classmethod
@@ -260,10 +267,43 @@ class SparseConv2d(_EngineModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise DeepShrinkError(f"SparseConv2d expects (batch, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        if self._channels_last:
+            return self._patches_forward(x)
         padded = F.pad(x.detach(), self._pad) if any(self._pad) else x
         out = self.matrix.conv2d(_as_numpy(padded, "SparseConv2d"), self.kernel_size, self._stride, self._dilation,
                                  self._bias_array(), self.groups)  # fmt: skip
         return torch.from_numpy(out)
+
+    def _patches_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution as one product of its patches (im2col), channels-last in and out.
+
+        In NCHW the patch matrix cost 5x the int8 product itself to gather (ResNet-18,
+        batch 8); channels-last, a patch is ``kh * kw`` contiguous runs, and a 1 x 1
+        convolution's patches are the image itself.
+        """
+        (kh, kw), (sy, sx), (dy, dx) = self.kernel_size, self._stride, self._dilation
+        left, right, top, bottom = self._pad
+        batch, _, height, width = x.shape
+        out_h = (height + top + bottom - dy * (kh - 1) - 1) // sy + 1
+        out_w = (width + left + right - dx * (kw - 1) - 1) // sx + 1
+        if min(out_h, out_w) < 1:
+            raise DeepShrinkError(f"input of {tuple(x.shape[2:])} (padded by {self._pad}) is smaller than the dilated "
+                                  f"kernel {self.kernel_size}")  # fmt: skip
+        image = _as_numpy(x.permute(0, 2, 3, 1), "SparseConv2d")  # no copy when x is channels-last already
+        if (kh, kw, sy, sx, *self._pad) == (1, 1, 1, 1, 0, 0, 0, 0):
+            patches = image.reshape(-1, self.in_channels)
+        else:
+            patches = np.empty((batch * out_h * out_w, self.matrix.shape[1]), dtype=np.float32)
+            kernels.nhwc_patches(image, (kh, kw), (sy, sx), (dy, dx), (top, left), out_w, patches)
+        out = self._rows(patches)
+        return torch.from_numpy(out).reshape(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
+
+    def _decode(self) -> torch.Tensor:
+        dense = self.matrix.tensor.to_dense()
+        if self._channels_last:  # back from tap-by-tap columns
+            kh, kw = self.kernel_size
+            dense = dense.reshape(self.out_channels, kh, kw, -1).permute(0, 3, 1, 2)
+        return dense.reshape(self.weight_shape)
 
     def extra_repr(self) -> str:
         return (
@@ -312,6 +352,20 @@ class SparseConv1d(SparseConv2d):
         if x.dim() != 3:
             raise DeepShrinkError(f"SparseConv1d expects (batch, {self.in_channels}, L), got {tuple(x.shape)}")
         return super().forward(x.unsqueeze(2)).squeeze(2)
+
+
+def _taps_first(weight: CompressedTensor) -> CompressedTensor:
+    """An ``(out, in, kh, kw)`` weight as the ``(out, kh * kw * in)`` matrix of a channels-last patch's order.
+
+    Column ``(i * kw + j) * in + c`` holds tap ``(i, j)`` of channel ``c``: the order of
+    :func:`~deepshrink.engine.kernels.nhwc_patches`. Same codes and codebook, moved.
+    """
+    out, channels, kh, kw = weight.shape
+    row, rest = np.divmod(weight.positions, channels * kh * kw)
+    channel, tap = np.divmod(rest, kh * kw)
+    moved = (row * (kh * kw) + tap) * channels + channel
+    order = np.argsort(moved, kind="stable")
+    return CompressedTensor((out, kh * kw * channels), moved[order], weight.codes[order], weight.codebook, weight.bits)
 
 
 def _single(value: int | tuple[int]) -> int:

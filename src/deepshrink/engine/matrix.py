@@ -660,7 +660,7 @@ class SparseMatrix:
         ``"rows"``, ``"csr"`` or ``"samples"`` (the batch-1 choice once per sample); in int8
         also ``"int8"``, ``"int8-blocks"`` and ``"int8-rows"``. See the module docstring for what each does.
         """
-        return self._plan(x)[0]
+        return self._plan(np.ascontiguousarray(x))[0]
 
     def _threads_for(self, cost: float) -> int:
         """Threads for a product of ``cost``: one below :data:`PARALLEL_MIN_COST` (a hand-off costs more there)."""
@@ -917,9 +917,8 @@ class SparseMatrix:
         if min(out_h, out_w) < 1:
             raise DeepShrinkError(f"input of {x.shape[2:]} is smaller than the dilated kernel {kernel}")
         if self.arithmetic == "int8":
-            if groups != 1:
-                raise DeepShrinkError(f"int8 convolutions take groups=1, got {groups}; use arithmetic='float32'")
-            return self._int8_conv(x, kernel, stride, dilation, (out_h, out_w), self.check_bias(bias))
+            raise DeepShrinkError("an int8 convolution is one product of its patches: SparseConv2d runs it (this "
+                                  "direct convolution computes in float32 or fixed16)")  # fmt: skip
         row_ptr, gaps, codes = self.row_major()
         xk, frac = self._quantize(np.ascontiguousarray(x), axis=0)
         scale = np.exp2(-(np.ravel(frac) + self.codebook_frac)) if self.fixed_point else np.ones(x.shape[0])
@@ -936,29 +935,6 @@ class SparseMatrix:
         fn(row_ptr, gaps, codes, self.codebook, xk, acc, tuple(kernel), tuple(stride), tuple(dilation), groups,
            scale, self.check_bias(bias), out)  # fmt: skip
         return out
-
-    def _int8_conv(
-        self,
-        x: np.ndarray,
-        kernel: tuple[int, int],
-        stride: tuple[int, int],
-        dilation: tuple[int, int],
-        out_size: tuple[int, int],
-        bias: np.ndarray,
-    ) -> np.ndarray:
-        """The convolution as one int8 product, each output position's input patch (im2col) a token.
-
-        int8 visits every weight anyway, so the dense patch matrix costs no extra work, and
-        a patch quantized on its own keeps a convolution's result independent of the rest
-        of the image, as a token's is of its batch.
-        """
-        (kh, kw), (sh, sw), (dh, dw), (out_h, out_w) = kernel, stride, dilation, out_size
-        windows = np.lib.stride_tricks.sliding_window_view(x, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(2, 3))
-        windows = windows[:, :, ::sh, ::sw, ::dh, ::dw][:, :, :out_h, :out_w]  # (batch, in, out_h, out_w, kh, kw)
-        patches = np.ascontiguousarray(windows.transpose(0, 2, 3, 1, 4, 5)).reshape(-1, self.shape[1])
-        kernel, cost = min(self._int8_costs(len(patches)).items(), key=lambda c: c[1])
-        out = self._int8(patches, bias, kernel, self._threads_for(cost))
-        return np.ascontiguousarray(out.reshape(x.shape[0], out_h, out_w, -1).transpose(0, 3, 1, 2))
 
     def __repr__(self) -> str:
         return (f"SparseMatrix({self.shape[0]}x{self.shape[1]}, nnz={self.tensor.nnz}, workers={self.workers}, "
