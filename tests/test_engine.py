@@ -326,9 +326,12 @@ def test_sparse_conv_matches_conv2d(kernel, stride, padding, dilation, batch: in
     taps = 3 * kernel[0] * kernel[1]
     t = random_tensor(8, taps, 0.3, seed=batch).to_dense().reshape(8, 3, *kernel)
     weight = CompressedTensor.from_dense(t)
-    x = torch.relu(torch.randn(batch, 3, 11, 9))
-    expected = F.conv2d(x, t, conv.bias, stride, padding, dilation)
-    torch.testing.assert_close(SparseConv2d.from_conv(conv, weight)(x), expected, rtol=1e-5, atol=1e-5)
+    sparse = SparseConv2d.from_conv(conv, weight)
+    for size in ((11, 9), (24, 20)):  # a product of the patches; at stride 1 the direct convolution (a large plane)
+        x = torch.relu(torch.randn(batch, 3, *size))
+        expected = F.conv2d(x, t, conv.bias, stride, padding, dilation)
+        torch.testing.assert_close(sparse(x), expected, rtol=1e-5, atol=1e-5)
+    assert sparse._patched is not None and sparse._direct is sparse.matrix  # both routes ran
     with pytest.raises(UnsupportedLayerError, match="reflect"):
         SparseConv2d.from_conv(nn.Conv2d(3, 8, 3, padding_mode="reflect"), weight)
     with pytest.raises(DeepShrinkError, match="'full'"):

@@ -370,12 +370,31 @@ def test_int8_convolution_of_any_geometry_is_its_patches_product(isa, kernel, st
     assert out.shape == expected_shape
     patches = F.unfold(F.pad(x, conv._pad), kernel, dilation=dilation, stride=stride)  # (c, i, j) order
     patches = patches.transpose(1, 2).reshape(-1, t.shape[1]).numpy()
-    ours = patches.reshape(len(patches), 4, -1).transpose(0, 2, 1).reshape(len(patches), -1)  # (i, j, c): the layer's
-    if conv.matrix.kernel_for(ours if len(ours) > 1 else ours[0]).startswith("int8"):
+    if conv.matrix.kernel_for(patches.reshape(len(patches), 4, -1).transpose(0, 2, 1).reshape(len(patches), -1)
+                              if len(patches) > 1 else patches[0]).startswith("int8"):  # fmt: skip
         expected = int8_reference(t, patches, np.zeros(6, np.float32))
-    else:  # a float32 kernel was cheaper (int8 arithmetic leaves such products to it): the decoded product
+    else:  # a float32 kernel runs the product, or the direct convolution: the decoded product
         expected = patches @ t.to_dense().numpy().T
     np.testing.assert_allclose(out.permute(0, 2, 3, 1).reshape(-1, 6).numpy(), expected, rtol=0, atol=1e-5)
+
+
+def test_int8_convolution_leaves_what_no_int8_kernel_wins_to_the_direct_one() -> None:
+    """A small, very sparse matrix over many positions: the float32 direct convolution, built on first use."""
+    import torch
+    import torch.nn.functional as F
+
+    from deepshrink.engine import SparseConv2d
+    from deepshrink.engine.layers import DIRECT_MIN_PLANE
+
+    t = structured_tensor(8, 16 * 9, 0.02, "unstructured", 4, seed=3)
+    t4 = CompressedTensor((8, 16, 3, 3), t.positions, t.codes, t.codebook, t.bits)
+    conv = SparseConv2d(t4, padding=1, arithmetic="int8")
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((2, 16, 20, 20)).astype(np.float32))
+    assert conv.matrix.int8_kernel(2 * 20 * 20) is None and conv._direct is None and 20 * 20 >= DIRECT_MIN_PLANE
+    out = conv(x.contiguous(memory_format=torch.channels_last))  # as an int8 layer before it returns it
+    torch.testing.assert_close(out, F.conv2d(x, t4.to_dense(), None, 1, 1), rtol=1e-5, atol=1e-5)
+    assert conv._direct is not None and conv._direct.arithmetic == "float32"
+    torch.testing.assert_close(conv._direct.tensor.to_dense(), t4.to_dense(), rtol=0, atol=0)  # taps back in place
 
 
 def test_int8_leaves_very_sparse_products_to_float32() -> None:

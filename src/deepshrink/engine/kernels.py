@@ -94,7 +94,7 @@ def nhwc_patches(x: np.ndarray, kernel, stride, dilation, pad, out_w: int, out: 
         ([0.0, 0.0, 0.0, 1.0], [1.0, 2.0, 3.0, 4.0])
     """
     batch, height, width, channels = x.shape
-    positions = out.shape[0] // batch
+    positions = out.shape[0] // max(batch, 1)  # no rows at all for an empty batch
     for t in prange(out.shape[0]):
         b, at = divmod(np.int64(t), positions)  # int64: prange's unsigned index with a signed one gives floats
         oy, ox = divmod(at, out_w)

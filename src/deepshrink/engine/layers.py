@@ -6,6 +6,7 @@ weight is never built (a convolution runs each kept weight over a shifted input 
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numpy as np
@@ -69,15 +70,15 @@ class _EngineModule(nn.Module):
     def _decode(self) -> torch.Tensor:
         return self.matrix.tensor.to_dense().reshape(self.weight_shape)
 
-    def _rows(self, flat: np.ndarray) -> np.ndarray:
-        """``flat @ W.T + bias`` for a contiguous ``(n, cols)`` float32 array, every ``n`` (0 and 1 too)."""
+    def _rows(self, flat: np.ndarray, matrix: SparseMatrix) -> np.ndarray:
+        """``flat @ W.T + bias`` by ``matrix`` for a contiguous ``(n, cols)`` float32 array, every ``n`` (0 and 1 too)."""
         bias = self._bias_array()
         # checked by the caller, straight to the products: at batch 1 a small layer's product takes microseconds
         if flat.shape[0] == 1:
-            return self.matrix._matvec(flat[0], bias).reshape(1, -1)
+            return matrix._matvec(flat[0], bias).reshape(1, -1)
         if flat.shape[0]:
-            return self.matrix._product(flat, bias)
-        return np.empty((0, self.matrix.shape[0]), dtype=np.float32)
+            return matrix._product(flat, bias)
+        return np.empty((0, matrix.shape[0]), dtype=np.float32)
 
     @property
     def held_bytes(self) -> int:
@@ -125,7 +126,7 @@ class SparseLinear(_EngineModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.in_features,):
             raise DeepShrinkError(f"SparseLinear expects inputs (..., {self.in_features}), got {tuple(x.shape)}")
-        y = self._rows(_as_numpy(x, "SparseLinear").reshape(-1, self.in_features))
+        y = self._rows(_as_numpy(x, "SparseLinear").reshape(-1, self.in_features), self.matrix)
         return torch.from_numpy(y).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -247,8 +248,12 @@ class SparseConv2d(_EngineModule):
             warnings.warn(f"a convolution in {groups} groups runs in float32: int8 products take groups=1",
                           stacklevel=2)  # fmt: skip
             arithmetic = "float32"
-        self._channels_last = arithmetic == "int8"
-        self.matrix = SparseMatrix(_taps_first(weight) if self._channels_last else weight, workers, arithmetic)
+        # int8 computes from the patches' matrix (its columns tap by tap), the others from the weight's own
+        # order, the direct convolution's; each makes the other on first use (see forward)
+        taps_first = arithmetic == "int8"
+        self.matrix = SparseMatrix(_taps_first(weight) if taps_first else weight, workers, arithmetic)
+        self._patched: SparseMatrix | None = self.matrix if taps_first else None
+        self._direct: SparseMatrix | None = None if taps_first else self.matrix
         self.register_buffer("bias", _bias_buffer(bias, self.out_channels, "SparseConv2d"))
 
     @classmethod
@@ -267,14 +272,31 @@ class SparseConv2d(_EngineModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise DeepShrinkError(f"SparseConv2d expects (batch, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        if self._channels_last:
-            return self._patches_forward(x)
+        (kh, kw), (sy, sx), (dy, dx) = self.kernel_size, self._stride, self._dilation
+        left, right, top, bottom = self._pad
+        out_h = (x.shape[2] + top + bottom - dy * (kh - 1) - 1) // sy + 1
+        out_w = (x.shape[3] + left + right - dx * (kw - 1) - 1) // sx + 1
+        if min(out_h, out_w) >= 1 and self._by_patches(x.shape[0], out_h * out_w):
+            return self._patches_forward(x, out_h, out_w)
         padded = F.pad(x.detach(), self._pad) if any(self._pad) else x
-        out = self.matrix.conv2d(_as_numpy(padded, "SparseConv2d"), self.kernel_size, self._stride, self._dilation,
-                                 self._bias_array(), self.groups)  # fmt: skip
+        if self._direct is None:  # int8, a plane no int8 kernel wins: made once, float32
+            self._direct = SparseMatrix(_taps_last(self.matrix.tensor, self.kernel_size), self.matrix.workers)
+        out = self._direct.conv2d(_as_numpy(padded, "SparseConv2d"), self.kernel_size, self._stride, self._dilation,
+                                  self._bias_array(), self.groups)  # fmt: skip
         return torch.from_numpy(out)
 
-    def _patches_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _by_patches(self, batch: int, plane: int) -> bool:
+        """Whether a product of the patches (im2col) runs this convolution rather than the direct one.
+
+        The direct convolution sweeps each weight over a whole output plane: it wins on large
+        planes at stride 1 (no patch matrix to gather), unless an int8 kernel runs the
+        product. fixed16 and grouped convolutions are direct only.
+        """
+        if self.groups > 1 or self.matrix.arithmetic == "fixed16":
+            return False
+        return plane < DIRECT_MIN_PLANE or self._stride != (1, 1) or bool(self.matrix.int8_kernel(batch * plane))
+
+    def _patches_forward(self, x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
         """The convolution as one product of its patches (im2col), channels-last in and out.
 
         In NCHW the patch matrix cost 5x the int8 product itself to gather (ResNet-18,
@@ -283,24 +305,21 @@ class SparseConv2d(_EngineModule):
         """
         (kh, kw), (sy, sx), (dy, dx) = self.kernel_size, self._stride, self._dilation
         left, right, top, bottom = self._pad
-        batch, _, height, width = x.shape
-        out_h = (height + top + bottom - dy * (kh - 1) - 1) // sy + 1
-        out_w = (width + left + right - dx * (kw - 1) - 1) // sx + 1
-        if min(out_h, out_w) < 1:
-            raise DeepShrinkError(f"input of {tuple(x.shape[2:])} (padded by {self._pad}) is smaller than the dilated "
-                                  f"kernel {self.kernel_size}")  # fmt: skip
+        batch = x.shape[0]
         image = _as_numpy(x.permute(0, 2, 3, 1), "SparseConv2d")  # no copy when x is channels-last already
         if (kh, kw, sy, sx, *self._pad) == (1, 1, 1, 1, 0, 0, 0, 0):
             patches = image.reshape(-1, self.in_channels)
         else:
-            patches = np.empty((batch * out_h * out_w, self.matrix.shape[1]), dtype=np.float32)
+            patches = _scratch(batch * out_h * out_w * self.matrix.shape[1]).reshape(-1, self.matrix.shape[1])
             kernels.nhwc_patches(image, (kh, kw), (sy, sx), (dy, dx), (top, left), out_w, patches)
-        out = self._rows(patches)
+        if self._patched is None:  # float32: made once
+            self._patched = SparseMatrix(_taps_first(self.matrix.tensor), self.matrix.workers, self.matrix.arithmetic)
+        out = self._rows(patches, self._patched)
         return torch.from_numpy(out).reshape(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
 
     def _decode(self) -> torch.Tensor:
         dense = self.matrix.tensor.to_dense()
-        if self._channels_last:  # back from tap-by-tap columns
+        if self.matrix is self._patched:  # back from tap-by-tap columns
             kh, kw = self.kernel_size
             dense = dense.reshape(self.out_channels, kh, kw, -1).permute(0, 3, 1, 2)
         return dense.reshape(self.weight_shape)
@@ -354,6 +373,30 @@ class SparseConv1d(SparseConv2d):
         return super().forward(x.unsqueeze(2)).squeeze(2)
 
 
+#: Output planes (positions per image) from which a stride-1 convolution whose product no int8 kernel
+#: wins runs the direct float32 convolution instead of a float32 product of its patches: each weight
+#: then sweeps a long plane. Measured on ResNet-18 and MobileNetV2 at batch 8 (70% pruned, one
+#: thread): MobileNetV2's small matrices over 56 x 56 and 112 x 112 planes ran 1.3-3.7x faster
+#: directly; ResNet-18's last layers, 7 x 7 and 14 x 14 planes, 2-9x slower (short loops, one per
+#: weight and row), and its stride-2 layers 3-5x slower (their planes read with gaps).
+DIRECT_MIN_PLANE = 256
+
+_SCRATCH = threading.local()
+
+
+def _scratch(size: int) -> np.ndarray:
+    """``size`` float32 of this thread's scratch buffer, which grows to the largest size asked, and stays.
+
+    The patch matrices of a CNN's first layers run to tens of MB: allocated afresh at each
+    call, every page of them faulted in again (ResNet-18's first convolution, batch 8:
+    35-95 ms, against 9 for its int8 product). Per thread: two threads may run one model.
+    """
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.size < size:
+        buffer = _SCRATCH.buffer = np.empty(size, dtype=np.float32)
+    return buffer[:size]
+
+
 def _taps_first(weight: CompressedTensor) -> CompressedTensor:
     """An ``(out, in, kh, kw)`` weight as the ``(out, kh * kw * in)`` matrix of a channels-last patch's order.
 
@@ -363,9 +406,23 @@ def _taps_first(weight: CompressedTensor) -> CompressedTensor:
     out, channels, kh, kw = weight.shape
     row, rest = np.divmod(weight.positions, channels * kh * kw)
     channel, tap = np.divmod(rest, kh * kw)
-    moved = (row * (kh * kw) + tap) * channels + channel
-    order = np.argsort(moved, kind="stable")
-    return CompressedTensor((out, kh * kw * channels), moved[order], weight.codes[order], weight.codebook, weight.bits)
+    return _moved(weight, (out, kh * kw * channels), (row * (kh * kw) + tap) * channels + channel)
+
+
+def _taps_last(matrix: CompressedTensor, kernel: tuple[int, int]) -> CompressedTensor:
+    """The inverse of :func:`_taps_first`: the ``(out, in, kh, kw)`` weight of a tap-by-tap matrix."""
+    taps = kernel[0] * kernel[1]
+    out, columns = matrix.shape
+    channels = columns // taps
+    row, rest = np.divmod(matrix.positions, columns)
+    tap, channel = np.divmod(rest, channels)
+    return _moved(matrix, (out, channels, *kernel), (row * channels + channel) * taps + tap)
+
+
+def _moved(weight: CompressedTensor, shape: tuple[int, ...], positions: np.ndarray) -> CompressedTensor:
+    """``weight``'s codes at new ``positions`` (the same weights, reshaped and reordered)."""
+    order = np.argsort(positions, kind="stable")
+    return CompressedTensor(shape, positions[order], weight.codes[order], weight.codebook, weight.bits)
 
 
 def _single(value: int | tuple[int]) -> int:

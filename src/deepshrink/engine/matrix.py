@@ -591,16 +591,9 @@ class SparseMatrix:
         kernels again, the activations counted, costs a small layer's product time.
         """
         tokens = 1 if x.ndim == 1 else x.shape[0]
-        if self.arithmetic == "int8" and tokens > 1:
-            if tokens not in self._int8_settled:
-                lines = self._line_costs(tokens)
-                per_sample = tokens * (self._vector_bound()[0] + CALL_COST)  # "samples", every count at its least
-                cheapest = min(lines, key=lines.get)
-                int8 = cheapest.startswith("int8") and lines[cheapest] <= per_sample
-                self._int8_settled[tokens] = cheapest if int8 else None
-            settled = self._int8_settled[tokens]
-            if settled:
-                return settled, self._line_costs_by_batch[tokens][settled]
+        settled = self.int8_kernel(tokens)
+        if settled:
+            return settled, self._line_costs_by_batch[tokens][settled]
         if tokens == 1:
             if self.simd:
                 costs = self._vector_costs(self._active(x)[0])
@@ -609,6 +602,22 @@ class SparseMatrix:
         if self.simd and (self._batch_lines() or self.arithmetic == "int8"):
             return min(self._batch_costs(x).items(), key=lambda c: c[1])
         return ("samples" if self.prefers_samples(x) else "csr"), math.nan  # numba's, or a codebook past the tables
+
+    def int8_kernel(self, tokens: int) -> str | None:
+        """The int8 kernel that runs every product of ``tokens`` tokens, or ``None`` when none is settled.
+
+        ``None`` outside int8, at one token, and where a float32 kernel may be cheaper (then
+        the activations decide, product by product).
+        """
+        if self.arithmetic != "int8" or tokens < 2:
+            return None
+        if tokens not in self._int8_settled:
+            lines = self._line_costs(tokens)
+            per_sample = tokens * (self._vector_bound()[0] + CALL_COST)  # "samples", every count at its least
+            cheapest = min(lines, key=lines.get)
+            int8 = cheapest.startswith("int8") and lines[cheapest] <= per_sample
+            self._int8_settled[tokens] = cheapest if int8 else None
+        return self._int8_settled[tokens]
 
     def _int8_costs(self, tokens: int) -> dict[str, float]:
         """The int8 kernels' costs for ``tokens`` (none outside int8): dense, and the sparse layouts' where they may pay.
