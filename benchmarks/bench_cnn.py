@@ -11,8 +11,8 @@ on ``--size`` images (224 x 224), every library with ``--threads`` threads, bloc
 
 - torch fp32: the decoded model (dense weights), NCHW and channels-last (oneDNN's faster
   layout on most CPUs; the better of the two is the baseline),
-- the engine in float32 (``compile_model``): direct sparse convolution, outputs the decoded
-  model's,
+- the engine in float32 (``compile_model``): direct sparse convolutions or products of their
+  patches (each layer's choice), outputs the decoded model's,
 - the engine in int8 (``arithmetic="int8"``): each output position's patch a token, VNNI
   products; grouped (depthwise) convolutions stay in float32.
 
@@ -102,6 +102,7 @@ def mobilenet_v2() -> nn.Module:
 
 
 MODELS = {"ResNet-18": resnet18, "MobileNetV2": mobilenet_v2}
+ENGINES = ("engine", "engine int8")
 
 
 def run(name: str, sparsity: float, batches: list[int], repeats: int, size: int = 224) -> list[dict]:
@@ -120,18 +121,22 @@ def run(name: str, sparsity: float, batches: list[int], repeats: int, size: int 
     for batch in batches:
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
         x_nhwc = x.contiguous(memory_format=torch.channels_last)
-        runs = {"torch fp32": (decoded, x), "torch fp32 channels-last": (nhwc, x_nhwc), "engine": (engine, x),
-                "engine int8": (engine8, x)}  # fmt: skip
+        runs = {"torch fp32": (decoded, x), "torch fp32 channels-last": (nhwc, x_nhwc)}
+        for engine_name, model in (("engine", engine), ("engine int8", engine8)):
+            runs |= {f"{engine_name} NCHW": (model, x), f"{engine_name} channels-last": (model, x_nhwc)}
         fns = {name: functools.partial(model, inputs) for name, (model, inputs) in runs.items()}
         with torch.inference_mode():
             reference = decoded(x)
             scale = float(reference.abs().max())
-            errors = {k: float((fns[k]() - reference).abs().max()) / scale for k in ("engine", "engine int8")}
+            errors = {k: float((fns[f"{k} NCHW"]() - reference).abs().max()) / scale for k in ENGINES}
             seconds = median_seconds(fns, repeats, block_seconds=0.0)
         ms = {k: v * 1e3 for k, v in seconds.items()}
         best = min(ms["torch fp32"], ms["torch fp32 channels-last"])
+        # the engine's output has its input's format: each engine column is the faster of the two
+        formats = {k: min(("NCHW", "channels-last"), key=lambda f, k=k: ms[f"{k} {f}"]) for k in ENGINES}
+        ms |= {k: ms[f"{k} {formats[k]}"] for k in ENGINES}
         rows.append({"model": name, "sparsity": sparsity, "batch": batch, "ms": ms, "errors": errors,
-                     "x torch": {k: best / ms[k] for k in ("engine", "engine int8")}})  # fmt: skip
+                     "formats": formats, "x torch": {k: best / ms[k] for k in ENGINES}})  # fmt: skip
     return rows
 
 
@@ -163,7 +168,9 @@ def markdown(result: dict) -> str:
         f"then set from random images; {result['size']} x {result['size']} images. "
         f"Milliseconds per forward, median of {result['repeats']} interleaved runs. `x torch` = the faster torch "
         "layout's time / the engine's. Difference = largest difference of the logits from the decoded model's / "
-        "largest logit. MobileNetV2's depthwise convolutions run in float32 in the int8 column.",
+        "largest logit. MobileNetV2's depthwise convolutions run in float32 in the int8 column. The engine's "
+        "output has its input's memory format (as `nn.Conv2d`'s); each engine column is the faster of NCHW and "
+        "channels-last images, (CL) marking the latter.",
         "",
         "| model | sparsity | batch | torch fp32 ms | torch channels-last ms | engine ms | engine int8 ms | "
         "engine x torch | int8 x torch | difference: engine / int8 |",
@@ -171,8 +178,10 @@ def markdown(result: dict) -> str:
     ]
     for r in result["rows"]:
         ms, x, e = r["ms"], r["x torch"], r["errors"]
+        f = {k: " (CL)" if v == "channels-last" else "" for k, v in r["formats"].items()}
         out.append(f"| {r['model']} | {r['sparsity']:.0%} | {r['batch']} | {ms['torch fp32']:,.1f} | "
-                   f"{ms['torch fp32 channels-last']:,.1f} | {ms['engine']:,.1f} | {ms['engine int8']:,.1f} | "
+                   f"{ms['torch fp32 channels-last']:,.1f} | {ms['engine']:,.1f}{f['engine']} | "
+                   f"{ms['engine int8']:,.1f}{f['engine int8']} | "
                    f"{x['engine']:.2f} | {x['engine int8']:.2f} | {e['engine']:.1e} / {e['engine int8']:.1e} |")  # fmt: skip
     return "\n".join(out) + "\n"
 

@@ -334,8 +334,10 @@ def test_int8_convolution_is_the_int8_product_of_its_patches(isa, stride, dilati
     np.testing.assert_allclose(out.permute(0, 2, 3, 1).reshape(-1, 8).numpy(), expected, rtol=0, atol=1e-6)
     exact = F.conv2d(x, t4.to_dense(), bias, stride, padding, dilation)
     assert out.shape == exact.shape and (out - exact).abs().max() < 0.05 * exact.abs().max()
-    assert out.is_contiguous(memory_format=torch.channels_last)  # the next convolution reads it as it is
-    torch.testing.assert_close(conv(x.contiguous(memory_format=torch.channels_last)), out, rtol=0, atol=0)
+    assert out.is_contiguous()  # NCHW in, NCHW out, as nn.Conv2d (code after it may view it)
+    last = conv(x.contiguous(memory_format=torch.channels_last))
+    assert last.is_contiguous(memory_format=torch.channels_last)  # the next convolution reads it as it is
+    torch.testing.assert_close(last, out, rtol=0, atol=0)
     torch.testing.assert_close(conv._decode(), t4.to_dense(), rtol=0, atol=0)  # the weight, back in nn.Conv2d's order
 
 

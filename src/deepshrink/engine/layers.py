@@ -195,10 +195,17 @@ class SparseEmbedding(_EngineModule):
 
 
 class SparseConv2d(_EngineModule):
-    """A 2-D convolution computed directly from the compressed ``(out, in / groups * kh * kw)`` matrix.
+    """A 2-D convolution computed from the compressed ``(out, in / groups * kh * kw)`` matrix, two ways.
 
-    Each kept weight is decoded once and multiplies a whole shifted plane of the
-    (zero-padded) input: no im2col copy, and pruned weights cost nothing.
+    Directly: each kept weight is decoded once and multiplies a whole shifted plane of
+    the (zero-padded) input; no patch matrix, pruned weights cost nothing. Or as one
+    product of the patches (im2col): each output position's patch a token, read from the
+    image channels-last (the matrix's columns ordered tap by tap to match), by the
+    engine's batched kernels. Each call takes the patches where the direct way loses
+    (small planes, strides) or an int8 kernel wins (see :meth:`_by_patches`); each
+    way's matrix is made on its first use. The output has the input's memory format, as
+    ``nn.Conv2d``'s: give channels-last images (``x.to(memory_format=torch.channels_last)``)
+    and the patch products read and write without a copy.
 
     Args:
         weight: ``(out_channels, in_channels / groups, kh, kw)`` compressed weight.
@@ -206,13 +213,9 @@ class SparseConv2d(_EngineModule):
         stride, padding, dilation, groups: as in ``nn.Conv2d``, including
             ``padding="same"`` / ``"valid"`` (zero padding) and depthwise convolutions.
         workers: as in :class:`SparseLinear`.
-        arithmetic: as in :class:`SparseLinear`; in ``"int8"`` each output position's patch
-            is a token of one int8 product (im2col). Patches are read from the image
-            channels-last, the matrix's columns ordered tap by tap to match, and the
-            output is returned channels-last (``torch.channels_last``: the next
-            convolution reads it without a copy; torch's elementwise layers keep the
-            format). Grouped convolutions (``groups > 1``) run in float32 there, with a
-            warning.
+        arithmetic: as in :class:`SparseLinear`; in ``"int8"`` the patches are the int8
+            product's tokens. Grouped convolutions (``groups > 1``) run directly, in
+            float32 there, with a warning; fixed16 runs directly.
 
     Raises:
         DeepShrinkError: ``weight`` is not 4-D, ``groups`` does not divide the output
@@ -283,7 +286,7 @@ class SparseConv2d(_EngineModule):
             self._direct = SparseMatrix(_taps_last(self.matrix.tensor, self.kernel_size), self.matrix.workers)
         out = self._direct.conv2d(_as_numpy(padded, "SparseConv2d"), self.kernel_size, self._stride, self._dilation,
                                   self._bias_array(), self.groups)  # fmt: skip
-        return torch.from_numpy(out)
+        return _as_format_of(x, torch.from_numpy(out))
 
     def _by_patches(self, batch: int, plane: int) -> bool:
         """Whether a product of the patches (im2col) runs this convolution rather than the direct one.
@@ -315,7 +318,7 @@ class SparseConv2d(_EngineModule):
         if self._patched is None:  # float32: made once
             self._patched = SparseMatrix(_taps_first(self.matrix.tensor), self.matrix.workers, self.matrix.arithmetic)
         out = self._rows(patches, self._patched)
-        return torch.from_numpy(out).reshape(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
+        return _as_format_of(x, torch.from_numpy(out).reshape(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2))
 
     def _decode(self) -> torch.Tensor:
         dense = self.matrix.tensor.to_dense()
@@ -395,6 +398,17 @@ def _scratch(size: int) -> np.ndarray:
     if buffer is None or buffer.size < size:
         buffer = _SCRATCH.buffer = np.empty(size, dtype=np.float32)
     return buffer[:size]
+
+
+def _as_format_of(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` in ``x``'s memory format, as ``nn.Conv2d`` returns it: channels-last for channels-last input.
+
+    Code after a convolution may ``view`` its output, which an NCHW input's caller expects
+    contiguous; a channels-last caller gets channels-last, which the patch products read
+    and write without a copy (pass images as ``x.to(memory_format=torch.channels_last)``).
+    """
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _taps_first(weight: CompressedTensor) -> CompressedTensor:
