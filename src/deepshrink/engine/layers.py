@@ -318,7 +318,9 @@ class SparseConv2d(_EngineModule):
         if self._patched is None:  # float32: made once
             self._patched = SparseMatrix(_taps_first(self.matrix.tensor), self.matrix.workers, self.matrix.arithmetic)
         out = self._rows(patches, self._patched)
-        return _as_format_of(x, torch.from_numpy(out).reshape(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2))
+        return _as_format_of(
+            x, torch.from_numpy(out).reshape(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
+        )
 
     def _decode(self) -> torch.Tensor:
         dense = self.matrix.tensor.to_dense()
