@@ -397,6 +397,7 @@ def test_int8_convolution_leaves_what_no_int8_kernel_wins_to_the_direct_one() ->
     torch.testing.assert_close(out, F.conv2d(x, t4.to_dense(), None, 1, 1), rtol=1e-5, atol=1e-5)
     assert conv._direct is not None and conv._direct.arithmetic == "float32"
     torch.testing.assert_close(conv._direct.tensor.to_dense(), t4.to_dense(), rtol=0, atol=0)  # taps back in place
+    assert conv.held_bytes == conv.matrix.held_bytes + conv._direct.held_bytes  # both ways' matrices counted
 
 
 def test_int8_leaves_very_sparse_products_to_float32() -> None:

@@ -83,7 +83,10 @@ class _EngineModule(nn.Module):
     @property
     def held_bytes(self) -> int:
         """Bytes the module holds for its weight now: see :attr:`SparseMatrix.held_bytes`, plus its buffers."""
-        return self.matrix.held_bytes + sum(b.nbytes for b in self.buffers())
+        return sum(m.held_bytes for m in self._matrices()) + sum(b.nbytes for b in self.buffers())
+
+    def _matrices(self) -> list[SparseMatrix]:
+        return [self.matrix]
 
 
 class SparseLinear(_EngineModule):
@@ -287,6 +290,10 @@ class SparseConv2d(_EngineModule):
         out = self._direct.conv2d(_as_numpy(padded, "SparseConv2d"), self.kernel_size, self._stride, self._dilation,
                                   self._bias_array(), self.groups)  # fmt: skip
         return _as_format_of(x, torch.from_numpy(out))
+
+    def _matrices(self) -> list[SparseMatrix]:
+        """The matrices made so far: one per way the convolution has run (the same one where both share it)."""
+        return [self.matrix] + [m for m in (self._patched, self._direct) if m is not None and m is not self.matrix]
 
     def _by_patches(self, batch: int, plane: int) -> bool:
         """Whether a product of the patches (im2col) runs this convolution rather than the direct one.
