@@ -336,6 +336,9 @@ def test_sparse_conv_matches_conv2d(kernel, stride, padding, dilation, batch: in
     assert sparse._patched is not None and sparse._direct is sparse.matrix  # both routes ran
     with pytest.raises(UnsupportedLayerError, match="reflect"):
         SparseConv2d.from_conv(nn.Conv2d(3, 8, 3, padding_mode="reflect"), weight)
+    if padding == 0:
+        with pytest.raises(DeepShrinkError, match="is smaller than the dilated kernel"):
+            sparse(torch.zeros(1, 3, kernel[0] - 1, 9))
     with pytest.raises(DeepShrinkError, match="'full'"):
         SparseConv2d(weight, padding="full")
 

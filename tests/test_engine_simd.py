@@ -366,7 +366,10 @@ def test_int8_convolution_of_any_geometry_is_its_patches_product(isa, kernel, st
         with torch.no_grad():
             expected_shape = reference(x).shape
     except RuntimeError:
-        return  # smaller than the dilated kernel: nn.Conv2d refuses it, and so does the engine (tested elsewhere)
+        conv = SparseConv2d(t4, stride=stride, padding=padding, dilation=dilation, arithmetic="int8")
+        with pytest.raises(DeepShrinkError, match="is smaller than the dilated kernel"):
+            conv(x)  # nn.Conv2d refuses it too
+        return
     conv = SparseConv2d(t4, stride=stride, padding=padding, dilation=dilation, arithmetic="int8")
     out = conv(x)
     assert out.shape == expected_shape

@@ -282,7 +282,10 @@ class SparseConv2d(_EngineModule):
         left, right, top, bottom = self._pad
         out_h = (x.shape[2] + top + bottom - dy * (kh - 1) - 1) // sy + 1
         out_w = (x.shape[3] + left + right - dx * (kw - 1) - 1) // sx + 1
-        if min(out_h, out_w) >= 1 and self._by_patches(x.shape[0], out_h * out_w):
+        if min(out_h, out_w) < 1:
+            raise DeepShrinkError(f"input of {tuple(x.shape[2:])}, padded by {self._pad} (left, right, top, bottom), "
+                                  f"is smaller than the dilated kernel {self.kernel_size}")  # fmt: skip
+        if self._by_patches(x.shape[0], out_h * out_w):
             return self._patches_forward(x, out_h, out_w)
         padded = F.pad(x.detach(), self._pad) if any(self._pad) else x
         if self._direct is None:  # int8, a plane no int8 kernel wins: made once, float32
