@@ -344,7 +344,7 @@ def test_sparse_conv_matches_conv2d(kernel, stride, padding, dilation, batch: in
 
 
 @pytest.mark.parametrize(
-    "in_channels,out_channels,groups,stride", [(4, 6, 2, 1), (6, 6, 6, 1), (6, 12, 6, 2), (8, 4, 4, 1)]
+    "in_channels,out_channels,groups,stride", [(4, 6, 2, 1), (6, 6, 6, 1), (6, 6, 6, 2), (6, 12, 6, 2), (8, 4, 4, 1)]
 )
 def test_grouped_and_depthwise_conv_match_conv2d(in_channels: int, out_channels: int, groups: int, stride: int) -> None:
     conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, groups=groups)
@@ -354,6 +354,10 @@ def test_grouped_and_depthwise_conv_match_conv2d(in_channels: int, out_channels:
     layer = SparseConv2d.from_conv(conv, CompressedTensor.from_dense(t))
     expected = F.conv2d(x, t, conv.bias, stride, 1, 1, groups)
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert (layer.taps is not None) == (in_channels == out_channels == groups)  # depthwise: its own kernel
+    last = layer(x.contiguous(memory_format=torch.channels_last))
+    assert last.is_contiguous(memory_format=torch.channels_last) and layer(x).is_contiguous()  # as nn.Conv2d
+    torch.testing.assert_close(last, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(DeepShrinkError, match="groups=4"):
         SparseConv2d(CompressedTensor.from_dense(torch.ones(6, 1, 3, 3)), groups=4)
 

@@ -396,9 +396,12 @@ def test_int8_convolution_leaves_what_no_int8_kernel_wins_to_the_direct_one() ->
     conv = SparseConv2d(t4, padding=1, arithmetic="int8")
     x = torch.from_numpy(np.random.default_rng(3).standard_normal((2, 16, 20, 20)).astype(np.float32))
     assert conv.matrix.int8_kernel(2 * 20 * 20) is None and conv._direct is None and 20 * 20 >= DIRECT_MIN_PLANE
-    out = conv(x.contiguous(memory_format=torch.channels_last))  # as an int8 layer before it returns it
-    torch.testing.assert_close(out, F.conv2d(x, t4.to_dense(), None, 1, 1), rtol=1e-5, atol=1e-5)
+    expected = F.conv2d(x, t4.to_dense(), None, 1, 1)
+    torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)
     assert conv._direct is not None and conv._direct.arithmetic == "float32"
+    last = conv(x.contiguous(memory_format=torch.channels_last))  # the direct way too, back in its format
+    assert last.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(last, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(conv._direct.tensor.to_dense(), t4.to_dense(), rtol=0, atol=0)  # taps back in place
     assert conv.held_bytes == conv.matrix.held_bytes + conv._direct.held_bytes  # both ways' matrices counted
 

@@ -113,6 +113,43 @@ def nhwc_patches(x: np.ndarray, kernel, stride, dilation, pad, out_w: int, out: 
                 k += channels
 
 
+@njit(parallel=True, cache=True, nogil=True)
+def depthwise_nhwc(
+    x: np.ndarray, taps: np.ndarray, kernel, stride, dilation, pad, bias: np.ndarray, out: np.ndarray
+) -> None:
+    """A depthwise convolution (one filter per channel) on a channels-last image, vectorised over the channels.
+
+    ``x`` is ``(batch, H, W, C)``, ``taps`` ``(kh * kw, C)`` (tap ``(i, j)`` of every
+    channel's filter in row ``i * kw + j``, zeros where pruned), ``out`` ``(batch, out_h,
+    out_w, C)``; taps in the padding (``pad``: top, left) are skipped.
+
+    Examples:
+        >>> x = np.arange(1, 5, dtype=np.float32).reshape(1, 2, 2, 1)  # [[1, 2], [3, 4]]
+        >>> out = np.empty((1, 1, 1, 1), dtype=np.float32)
+        >>> depthwise_nhwc(x, np.full((4, 1), 0.5, np.float32), (2, 2), (1, 1), (1, 1), (0, 0), np.zeros(1, np.float32), out)
+        >>> float(out[0, 0, 0, 0])
+        5.0
+    """
+    batch, height, width, channels = x.shape
+    out_h, out_w = out.shape[1], out.shape[2]
+    for row in prange(batch * out_h):
+        b, oy = divmod(np.int64(row), out_h)  # int64: prange's unsigned index with a signed one gives floats
+        for ox in range(out_w):
+            acc = out[b, oy, ox]
+            acc[:] = bias
+            for i in range(kernel[0]):
+                y = oy * stride[0] + i * dilation[0] - pad[0]
+                if y < 0 or y >= height:
+                    continue
+                for j in range(kernel[1]):
+                    col = ox * stride[1] + j * dilation[1] - pad[1]
+                    if col < 0 or col >= width:
+                        continue
+                    tap, src = taps[i * kernel[1] + j], x[b, y, col]
+                    for c in range(channels):
+                        acc[c] += tap[c] * src[c]
+
+
 @intrinsic
 def _prefetch(typingctx, array, index):
     """Ask the CPU to fetch the cache line of ``array[index]`` (LLVM's prefetch: read, keep).
