@@ -362,6 +362,36 @@ def test_grouped_and_depthwise_conv_match_conv2d(in_channels: int, out_channels:
         SparseConv2d(CompressedTensor.from_dense(torch.ones(6, 1, 3, 3)), groups=4)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    channels=st.integers(2, 20),
+    kernel=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    stride=st.sampled_from([1, 2, (1, 3)]),
+    dilation=st.sampled_from([1, 2]),
+    padding=st.sampled_from([0, 1, 2, "valid"]),
+    size=st.tuples(st.integers(5, 14), st.integers(5, 14)),
+    channels_last=st.booleans(),
+    bias=st.booleans(),
+)
+def test_depthwise_conv_of_any_geometry_matches_conv2d(channels, kernel, stride, dilation, padding, size, channels_last,
+                                                       bias) -> None:  # fmt: skip
+    conv = nn.Conv2d(channels, channels, kernel, stride=stride, padding=padding, dilation=dilation, groups=channels,
+                     bias=bias)  # fmt: skip
+    t = random_tensor(channels, kernel[0] * kernel[1], 0.6, seed=channels).to_dense().reshape(channels, 1, *kernel)
+    layer = SparseConv2d.from_conv(conv, CompressedTensor.from_dense(t))
+    assert layer.taps is not None
+    x = torch.randn(2, channels, *size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    try:
+        expected = F.conv2d(x, t, conv.bias, stride, padding, dilation, channels)
+    except RuntimeError:  # smaller than the dilated kernel
+        with pytest.raises(DeepShrinkError, match="smaller than the dilated kernel"):
+            layer(x)
+        return
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_sparse_conv_in_fixed_point_matches_reference_per_image() -> None:
     t = random_tensor(6, 2 * 9, 0.4, seed=9)
     x = np.maximum(np.random.default_rng(10).standard_normal((3, 2, 7, 8)), 0).astype(np.float32)
