@@ -406,6 +406,72 @@ def test_int8_convolution_leaves_what_no_int8_kernel_wins_to_the_direct_one() ->
     assert conv.held_bytes == conv.matrix.held_bytes + conv._direct.held_bytes  # both ways' matrices counted
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.tuples(st.integers(0, 3), st.integers(1, 9), st.integers(1, 9), st.integers(1, 20)),
+    kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    pad=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    threads=st.sampled_from([1, 2]),
+)
+def test_channels_last_kernels_in_c_are_the_numba_ones(shape, kernel, stride, dilation, pad, threads) -> None:
+    """The patch gather and the depthwise convolution: C (what runs) against numba (the fallback), bit for bit."""
+    from deepshrink.engine import _simd, kernels
+
+    batch, height, width, channels = shape
+    out_h = (height + 2 * pad[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    out_w = (width + 2 * pad[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    if min(out_h, out_w) < 1:
+        return
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal(shape).astype(np.float32)
+    geometry = (*shape, *kernel, *stride, *dilation, *pad, out_h, out_w)
+    taps = kernel[0] * kernel[1]
+    ours, theirs = (np.full((batch * out_h * out_w, taps * channels), np.nan, np.float32) for _ in range(2))
+    _simd.nhwc_patches(x, ours, geometry, threads)
+    kernels.nhwc_patches(x, kernel, stride, dilation, pad, out_w, theirs)
+    np.testing.assert_array_equal(ours, theirs)
+    filters, bias = (
+        rng.standard_normal((taps, channels)).astype(np.float32),
+        rng.standard_normal(channels).astype(np.float32),
+    )
+    ours, theirs = (np.full((batch, out_h, out_w, channels), np.nan, np.float32) for _ in range(2))
+    _simd.depthwise_nhwc(x, filters, bias, ours, geometry, threads)
+    kernels.depthwise_nhwc(x, filters, kernel, stride, dilation, pad, bias, theirs)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)  # the same sums; the compilers may order them apart
+
+
+def test_channels_last_kernels_refuse_what_does_not_fit() -> None:
+    from deepshrink.engine import _simd
+
+    x, out = np.zeros((1, 4, 4, 2), np.float32), np.zeros((16, 18), np.float32)
+    with pytest.raises(ValueError, match="out holds 1152 bytes, the kernel reads 2304"):
+        _simd.nhwc_patches(x, out, (1, 4, 4, 2, 3, 3, 1, 1, 1, 1, 1, 1, 4, 8), 1)  # a plane twice as wide
+    with pytest.raises(ValueError, match="x holds 128 bytes"):
+        _simd.nhwc_patches(x, out, (2, 4, 4, 2, 3, 3, 1, 1, 1, 1, 1, 1, 4, 4), 1)
+    with pytest.raises(ValueError, match="an empty kernel or output plane"):
+        _simd.depthwise_nhwc(x, np.zeros((9, 2), np.float32), np.zeros(2, np.float32), out, (1, 4, 4, 2, 3, 3, 1, 1,
+                             1, 1, 0, 0, 0, 2), 1)  # fmt: skip
+
+
+def test_convolutions_without_the_extension_run_the_numba_kernels(monkeypatch) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from deepshrink.engine import layers
+
+    monkeypatch.setattr(layers, "_simd", None)
+    x = torch.from_numpy(np.random.default_rng(2).standard_normal((2, 6, 10, 9)).astype(np.float32))
+    t = structured_tensor(6, 6 * 9, 0.5, "unstructured", 4, seed=2)
+    t4 = CompressedTensor((6, 6, 3, 3), t.positions, t.codes, t.codebook, t.bits)
+    conv = layers.SparseConv2d(t4, stride=2, padding=1)  # a stride: the patches
+    torch.testing.assert_close(conv(x), F.conv2d(x, t4.to_dense(), None, 2, 1), rtol=1e-5, atol=1e-5)
+    depthwise = CompressedTensor((6, 1, 3, 3), np.arange(54)[::2], t.codes[:27], t.codebook, t.bits)
+    conv = layers.SparseConv2d(depthwise, padding=1, groups=6)
+    torch.testing.assert_close(conv(x), F.conv2d(x, depthwise.to_dense(), None, 1, 1, 1, 6), rtol=1e-5, atol=1e-5)
+
+
 def test_int8_leaves_very_sparse_products_to_float32() -> None:
     """At 2% density a sparse float32 kernel visits 50x fewer weights than dense int8: it runs them, more exactly."""
     t = structured_tensor(2000, 2000, 0.02, "unstructured", 4, seed=9)

@@ -1448,6 +1448,54 @@ static void conv_chunk(const void *ctx, int64_t o) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* Channels-last convolutions: an image (batch, h, w, c), one parallel chunk per output row of one
+ * image. The patches of a product (im2col) and the depthwise convolution, as kernels.nhwc_patches and
+ * kernels.depthwise_nhwc do them (tested against those): here, nothing compiles at a model's first
+ * call (numba took a second for the gather). Taps falling in the padding (top, left) read zeros. */
+
+typedef struct {
+    const float *x, *taps, *bias;
+    float *out;
+    int64_t batch, h, w, c, kh, kw, sh, sw, dh, dw, top, left, out_h, out_w;
+} NhwcJob;
+
+static void patches_row(const void *ctx, int64_t row) {
+    const NhwcJob *j = ctx;
+    int64_t b = row / j->out_h, oy = row % j->out_h;
+    float *dst = j->out + row * j->out_w * j->kh * j->kw * j->c;
+    for (int64_t ox = 0; ox < j->out_w; ox++)
+        for (int64_t i = 0; i < j->kh; i++) {
+            int64_t y = oy * j->sh + i * j->dh - j->top;
+            for (int64_t k = 0; k < j->kw; k++, dst += j->c) {
+                int64_t col = ox * j->sw + k * j->dw - j->left;
+                if (y >= 0 && y < j->h && col >= 0 && col < j->w)
+                    memcpy(dst, j->x + ((b * j->h + y) * j->w + col) * j->c, sizeof(float) * j->c);
+                else
+                    memset(dst, 0, sizeof(float) * j->c);
+            }
+        }
+}
+
+static void depthwise_row(const void *ctx, int64_t row) {
+    const NhwcJob *j = ctx;
+    int64_t b = row / j->out_h, oy = row % j->out_h, c = j->c;
+    for (int64_t ox = 0; ox < j->out_w; ox++) {
+        float *acc = j->out + (row * j->out_w + ox) * c;
+        memcpy(acc, j->bias, sizeof(float) * c);
+        for (int64_t i = 0; i < j->kh; i++) {
+            int64_t y = oy * j->sh + i * j->dh - j->top;
+            if (y < 0 || y >= j->h) continue;
+            for (int64_t k = 0; k < j->kw; k++) {
+                int64_t col = ox * j->sw + k * j->dw - j->left;
+                if (col < 0 || col >= j->w) continue;
+                const float *tap = j->taps + (i * j->kw + k) * c, *src = j->x + ((b * j->h + y) * j->w + col) * c;
+                for (int64_t ch = 0; ch < c; ch++) acc[ch] += tap[ch] * src[ch];
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* count_nonzero: each row's non-zero activations, for the cost model. NumPy's count of a float
  * array takes ~0.6 ns an element (40 us for 16 x 4,096, more than some products it decides);
  * one compare to a mask and one popcount per 16 do it in ~0.05. NaN counts, as x != 0 says. */
@@ -1746,6 +1794,57 @@ static PyObject *py_count_nonzero(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(total);
 }
 
+/* The geometry tuple of nhwc_patches and depthwise_nhwc, checked: sizes the kernels index by. */
+static int parse_nhwc(PyObject *geometry, NhwcJob *j) {
+    if (!PyArg_ParseTuple(geometry, "nnnnnnnnnnnnnn", &j->batch, &j->h, &j->w, &j->c, &j->kh, &j->kw, &j->sh, &j->sw,
+                          &j->dh, &j->dw, &j->top, &j->left, &j->out_h, &j->out_w))
+        return 0;
+    if (j->batch < 0 || j->h < 0 || j->w < 0 || j->c < 0 || j->kh < 1 || j->kw < 1 || j->out_h < 1 || j->out_w < 1) {
+        PyErr_SetString(PyExc_ValueError, "geometry: negative sizes, or an empty kernel or output plane");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *py_nhwc_patches(PyObject *self, PyObject *args) {
+    PyObject *x, *out, *geometry;
+    NhwcJob j = {0};
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOOi", &x, &out, &geometry, &threads) || !parse_nhwc(geometry, &j)) return NULL;
+    Buffers b = {.n = 0};
+    int64_t rows = j.batch * j.out_h;
+    int ok = (j.x = get_buffer(&b, x, 0, j.batch * j.h * j.w * j.c * 4, "x")) != NULL &&
+             (j.out = (float *)get_buffer(&b, out, 1, rows * j.out_w * j.kh * j.kw * j.c * 4, "out")) != NULL;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS parallel_chunks(patches_row, &j, rows, threads);
+        Py_END_ALLOW_THREADS
+    }
+    release(&b);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_depthwise_nhwc(PyObject *self, PyObject *args) {
+    PyObject *x, *taps, *bias, *out, *geometry;
+    NhwcJob j = {0};
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOOOOi", &x, &taps, &bias, &out, &geometry, &threads) || !parse_nhwc(geometry, &j))
+        return NULL;
+    Buffers b = {.n = 0};
+    int64_t rows = j.batch * j.out_h;
+    int ok = (j.x = get_buffer(&b, x, 0, j.batch * j.h * j.w * j.c * 4, "x")) != NULL &&
+             (j.taps = get_buffer(&b, taps, 0, j.kh * j.kw * j.c * 4, "taps")) != NULL &&
+             (j.bias = get_buffer(&b, bias, 0, j.c * 4, "bias")) != NULL &&
+             (j.out = (float *)get_buffer(&b, out, 1, rows * j.out_w * j.c * 4, "out")) != NULL;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS parallel_chunks(depthwise_row, &j, rows, threads);
+        Py_END_ALLOW_THREADS
+    }
+    release(&b);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
 static int cpu_has_avx512(void) {
 #if HAVE_X86
     __builtin_cpu_init();
@@ -1819,6 +1918,12 @@ static PyMethodDef methods[] = {
     {"conv2d", py_conv2d, METH_VARARGS,
      "conv2d(row_ptr, gaps, codes, codebook, x, acc, out, bias, (batch, in, h, w, out, out_h, out_w, width, kh, kw), "
      "(sh, sw, dh, dw, groups), wide, threads)"},
+    {"nhwc_patches", py_nhwc_patches, METH_VARARGS,
+     "nhwc_patches(x, out, (batch, h, w, c, kh, kw, sh, sw, dh, dw, top, left, out_h, out_w), threads): im2col "
+     "from a channels-last image, a patch's taps in (i, j, channel) order"},
+    {"depthwise_nhwc", py_depthwise_nhwc, METH_VARARGS,
+     "depthwise_nhwc(x, taps, bias, out, geometry, threads): a depthwise convolution, channels-last in and out; "
+     "taps (kh * kw, c)"},
     {"count_nonzero", py_count_nonzero, METH_VARARGS,
      "count_nonzero(x, counts, n, n_cols): each row's non-zero count of the (n, n_cols) float32 x into the int64 "
      "counts; returns the total"},

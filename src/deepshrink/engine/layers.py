@@ -19,6 +19,11 @@ from deepshrink.engine.matrix import SparseMatrix
 from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
 from deepshrink.tensor import CompressedTensor
 
+try:
+    from deepshrink.engine import _simd
+except ImportError:  # not built: the numba kernels run
+    _simd = None
+
 
 def _as_numpy(x: torch.Tensor, layer: str) -> np.ndarray:
     """A CPU float32 tensor as a NumPy view (no copy when already contiguous)."""
@@ -331,7 +336,10 @@ class SparseConv2d(_EngineModule):
             patches = image.reshape(-1, self.in_channels)
         else:
             patches = _scratch(batch * out_h * out_w * self.matrix.shape[1]).reshape(-1, self.matrix.shape[1])
-            kernels.nhwc_patches(image, (kh, kw), (sy, sx), (dy, dx), (top, left), out_w, patches)
+            if _simd is not None:  # nothing to compile at the first call
+                _simd.nhwc_patches(image, patches, self._geometry(image, out_h, out_w), self.matrix.workers)
+            else:
+                kernels.nhwc_patches(image, (kh, kw), (sy, sx), (dy, dx), (top, left), out_w, patches)
         if self._patched is None:  # float32: made once
             self._patched = SparseMatrix(_taps_first(self.matrix.tensor), self.matrix.workers, self.matrix.arithmetic)
         out = self._rows(patches, self._patched)
@@ -347,12 +355,28 @@ class SparseConv2d(_EngineModule):
         (MobileNetV2's took half its time there). Its filters are few (9 floats a channel), so
         they are decoded once, pruned taps as zeros, and the image is read once, channels-last.
         """
-        (kh, kw), (sy, sx), (dy, dx) = self.kernel_size, self._stride, self._dilation
         image = _as_numpy(x.permute(0, 2, 3, 1), "SparseConv2d")  # no copy when x is channels-last already
         out = np.empty((x.shape[0], out_h, out_w, self.out_channels), dtype=np.float32)
-        kernels.depthwise_nhwc(image, self.taps.numpy(), (kh, kw), (sy, sx), (dy, dx), (self._pad[2], self._pad[0]),
-                               self._bias_array(), out)  # fmt: skip
+        taps, bias = self.taps.numpy(), self._bias_array()
+        if _simd is not None:  # nothing to compile at the first call
+            _simd.depthwise_nhwc(image, taps, bias, out, self._geometry(image, out_h, out_w), self.matrix.workers)
+        else:
+            kernels.depthwise_nhwc(image, taps, self.kernel_size, self._stride, self._dilation,
+                                   (self._pad[2], self._pad[0]), bias, out)  # fmt: skip
         return _as_format_of(x, torch.from_numpy(out).permute(0, 3, 1, 2))
+
+    def _geometry(self, image: np.ndarray, out_h: int, out_w: int) -> tuple[int, ...]:
+        """The C kernels' geometry: the ``(batch, H, W, C)`` image's, the kernel's, the padding's top and left, the output plane."""
+        return (
+            *image.shape,
+            *self.kernel_size,
+            *self._stride,
+            *self._dilation,
+            self._pad[2],
+            self._pad[0],
+            out_h,
+            out_w,
+        )
 
     def _decode(self) -> torch.Tensor:
         dense = self.matrix.tensor.to_dense()
