@@ -477,6 +477,15 @@ def test_sparse_embedding_matches_the_decoded_table() -> None:
             fast(bad)
     with pytest.raises(DeepShrinkError, match="takes int64 or int32 CPU indices, got torch.float32"):
         fast(ids.float())
+    from deepshrink.engine import kernels, layers
+
+    if layers._simd is not None:  # the C lookup is numba's (the fallback)
+        expected = np.empty((ids.numel(), 12), np.float32)
+        kernels.decode_rows(fast[0].codes.numpy(), fast[0].values.numpy(), ids.reshape(-1).numpy(), expected)
+        np.testing.assert_array_equal(fast(ids).reshape(-1, 12).numpy(), expected)
+        with pytest.raises(IndexError, match="index 50 is out of range for 50 rows"):  # checked in C too
+            layers._simd.decode_rows(fast[0].codes.numpy(), np.zeros(256, np.float32), np.array([3, 50]),
+                                     np.empty((2, 12), np.float32), 50, 12, 2)  # fmt: skip
     with pytest.raises(DeepShrinkError, match="at most 255 shared values"):
         SparseEmbedding(random_tensor(300, 2, 1.0, bits=9))
 

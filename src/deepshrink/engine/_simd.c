@@ -1794,6 +1794,38 @@ static PyObject *py_count_nonzero(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(total);
 }
 
+/* decode_rows: out[i] = table[codes[ids[i]]], an embedding lookup from one-byte codes (as kernels.decode_rows).
+ * The table holds 256 values, so every byte is a code in range; every id is checked first. */
+static PyObject *py_decode_rows(PyObject *self, PyObject *args) {
+    PyObject *codes, *table, *ids, *out;
+    Py_ssize_t rows, dim, n;
+    if (!PyArg_ParseTuple(args, "OOOOnnn", &codes, &table, &ids, &out, &rows, &dim, &n)) return NULL;
+    Buffers b = {.n = 0};
+    const uint8_t *cp;
+    const float *tp;
+    const int64_t *ip;
+    float *op;
+    int ok = (cp = get_buffer(&b, codes, 0, rows * dim, "codes")) != NULL &&
+             (tp = get_buffer(&b, table, 0, 256 * 4, "table")) != NULL &&
+             (ip = get_buffer(&b, ids, 0, n * 8, "ids")) != NULL &&
+             (op = (float *)get_buffer(&b, out, 1, n * dim * 4, "out")) != NULL;
+    for (Py_ssize_t i = 0; ok && i < n; i++)
+        if (ip[i] < 0 || ip[i] >= rows) {
+            PyErr_Format(PyExc_IndexError, "index %lld is out of range for %zd rows", (long long)ip[i], rows);
+            ok = 0;
+        }
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS for (Py_ssize_t i = 0; i < n; i++) {
+            const uint8_t *row = cp + ip[i] * dim;
+            for (Py_ssize_t j = 0; j < dim; j++) op[i * dim + j] = tp[row[j]];
+        }
+        Py_END_ALLOW_THREADS
+    }
+    release(&b);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
 /* The geometry tuple of nhwc_patches and depthwise_nhwc, checked: sizes the kernels index by. */
 static int parse_nhwc(PyObject *geometry, NhwcJob *j) {
     if (!PyArg_ParseTuple(geometry, "nnnnnnnnnnnnnn", &j->batch, &j->h, &j->w, &j->c, &j->kh, &j->kw, &j->sh, &j->sw,
@@ -1918,6 +1950,9 @@ static PyMethodDef methods[] = {
     {"conv2d", py_conv2d, METH_VARARGS,
      "conv2d(row_ptr, gaps, codes, codebook, x, acc, out, bias, (batch, in, h, w, out, out_h, out_w, width, kh, kw), "
      "(sh, sw, dh, dw, groups), wide, threads)"},
+    {"decode_rows", py_decode_rows, METH_VARARGS,
+     "decode_rows(codes, table, ids, out, rows, dim, n): out[i] = table[codes[ids[i]]] (uint8 codes (rows, dim), "
+     "256 float32 values, int64 ids)"},
     {"nhwc_patches", py_nhwc_patches, METH_VARARGS,
      "nhwc_patches(x, out, (batch, h, w, c, kh, kw, sh, sw, dh, dw, top, left, out_h, out_w), threads): im2col "
      "from a channels-last image, a patch's taps in (i, j, channel) order"},

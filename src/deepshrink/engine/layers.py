@@ -187,7 +187,12 @@ class SparseEmbedding(_EngineModule):
             if low < 0 or high >= self.num_embeddings:  # as nn.Embedding: no negative indices either
                 raise IndexError(f"SparseEmbedding: index {low if low < 0 else high} is out of range for "
                                  f"{self.num_embeddings} embeddings")  # fmt: skip
-            kernels.decode_rows(self.codes.numpy(), self.values.numpy(), flat, out)
+            if _simd is not None:  # nothing to compile at the first call
+                table = np.zeros(256, dtype=np.float32)  # every byte a code in range
+                table[: len(self.values)] = self.values.numpy()
+                _simd.decode_rows(self.codes.numpy(), table, flat.astype(np.int64), out, *self.weight_shape, len(flat))
+            else:
+                kernels.decode_rows(self.codes.numpy(), self.values.numpy(), flat, out)
         return torch.from_numpy(out).reshape(*ids.shape, self.embedding_dim)
 
     def _decode(self) -> torch.Tensor:
