@@ -472,6 +472,30 @@ def test_convolutions_without_the_extension_run_the_numba_kernels(monkeypatch) -
     torch.testing.assert_close(conv(x), F.conv2d(x, depthwise.to_dense(), None, 1, 1, 1, 6), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arithmetic", ["float32", "int8"])
+def test_a_large_batch_gathers_its_patches_in_groups_of_images(arithmetic, monkeypatch) -> None:
+    """Under a small cap the buffer kept for the patches holds one group, and the result is the whole batch's."""
+    import threading
+
+    import torch
+    import torch.nn.functional as F
+
+    from deepshrink.engine import layers
+
+    t = structured_tensor(8, 4 * 9, 0.6, "unstructured", 4, seed=4)
+    t4 = CompressedTensor((8, 4, 3, 3), t.positions, t.codes, t.codebook, t.bits)
+    x = torch.from_numpy(np.random.default_rng(4).standard_normal((5, 4, 12, 10)).astype(np.float32))
+    whole = layers.SparseConv2d(t4, stride=2, padding=1, arithmetic=arithmetic)(x)
+    per_image = 6 * 5 * 36 * 4  # out_h * out_w * columns * 4 bytes
+    monkeypatch.setattr(layers, "SCRATCH_MAX_BYTES", 2 * per_image)  # two images a group: 2 + 2 + 1
+    monkeypatch.setattr(layers, "_SCRATCH", threading.local())
+    grouped = layers.SparseConv2d(t4, stride=2, padding=1, arithmetic=arithmetic)(x)
+    assert layers._SCRATCH.buffer.nbytes == 2 * per_image
+    torch.testing.assert_close(grouped, whole, rtol=1e-6, atol=1e-6)  # int8: per token, so batch-independent
+    exact = F.conv2d(x, t4.to_dense(), None, 2, 1)
+    assert (grouped - exact).abs().max() <= (1e-5 if arithmetic == "float32" else 0.05) * exact.abs().max()
+
+
 def test_int8_leaves_very_sparse_products_to_float32() -> None:
     """At 2% density a sparse float32 kernel visits 50x fewer weights than dense int8: it runs them, more exactly."""
     t = structured_tensor(2000, 2000, 0.02, "unstructured", 4, seed=9)

@@ -331,26 +331,30 @@ class SparseConv2d(_EngineModule):
 
         In NCHW the patch matrix cost 5x the int8 product itself to gather (ResNet-18,
         batch 8); channels-last, a patch is ``kh * kw`` contiguous runs, and a 1 x 1
-        convolution's patches are the image itself.
+        convolution's patches are the image itself. Images go in groups whose patches fit
+        :data:`SCRATCH_MAX_BYTES`.
         """
-        (kh, kw), (sy, sx), (dy, dx) = self.kernel_size, self._stride, self._dilation
-        left, right, top, bottom = self._pad
-        batch = x.shape[0]
         image = _as_numpy(x.permute(0, 2, 3, 1), "SparseConv2d")  # no copy when x is channels-last already
-        if (kh, kw, sy, sx, *self._pad) == (1, 1, 1, 1, 0, 0, 0, 0):
-            patches = image.reshape(-1, self.in_channels)
-        else:
-            patches = _scratch(batch * out_h * out_w * self.matrix.shape[1]).reshape(-1, self.matrix.shape[1])
-            if _simd is not None:  # nothing to compile at the first call
-                _simd.nhwc_patches(image, patches, self._geometry(image, out_h, out_w), self.matrix.workers)
-            else:
-                kernels.nhwc_patches(image, (kh, kw), (sy, sx), (dy, dx), (top, left), out_w, patches)
         if self._patched is None:  # float32: made once
             self._patched = SparseMatrix(_taps_first(self.matrix.tensor), self.matrix.workers, self.matrix.arithmetic)
-        out = self._rows(patches, self._patched)
+        group = max(1, SCRATCH_MAX_BYTES // (out_h * out_w * self.matrix.shape[1] * 4))
+        parts = [self._patch_rows(image[i : i + group], out_h, out_w) for i in range(0, max(len(image), 1), group)]
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return _as_format_of(
-            x, torch.from_numpy(out).reshape(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
+            x, torch.from_numpy(out).reshape(x.shape[0], out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
         )
+
+    def _patch_rows(self, image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+        """The product of a channels-last ``(batch, H, W, C)`` image's patches: ``(batch * out_h * out_w, out)``."""
+        (kh, kw), (sy, sx), (dy, dx) = self.kernel_size, self._stride, self._dilation
+        if (kh, kw, sy, sx, *self._pad) == (1, 1, 1, 1, 0, 0, 0, 0):
+            return self._rows(image.reshape(-1, self.in_channels), self._patched)
+        patches = _scratch(len(image) * out_h * out_w * self.matrix.shape[1]).reshape(-1, self.matrix.shape[1])
+        if _simd is not None:  # nothing to compile at the first call
+            _simd.nhwc_patches(image, patches, self._geometry(image, out_h, out_w), self.matrix.workers)
+        else:
+            kernels.nhwc_patches(image, (kh, kw), (sy, sx), (dy, dx), (self._pad[2], self._pad[0]), out_w, patches)
+        return self._rows(patches, self._patched)
 
     def _depthwise_forward(self, x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
         """A depthwise convolution on the channels-last image, each tap a vector over the channels.
@@ -446,6 +450,10 @@ class SparseConv1d(SparseConv2d):
 #: directly; ResNet-18's last layers, 7 x 7 and 14 x 14 planes, 2-9x slower (short loops, one per
 #: weight and row), and its stride-2 layers 3-5x slower (their planes read with gaps).
 DIRECT_MIN_PLANE = 256
+
+#: Most bytes of patches gathered at once: the images of a larger batch go in groups, so the buffer each
+#: thread keeps for them (below) stays under this (ResNet-18's first layer: 7.4 MB an image).
+SCRATCH_MAX_BYTES = 64 << 20
 
 _SCRATCH = threading.local()
 
