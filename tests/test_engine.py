@@ -327,13 +327,16 @@ def test_sparse_conv_matches_conv2d(kernel, stride, padding, dilation, batch: in
     t = random_tensor(8, taps, 0.3, seed=batch).to_dense().reshape(8, 3, *kernel)
     weight = CompressedTensor.from_dense(t)
     sparse = SparseConv2d.from_conv(conv, weight)
-    for size in ((11, 9), (24, 20)):  # a product of the patches; at stride 1 the direct convolution (a large plane)
-        x = torch.relu(torch.randn(batch, 3, *size))
-        expected = F.conv2d(x, t, conv.bias, stride, padding, dilation)
-        out = sparse(x)
-        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-        assert out.is_contiguous() or out.numel() == 0  # NCHW in, NCHW out: code after it may view it
-    assert sparse._patched is not None and sparse._direct is sparse.matrix  # both routes ran
+    for by_patches in (False, True):  # both ways, whichever the cost model picks here
+        sparse._by_patches = lambda *geometry, by_patches=by_patches: by_patches
+        for size in ((11, 9), (24, 20)):
+            x = torch.relu(torch.randn(batch, 3, *size))
+            expected = F.conv2d(x, t, conv.bias, stride, padding, dilation)
+            out = sparse(x)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+            assert out.is_contiguous() or out.numel() == 0  # NCHW in, NCHW out: code after it may view it
+    assert sparse._patched is not None and sparse._direct is sparse.matrix
+    del sparse._by_patches
     with pytest.raises(UnsupportedLayerError, match="reflect"):
         SparseConv2d.from_conv(nn.Conv2d(3, 8, 3, padding_mode="reflect"), weight)
     if padding == 0:

@@ -375,8 +375,10 @@ def test_int8_convolution_of_any_geometry_is_its_patches_product(isa, kernel, st
     assert out.shape == expected_shape
     patches = F.unfold(F.pad(x, conv._pad), kernel, dilation=dilation, stride=stride)  # (c, i, j) order
     patches = patches.transpose(1, 2).reshape(-1, t.shape[1]).numpy()
-    if conv.matrix.kernel_for(patches.reshape(len(patches), 4, -1).transpose(0, 2, 1).reshape(len(patches), -1)
-                              if len(patches) > 1 else patches[0]).startswith("int8"):  # fmt: skip
+    ours = patches.reshape(len(patches), 4, -1).transpose(0, 2, 1).reshape(len(patches), -1)  # (i, j, c): the layer's
+    if conv._by_patches(*out.shape[:1], *out.shape[2:]) and conv.matrix.kernel_for(
+        ours if len(ours) > 1 else ours[0]
+    ).startswith("int8"):
         expected = int8_reference(t, patches, np.zeros(6, np.float32))
     else:  # a float32 kernel runs the product, or the direct convolution: the decoded product
         expected = patches @ t.to_dense().numpy().T
@@ -389,13 +391,12 @@ def test_int8_convolution_leaves_what_no_int8_kernel_wins_to_the_direct_one() ->
     import torch.nn.functional as F
 
     from deepshrink.engine import SparseConv2d
-    from deepshrink.engine.layers import DIRECT_MIN_PLANE
 
     t = structured_tensor(8, 16 * 9, 0.02, "unstructured", 4, seed=3)
     t4 = CompressedTensor((8, 16, 3, 3), t.positions, t.codes, t.codebook, t.bits)
     conv = SparseConv2d(t4, padding=1, arithmetic="int8")
     x = torch.from_numpy(np.random.default_rng(3).standard_normal((2, 16, 20, 20)).astype(np.float32))
-    assert conv.matrix.int8_kernel(2 * 20 * 20) is None and conv._direct is None and 20 * 20 >= DIRECT_MIN_PLANE
+    assert conv.matrix.int8_kernel(2 * 20 * 20) is None and conv._direct is None and not conv._by_patches(2, 20, 20)
     expected = F.conv2d(x, t4.to_dense(), None, 1, 1)
     torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)
     assert conv._direct is not None and conv._direct.arithmetic == "float32"

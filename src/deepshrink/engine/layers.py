@@ -300,7 +300,7 @@ class SparseConv2d(_EngineModule):
                                   f"is smaller than the dilated kernel {self.kernel_size}")  # fmt: skip
         if self.taps is not None:
             return self._depthwise_forward(x, out_h, out_w)
-        if self._by_patches(x.shape[0], out_h * out_w):
+        if self._by_patches(x.shape[0], out_h, out_w):
             return self._patches_forward(x, out_h, out_w)
         padded = F.pad(x.detach(), self._pad) if any(self._pad) else x
         if self._direct is None:  # int8, a plane no int8 kernel wins: made once, float32
@@ -313,18 +313,28 @@ class SparseConv2d(_EngineModule):
         """The matrices made so far: one per way the convolution has run (the same one where both share it)."""
         return [self.matrix] + [m for m in (self._patched, self._direct) if m is not None and m is not self.matrix]
 
-    def _by_patches(self, batch: int, plane: int) -> bool:
+    def _by_patches(self, batch: int, out_h: int, out_w: int) -> bool:
         """Whether a product of the patches (im2col) runs this convolution rather than the direct one.
 
-        The direct convolution sweeps each weight over a whole output plane: it wins on large
-        planes at stride 1 (no patch matrix to gather), unless an int8 kernel runs the
-        product. It keeps them for channels-last images too, though these cross to NCHW and
-        back: taking the patches for every channels-last image ran 1.2-1.3x slower (ResNet-18
-        and MobileNetV2, batch 8). fixed16 and grouped convolutions are direct only.
+        Where an int8 kernel runs the product, always. Large stride-1 planes never (see
+        :data:`DIRECT_MIN_PLANE`). Else by cost: the direct convolution sweeps each weight over
+        each output row (short rows cost it a loop each, strides read with gaps), the patches
+        are gathered and multiplied by the cheapest float32 kernel, whose outputs cost more
+        (see :data:`PATCH_OUTPUT_COST`). fixed16 and grouped convolutions are direct only, as
+        is everything without the C extension.
         """
         if self.groups > 1 or self.matrix.arithmetic == "fixed16":
             return False
-        return plane < DIRECT_MIN_PLANE or self._stride != (1, 1) or bool(self.matrix.int8_kernel(batch * plane))
+        tokens = batch * out_h * out_w
+        if self.matrix.int8_kernel(tokens):
+            return True
+        lines = self.matrix._line_costs(tokens) if self.matrix.simd else {}
+        if not lines or (out_h * out_w >= DIRECT_MIN_PLANE and self._stride == (1, 1)):
+            return False
+        rows = self.matrix.tensor.nnz * batch * out_h
+        direct = rows * (DIRECT_ROW_COST + out_w * DIRECT_MAC_COST) * (DIRECT_STRIDED if self._stride != (1, 1) else 1)
+        gather = tokens * self.matrix.shape[1] * PATCH_ENTRY_COST
+        return min(lines.values()) + gather + tokens * self.out_channels * PATCH_OUTPUT_COST < direct
 
     def _patches_forward(self, x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
         """The convolution as one product of its patches (im2col), channels-last in and out.
@@ -443,13 +453,21 @@ class SparseConv1d(SparseConv2d):
         return super().forward(x.unsqueeze(2)).squeeze(2)
 
 
-#: Output planes (positions per image) from which a stride-1 convolution whose product no int8 kernel
-#: wins runs the direct float32 convolution instead of a float32 product of its patches: each weight
-#: then sweeps a long plane. Measured on ResNet-18 and MobileNetV2 at batch 8 (70% pruned, one
-#: thread): MobileNetV2's small matrices over 56 x 56 and 112 x 112 planes ran 1.3-3.7x faster
-#: directly; ResNet-18's last layers, 7 x 7 and 14 x 14 planes, 2-9x slower (short loops, one per
-#: weight and row), and its stride-2 layers 3-5x slower (their planes read with gaps).
-DIRECT_MIN_PLANE = 256
+#: The direct convolution's costs in the cost model's unit (~0.75 ns, one thread, Zen 4; fitted on ResNet-18's
+#: layers at batch 8 and LeNet-5's at batches 1 and 64, within 30% at stride 1): a kept weight's pass over one
+#: output row, and each multiply-add; at a stride the gapped reads cost about 3x (2.2-3.4x measured).
+DIRECT_ROW_COST = 0.85
+DIRECT_MAC_COST = 0.136
+DIRECT_STRIDED = 3.0
+#: A product of the patches, beyond its kernel's cost: gathering an entry (a memcpy per tap, 0.35 ns), and
+#: storing an output of the float32 kernels that hold tokens in their lanes (transposed on the way out; the
+#: measured excess over their model, 3-8 ns, on the same layers at 70%).
+PATCH_ENTRY_COST = 0.45
+PATCH_OUTPUT_COST = 8.0
+#: Output planes (positions per image) from which a stride-1 convolution that no int8 kernel runs goes
+#: direct without weighing: the float32 kernels' line costs, fitted at 4-25% density, put the patch
+#: products of ResNet-18's 56 x 56 layers at half their measured time at 50% (direct won by 1.2-1.8x).
+DIRECT_MIN_PLANE = 1024
 
 #: Most bytes of patches gathered at once: the images of a larger batch go in groups, so the buffer each
 #: thread keeps for them (below) stays under this (ResNet-18's first layer: 7.4 MB an image).
