@@ -1838,22 +1838,26 @@ static int parse_nhwc(PyObject *geometry, NhwcJob *j) {
     return 1;
 }
 
+/* Run fn over the job's output rows, one image's row each, if its buffers were had; release them: the bindings' result. */
+static PyObject *run_nhwc(ChunkFn fn, const NhwcJob *j, Buffers *b, int ok, int threads) {
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS parallel_chunks(fn, j, j->batch * j->out_h, threads);
+        Py_END_ALLOW_THREADS
+    }
+    release(b);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_nhwc_patches(PyObject *self, PyObject *args) {
     PyObject *x, *out, *geometry;
     NhwcJob j = {0};
     int threads;
     if (!PyArg_ParseTuple(args, "OOOi", &x, &out, &geometry, &threads) || !parse_nhwc(geometry, &j)) return NULL;
     Buffers b = {.n = 0};
-    int64_t rows = j.batch * j.out_h;
     int ok = (j.x = get_buffer(&b, x, 0, j.batch * j.h * j.w * j.c * 4, "x")) != NULL &&
-             (j.out = (float *)get_buffer(&b, out, 1, rows * j.out_w * j.kh * j.kw * j.c * 4, "out")) != NULL;
-    if (ok) {
-        Py_BEGIN_ALLOW_THREADS parallel_chunks(patches_row, &j, rows, threads);
-        Py_END_ALLOW_THREADS
-    }
-    release(&b);
-    if (!ok) return NULL;
-    Py_RETURN_NONE;
+             (j.out = (float *)get_buffer(&b, out, 1, j.batch * j.out_h * j.out_w * j.kh * j.kw * j.c * 4, "out")) != NULL;
+    return run_nhwc(patches_row, &j, &b, ok, threads);
 }
 
 static PyObject *py_depthwise_nhwc(PyObject *self, PyObject *args) {
@@ -1863,18 +1867,11 @@ static PyObject *py_depthwise_nhwc(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOOOOi", &x, &taps, &bias, &out, &geometry, &threads) || !parse_nhwc(geometry, &j))
         return NULL;
     Buffers b = {.n = 0};
-    int64_t rows = j.batch * j.out_h;
     int ok = (j.x = get_buffer(&b, x, 0, j.batch * j.h * j.w * j.c * 4, "x")) != NULL &&
              (j.taps = get_buffer(&b, taps, 0, j.kh * j.kw * j.c * 4, "taps")) != NULL &&
              (j.bias = get_buffer(&b, bias, 0, j.c * 4, "bias")) != NULL &&
-             (j.out = (float *)get_buffer(&b, out, 1, rows * j.out_w * j.c * 4, "out")) != NULL;
-    if (ok) {
-        Py_BEGIN_ALLOW_THREADS parallel_chunks(depthwise_row, &j, rows, threads);
-        Py_END_ALLOW_THREADS
-    }
-    release(&b);
-    if (!ok) return NULL;
-    Py_RETURN_NONE;
+             (j.out = (float *)get_buffer(&b, out, 1, j.batch * j.out_h * j.out_w * j.c * 4, "out")) != NULL;
+    return run_nhwc(depthwise_row, &j, &b, ok, threads);
 }
 
 static int cpu_has_avx512(void) {

@@ -174,7 +174,12 @@ class SparseEmbedding(_EngineModule):
         codes[weight.positions] = weight.codes
         # not in the state dict: both come from the compressed weight, which the file holds
         self.register_buffer("codes", torch.from_numpy(codes.reshape(weight.shape)), persistent=False)
-        self.register_buffer("values", torch.from_numpy(np.append(weight.codebook, np.float32(0))), persistent=False)
+        # every byte a code with a value (the shared ones, the pruned zero, zeros past them): the C lookup reads
+        # any code without a bound check
+        values = np.zeros(256, dtype=np.float32)
+        values[: len(weight.codebook)] = weight.codebook
+        self.register_buffer("values", torch.from_numpy(values), persistent=False)
+        self.codebook_size = len(weight.codebook)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or not ids.is_cpu:
@@ -188,9 +193,8 @@ class SparseEmbedding(_EngineModule):
                 raise IndexError(f"SparseEmbedding: index {low if low < 0 else high} is out of range for "
                                  f"{self.num_embeddings} embeddings")  # fmt: skip
             if _simd is not None:  # nothing to compile at the first call
-                table = np.zeros(256, dtype=np.float32)  # every byte a code in range
-                table[: len(self.values)] = self.values.numpy()
-                _simd.decode_rows(self.codes.numpy(), table, flat.astype(np.int64), out, *self.weight_shape, len(flat))
+                ids64 = flat.astype(np.int64, copy=False)
+                _simd.decode_rows(self.codes.numpy(), self.values.numpy(), ids64, out, *self.weight_shape, len(flat))
             else:
                 kernels.decode_rows(self.codes.numpy(), self.values.numpy(), flat, out)
         return torch.from_numpy(out).reshape(*ids.shape, self.embedding_dim)
@@ -204,7 +208,7 @@ class SparseEmbedding(_EngineModule):
         return sum(b.nbytes for b in self.buffers())
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, codebook={len(self.values) - 1}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, codebook={self.codebook_size}"
 
 
 class SparseConv2d(_EngineModule):
