@@ -362,9 +362,10 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
     inputs, _ = _engine_inputs(args)
     rows = bench_file(args.file, inputs, tuple(args.batch_sizes), args.repeats, args.trust_factory, args.arithmetic)
+    arithmetic = args.arithmetic or "the file's arithmetic"
     table = NameTable(
         ["engine us", "dense us", "speed-up", "1st call s", "max |diff|"],
-        f"{args.file}: engine ({args.arithmetic}) vs dense torch, per sample ({torch.get_num_threads()} torch threads)",
+        f"{args.file}: engine ({arithmetic}) vs dense torch, per sample ({torch.get_num_threads()} torch threads)",
         name_heading="batch",
     )
     for r in rows:
@@ -409,9 +410,10 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="data root (default $DEEPSHRINK_DATA)")
     p.add_argument("--images", type=_positive_int, default=1000, help="--data: how many test images")
     p.add_argument("--threads", type=_positive_int, help="torch and numba threads (default: their own defaults)")
-    p.add_argument("--arithmetic", default="float32",
-                   help="float32 (default: the decoded model's outputs), fixed16 (EIE's 16-bit fixed point) or int8 "
-                   "(per-token int8 on VNNI: fastest, approximate)")  # fmt: skip
+    p.add_argument("--arithmetic", choices=("float32", "fixed16", "int8"),
+                   help="default: the file's own (float32, or int8 where declared: the decoded model's outputs); "
+                   "float32, fixed16 (EIE's 16-bit fixed point) or int8 (per-token int8 on VNNI: fastest, "
+                   "approximate unless declared) for every layer")  # fmt: skip
     p.add_argument(
         "--trust-factory",
         action="store_true",

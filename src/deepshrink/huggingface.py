@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from deepshrink.atomic import atomic_folder
+from deepshrink.compress.int8 import install_int8_
 from deepshrink.data.text import read_texts
 from deepshrink.errors import DeepShrinkError, FileFormatError
 from deepshrink.fileformat.codec import EncodeOptions, check_dense
@@ -466,7 +467,7 @@ def save_pretrained(
 
 
 def load_compressed(
-    out_dir: str | os.PathLike, *, engine: bool = False, arithmetic: str = "float32", max_elements: int | None = None
+    out_dir: str | os.PathLike, *, engine: bool = False, arithmetic: str | None = None, max_elements: int | None = None
 ) -> Pretrained:
     """Rebuild a model that :func:`save_pretrained` wrote, for inference.
 
@@ -479,10 +480,12 @@ def load_compressed(
         engine: run the compressed layers on deepshrink's engine
             (:func:`deepshrink.engine.compile_model`); by default every weight is
             decoded once into a plain dense model, as fast as the original.
-        arithmetic: the engine's arithmetic (``engine=True`` only): ``"float32"``
-            (outputs those of the dense model up to rounding) or ``"int8"`` (per-token
-            int8 on VNNI: faster than torch's dynamic qint8, approximate); see
-            :func:`deepshrink.engine.compile_model`.
+        arithmetic: the engine's arithmetic for every layer (``engine=True`` only):
+            ``"float32"`` (outputs those of the dense model up to rounding) or ``"int8"``
+            (per-token int8 on VNNI: faster than torch's dynamic qint8, approximate); by
+            default each layer's own: float32, or int8 where the file declares it
+            (:mod:`deepshrink.compress.int8`), the dense model then computing those
+            layers in int8 too; see :func:`deepshrink.engine.compile_model`.
         max_elements: the most elements reading and decoding the file may
             allocate (default ``2**26``; see :func:`deepshrink.read`).
 
@@ -496,13 +499,14 @@ def load_compressed(
         FileFormatError: the file is damaged, was not written by
             :func:`save_pretrained`, or does not fit the model the config builds.
     """
-    if arithmetic != "float32" and not engine:
+    if arithmetic is not None and not engine:
         raise DeepShrinkError(f"arithmetic={arithmetic!r} is the engine's: pass engine=True")
     if engine:
         from deepshrink.engine.compile import compile_model
         from deepshrink.engine.matrix import check_arithmetic
 
-        check_arithmetic(arithmetic)
+        if arithmetic is not None:
+            check_arithmetic(arithmetic)
     root = Path(out_dir)
     if not (root / MODEL_FILE).is_file():
         raise DeepShrinkError(f"no {MODEL_FILE} in {root}: not a folder save_pretrained wrote")
@@ -523,6 +527,7 @@ def load_compressed(
         else:
             dense = {n: ct.to_dense() for n, ct in contents.tensors.items()}
             model.load_state_dict({**dense, **contents.arrays}, strict=True)
+            install_int8_(model, contents.tensors)
     except (RuntimeError, DeepShrinkError) as err:
         raise FileFormatError(f"{root / MODEL_FILE} does not fit the {name} its config.json describes: {err}") from err
     return Pretrained(model.eval(), tokenizer, root, pooling)

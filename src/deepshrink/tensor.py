@@ -23,6 +23,11 @@ from deepshrink.coding.relative import count_escapes
 from deepshrink.errors import DeepShrinkError
 
 MAX_CODE_BITS = 16
+#: What a tensor's products compute in: ``"float32"``, the decoded weights times the inputs; ``"int8"``, each
+#: input row (token) and the codebook rounded to int8 (one scale each), summed exactly in integers
+#: (:func:`deepshrink.engine.fixedpoint.int8_matmul_reference`): a model declared so is the model the engine's
+#: int8 kernels compute, bit for bit, and the PyTorch model it decodes to (:mod:`deepshrink.compress.int8`) too.
+ARITHMETICS = ("float32", "int8")
 _CHECK_CHUNK = 1 << 20  # positions compared a chunk at a time: no temporary the size of a large tensor
 
 
@@ -54,9 +59,10 @@ class CompressedTensor:
         codes: ``(nnz,)`` codebook index of each surviving weight.
         codebook: ``(k,)`` float32 shared values, ``k <= 2**bits``.
         bits: bits per code, 1..16.
+        arithmetic: what its products compute in, one of :data:`ARITHMETICS`.
 
     Raises:
-        DeepShrinkError: if the parts disagree (lengths, ranges, order).
+        DeepShrinkError: if the parts disagree (lengths, ranges, order) or ``arithmetic`` is unknown.
 
     Examples:
         >>> t = CompressedTensor.from_dense(torch.tensor([[0.0, 0.5], [0.5, -1.0]]))
@@ -71,6 +77,7 @@ class CompressedTensor:
     codes: np.ndarray
     codebook: np.ndarray
     bits: int
+    arithmetic: str = "float32"
     _positions: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
     _csc: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -80,6 +87,8 @@ class CompressedTensor:
             raise DeepShrinkError(f"shape {shape} has a negative dimension")
         if not isinstance(self.bits, (int, np.integer)) or not 1 <= self.bits <= MAX_CODE_BITS:
             raise DeepShrinkError(f"bits={self.bits!r} must be an integer in 1..{MAX_CODE_BITS}")
+        if self.arithmetic not in ARITHMETICS:
+            raise DeepShrinkError(f"arithmetic={self.arithmetic!r} is not one of {', '.join(ARITHMETICS)}")
         positions = np.ascontiguousarray(positions)
         if positions.dtype not in (np.int32, np.int64):  # unsigned ones would wrap in the order check below
             positions = positions.astype(np.int64)  # checked below, then narrowed where it fits
@@ -136,6 +145,10 @@ class CompressedTensor:
         if needed > bits:
             raise DeepShrinkError(f"{len(codebook)} distinct values do not fit in bits={bits}")
         return cls(tuple(np.shape(dense)), positions, codes.astype(np.int64), codebook, bits)
+
+    def with_arithmetic(self, arithmetic: str) -> CompressedTensor:
+        """The same weights, their products computed in ``arithmetic`` (see :data:`ARITHMETICS`)."""
+        return CompressedTensor(self.shape, self.positions, self.codes, self.codebook, self.bits, arithmetic)
 
     # -- views ---------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import torch
 from sklearn.cluster import kmeans_plusplus
 from torch import nn
 
+from deepshrink.compress.int8 import computes_in_int8, install_int8_
 from deepshrink.compress.parametrization import (
     Compression,
     compression_of,
@@ -401,22 +402,27 @@ def compressed_tensors(model: nn.Module, layers: Iterable[str] | None = None) ->
     """Every compressed weight of ``model`` as a :class:`CompressedTensor`, by name.
 
     Weights without a deepshrink parametrization are left out (they are plain
-    state). A pruned but unshared weight is stored losslessly.
+    state). A pruned but unshared weight is stored losslessly. A layer declared int8
+    (:func:`~deepshrink.compress.int8.compute_in_int8_`) gives a tensor declared so.
     """
     out = {}
     for t in track(find_targets(model, layers, warn_unsupported=False), "collecting compressed weights"):
         comp = compression_of(t.module, t.param)
         if isinstance(comp, Compression):
             out[t.name] = comp.to_compressed(t.weight.detach())
+            if t.param == "weight" and computes_in_int8(t.module):
+                out[t.name] = out[t.name].with_arithmetic("int8")
     return out
 
 
 def load_compressed_(model: nn.Module, tensors: dict[str, CompressedTensor]) -> None:
-    """Install weight sharing so ``model`` computes with exactly ``tensors``.
+    """Install weight sharing so ``model`` computes with exactly ``tensors``, in their arithmetic.
+
+    Tensors declared int8 make their layers compute in int8 (:func:`~deepshrink.compress.int8.compute_in_int8_`).
 
     Raises:
-        DeepShrinkError: a name is not a compressible weight of ``model``, or
-            a shape differs.
+        DeepShrinkError: a name is not a compressible weight of ``model``, a
+            shape differs, or a tensor declared int8 is not an ``nn.Linear``'s.
     """
     targets = {t.name: t for t in find_targets(model, warn_unsupported=False)}
     for name, ct in track(tensors.items(), "installing weights"):
@@ -435,6 +441,7 @@ def load_compressed_(model: nn.Module, tensors: dict[str, CompressedTensor]) -> 
             torch.from_numpy(ct.codebook.copy()), codes.reshape(ct.shape), mask.reshape(ct.shape), ct.bits
         )
         reparametrize_(t.module, t.param, shared.to(t.weight.device))
+    install_int8_(model, tensors)
 
 
 def distinct_nonzero(weight: torch.Tensor) -> int:

@@ -97,7 +97,7 @@ def compile_model(
     tensors: dict[str, CompressedTensor] | None = None,
     *,
     workers: int | None = None,
-    arithmetic: str = "float32",
+    arithmetic: str | None = None,
     inplace: bool = False,
 ) -> nn.Module:
     """A copy of ``model`` whose compressed Linear and Conv2d layers run on the engine.
@@ -107,8 +107,10 @@ def compile_model(
         tensors: compressed weights by parameter name (``"fc1.weight"``); default
             :func:`deepshrink.compress.quantize.compressed_tensors` of ``model``.
         workers: rows interleaved over this many workers (default: numba's threads).
-        arithmetic: ``"float32"`` (default: the decoded model's outputs up to float
-            rounding), ``"fixed16"`` (EIE's 16-bit fixed point) or ``"int8"`` (every
+        arithmetic: ``None`` (default): each tensor's own, ``"float32"`` unless declared
+            ``"int8"`` (:mod:`deepshrink.compress.int8`: then the decoded model's outputs,
+            bit for bit); or for every layer ``"float32"`` (the decoded weights' products up
+            to float rounding), ``"fixed16"`` (EIE's 16-bit fixed point) or ``"int8"`` (every
             token's activations and each codebook rounded to int8, VNNI products: the
             speed of dense int8, fidelity measured in docs/results/peers.md); see
             :class:`~deepshrink.engine.matrix.SparseMatrix`.
@@ -119,7 +121,8 @@ def compile_model(
 
     Raises:
         DeepShrinkError: a name in ``tensors`` is not a weight of ``model``, a
-            shape differs, or ``arithmetic`` is unknown or cannot run here.
+            shape differs, ``arithmetic`` is unknown or cannot run here, or a tensor
+            declared int8 is not an ``nn.Linear``'s.
 
     Examples:
         >>> w = CompressedTensor.from_dense(torch.tensor([[0.0, 2.0], [1.0, 0.0]]))
@@ -127,7 +130,8 @@ def compile_model(
         >>> type(fast[0]).__name__
         'SparseLinear'
     """
-    check_arithmetic(arithmetic)
+    if arithmetic is not None:
+        check_arithmetic(arithmetic)
     if tensors is None:
         from deepshrink.compress.quantize import compressed_tensors
 
@@ -142,9 +146,13 @@ def compile_model(
         module = modules.get(module_name)
         if module is None or _shape(module, param) is None:
             raise DeepShrinkError(f"{name!r} is not a weight of {type(model).__name__}")
+        if weight.arithmetic == "int8" and not (isinstance(module, nn.Linear) and param == "weight"):
+            layer = parametrize.type_before_parametrizations(module).__name__
+            raise DeepShrinkError(f"{name} ({layer}) is declared int8: only nn.Linear layers compute in int8")
+        own = weight.arithmetic if arithmetic is None else arithmetic
         if isinstance(module, nn.LSTM):
             done = module_name in lstms_done
-            replacement = None if done else _lstm_replacement(module, module_name, tensors, arithmetic)
+            replacement = None if done else _lstm_replacement(module, module_name, tensors, own)
             lstms_done.add(module_name)
         elif param != "weight":  # a recurrent layer's weight_hh_l0, attention's in_proj_weight, ...
             layer = parametrize.type_before_parametrizations(module).__name__
@@ -155,7 +163,7 @@ def compile_model(
                           "the layer", stacklevel=2)  # fmt: skip
             continue
         else:
-            replacement = _replacement(module, name, weight, workers=workers, arithmetic=arithmetic)
+            replacement = _replacement(module, name, weight, workers=workers, arithmetic=own)
         if replacement is None:
             continue
         if not module_name:  # the model is itself the layer
@@ -173,7 +181,7 @@ def from_file(
     *,
     trust_factory: bool = False,
     workers: int | None = None,
-    arithmetic: str = "float32",
+    arithmetic: str | None = None,
 ) -> nn.Module:
     """Build an engine model from a file written by :func:`deepshrink.save`.
 

@@ -10,7 +10,11 @@ roundings to 16 bits.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from deepshrink.tensor import CompressedTensor
 
 #: Word width of EIE's weights and activations (Han et al., ISCA 2016, section 4).
 FIXED_BITS = 16
@@ -114,8 +118,33 @@ def int8_matmul_reference(
         then each outlier's product added in order.
     """
     q, token_scale = quantize_int8(x)
-    sums = q.astype(np.int64) @ weights.astype(np.int64).T
+    # float64 products of integers: exact (|sum| <= cols * 127 * 127 < 2**53) and BLAS-fast, where int64 has no BLAS
+    sums = q.astype(np.float64) @ weights.astype(np.float64, copy=False).T
     out = sums.astype(np.float32) * (token_scale * np.float32(scale))[:, None] + bias
     for row, col, value in zip(*(outliers or ((), (), ()))):
         out[:, row] = out[:, row] + x[:, col] * np.float32(value)
     return out
+
+
+def int8_weights(tensor: CompressedTensor) -> tuple[np.ndarray, np.float32, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The int8 weights of ``tensor``'s int8 products, for :func:`int8_matmul_reference`.
+
+    Returns:
+        ``(weights, scale, outliers)``: the ``(rows, cols)`` int8 values as float64 (pruned ones 0),
+        the float32 scale, and the weights kept in float32 as ``(rows, cols, values)`` in row-major order.
+
+    Examples:
+        >>> t = CompressedTensor((2, 2), np.array([0, 3]), np.array([1, 0]), np.array([0.5, -1.0]), 1)
+        >>> weights, scale, outliers = int8_weights(t)
+        >>> weights.tolist(), float(scale)
+        ([[-127.0, 0.0], [0.0, 64.0]], 0.007874015718698502)
+    """
+    from deepshrink.engine.layouts import int8_values
+
+    rows, cols = tensor.shape[0], math.prod(tensor.shape[1:])
+    values, scale, outlier = int8_values(tensor)
+    weights = np.zeros(rows * cols, dtype=np.float64)
+    weights[tensor.positions] = values[tensor.codes]
+    far = outlier[tensor.codes]
+    row, col = np.divmod(tensor.positions[far], max(cols, 1))
+    return weights.reshape(rows, cols), scale, (row, col, tensor.codebook[tensor.codes[far]])

@@ -364,7 +364,7 @@ def int8_codebook(codebook: np.ndarray, counts: np.ndarray | None = None) -> tup
     return values, scale, outlier
 
 
-def _int8_values(tensor: CompressedTensor) -> tuple[np.ndarray, np.float32, np.ndarray]:
+def int8_values(tensor: CompressedTensor) -> tuple[np.ndarray, np.float32, np.ndarray]:
     """:func:`int8_codebook` of the tensor's codebook, weighted by how many weights use each centroid."""
     return int8_codebook(tensor.codebook, np.bincount(tensor.codes, minlength=len(tensor.codebook)))
 
@@ -383,7 +383,7 @@ def int8_packs(tensor: CompressedTensor) -> bool:
         >>> int8_packs(t)
         True
     """
-    return _packs(tensor, _int8_values(tensor)[0])
+    return _packs(tensor, int8_values(tensor)[0])
 
 
 def _packs(tensor: CompressedTensor, values: np.ndarray) -> bool:
@@ -410,7 +410,7 @@ def int8_panels(tensor: CompressedTensor, layout: str = "dense") -> Int8Panels:
         ([0, 4, 8], [-127, 64])
     """
     rows, n_cols = _shape(tensor)
-    values, scale, outlier = _int8_values(tensor)
+    values, scale, outlier = int8_values(tensor)
     panels, groups = -(-rows // LANES), -(-n_cols // 4)
     row, col = np.divmod(tensor.positions, max(n_cols, 1))
     weights = values[tensor.codes]

@@ -293,7 +293,9 @@ class SparseMatrix:
             is its bit-exact reference): dense int8 speed, every weight visited. Where a
             float32 kernel is cheaper (very sparse layers at small batches) it runs
             instead, so a token's result can differ by int8 rounding between batch
-            sizes; ``run(x, "int8")`` forces int8.
+            sizes; ``run(x, "int8")`` forces int8. A tensor declared int8
+            (``tensor.arithmetic``) runs every product in int8: it is the model.
+            ``None`` (default): the tensor's own arithmetic.
 
     Raises:
         DeepShrinkError: if ``workers`` is not a positive integer, ``tensor`` is 0-D,
@@ -307,8 +309,9 @@ class SparseMatrix:
         [6.0, 1.0, -3.0]
     """
 
-    def __init__(self, tensor: CompressedTensor, workers: int | None = None, arithmetic: str = "float32") -> None:
+    def __init__(self, tensor: CompressedTensor, workers: int | None = None, arithmetic: str | None = None) -> None:
         workers = numba.get_num_threads() if workers is None else workers
+        arithmetic = tensor.arithmetic if arithmetic is None else arithmetic
         if not isinstance(workers, (int, np.integer)) or workers < 1:
             raise DeepShrinkError(f"workers={workers!r} must be a positive integer")
         if not tensor.shape:
@@ -325,6 +328,8 @@ class SparseMatrix:
                                   f"{self.shape[1]}")  # fmt: skip
         self.workers = int(workers)
         self.arithmetic = arithmetic
+        #: every product in int8, whichever kernel is cheaper: the tensor is declared int8
+        self.exact_int8 = arithmetic == "int8" and tensor.arithmetic == "int8"
         fixed_point = self.fixed_point = arithmetic == "fixed16"
         codebook, self.codebook_frac = to_fixed(tensor.codebook) if fixed_point else (tensor.codebook, 0)
         # the kernels' extended codebook: the centroids, then the zero that padding entries point at
@@ -592,6 +597,8 @@ class SparseMatrix:
         """
         tokens = 1 if x.ndim == 1 else x.shape[0]
         settled = self.int8_kernel(tokens)
+        if settled and self.exact_int8:
+            return settled, self._int8_costs(tokens)[settled] + CALL_COST
         if settled:
             return settled, self._line_costs_by_batch[tokens][settled]
         if tokens == 1:
@@ -607,9 +614,13 @@ class SparseMatrix:
         """The int8 kernel that runs every product of ``tokens`` tokens, or ``None`` when none is settled.
 
         ``None`` outside int8, at one token, and where a float32 kernel may be cheaper (then
-        the activations decide, product by product).
+        the activations decide, product by product); for a tensor declared int8, the cheapest
+        int8 kernel at every token count.
         """
-        if self.arithmetic != "int8" or tokens < 2:
+        if self.exact_int8 and tokens not in self._int8_settled:
+            costs = self._int8_costs(tokens)
+            self._int8_settled[tokens] = min(costs, key=costs.get)
+        if self.arithmetic != "int8" or (tokens < 2 and not self.exact_int8):
             return None
         if tokens not in self._int8_settled:
             lines = self._line_costs(tokens)

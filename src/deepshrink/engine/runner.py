@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import statistics
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepshrink.compress.int8 import compute_in_float32_
 from deepshrink.compress.parametrization import bake_
 from deepshrink.engine.compile import engine_layers, from_file
 from deepshrink.errors import DeepShrinkError
@@ -103,25 +105,28 @@ def bench_file(
     batch_sizes: tuple[int, ...] = (1, 16),
     repeats: int = 5,
     trust_factory: bool = False,
-    arithmetic: str = "float32",
+    arithmetic: str | None = None,
 ) -> list[dict]:
     """Time the engine (in ``arithmetic``, see :func:`~deepshrink.engine.compile_model`) against dense torch on
     ``inputs`` at each batch size.
 
     Returns:
         One dict per batch size: ``batch``, ``engine_us`` and ``dense_us`` per
-        sample, ``speedup``, ``first_call_s`` (the engine's first batch, numba
-        compilation or cache load included) and ``max_abs_diff`` of the outputs.
+        sample (dense torch in float32, its Linear layers declared int8 too), ``speedup``,
+        ``first_call_s`` (the engine's first batch, numba compilation or cache load
+        included) and ``max_abs_diff`` of the outputs from the file's model's.
 
     Raises:
         DeepShrinkError: a batch size below 1.
     """
     if any(b < 1 for b in batch_sizes):
         raise DeepShrinkError(f"batch sizes {batch_sizes} must all be >= 1")
-    dense, engine = (
+    decoded, engine = (
         decoded_model(path, trust_factory),
         from_file(path, trust_factory=trust_factory, arithmetic=arithmetic),
     )
+    # timed in float32, as users run dense torch; outputs compared with the file's model (its int8 layers' too)
+    dense = compute_in_float32_(copy.deepcopy(decoded))
     if not engine_layers(engine):
         raise DeepShrinkError(f"{os.fspath(path)} has no compressed Linear or Conv2d layer for the engine")
     rows = []
@@ -137,7 +142,7 @@ def bench_file(
 
         times = median_seconds({"engine": run(engine), "dense": run(dense)}, repeats)
         n = sum(len(c) for c in chunks)
-        diff = float((predict(engine, chunks[0], batch) - predict(dense, chunks[0], batch)).abs().max())
+        diff = float((predict(engine, chunks[0], batch) - predict(decoded, chunks[0], batch)).abs().max())
         rows.append({"batch": batch, "engine_us": times["engine"] / n * 1e6, "dense_us": times["dense"] / n * 1e6,
                      "speedup": times["dense"] / times["engine"], "first_call_s": first, "max_abs_diff": diff})  # fmt: skip
     return rows

@@ -27,6 +27,7 @@ from deepshrink.compress.calibrate import Batch, calibrate
 from deepshrink.compress.checkpoint import NO_CHECKPOINT, Checkpointer, NoCheckpoint
 from deepshrink.compress.distill import DistillConfig, OutputFn, distill, model_output, output_cosine
 from deepshrink.compress.groups import prune_groups_
+from deepshrink.compress.int8 import compute_in_int8_
 from deepshrink.compress.oneshot import prune_calibrated_, share_calibrated_
 from deepshrink.compress.prune import prune_
 from deepshrink.compress.quantize import share_weights_
@@ -416,6 +417,11 @@ def run_recipe(
         result["stages"].append(row)
         console.print(f"after {row['stage']}: {metric} {row[metric]:.4f} ({row['seconds']:.1f} s)")
     ckpt.finish()
+    if encode.arithmetic == "int8":  # after every training stage, and again on a resumed run: hooks are not state
+        start, cpu_start = time.perf_counter(), time.process_time()
+        compute_in_int8_(model)
+        result["stages"].append(_stage_row("encode: int8", metric, subject.score, model, start, cpu_start))
+        console.print(f"in int8: {metric} {result['stages'][-1][metric]:.4f}")
     result[metric] = result["stages"][-1][metric] if result["stages"] else result[f"start_{metric}"]
     title = f"recipe {recipe.name or recipe.model or recipe.pretrained}: start {metric} {result[f'start_{metric}']:.4f}"
     console.print(rows_table(result["stages"], title))

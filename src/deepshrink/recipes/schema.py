@@ -40,6 +40,7 @@ from deepshrink.data.augment import RandomAffine
 from deepshrink.data.registry import DATASETS
 from deepshrink.errors import DeepShrinkError
 from deepshrink.fileformat.codec import EncodeOptions
+from deepshrink.tensor import ARITHMETICS
 
 PRUNE_SCHEDULES = ("iterative", "gradual")
 PRUNE_METHODS = ("magnitude", *METHODS)
@@ -306,22 +307,27 @@ class TernaryStage(TrainStage):
 
 @dataclass
 class EncodeStage:
-    """How the output file is written: ``encode:`` (options of :func:`deepshrink.save`)."""
+    """How the output file is written: ``encode:`` (options of :func:`deepshrink.save`, and ``arithmetic``)."""
 
     coder: str = "huffman"
     index_bits: int | dict[str, int] | None = None  # None: 8 for conv, 5 for fully connected
     layout: str = "auto"
     codebook_dtype: str = "float32"
     array_dtype: str = "float32"  # float16: plain arrays (biases, LayerNorm, ...) at half their bytes
+    # int8: every compressed Linear declared to compute in int8 (deepshrink.compress.int8), scored so before writing
+    arithmetic: str = "float32"
 
     def __post_init__(self) -> None:
         if self.index_bits is not None:
             self.index_bits = _per_layer(self.index_bits, "index_bits", lambda v, k: _number(v, k, 1, 16, integer=True))
+        if self.arithmetic not in ARITHMETICS:
+            raise DeepShrinkError(f"encode: arithmetic {self.arithmetic!r} is not one of {', '.join(ARITHMETICS)}")
         # EncodeOptions checks the values and names the allowed ones
         EncodeOptions(**self.options())
 
     def options(self) -> dict:
-        return dataclasses.asdict(self)
+        """The options of :func:`deepshrink.save`."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "arithmetic"}
 
 
 STAGES: dict[str, type] = {
