@@ -89,6 +89,21 @@ def test_compressed_model_saves_and_reloads_computing_the_same(tiny_dir: Path, t
     assert meta["huggingface"]["config"]["hidden_size"] == 32
 
 
+def test_a_model_declared_int8_computes_the_same_reloaded_and_on_the_engine(tiny_dir: Path, tmp_path: Path) -> None:
+    from deepshrink.compress.int8 import compute_in_int8_
+
+    pretrained = load_pretrained(tiny_dir)
+    prune_(pretrained.model, 0.5, progress=False)
+    share_weights_(pretrained.model, bits=4, progress=False)
+    assert len(compute_in_int8_(pretrained.model)) == 13  # 6 Linear layers a layer, the pooler; not the embeddings
+    expected = pretrained.embed(TEXTS, batch_size=4)
+    out = tmp_path / "int8"
+    save_pretrained(pretrained.model, out, pretrained.source_dir)
+    assert torch.equal(load_compressed(out).embed(TEXTS, batch_size=4), expected)
+    if matrix._simd is not None:
+        assert torch.equal(load_compressed(out, engine=True).embed(TEXTS, batch_size=4), expected)
+
+
 def test_float16_arrays_and_saving_again_over_the_folder(tiny_dir: Path, tmp_path: Path) -> None:
     pretrained = load_pretrained(tiny_dir)
     share_weights_(pretrained.model, bits=5, progress=False)

@@ -1,0 +1,158 @@
+"""Layers declared int8: the PyTorch model, the file and the engine compute the same int8 products, bit for bit."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from deepshrink.compress.int8 import compute_in_float32_, compute_in_int8_, computes_in_int8
+from deepshrink.compress.prune import prune_
+from deepshrink.compress.quantize import compressed_tensors, share_weights_
+from deepshrink.engine import compile_model, from_file, matrix
+from deepshrink.engine.fixedpoint import int8_matmul_reference, int8_weights
+from deepshrink.errors import DeepShrinkError, FileFormatError
+from deepshrink.fileformat.codec import MAGIC, PRELUDE, EncodeOptions, decode_file, encode_file
+from deepshrink.fileformat.model_io import load_into, read, save
+from deepshrink.recipes import parse_recipe, run_recipe
+from deepshrink.recipes.schema import EncodeStage
+from deepshrink.tensor import CompressedTensor
+
+simd = pytest.mark.skipif(matrix._simd is None, reason="the engine's int8 kernels need the SIMD extension")
+
+
+def mlp(widths: tuple[int, ...], seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Linear(a, b, bias=len(layers) % 4 == 0), nn.GELU()]
+    return nn.Sequential(*layers[:-1]).eval()
+
+
+def compressed_mlp(widths: tuple[int, ...], sparsity: float, bits: int, seed: int = 0) -> nn.Sequential:
+    model = mlp(widths, seed)
+    if sparsity:
+        prune_(model, sparsity, progress=False)
+    share_weights_(model, bits=bits, progress=False)
+    return model
+
+
+def test_a_declared_tensor_says_so_and_unknown_arithmetics_are_refused() -> None:
+    t = CompressedTensor.from_dense(torch.tensor([[0.0, 0.5], [0.5, -1.0]]))
+    assert t.arithmetic == "float32" and t.with_arithmetic("int8").arithmetic == "int8"
+    assert torch.equal(t.with_arithmetic("int8").to_dense(), t.to_dense())
+    with pytest.raises(DeepShrinkError, match="arithmetic='int4' is not one of float32, int8"):
+        t.with_arithmetic("int4")
+
+
+def test_declared_layers_output_their_int8_product_and_undeclared_ones_float32() -> None:
+    model = compressed_mlp((24, 40, 16), 0.5, 4)
+    x = torch.randn(9, 24)
+    with torch.no_grad():
+        before = model(x)
+        assert compute_in_int8_(model, ["2.weight"]) == ["2.weight"]
+        hidden = model[1](model[0](x))
+        weights, scale, outliers = int8_weights(compressed_tensors(model)["2.weight"])
+        expected = int8_matmul_reference(hidden.numpy(), weights, scale, np.zeros(16, np.float32), outliers)
+        assert torch.equal(model(x), torch.from_numpy(expected))
+        assert 0 < float((model(x) - before).abs().max()) < 0.05  # int8 rounding: changed, not broken
+        assert computes_in_int8(model[2]) and not computes_in_int8(model[0])
+        assert {n: t.arithmetic for n, t in compressed_tensors(model).items()} == {"0.weight": "float32",
+                                                                                   "2.weight": "int8"}  # fmt: skip
+        compute_in_float32_(model)
+        assert torch.equal(model(x), before) and not computes_in_int8(model[2])
+
+
+@simd
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(widths=st.lists(st.integers(1, 90), min_size=2, max_size=4), sparsity=st.sampled_from([0.0, 0.5, 0.9]),
+       bits=st.integers(1, 8), batch=st.integers(1, 40), seed=st.integers(0, 2**16))  # fmt: skip
+def test_file_decoded_model_and_engine_agree_bit_for_bit(tmp_path, widths, sparsity, bits, batch, seed) -> None:
+    """Any widths, pruned or whole, 1-8 bits (the table kernels and the plain int8 ones), every batch size."""
+    model = compressed_mlp(tuple(widths), sparsity, bits, seed)
+    compute_in_int8_(model)
+    path = tmp_path / f"m{seed}.dsz"
+    save(model, path, progress=False)
+    assert all(t.arithmetic == "int8" for t in read(path, progress=False).tensors.values())
+    decoded = load_into(mlp(tuple(widths), seed + 1), path, progress=False)
+    engine = from_file(path, mlp(tuple(widths), seed + 2))
+    x = torch.randn(batch, widths[0], generator=torch.Generator().manual_seed(seed)) * 3
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(decoded(x), expected)
+        assert torch.equal(engine(x), expected)
+        assert torch.equal(engine(x[:1]), expected[:1])  # a token's result whatever its batch
+
+
+@simd
+def test_the_engine_overrides_the_declaration_only_when_told(tmp_path) -> None:
+    model = compressed_mlp((30, 20), 0.5, 4)
+    float32 = compile_model(model)
+    compute_in_int8_(model)
+    path = tmp_path / "m.dsz"
+    save(model, path, progress=False)
+    x = torch.randn(5, 30)
+    with torch.no_grad():
+        as_float = from_file(path, mlp((30, 20)), arithmetic="float32")(x)
+        torch.testing.assert_close(as_float, float32(x), rtol=0, atol=1e-6)
+        assert not torch.equal(as_float, model(x))
+
+
+def test_only_compressed_linear_layers_are_declared_and_never_trained() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.Linear(8, 3))
+    share_weights_(model, bits=3, layers=["0", "2"], progress=False)
+    assert compute_in_int8_(model) == ["2.weight"]  # the convolution stays float32, the plain Linear too
+    with pytest.raises(DeepShrinkError, match=r"0.weight \(Conv2d\): only nn.Linear layers compute in int8"):
+        compute_in_int8_(model, ["0.weight"])
+    with pytest.raises(DeepShrinkError, match="3.weight is not compressed"):
+        compute_in_int8_(model, ["3.weight"])
+    with pytest.raises(DeepShrinkError, match="has no compressed nn.Linear"):
+        compute_in_int8_(nn.Sequential(nn.Linear(3, 3)))
+    x = torch.randn(2, 1, 6, 6)
+    with pytest.raises(DeepShrinkError, match=r"computes no gradient: call model.eval\(\)"):
+        model.train()(x)
+    with torch.no_grad():
+        model.train()(x)  # no gradient wanted: runs
+
+
+def test_a_file_declaring_int8_where_no_layer_computes_it_is_refused(tmp_path) -> None:
+    model = nn.Sequential(nn.Conv2d(1, 2, 3))
+    share_weights_(model, bits=2, progress=False)
+    tensors = {"0.weight": compressed_tensors(model)["0.weight"].with_arithmetic("int8"), "0.bias": model[0].bias}
+    path = tmp_path / "conv.dsz"
+    save(tensors, path, progress=False)
+    with pytest.raises(DeepShrinkError, match=r"0.weight \(Conv2d\): only nn.Linear layers compute in int8"):
+        load_into(nn.Sequential(nn.Conv2d(1, 2, 3)), path, progress=False)
+    with pytest.raises(DeepShrinkError, match=r"0.weight \(Conv2d\) is declared int8"):
+        compile_model(nn.Sequential(nn.Conv2d(1, 2, 3)), read(path, progress=False).tensors)
+
+
+def test_an_unknown_arithmetic_in_a_file_is_named() -> None:
+    tensor = CompressedTensor.from_dense(torch.tensor([[0.0, 0.5], [0.5, -1.0]])).with_arithmetic("int8")
+    data = encode_file({"w": tensor}, {}, EncodeOptions(), deflate_header=False)
+    _, version, flags, length, _ = PRELUDE.unpack_from(data)
+    header = data[PRELUDE.size : PRELUDE.size + length]
+    assert decode_file(data).tensors["w"].arithmetic == "int8" and header.count(b'"arithmetic":"int8"') == 1
+    forged = header.replace(b'"arithmetic":"int8"', b'"arithmetic":"int4"')  # the checksum made right again
+    data = PRELUDE.pack(MAGIC, version, flags, length, zlib.crc32(forged)) + forged + data[PRELUDE.size + length :]
+    with pytest.raises(FileFormatError, match="arithmetic 'int4' is not one of float32, int8"):
+        decode_file(data)
+
+
+def test_recipe_encode_declares_int8_and_scores_the_model_so(tmp_path) -> None:
+    with pytest.raises(DeepShrinkError, match="encode: arithmetic 'int4' is not one of float32, int8"):
+        EncodeStage(arithmetic="int4")
+    recipe = parse_recipe({"model": "lenet-300-100", "model_kwargs": {"in_features": 64}, "data": "digits",
+                           "seed": 0, "stages": [{"train": {"epochs": 3, "lr": 0.05}},
+                                                 {"share": {"bits": 4, "epochs": 0}},
+                                                 {"encode": {"coder": "ans", "arithmetic": "int8"}}]})  # fmt: skip
+    out = tmp_path / "digits.dsz"
+    result = run_recipe(recipe, out=str(out))
+    assert [r["stage"] for r in result["stages"]] == ["0: train", "1: share", "encode: int8"]
+    assert result["accuracy"] == result["stages"][-1]["accuracy"] > result["stages"][1]["accuracy"] - 0.05
+    assert {t.arithmetic for t in read(out, progress=False).tensors.values()} == {"int8"}
