@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from deepshrink.arithmetic import int8_matmul_reference, int8_weights
 from deepshrink.engine import SparseMatrix, layouts, matrix
-from deepshrink.engine.fixedpoint import int8_matmul_reference
 from deepshrink.errors import DeepShrinkError
 from deepshrink.tensor import CompressedTensor
 
@@ -205,16 +205,9 @@ def test_count_nonzero_counts_each_row_as_numpy_does(isa) -> None:
 
 
 def int8_reference(t: CompressedTensor, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """The NumPy reference of ``t``'s int8 product: its int8 weights and float32 outliers built here from the codes."""
-    counts = np.bincount(t.codes, minlength=len(t.codebook))
-    values, scale, outlier = layouts.int8_codebook(t.codebook, counts)
-    rows, cols = t.shape[0], int(np.prod(t.shape[1:]))
-    weights = np.zeros(rows * cols, dtype=np.int64)
-    weights[t.positions] = values[t.codes]
-    far = outlier[t.codes]
-    row, col = np.divmod(t.positions[far], max(cols, 1))
-    outliers = (row, col, t.codebook[t.codes[far]])
-    return int8_matmul_reference(x, weights.reshape(rows, cols), scale, bias, outliers)
+    """The NumPy reference of ``t``'s int8 product."""
+    weights, scale, outliers = int8_weights(t)
+    return int8_matmul_reference(x, weights, scale, bias, outliers)
 
 
 # bits 1-5 decode codes through the vpermb table, 6-8 (more than 63 values) store the int8 weights themselves

@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from deepshrink.arithmetic import int8_matmul_reference, int8_weights
 from deepshrink.compress.int8 import compute_in_float32_, compute_in_int8_, computes_in_int8
 from deepshrink.compress.prune import prune_
 from deepshrink.compress.quantize import compressed_tensors, share_weights_
 from deepshrink.engine import compile_model, from_file, matrix
-from deepshrink.engine.fixedpoint import int8_matmul_reference, int8_weights
 from deepshrink.errors import DeepShrinkError, FileFormatError
 from deepshrink.fileformat.codec import MAGIC, PRELUDE, EncodeOptions, decode_file, encode_file
 from deepshrink.fileformat.model_io import load_into, read, save

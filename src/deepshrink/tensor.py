@@ -25,7 +25,7 @@ from deepshrink.errors import DeepShrinkError
 MAX_CODE_BITS = 16
 #: What a tensor's products compute in: ``"float32"``, the decoded weights times the inputs; ``"int8"``, each
 #: input row (token) and the codebook rounded to int8 (one scale each), summed exactly in integers
-#: (:func:`deepshrink.engine.fixedpoint.int8_matmul_reference`): a model declared so is the model the engine's
+#: (:func:`deepshrink.arithmetic.int8_matmul_reference`): a model declared so is the model the engine's
 #: int8 kernels compute, bit for bit, and the PyTorch model it decodes to (:mod:`deepshrink.compress.int8`) too.
 ARITHMETICS = ("float32", "int8")
 _CHECK_CHUNK = 1 << 20  # positions compared a chunk at a time: no temporary the size of a large tensor

@@ -3,7 +3,7 @@
 A declared layer's output is its int8 product: each input row (a token) rounded to int8 on
 its own scale, the codebook to int8 with one scale (far centroids kept in float32), exact
 integer sums, then the float32 steps of
-:func:`~deepshrink.engine.fixedpoint.int8_matmul_reference`, the reference the engine's
+:func:`~deepshrink.arithmetic.int8_matmul_reference`, the reference the engine's
 kernels are bit-exact against. So a declared model gives the same numbers in PyTorch (to
 evaluate it, on any data) and on the engine (to run it): ONNX's quantize-dequantize models
 are the same idea. The declaration travels in the file (each tensor's ``arithmetic``), and
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from deepshrink.arithmetic import int8_matmul_reference, int8_weights
 from deepshrink.compress.parametrization import Compression, compression_of
 from deepshrink.compress.targets import find_targets
 from deepshrink.errors import DeepShrinkError
@@ -39,8 +40,6 @@ class Int8Product:
         self._weights: tuple | None = None  # made at the first call: a model compiled for the engine never needs them
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        from deepshrink.engine.fixedpoint import int8_matmul_reference, int8_weights
-
         if module.training and torch.is_grad_enabled():
             raise DeepShrinkError("a Linear declared int8 computes no gradient: call model.eval() (declare int8 "
                                   "after training)")  # fmt: skip

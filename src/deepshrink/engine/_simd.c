@@ -522,7 +522,7 @@ static void panels_matmul_run(const Panels *P, const float *table, const float *
  * bias, and the layer's outliers, the few weights whose centroid is far beyond the others (their
  * code is 0 in the table, so they do not coarsen everyone's scale), added in float32 from a CSR
  * list: out += x[col] * value, row by row in order. Every multiply and add rounded apart:
- * bit-exact against the NumPy reference (deepshrink.engine.fixedpoint.int8_matmul_reference) on
+ * bit-exact against the NumPy reference (deepshrink.arithmetic.int8_matmul_reference) on
  * every instruction set.
  *
  * The block layout (matrices pruned in 16 x 1 blocks) keeps only the blocks holding a weight, four

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from deepshrink.arithmetic import int8_values
 from deepshrink.tensor import CompressedTensor
 
 #: Rows of a panel and of a slice: one AVX-512 register of float32.
@@ -288,14 +289,8 @@ def row_entries(tensor: CompressedTensor) -> tuple[np.ndarray, np.ndarray, np.nd
 
 #: Values one vpermb decodes from (``int8_matmul``'s table).
 INT8_TABLE = 64
-#: A centroid beyond this many times the layer's mean weight magnitude is an outlier for int8: its
-#: weights are computed in float32 from a short list, so that one far centroid (importance-weighted
-#: k-means keeps a few large weights as their own centroid) does not coarsen every other's int8 step.
-INT8_OUTLIER_FACTOR = 8.0
 #: Groups of four columns a chunk of the int8 row layout spans (16 tokens' activations: 16 KiB, in L1).
 INT8_ROW_CHUNK = 256
-#: The most weights (a fraction of the kept ones) the float32 outlier list takes; the largest centroids first.
-INT8_OUTLIER_SHARE = 0.01
 
 
 @dataclass(frozen=True)
@@ -333,40 +328,6 @@ class Int8Panels:
     scale: np.float32
     outliers: tuple[np.ndarray, np.ndarray, np.ndarray]
     sparse: tuple[np.ndarray, np.ndarray, bool] | None = None
-
-
-def int8_codebook(codebook: np.ndarray, counts: np.ndarray | None = None) -> tuple[np.ndarray, np.float32, np.ndarray]:
-    """The centroids rounded to int8 with one scale for the layer, outliers set apart.
-
-    Args:
-        codebook: the centroids.
-        counts: how many weights use each (default one each).
-
-    Returns:
-        ``(values, scale, outlier)``: int8 values (0 for outliers), the float32 scale
-        (``max |inlier| / 127``) and which centroids are outliers (see :data:`INT8_OUTLIER_FACTOR`).
-
-    Examples:
-        >>> values, scale, outlier = int8_codebook(np.array([0.5, -1.27, 0.0, 90.0], dtype=np.float32), [500, 500, 500, 1])
-        >>> values.tolist(), float(scale), outlier.tolist()
-        ([50, -127, 0, 0], 0.009999999776482582, [False, False, False, True])
-    """
-    magnitude = np.abs(codebook).astype(np.float64)
-    counts = np.ones(len(codebook)) if counts is None else np.asarray(counts, dtype=np.float64)
-    mean = (magnitude * counts).sum() / max(counts.sum(), 1.0)
-    order = np.argsort(-magnitude, kind="stable")
-    within = np.zeros(len(codebook), dtype=bool)
-    within[order[np.cumsum(counts[order]) <= INT8_OUTLIER_SHARE * counts.sum()]] = True
-    outlier = within & (magnitude > INT8_OUTLIER_FACTOR * mean)
-    peak = np.float32(np.max(magnitude[~outlier], initial=0.0))
-    scale = np.float32(peak / np.float32(127) if peak > 0 else 1)
-    values = np.where(outlier, 0, np.clip(np.rint(codebook / scale), -127, 127)).astype(np.int8)
-    return values, scale, outlier
-
-
-def int8_values(tensor: CompressedTensor) -> tuple[np.ndarray, np.float32, np.ndarray]:
-    """:func:`int8_codebook` of the tensor's codebook, weighted by how many weights use each centroid."""
-    return int8_codebook(tensor.codebook, np.bincount(tensor.codes, minlength=len(tensor.codebook)))
 
 
 def _int8_zero(values: np.ndarray) -> int:

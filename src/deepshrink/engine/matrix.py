@@ -289,7 +289,7 @@ class SparseMatrix:
             float rounding); ``"fixed16"``: EIE's 16-bit fixed point (int16 codebook and
             activations, int64 accumulators, numba kernels); ``"int8"``: every token's
             activations and the codebook rounded to int8 (one scale each), exact int32
-            sums on VNNI (:func:`~deepshrink.engine.fixedpoint.int8_matmul_reference`
+            sums on VNNI (:func:`~deepshrink.arithmetic.int8_matmul_reference`
             is its bit-exact reference): dense int8 speed, every weight visited. Where a
             float32 kernel is cheaper (very sparse layers at small batches) it runs
             instead, so a token's result can differ by int8 rounding between batch
