@@ -156,3 +156,17 @@ def test_recipe_encode_declares_int8_and_scores_the_model_so(tmp_path) -> None:
     assert [r["stage"] for r in result["stages"]] == ["0: train", "1: share", "encode: int8"]
     assert result["accuracy"] == result["stages"][-1]["accuracy"] > result["stages"][1]["accuracy"] - 0.05
     assert {t.arithmetic for t in read(out, progress=False).tensors.values()} == {"int8"}
+
+
+def test_compress_declares_int8_from_the_command_line_and_info_marks_it(tmp_path, capsys) -> None:
+    from deepshrink import cli
+
+    out = tmp_path / "demo.dsz"
+    args = ["compress", "--recipe", "digits-demo", "--max-steps", "4", "--arithmetic", "int8", "--out", str(out)]
+    assert cli.main(args) == 0
+    assert "in int8: accuracy" in capsys.readouterr().out
+    declared = {n for n, t in read(out, progress=False).tensors.items() if t.arithmetic == "int8"}
+    assert declared and declared == set(read(out, progress=False).tensors)  # digits-demo: Linear layers only
+    assert cli.main(["info", str(out), "--wide"]) == 0
+    assert f"{sorted(declared)[0]} (int8)" in capsys.readouterr().out  # --wide: names whole
+    assert cli.main(["compress", "--recipe", "digits-demo", "--arithmetic", "int4"]) == 2

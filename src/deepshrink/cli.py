@@ -131,7 +131,7 @@ def _flags_recipe(args: argparse.Namespace, kwargs: dict | None) -> Recipe:
         {"prune": {"sparsity": args.sparsity, "steps": args.prune_steps, **retrain}},
         {"share": {"bits": args.bits, **retrain}},
     ]
-    stages += [{"encode": {"array_dtype": args.array_dtype}}] if args.array_dtype else []
+    stages += [{"encode": _encode_flags(args)}] if _encode_flags(args) else []
     return parse_recipe(
         {
             "model": args.model,
@@ -225,8 +225,8 @@ def _run_recipe(args: argparse.Namespace) -> None:
         recipe.state_dict = args.state_dict
     if args.max_steps:
         recipe.max_steps = args.max_steps
-    if args.array_dtype:
-        _set_array_dtype(recipe, args.array_dtype)
+    if _encode_flags(args):
+        _set_encode(recipe, _encode_flags(args))
     if args.hf:
         recipe = dataclasses.replace(recipe, pretrained=args.hf, model=None)
     if args.calib:
@@ -235,14 +235,19 @@ def _run_recipe(args: argparse.Namespace) -> None:
                device=args.device, **_resumable(args, recipe))  # fmt: skip
 
 
-def _set_array_dtype(recipe: Recipe, array_dtype: str) -> None:
-    """``--array-dtype`` over a recipe: its encode stage's, or a new encode stage with the defaults otherwise."""
+def _encode_flags(args: argparse.Namespace) -> dict:
+    """The encode options ``compress``'s flags set (--array-dtype, --arithmetic)."""
+    return {key: value for key in ("array_dtype", "arithmetic") if (value := getattr(args, key))}
+
+
+def _set_encode(recipe: Recipe, changes: dict) -> None:
+    """Encode flags over a recipe: on its encode stage, or a new encode stage with the defaults otherwise."""
     from deepshrink.recipes.schema import EncodeStage
 
     if recipe.stages and isinstance(recipe.stages[-1], EncodeStage):
-        recipe.stages[-1] = dataclasses.replace(recipe.stages[-1], array_dtype=array_dtype)
+        recipe.stages[-1] = dataclasses.replace(recipe.stages[-1], **changes)
     else:
-        recipe.stages.append(EncodeStage(array_dtype=array_dtype))
+        recipe.stages.append(EncodeStage(**changes))
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
@@ -445,8 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recipe",
         help="a YAML recipe file or built-in name (lenet-300-100, lenet-5, digits-demo); see "
-        "docs/recipes.md. With it, only --data-dir, --out, --state-dict, --max-steps, --seed, --array-dtype and the "
-        "checkpoint options apply",
+        "docs/recipes.md. With it, only --data-dir, --out, --state-dict, --max-steps, --seed, --array-dtype, --arithmetic "
+        "and the checkpoint options apply (--hf and --calib for pretrained models)",
     )
     p.add_argument(
         "--trust-factory",
@@ -487,6 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ARRAY_STORAGE,
         help="plain arrays (biases, normalisation layers, weights not compressed) as they are (float32, the "
         "default) or rounded to float16, half their bytes",
+    )
+    p.add_argument(
+        "--arithmetic",
+        choices=("float32", "int8"),
+        help="int8: declare every compressed Linear int8 after the last stage (per-token int8 inputs, the "
+        "codebook as int8; PyTorch and the engine then compute the same outputs); default the recipe's, float32",
     )
     p.add_argument(
         "--checkpoint",

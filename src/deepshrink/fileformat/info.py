@@ -64,6 +64,7 @@ class TensorSize:
     fixed_index_bits: int
     fixed_code_bits: int
     fixed_codebook_bits: int
+    arithmetic: str = "float32"  # what its products compute in (int8 where declared)
 
     @property
     def total_bytes(self) -> int:
@@ -113,6 +114,7 @@ def _tensor_size(entry: dict, ct: CompressedTensor, sections: list[int]) -> Tens
         index_bytes=sections[index["s"]], index_table_bytes=index["t"],
         codes_bytes=sections[codes["s"]], codes_table_bytes=codes["t"], codebook_bytes=sections[book["s"]],
         fixed_index_bits=fixed["index"], fixed_code_bits=fixed["codes"], fixed_codebook_bits=fixed["codebook"],
+        arithmetic=ct.arithmetic,
     )  # fmt: skip
 
 
@@ -185,6 +187,7 @@ def layer_table(report: FileSize, title: str = "", wide: bool = False) -> NameTa
     By default it keeps to what fits 80 columns: weights, kept, the coded bits per
     kept weight of codes and of positions, bytes and size against fp32; ``wide``
     adds the fixed-width (``P+Q``) figures, the layout and the coders, and exact counts.
+    A tensor declared int8 has ``(int8)`` after its name.
     """
     if wide:
         columns = ["weights", "kept", "weight bits\nP+Q / coded", "index bits\nP+Q / coded", "layout / coders",
@@ -204,7 +207,7 @@ def layer_table(report: FileSize, title: str = "", wide: bool = False) -> NameTa
         table.add_row(name, *cells, end_section=end_section)
 
     for t in report.tensors:
-        row(t.name, t.numel, t.nnz, (t.fixed_code_bits, 8 * t.codes_bytes, t.fixed_index_bits, 8 * t.index_bytes),
+        row(t.name if t.arithmetic == "float32" else f"{t.name} ({t.arithmetic})", t.numel, t.nnz, (t.fixed_code_bits, 8 * t.codes_bytes, t.fixed_index_bits, 8 * t.index_bytes),
             f"{t.layout}({t.index_bits}) {t.index_coder} / {t.codes_coder}", t.total_bytes, t.fixed_bytes,
             t.dense_bytes)  # fmt: skip
     blank = [""] * (len(columns) - 2)
