@@ -103,33 +103,72 @@ def test_the_engine_overrides_the_declaration_only_when_told(tmp_path) -> None:
         assert not torch.equal(as_float, model(x))
 
 
-def test_only_compressed_linear_layers_are_declared_and_never_trained() -> None:
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.Linear(8, 3))
-    share_weights_(model, bits=3, layers=["0", "2"], progress=False)
-    assert compute_in_int8_(model) == ["2.weight"]  # the convolution stays float32, the plain Linear too
-    with pytest.raises(DeepShrinkError, match=r"0.weight \(Conv2d\): only nn.Linear layers compute in int8"):
-        compute_in_int8_(model, ["0.weight"])
-    with pytest.raises(DeepShrinkError, match="3.weight is not compressed"):
-        compute_in_int8_(model, ["3.weight"])
-    with pytest.raises(DeepShrinkError, match="has no compressed nn.Linear"):
+def test_only_layers_the_int8_kernels_run_are_declared_and_never_trained() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 1, groups=2), nn.Flatten(), nn.Linear(4 * 4 * 4, 8),
+                          nn.Linear(8, 3), nn.Embedding(5, 3))  # fmt: skip
+    share_weights_(model, bits=3, layers=["0", "1", "3", "5"], progress=False)
+    # the grouped convolution and the embedding stay float32, and the plain Linear
+    assert compute_in_int8_(model) == ["0.weight", "3.weight"]
+    for name, layer in (("1.weight", "Conv2d"), ("5.weight", "Embedding")):
+        with pytest.raises(DeepShrinkError, match=rf"{name} \({layer}\): only nn.Linear and nn.Conv1d / nn.Conv2d"):
+            compute_in_int8_(model, [name])
+    with pytest.raises(DeepShrinkError, match="4.weight is not compressed"):
+        compute_in_int8_(model, ["4.weight"])
+    with pytest.raises(DeepShrinkError, match="has no compressed layer that can compute in int8"):
         compute_in_int8_(nn.Sequential(nn.Linear(3, 3)))
     x = torch.randn(2, 1, 6, 6)
     with pytest.raises(DeepShrinkError, match=r"computes no gradient: call model.eval\(\)"):
-        model.train()(x)
+        model[:5].train()(x)
     with torch.no_grad():
-        model.train()(x)  # no gradient wanted: runs
+        model[:5].train()(x)  # no gradient wanted: runs
 
 
 def test_a_file_declaring_int8_where_no_layer_computes_it_is_refused(tmp_path) -> None:
-    model = nn.Sequential(nn.Conv2d(1, 2, 3))
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2))
     share_weights_(model, bits=2, progress=False)
     tensors = {"0.weight": compressed_tensors(model)["0.weight"].with_arithmetic("int8"), "0.bias": model[0].bias}
     path = tmp_path / "conv.dsz"
     save(tensors, path, progress=False)
-    with pytest.raises(DeepShrinkError, match=r"0.weight \(Conv2d\): only nn.Linear layers compute in int8"):
-        load_into(nn.Sequential(nn.Conv2d(1, 2, 3)), path, progress=False)
+    with pytest.raises(DeepShrinkError, match=r"0.weight \(Conv2d\): only nn.Linear and nn.Conv1d / nn.Conv2d"):
+        load_into(nn.Sequential(nn.Conv2d(2, 2, 3, groups=2)), path, progress=False)
     with pytest.raises(DeepShrinkError, match=r"0.weight \(Conv2d\) is declared int8"):
-        compile_model(nn.Sequential(nn.Conv2d(1, 2, 3)), read(path, progress=False).tensors)
+        compile_model(nn.Sequential(nn.Conv2d(2, 2, 3, groups=2)), read(path, progress=False).tensors)
+
+
+@simd
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(channels=st.integers(1, 20), out=st.integers(1, 20), kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+       stride=st.integers(1, 3), dilation=st.integers(1, 2), padding=st.sampled_from([0, 1, 2, "same", "valid"]),
+       one_d=st.booleans(), sparsity=st.sampled_from([0.0, 0.7]), bits=st.integers(1, 8), batch=st.integers(1, 4),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_convolutions_declared_int8_agree_bit_for_bit(tmp_path, channels, out, kernel, stride, dilation, padding,
+                                                      one_d, sparsity, bits, batch, seed) -> None:  # fmt: skip
+    """Conv1d and Conv2d of any geometry: each output position's patch is a token, in PyTorch and on the engine."""
+    if padding == "same":
+        stride = 1  # PyTorch's rule
+    conv = nn.Conv1d if one_d else nn.Conv2d
+    size = kernel[1] if one_d else kernel
+
+    def model() -> nn.Sequential:
+        torch.manual_seed(seed)
+        return nn.Sequential(conv(channels, out, size, stride=stride, padding=padding, dilation=dilation)).eval()
+
+    compressed = model()
+    if sparsity:
+        prune_(compressed, sparsity, progress=False)
+    share_weights_(compressed, bits=bits, progress=False)
+    compute_in_int8_(compressed)
+    path = tmp_path / f"c{seed}.dsz"
+    save(compressed, path, progress=False)
+    shape = (batch, channels, 13) if one_d else (batch, channels, 13, 11)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2
+    with torch.no_grad():
+        expected = compressed(x)
+        assert torch.equal(load_into(model(), path, progress=False)(x), expected)
+        engine = from_file(path, model())
+        assert torch.equal(engine(x), expected)
+        if not one_d:
+            assert torch.equal(engine(x.contiguous(memory_format=torch.channels_last)), expected)
 
 
 def test_an_unknown_arithmetic_in_a_file_is_named() -> None:

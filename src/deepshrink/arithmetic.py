@@ -14,7 +14,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
+from deepshrink.errors import DeepShrinkError
 from deepshrink.tensor import CompressedTensor
 
 #: A centroid beyond this many times the layer's mean weight magnitude is an outlier for int8: its
@@ -133,3 +136,83 @@ def int8_weights(tensor: CompressedTensor) -> tuple[np.ndarray, np.float32, tupl
     far = outlier[tensor.codes]
     row, col = np.divmod(tensor.positions[far], max(cols, 1))
     return weights.reshape(rows, cols), scale, (row, col, tensor.codebook[tensor.codes[far]])
+
+
+def pad_amounts(
+    padding: int | tuple[int, int] | str, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """``F.pad``'s ``(left, right, top, bottom)`` for ``nn.Conv2d``'s ``padding``.
+
+    ``"same"`` pads ``dilation * (kernel - 1)`` per axis, the odd one on the right /
+    bottom, as PyTorch does.
+
+    Examples:
+        >>> pad_amounts("same", (4, 3), (1, 1), (1, 2)), pad_amounts((1, 2), (3, 3), (2, 2), (1, 1))
+        ((2, 2, 1, 2), (2, 2, 1, 1))
+    """
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":
+        if stride != (1, 1):
+            raise DeepShrinkError(f"padding='same' needs stride 1, got stride={stride}")
+        total_h, total_w = (d * (k - 1) for k, d in zip(kernel, dilation))
+        return (total_w // 2, total_w - total_w // 2, total_h // 2, total_h - total_h // 2)
+    if isinstance(padding, str):
+        raise DeepShrinkError(f"padding={padding!r} is not 'same', 'valid' or a number")
+    pad_h, pad_w = (padding, padding) if isinstance(padding, int) else padding
+    return (pad_w, pad_w, pad_h, pad_h)
+
+
+def taps_first(weight: CompressedTensor) -> CompressedTensor:
+    """An ``(out, in, kh, kw)`` weight as the ``(out, kh * kw * in)`` matrix of a channels-last patch's order.
+
+    Column ``(i * kw + j) * in + c`` holds tap ``(i, j)`` of channel ``c``: the order of
+    the engine's channels-last patches (``nhwc_patches``). Same codes and codebook, moved.
+    """
+    out, channels, kh, kw = weight.shape
+    row, rest = np.divmod(weight.positions, channels * kh * kw)
+    channel, tap = np.divmod(rest, kh * kw)
+    return moved(weight, (out, kh * kw * channels), (row * (kh * kw) + tap) * channels + channel)
+
+
+def moved(weight: CompressedTensor, shape: tuple[int, ...], positions: np.ndarray) -> CompressedTensor:
+    """``weight``'s codes at new ``positions`` (the same weights, reshaped and reordered)."""
+    order = np.argsort(positions, kind="stable")
+    return CompressedTensor(shape, positions[order], weight.codes[order], weight.codebook, weight.bits,
+                            weight.arithmetic)  # fmt: skip
+
+
+def int8_conv2d_reference(
+    x: np.ndarray,
+    tensor: CompressedTensor,
+    bias: np.ndarray,
+    stride: tuple[int, int],
+    padding: int | tuple[int, int] | str,
+    dilation: tuple[int, int],
+) -> np.ndarray:
+    """A convolution (``groups=1``, zero padding) as the engine's int8 kernels compute it: its NumPy reference.
+
+    One int8 product (:func:`int8_matmul_reference`) of the patches, each output position a token:
+    a patch tap by tap (:func:`taps_first`), so quantized on its own and its outliers added in the
+    engine's order.
+
+    Args:
+        x: ``(batch, channels, H, W)`` float32.
+        tensor: the ``(out, channels, kh, kw)`` weight.
+        bias: ``(out,)`` float32.
+        stride, padding, dilation: as ``nn.Conv2d``'s (pairs, or ``"same"`` / ``"valid"``).
+
+    Returns:
+        ``(batch, out, out_h, out_w)`` float32.
+    """
+    out, channels, kh, kw = tensor.shape
+    pads = pad_amounts(padding, (kh, kw), stride, dilation)
+    image = F.pad(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), pads)
+    columns = F.unfold(image, (kh, kw), dilation=dilation, stride=stride)  # (batch, channels * taps, positions)
+    batch, _, positions = columns.shape
+    patches = columns.reshape(batch, channels, kh * kw, positions).permute(0, 3, 2, 1).reshape(-1, kh * kw * channels)
+    weights, scale, outliers = int8_weights(taps_first(tensor))
+    rows = int8_matmul_reference(patches.contiguous().numpy(), weights, scale, bias, outliers)
+    out_h = (image.shape[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (image.shape[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return np.ascontiguousarray(rows.reshape(batch, out_h, out_w, out).transpose(0, 3, 1, 2))

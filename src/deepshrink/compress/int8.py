@@ -1,20 +1,22 @@
-"""Linear layers declared to compute in int8: the PyTorch model then computes what the engine's int8 kernels do.
+"""Layers declared to compute in int8: the PyTorch model then computes what the engine's int8 kernels do.
 
-A declared layer's output is its int8 product: each input row (a token) rounded to int8 on
-its own scale, the codebook to int8 with one scale (far centroids kept in float32), exact
-integer sums, then the float32 steps of
-:func:`~deepshrink.arithmetic.int8_matmul_reference`, the reference the engine's
-kernels are bit-exact against. So a declared model gives the same numbers in PyTorch (to
-evaluate it, on any data) and on the engine (to run it): ONNX's quantize-dequantize models
-are the same idea. The declaration travels in the file (each tensor's ``arithmetic``), and
+A declared layer's output is its int8 product: each input row (a token; for a convolution,
+each output position's patch) rounded to int8 on its own scale, the codebook to int8 with one
+scale (far centroids kept in float32), exact integer sums, then the float32 steps of
+:func:`~deepshrink.arithmetic.int8_matmul_reference`, the reference the engine's kernels are
+bit-exact against. So a declared model gives the same numbers in PyTorch (to evaluate it, on
+any data) and on the engine (to run it): ONNX's quantize-dequantize models are the same idea.
+The declaration travels in the file (each tensor's ``arithmetic``), and
 :func:`~deepshrink.fileformat.model_io.load_into` and the engine both follow it.
 
-Declare after training: the outputs come from the weights as they were declared, and
-carry no gradient (the layers refuse to run in training mode).
+``nn.Linear`` layers and ``nn.Conv1d`` / ``nn.Conv2d`` ones with ``groups=1`` and zero
+padding can be declared. Declare after training: the outputs come from the weights as they
+were declared, and carry no gradient (the layers refuse to run in training mode).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from deepshrink.arithmetic import int8_matmul_reference, int8_weights
+from deepshrink.arithmetic import int8_conv2d_reference, int8_matmul_reference, int8_weights
 from deepshrink.compress.parametrization import Compression, compression_of
 from deepshrink.compress.targets import find_targets
 from deepshrink.errors import DeepShrinkError
@@ -32,8 +34,18 @@ from deepshrink.tensor import CompressedTensor
 MAX_INT8_COLUMNS = (1 << 16) - 1
 
 
+def can_compute_in_int8(module: nn.Module, param: str) -> bool:
+    """Whether ``module.<param>`` may be declared int8: an ``nn.Linear``'s weight, or an ``nn.Conv1d`` /
+    ``nn.Conv2d``'s with ``groups=1`` and zero padding (the products the engine's int8 kernels run)."""
+    if param != "weight":
+        return False
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return module.groups == 1 and module.padding_mode == "zeros"
+    return isinstance(module, nn.Linear)
+
+
 class Int8Product:
-    """A forward hook making an ``nn.Linear`` output its int8 product (see the module docstring)."""
+    """A forward hook making a layer output its int8 product (see the module docstring)."""
 
     def __init__(self, tensor: CompressedTensor) -> None:
         self.tensor = tensor
@@ -41,16 +53,28 @@ class Int8Product:
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if module.training and torch.is_grad_enabled():
-            raise DeepShrinkError("a Linear declared int8 computes no gradient: call model.eval() (declare int8 "
+            raise DeepShrinkError("a layer declared int8 computes no gradient: call model.eval() (declare int8 "
                                   "after training)")  # fmt: skip
-        x = args[0].detach()
-        rows = x.reshape(-1, x.shape[-1]).to("cpu", torch.float32).numpy()
+        x = args[0].detach().to("cpu", torch.float32)
         bias = np.zeros(self.tensor.shape[0], np.float32) if module.bias is None else module.bias.detach().cpu().numpy()
-        if self._weights is None:
-            self._weights = int8_weights(self.tensor)
-        weights, scale, outliers = self._weights
-        out = int8_matmul_reference(rows, weights, scale, bias.astype(np.float32, copy=False), outliers)
-        return torch.from_numpy(out).reshape(*x.shape[:-1], -1).to(output.device, output.dtype)
+        bias = bias.astype(np.float32, copy=False)
+        if isinstance(module, nn.Linear):
+            if self._weights is None:
+                self._weights = int8_weights(self.tensor)
+            weights, scale, outliers = self._weights
+            out = int8_matmul_reference(x.reshape(-1, x.shape[-1]).numpy(), weights, scale, bias, outliers)
+            out = torch.from_numpy(out).reshape(*x.shape[:-1], -1)
+        elif isinstance(module, nn.Conv1d):  # a 1-row 2-D convolution, as the engine runs it
+            tensor = CompressedTensor((*self.tensor.shape[:2], 1, self.tensor.shape[2]), self.tensor.positions,
+                                      self.tensor.codes, self.tensor.codebook, self.tensor.bits)  # fmt: skip
+            padding = module.padding if isinstance(module.padding, str) else (0, module.padding[0])
+            out = int8_conv2d_reference(x.unsqueeze(2).numpy(), tensor, bias, (1, module.stride[0]), padding,
+                                        (1, module.dilation[0]))  # fmt: skip
+            out = torch.from_numpy(out).squeeze(2)
+        else:
+            out = int8_conv2d_reference(x.numpy(), self.tensor, bias, module.stride, module.padding, module.dilation)
+            out = torch.from_numpy(out)
+        return out.to(output.device, output.dtype)
 
 
 def _hook_of(module: nn.Module) -> int | None:
@@ -64,31 +88,31 @@ def computes_in_int8(module: nn.Module) -> bool:
 
 
 def compute_in_int8_(model: nn.Module, layers: Iterable[str] | None = None) -> list[str]:
-    """Make the compressed ``nn.Linear`` layers of ``model`` compute in int8, and be saved so.
+    """Make the compressed layers of ``model`` that can (:func:`can_compute_in_int8`) compute in int8, and be saved so.
 
     Args:
         model: a model whose weights deepshrink compressed (pruned and/or shared).
         layers: patterns as in :func:`~deepshrink.compress.targets.find_targets`; ``None``:
-            every compressed Linear (other layers, embeddings and convolutions, stay float32).
+            every compressed layer that can (embeddings, grouped convolutions and LSTMs stay float32).
 
     Returns:
         The names of the weights declared.
 
     Raises:
-        DeepShrinkError: a selected weight is not an ``nn.Linear``'s or is not compressed, a
-            Linear has 65,536 input features or more, or nothing is selected.
+        DeepShrinkError: a selected weight cannot be declared or is not compressed, a layer's
+            product has 65,536 columns or more, or nothing is selected.
     """
     tensors = {}
     for t in find_targets(model, layers, warn_unsupported=False):
-        linear = isinstance(t.module, nn.Linear) and t.param == "weight"
+        able = can_compute_in_int8(t.module, t.param)
         compression = compression_of(t.module, t.param)
-        if layers is None and not (linear and isinstance(compression, Compression)):
+        if layers is None and not (able and isinstance(compression, Compression)):
             continue
-        if linear and not isinstance(compression, Compression):
+        if able and not isinstance(compression, Compression):
             raise DeepShrinkError(f"{t.name} is not compressed: prune or share it before declaring int8")
-        tensors[t.name] = compression.to_compressed(t.weight.detach()).with_arithmetic("int8") if linear else None
+        tensors[t.name] = compression.to_compressed(t.weight.detach()).with_arithmetic("int8") if able else None
     if not tensors:
-        raise DeepShrinkError(f"{type(model).__name__} has no compressed nn.Linear to compute in int8")
+        raise DeepShrinkError(f"{type(model).__name__} has no compressed layer that can compute in int8")
     return install_int8_(model, tensors)
 
 
@@ -99,8 +123,8 @@ def install_int8_(model: nn.Module, tensors: dict[str, CompressedTensor | None])
         Their names.
 
     Raises:
-        DeepShrinkError: a weight declared int8 is not an ``nn.Linear``'s (``None`` stands for one that is
-            not), or has 65,536 columns or more.
+        DeepShrinkError: a weight declared int8 cannot be (:func:`can_compute_in_int8`; ``None``
+            stands for one that cannot), or its product has 65,536 columns or more.
     """
     modules = dict(model.named_modules())
     declared = []
@@ -109,12 +133,14 @@ def install_int8_(model: nn.Module, tensors: dict[str, CompressedTensor | None])
             continue
         module_name, _, param = name.rpartition(".")
         module = modules.get(module_name)
-        if tensor is None or not (isinstance(module, nn.Linear) and param == "weight"):
+        if tensor is None or module is None or not can_compute_in_int8(module, param):
             layer = "no layer" if module is None else parametrize.type_before_parametrizations(module).__name__
-            raise DeepShrinkError(f"{name} ({layer}): only nn.Linear layers compute in int8")
-        if module.in_features > MAX_INT8_COLUMNS:
-            raise DeepShrinkError(f"{name} has {module.in_features:,} input features; int8 products take at "
-                                  f"most {MAX_INT8_COLUMNS:,} (int32 sums)")  # fmt: skip
+            raise DeepShrinkError(f"{name} ({layer}): only nn.Linear and nn.Conv1d / nn.Conv2d (groups=1, zero "
+                                  "padding) layers compute in int8")  # fmt: skip
+        columns = math.prod(tensor.shape[1:])
+        if columns > MAX_INT8_COLUMNS:
+            raise DeepShrinkError(f"{name}: its products have {columns:,} columns; int8 products take at most "
+                                  f"{MAX_INT8_COLUMNS:,} (int32 sums)")  # fmt: skip
         old = _hook_of(module)
         if old is not None:
             del module._forward_hooks[old]
@@ -124,7 +150,7 @@ def install_int8_(model: nn.Module, tensors: dict[str, CompressedTensor | None])
 
 
 def compute_in_float32_(model: nn.Module) -> nn.Module:
-    """Undo :func:`compute_in_int8_`: every Linear of ``model`` computes in float32 again. Returns ``model``."""
+    """Undo :func:`compute_in_int8_`: every layer of ``model`` computes in float32 again. Returns ``model``."""
     for module in model.modules():
         hook = _hook_of(module)
         if hook is not None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepshrink.arithmetic import moved, pad_amounts, taps_first
 from deepshrink.engine import kernels
 from deepshrink.engine.matrix import SparseMatrix
 from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
@@ -104,8 +105,9 @@ class SparseLinear(_EngineModule):
         weight: ``(out_features, in_features)`` compressed weight.
         bias: ``(out_features,)`` or ``None``.
         workers: rows are interleaved over this many workers (default: numba's threads).
-        arithmetic: ``"float32"`` (default), ``"fixed16"`` (EIE's 16-bit fixed point) or
-            ``"int8"`` (per-token int8 on VNNI); see :class:`~deepshrink.engine.matrix.SparseMatrix`.
+        arithmetic: ``"float32"``, ``"fixed16"`` (EIE's 16-bit fixed point) or ``"int8"``
+            (per-token int8 on VNNI); ``None`` (default): the weight's own (float32 unless
+            declared int8); see :class:`~deepshrink.engine.matrix.SparseMatrix`.
 
     Raises:
         DeepShrinkError: ``weight`` is not 2-D or ``bias`` does not match.
@@ -122,7 +124,7 @@ class SparseLinear(_EngineModule):
         bias: torch.Tensor | None = None,
         *,
         workers: int | None = None,
-        arithmetic: str = "float32",
+        arithmetic: str | None = None,
     ) -> None:
         super().__init__()
         if len(weight.shape) != 2:
@@ -250,7 +252,7 @@ class SparseConv2d(_EngineModule):
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         workers: int | None = None,
-        arithmetic: str = "float32",
+        arithmetic: str | None = None,
     ) -> None:
         super().__init__()
         if len(weight.shape) != 4:
@@ -263,17 +265,21 @@ class SparseConv2d(_EngineModule):
         self.kernel_size = tuple(kernel)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self._stride, self._dilation = _pair(stride), _pair(dilation)  # as the kernel takes them
-        self._pad = _pad_amounts(padding, self.kernel_size, self._stride, self._dilation)
+        self._pad = pad_amounts(padding, self.kernel_size, self._stride, self._dilation)
+        arithmetic = weight.arithmetic if arithmetic is None else arithmetic
+        if arithmetic == weight.arithmetic == "int8" and groups > 1:
+            raise DeepShrinkError(f"a convolution in {groups} groups cannot compute in int8 as its weight declares: "
+                                  "int8 products take groups=1")  # fmt: skip
         if arithmetic == "int8" and groups > 1:
             warnings.warn(f"a convolution in {groups} groups runs in float32: int8 products take groups=1",
                           stacklevel=2)  # fmt: skip
             arithmetic = "float32"
         # int8 computes from the patches' matrix (its columns tap by tap), the others from the weight's own
         # order, the direct convolution's; each makes the other on first use (see forward)
-        taps_first = arithmetic == "int8"
-        self.matrix = SparseMatrix(_taps_first(weight) if taps_first else weight, workers, arithmetic)
-        self._patched: SparseMatrix | None = self.matrix if taps_first else None
-        self._direct: SparseMatrix | None = None if taps_first else self.matrix
+        by_taps = arithmetic == "int8"
+        self.matrix = SparseMatrix(taps_first(weight) if by_taps else weight, workers, arithmetic)
+        self._patched: SparseMatrix | None = self.matrix if by_taps else None
+        self._direct: SparseMatrix | None = None if by_taps else self.matrix
         self.register_buffer("bias", _bias_buffer(bias, self.out_channels, "SparseConv2d"))
         depthwise = groups > 1 and per_group == 1 and self.out_channels == groups and arithmetic == "float32"
         # a depthwise layer's filters as (taps, channels), decoded once: see _depthwise_forward
@@ -350,7 +356,7 @@ class SparseConv2d(_EngineModule):
         """
         image = _as_numpy(x.permute(0, 2, 3, 1), "SparseConv2d")  # no copy when x is channels-last already
         if self._patched is None:  # float32: made once
-            self._patched = SparseMatrix(_taps_first(self.matrix.tensor), self.matrix.workers, self.matrix.arithmetic)
+            self._patched = SparseMatrix(taps_first(self.matrix.tensor), self.matrix.workers, self.matrix.arithmetic)
         group = max(1, SCRATCH_MAX_BYTES // (out_h * out_w * self.matrix.shape[1] * 4))
         parts = [self._patch_rows(image[i : i + group], out_h, out_w) for i in range(0, max(len(image), 1), group)]
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -438,13 +444,13 @@ class SparseConv1d(SparseConv2d):
         dilation: int | tuple[int] = 1,
         groups: int = 1,
         workers: int | None = None,
-        arithmetic: str = "float32",
+        arithmetic: str | None = None,
     ) -> None:
         if len(weight.shape) != 3:
             raise DeepShrinkError(f"SparseConv1d needs a 3-D weight, got shape {weight.shape}")
         out_channels, in_channels, k = weight.shape
         as_2d = CompressedTensor((out_channels, in_channels, 1, k), weight.positions, weight.codes, weight.codebook,
-                                 weight.bits)  # fmt: skip
+                                 weight.bits, weight.arithmetic)  # fmt: skip
         super().__init__(as_2d, bias, stride=(1, _single(stride)),
                          padding=padding if isinstance(padding, str) else (0, _single(padding)),
                          dilation=(1, _single(dilation)), groups=groups, workers=workers,
@@ -517,32 +523,14 @@ def _depthwise_taps(weight: CompressedTensor) -> torch.Tensor:
     return torch.from_numpy(taps)
 
 
-def _taps_first(weight: CompressedTensor) -> CompressedTensor:
-    """An ``(out, in, kh, kw)`` weight as the ``(out, kh * kw * in)`` matrix of a channels-last patch's order.
-
-    Column ``(i * kw + j) * in + c`` holds tap ``(i, j)`` of channel ``c``: the order of
-    :func:`~deepshrink.engine.kernels.nhwc_patches`. Same codes and codebook, moved.
-    """
-    out, channels, kh, kw = weight.shape
-    row, rest = np.divmod(weight.positions, channels * kh * kw)
-    channel, tap = np.divmod(rest, kh * kw)
-    return _moved(weight, (out, kh * kw * channels), (row * (kh * kw) + tap) * channels + channel)
-
-
 def _taps_last(matrix: CompressedTensor, kernel: tuple[int, int]) -> CompressedTensor:
-    """The inverse of :func:`_taps_first`: the ``(out, in, kh, kw)`` weight of a tap-by-tap matrix."""
+    """The inverse of :func:`~deepshrink.arithmetic.taps_first`: the ``(out, in, kh, kw)`` weight of a tap-by-tap matrix."""
     taps = kernel[0] * kernel[1]
     out, columns = matrix.shape
     channels = columns // taps
     row, rest = np.divmod(matrix.positions, columns)
     tap, channel = np.divmod(rest, channels)
-    return _moved(matrix, (out, channels, *kernel), (row * channels + channel) * taps + tap)
-
-
-def _moved(weight: CompressedTensor, shape: tuple[int, ...], positions: np.ndarray) -> CompressedTensor:
-    """``weight``'s codes at new ``positions`` (the same weights, reshaped and reordered)."""
-    order = np.argsort(positions, kind="stable")
-    return CompressedTensor(shape, positions[order], weight.codes[order], weight.codebook, weight.bits)
+    return moved(matrix, (out, channels, *kernel), (row * channels + channel) * taps + tap)
 
 
 def _single(value: int | tuple[int]) -> int:
@@ -551,28 +539,3 @@ def _single(value: int | tuple[int]) -> int:
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
-
-
-def _pad_amounts(
-    padding: int | tuple[int, int] | str, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
-) -> tuple[int, int, int, int]:
-    """``F.pad``'s ``(left, right, top, bottom)`` for ``nn.Conv2d``'s ``padding``.
-
-    ``"same"`` pads ``dilation * (kernel - 1)`` per axis, the odd one on the right /
-    bottom, as PyTorch does.
-
-    Examples:
-        >>> _pad_amounts("same", (4, 3), (1, 1), (1, 2)), _pad_amounts((1, 2), (3, 3), (2, 2), (1, 1))
-        ((2, 2, 1, 2), (2, 2, 1, 1))
-    """
-    if padding == "valid":
-        return (0, 0, 0, 0)
-    if padding == "same":
-        if stride != (1, 1):
-            raise DeepShrinkError(f"padding='same' needs stride 1, got stride={stride}")
-        total_h, total_w = (d * (k - 1) for k, d in zip(kernel, dilation))
-        return (total_w // 2, total_w - total_w // 2, total_h // 2, total_h - total_h // 2)
-    if isinstance(padding, str):
-        raise DeepShrinkError(f"padding={padding!r} is not 'same', 'valid' or a number")
-    pad_h, pad_w = _pair(padding)
-    return (pad_w, pad_w, pad_h, pad_h)
