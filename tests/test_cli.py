@@ -69,7 +69,7 @@ def test_compress_flags_follow_the_seed(tmp_path):
 
 
 def test_array_dtype_rounds_the_plain_arrays_with_flags_or_a_recipe(tmp_path):
-    from deepshrink.cli import _set_array_dtype
+    from deepshrink.cli import _set_encode
     from deepshrink.recipes import load_recipe, parse_recipe
 
     out = tmp_path / "f16.dsz"
@@ -79,10 +79,11 @@ def test_array_dtype_rounds_the_plain_arrays_with_flags_or_a_recipe(tmp_path):
     assert stored == {"fc1.bias": "float16", "fc2.bias": "float16", "fc3.bias": "float16"}
     assert main(args + ["--array-dtype", "float64"]) == 2
     recipe = load_recipe("digits-demo")  # ends in an encode stage: the flag changes that stage only
-    _set_array_dtype(recipe, "float16")
+    _set_encode(recipe, {"array_dtype": "float16", "arithmetic": "int8"})
     assert recipe.stages[-1].array_dtype == "float16" and recipe.stages[-1].coder == "huffman"
+    assert recipe.stages[-1].arithmetic == "int8"
     recipe = parse_recipe({"model": "lenet-300-100", "data": "digits", "stages": [{"train": {}}]})
-    _set_array_dtype(recipe, "float16")
+    _set_encode(recipe, {"array_dtype": "float16"})
     assert recipe.stages[-1].array_dtype == "float16" and len(recipe.stages) == 2
 
 
