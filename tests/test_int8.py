@@ -209,3 +209,29 @@ def test_compress_declares_int8_from_the_command_line_and_info_marks_it(tmp_path
     assert cli.main(["info", str(out), "--wide"]) == 0
     assert f"{sorted(declared)[0]} (int8)" in capsys.readouterr().out  # --wide: names whole
     assert cli.main(["compress", "--recipe", "digits-demo", "--arithmetic", "int4"]) == 2
+
+
+@simd
+def test_lenet300_declared_int8_on_real_mnist(trained_lenet300, mnist_test, tmp_path) -> None:
+    """Real data: declared int8 costs LeNet-300-100 (90% pruned, 4 bits) little accuracy, and the engine computes
+    the declared model's logits exactly, image by image and in batches."""
+    from deepshrink.compress.train import evaluate
+    from deepshrink.models import lenet_300_100
+
+    model = trained_lenet300.eval()
+    prune_(model, 0.9, progress=False)
+    share_weights_(model, bits=4, progress=False)
+    images, labels = mnist_test
+    images, labels = images[:2000], labels[:2000]
+    before = evaluate(model, (images, labels), progress=False)
+    compute_in_int8_(model)
+    declared = evaluate(model, (images, labels), progress=False)
+    assert abs(declared - before) < 0.005, (before, declared)
+    path = tmp_path / "lenet300.dsz"
+    save(model, path, factory="deepshrink.models:lenet_300_100", progress=False)
+    engine = from_file(path)
+    assert isinstance(engine, nn.Module) and type(lenet_300_100()) is type(engine)
+    with torch.no_grad():
+        expected = model(images)
+        assert torch.equal(engine(images), expected)
+        assert torch.equal(torch.cat([engine(images[i : i + 1]) for i in range(64)]), expected[:64])

@@ -496,8 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--arithmetic",
         choices=("float32", "int8"),
-        help="int8: declare every compressed Linear int8 after the last stage (per-token int8 inputs, the "
-        "codebook as int8; PyTorch and the engine then compute the same outputs); default the recipe's, float32",
+        help="int8: declare every compressed Linear and Conv (groups=1) int8 after the last stage (per-token int8 "
+        "inputs, the codebook as int8; PyTorch and the engine then compute the same outputs); default the recipe's",
     )
     p.add_argument(
         "--checkpoint",

@@ -314,7 +314,7 @@ class EncodeStage:
     layout: str = "auto"
     codebook_dtype: str = "float32"
     array_dtype: str = "float32"  # float16: plain arrays (biases, LayerNorm, ...) at half their bytes
-    # int8: every compressed Linear declared to compute in int8 (deepshrink.compress.int8), scored so before writing
+    # int8: the compressed Linear / Conv layers declared to compute in int8 (deepshrink.compress.int8), scored so
     arithmetic: str = "float32"
 
     def __post_init__(self) -> None:
