@@ -235,3 +235,17 @@ def test_lenet300_declared_int8_on_real_mnist(trained_lenet300, mnist_test, tmp_
         expected = model(images)
         assert torch.equal(engine(images), expected)
         assert torch.equal(torch.cat([engine(images[i : i + 1]) for i in range(64)]), expected[:64])
+
+
+def test_exports_warn_that_the_declaration_is_not_carried(tmp_path) -> None:
+    pytest.importorskip("onnx", reason="needs onnx: pip install 'deepshrink[test]'")
+    from deepshrink.fileformat.export import export_file, export_onnx
+
+    model = compressed_mlp((6, 5, 3), 0.0, 3)
+    compute_in_int8_(model)
+    with pytest.warns(UserWarning, match="exported computing in float32"):
+        export_onnx(model, torch.randn(2, 6), tmp_path / "m.onnx")
+    assert computes_in_int8(model[0])  # the model itself keeps its declaration
+    save(model, tmp_path / "m.dsz", progress=False)
+    with pytest.warns(UserWarning, match="declares layers int8; .safetensors holds their decoded float32 weights"):
+        export_file(tmp_path / "m.dsz", tmp_path / "m.safetensors")

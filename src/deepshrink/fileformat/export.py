@@ -16,6 +16,7 @@ import warnings
 import torch
 
 from deepshrink.atomic import write_atomic
+from deepshrink.compress.int8 import compute_in_float32_, computes_in_int8
 from deepshrink.compress.parametrization import bake_
 from deepshrink.errors import DeepShrinkError
 from deepshrink.fileformat.codec import DszContents, check_dense
@@ -65,7 +66,8 @@ def export_onnx(model: torch.nn.Module, example_input: torch.Tensor, path: str |
 
     The model is not changed: a copy has its parametrizations removed
     (``leave_parametrized=True``) so the graph holds plain weights, which every
-    ONNX runtime can run.
+    ONNX runtime can run. Layers declared int8 (:mod:`deepshrink.compress.int8`) are
+    exported computing in float32, with a warning.
 
     Args:
         model: a compressed (or plain) model.
@@ -78,6 +80,10 @@ def export_onnx(model: torch.nn.Module, example_input: torch.Tensor, path: str |
         DeepShrinkError: the exporter cannot trace the model.
     """
     dense = _dense_copy(model).eval()
+    if any(computes_in_int8(m) for m in dense.modules()):  # their hooks compute in NumPy, which no trace records
+        warnings.warn("layers declared int8 are exported computing in float32 from their decoded weights: the "
+                      "ONNX graph holds no int8 declaration", stacklevel=2)  # fmt: skip
+        compute_in_float32_(dense)
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings():
@@ -145,6 +151,9 @@ def export_file(
     if suffix == ".onnx":
         check_input_shape(input_shape)
     contents = read(path, max_elements=max_elements)
+    if any(t.arithmetic == "int8" for t in contents.tensors.values()):
+        warnings.warn(f"{os.fspath(path)} declares layers int8; {suffix} holds their decoded float32 weights only",
+                      stacklevel=2)  # fmt: skip
     if suffix == ".safetensors":
         check_dense(contents, "export", max_elements)
         export_safetensors(contents, out)
