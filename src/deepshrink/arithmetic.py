@@ -108,8 +108,10 @@ def int8_matmul_reference(
         then each outlier's product added in order.
     """
     q, token_scale = quantize_int8(x)
-    # float64 products of integers: exact (|sum| <= cols * 127 * 127 < 2**53) and BLAS-fast, where int64 has no BLAS
-    sums = q.astype(np.float64) @ weights.astype(np.float64, copy=False).T
+    # float64 products of integers: exact (|sum| <= cols * 127 * 127 < 2**53) and BLAS-fast, where int64 has no BLAS;
+    # torch's, on its own threads: NumPy's BLAS threads, spinning beside torch's, made a declared MiniLM's torch ops
+    # 5-10x slower (5 ms a LayerNorm of 17 tokens)
+    sums = (torch.from_numpy(q.astype(np.float64)) @ torch.from_numpy(weights.astype(np.float64, copy=False)).T).numpy()
     out = sums.astype(np.float32) * (token_scale * np.float32(scale))[:, None] + bias
     for row, col, value in zip(*(outliers or ((), (), ()))):
         out[:, row] = out[:, row] + x[:, col] * np.float32(value)
