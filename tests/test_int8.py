@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import zlib
 
 import numpy as np
@@ -20,7 +21,7 @@ from deepshrink.errors import DeepShrinkError, FileFormatError
 from deepshrink.fileformat.codec import MAGIC, PRELUDE, EncodeOptions, decode_file, encode_file
 from deepshrink.fileformat.model_io import load_into, read, save
 from deepshrink.recipes import parse_recipe, run_recipe
-from deepshrink.recipes.schema import EncodeStage
+from deepshrink.recipes.schema import DistillStage, EncodeStage
 from deepshrink.tensor import CompressedTensor
 
 simd = pytest.mark.skipif(matrix._simd is None, reason="the engine's int8 kernels need the SIMD extension")
@@ -186,6 +187,8 @@ def test_an_unknown_arithmetic_in_a_file_is_named() -> None:
 def test_recipe_encode_declares_int8_and_scores_the_model_so(tmp_path) -> None:
     with pytest.raises(DeepShrinkError, match="encode: arithmetic 'int4' is not one of float32, int8"):
         EncodeStage(arithmetic="int4")
+    with pytest.raises(DeepShrinkError, match="int8_inputs='yes' must be true or false"):
+        DistillStage(int8_inputs="yes")
     recipe = parse_recipe({"model": "lenet-300-100", "model_kwargs": {"in_features": 64}, "data": "digits",
                            "seed": 0, "stages": [{"train": {"epochs": 3, "lr": 0.05}},
                                                  {"share": {"bits": 4, "epochs": 0}},
@@ -249,3 +252,40 @@ def test_exports_warn_that_the_declaration_is_not_carried(tmp_path) -> None:
     save(model, tmp_path / "m.dsz", progress=False)
     with pytest.warns(UserWarning, match="declares layers int8; .safetensors holds their decoded float32 weights"):
         export_file(tmp_path / "m.dsz", tmp_path / "m.safetensors")
+
+
+def test_fake_int8_rounds_as_the_products_do_and_passes_the_gradient() -> None:
+    from deepshrink.arithmetic import quantize_int8
+    from deepshrink.compress.int8 import fake_int8
+
+    x = (torch.randn(6, 37) * torch.tensor([1e-3, 1.0, 1e3, 1.0, 1.0, 1.0])[:, None]).requires_grad_()
+    with torch.no_grad():
+        x[3] = 0.0  # an all-zero token stays zero
+    y = fake_int8(x)
+    q, scale = quantize_int8(x.detach().numpy())
+    torch.testing.assert_close(y.detach(), torch.from_numpy(q * scale[:, None]).float(), rtol=1e-6, atol=0)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_distillation_with_int8_inputs_brings_the_declared_model_closer_to_the_teacher() -> None:
+    from deepshrink.compress.distill import DistillConfig, distill, relative_error
+    from deepshrink.data.digits import load_digits
+
+    torch.manual_seed(0)
+    images = load_digits("train")[0][:512].reshape(512, -1)
+    teacher = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    student = copy.deepcopy(teacher)
+    share_weights_(student, bits=3, progress=False)
+    batches = [images[i : i + 32] for i in range(0, 512, 32)]
+    cfg = DistillConfig(steps=40, lr=3e-3, int8_inputs=True, progress=False)
+    compute_in_int8_(student)
+    with torch.no_grad():
+        before = relative_error(student(images), teacher(images)).item()
+    compute_in_float32_(student)
+    distill(student, teacher, batches, cfg)
+    assert not any(m._forward_pre_hooks for m in student.modules())  # the rounding is gone after training
+    compute_in_int8_(student)
+    with torch.no_grad():
+        after = relative_error(student(images), teacher(images)).item()
+    assert after < 0.8 * before

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from deepshrink.compress.calibrate import Batch, batch_to, call_model
 from deepshrink.compress.checkpoint import NO_CHECKPOINT, Checkpointer, NoCheckpoint, set_rng_state
+from deepshrink.compress.int8 import train_with_int8_inputs
 from deepshrink.compress.quantize import fix_sharing_, latent_sharing_
 from deepshrink.compress.train import deterministic_on_cpu
 from deepshrink.errors import DeepShrinkError
@@ -52,6 +53,9 @@ class DistillConfig:
             (codebooks, codes, biases) stay as they are. A large embedding table is
             the usual one: each step would rebuild and update all of it for the few
             rows a batch uses.
+        int8_inputs: train with each compressed Linear's input rounded to int8 per token
+            (:func:`~deepshrink.compress.int8.train_with_int8_inputs`): for a model that will
+            be declared int8 afterwards.
         seed: the order of the batches.
         log_every: steps between loss records.
     """
@@ -62,6 +66,7 @@ class DistillConfig:
     hidden: tuple[str, ...] = ()
     hidden_weight: float = 0.1
     frozen: tuple[str, ...] = ()
+    int8_inputs: bool = False
     seed: int = 0
     log_every: int = 25
     progress: bool = True
@@ -238,6 +243,7 @@ def _distill(
     teacher.eval()
     student.train()
     student_taps, teacher_taps = _Taps(student, cfg.hidden), _Taps(teacher, cfg.hidden)
+    rounding = train_with_int8_inputs(student) if cfg.int8_inputs else []
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.5f}"), TimeRemainingColumn()]  # fmt: skip
     try:
@@ -270,6 +276,8 @@ def _distill(
     finally:
         student_taps.remove()
         teacher_taps.remove()
+        for handle in rounding:
+            handle.remove()
         for p in held:
             p.requires_grad_(True)
     if cfg.quantization_aware:

@@ -149,6 +149,33 @@ def install_int8_(model: nn.Module, tensors: dict[str, CompressedTensor | None])
     return declared
 
 
+def fake_int8(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with each row (last axis) rounded to int8 on its own scale as the int8 products do, the gradient
+    passed straight through (the rounding's, zero almost everywhere, would stop training)."""
+    rows = x.detach()
+    peak = rows.abs().amax(-1, keepdim=True)
+    safe = torch.where(peak > 0, peak, torch.ones_like(peak))
+    rounded = torch.round(rows * (127 / safe)).clamp(-127, 127) * (safe / 127)
+    return x + (torch.where(peak > 0, rounded, torch.zeros_like(rows)) - rows)
+
+
+def train_with_int8_inputs(model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+    """Round the inputs of ``model``'s compressed ``nn.Linear`` layers to int8 per token while it trains
+    (:func:`fake_int8`), so that its weights learn the rounding before the layers are declared int8.
+
+    Convolutions are left out: their int8 products round each output position's patch on its own,
+    which no rounding of the input image reproduces.
+
+    Returns:
+        The hooks' handles: ``remove()`` each when training is done.
+    """
+    handles = []
+    for t in find_targets(model, warn_unsupported=False):
+        if isinstance(t.module, nn.Linear) and t.param == "weight" and compression_of(t.module, t.param) is not None:
+            handles.append(t.module.register_forward_pre_hook(lambda module, args: (fake_int8(args[0]), *args[1:])))
+    return handles
+
+
 def compute_in_float32_(model: nn.Module) -> nn.Module:
     """Undo :func:`compute_in_int8_`: every layer of ``model`` computes in float32 again. Returns ``model``."""
     for module in model.modules():

@@ -229,6 +229,7 @@ def _distill(stage: DistillStage, run: Run) -> None:
         hidden=tuple(stage.hidden or ()),
         hidden_weight=stage.hidden_weight,
         frozen=tuple(stage.frozen or ()),
+        int8_inputs=stage.int8_inputs,
         seed=run.recipe.seed,
     )
     distill(run.model, run.teacher, run.inputs, config, outputs=run.outputs, checkpoint=run.ckpt)

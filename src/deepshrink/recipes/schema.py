@@ -278,12 +278,14 @@ class DistillStage:
     hidden: list[str] | None = None  # module names (globs) whose outputs are matched too
     hidden_weight: float = 0.1
     frozen: list[str] | None = None  # module names (globs) that do not train
+    int8_inputs: bool = False  # Linear inputs rounded to int8 per token while training (for encode: arithmetic: int8)
 
     def __post_init__(self) -> None:
         self.steps = _number(self.steps, "steps", 1, integer=True)
         self.lr = _number(self.lr, "lr", 0, low_open=True)
-        if not isinstance(self.quantization_aware, bool):
-            raise DeepShrinkError(f"quantization_aware={self.quantization_aware!r} must be true or false")
+        for key in ("quantization_aware", "int8_inputs"):
+            if not isinstance(getattr(self, key), bool):
+                raise DeepShrinkError(f"{key}={getattr(self, key)!r} must be true or false")
         self.hidden = _patterns(self.hidden, "hidden")
         self.hidden_weight = _number(self.hidden_weight, "hidden_weight", 0)
         self.frozen = _patterns(self.frozen, "frozen")
