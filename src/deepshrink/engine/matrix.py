@@ -597,8 +597,6 @@ class SparseMatrix:
         """
         tokens = 1 if x.ndim == 1 else x.shape[0]
         settled = self.int8_kernel(tokens)
-        if settled and self.exact_int8:
-            return settled, self._int8_costs(tokens)[settled] + CALL_COST
         if settled:
             return settled, self._line_costs_by_batch[tokens][settled]
         if tokens == 1:
@@ -618,7 +616,7 @@ class SparseMatrix:
         int8 kernel at every token count.
         """
         if self.exact_int8 and tokens not in self._int8_settled:
-            costs = self._int8_costs(tokens)
+            costs = {k: v for k, v in self._line_costs(tokens).items() if k.startswith("int8")}  # caches them too
             self._int8_settled[tokens] = min(costs, key=costs.get)
         if self.arithmetic != "int8" or (tokens < 2 and not self.exact_int8):
             return None
