@@ -26,6 +26,8 @@ from deepshrink.tensor import CompressedTensor
 INT8_OUTLIER_FACTOR = 8.0
 #: The most weights (a fraction of the kept ones) the float32 outlier list takes; the largest centroids first.
 INT8_OUTLIER_SHARE = 0.01
+#: Columns an int8 product takes: its int32 sums hold at most 65,535 columns of 255 x 127.
+MAX_INT8_COLUMNS = (1 << 16) - 1
 
 
 def int8_codebook(codebook: np.ndarray, counts: np.ndarray | None = None) -> tuple[np.ndarray, np.float32, np.ndarray]:
@@ -177,6 +179,13 @@ def taps_first(weight: CompressedTensor) -> CompressedTensor:
     return moved(weight, (out, kh * kw * channels), (row * (kh * kw) + tap) * channels + channel)
 
 
+def as_conv2d(weight: CompressedTensor) -> CompressedTensor:
+    """An ``(out, in, k)`` ``nn.Conv1d`` weight as the ``(out, in, 1, k)`` weight of the 1-row 2-D convolution it is."""
+    out, channels, k = weight.shape
+    return CompressedTensor((out, channels, 1, k), weight.positions, weight.codes, weight.codebook, weight.bits,
+                            weight.arithmetic)  # fmt: skip
+
+
 def moved(weight: CompressedTensor, shape: tuple[int, ...], positions: np.ndarray) -> CompressedTensor:
     """``weight``'s codes at new ``positions`` (the same weights, reshaped and reordered)."""
     order = np.argsort(positions, kind="stable")
@@ -186,35 +195,38 @@ def moved(weight: CompressedTensor, shape: tuple[int, ...], positions: np.ndarra
 
 def int8_conv2d_reference(
     x: np.ndarray,
-    tensor: CompressedTensor,
+    weights: np.ndarray,
+    scale: np.float32,
     bias: np.ndarray,
+    outliers: tuple[np.ndarray, np.ndarray, np.ndarray],
+    kernel: tuple[int, int],
     stride: tuple[int, int],
     padding: int | tuple[int, int] | str,
     dilation: tuple[int, int],
 ) -> np.ndarray:
     """A convolution (``groups=1``, zero padding) as the engine's int8 kernels compute it: its NumPy reference.
 
-    One int8 product (:func:`int8_matmul_reference`) of the patches, each output position a token:
-    a patch tap by tap (:func:`taps_first`), so quantized on its own and its outliers added in the
-    engine's order.
+    One int8 product (:func:`int8_matmul_reference`) of the patches, each output position a token,
+    a patch tap by tap as the engine gathers it: so quantized on its own, and its outliers added in
+    the engine's order.
 
     Args:
         x: ``(batch, channels, H, W)`` float32.
-        tensor: the ``(out, channels, kh, kw)`` weight.
+        weights, scale, outliers: :func:`int8_weights` of the weight's :func:`taps_first` matrix.
         bias: ``(out,)`` float32.
-        stride, padding, dilation: as ``nn.Conv2d``'s (pairs, or ``"same"`` / ``"valid"``).
+        kernel, stride, padding, dilation: as ``nn.Conv2d``'s (pairs; ``padding`` also ``"same"`` / ``"valid"``).
 
     Returns:
         ``(batch, out, out_h, out_w)`` float32.
     """
-    out, channels, kh, kw = tensor.shape
-    pads = pad_amounts(padding, (kh, kw), stride, dilation)
-    image = F.pad(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), pads)
-    columns = F.unfold(image, (kh, kw), dilation=dilation, stride=stride)  # (batch, channels * taps, positions)
+    (kh, kw), channels = kernel, x.shape[1]
+    image = F.pad(
+        torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), pad_amounts(padding, kernel, stride, dilation)
+    )
+    columns = F.unfold(image, kernel, dilation=dilation, stride=stride)  # (batch, channels * taps, positions)
     batch, _, positions = columns.shape
     patches = columns.reshape(batch, channels, kh * kw, positions).permute(0, 3, 2, 1).reshape(-1, kh * kw * channels)
-    weights, scale, outliers = int8_weights(taps_first(tensor))
     rows = int8_matmul_reference(patches.contiguous().numpy(), weights, scale, bias, outliers)
     out_h = (image.shape[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     out_w = (image.shape[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return np.ascontiguousarray(rows.reshape(batch, out_h, out_w, out).transpose(0, 3, 1, 2))
+    return np.ascontiguousarray(rows.reshape(batch, out_h, out_w, -1).transpose(0, 3, 1, 2))

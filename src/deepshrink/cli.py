@@ -131,7 +131,7 @@ def _flags_recipe(args: argparse.Namespace, kwargs: dict | None) -> Recipe:
         {"prune": {"sparsity": args.sparsity, "steps": args.prune_steps, **retrain}},
         {"share": {"bits": args.bits, **retrain}},
     ]
-    stages += [{"encode": _encode_flags(args)}] if _encode_flags(args) else []
+    stages += [{"encode": encode}] if (encode := _encode_flags(args)) else []
     return parse_recipe(
         {
             "model": args.model,
@@ -225,8 +225,8 @@ def _run_recipe(args: argparse.Namespace) -> None:
         recipe.state_dict = args.state_dict
     if args.max_steps:
         recipe.max_steps = args.max_steps
-    if _encode_flags(args):
-        _set_encode(recipe, _encode_flags(args))
+    if encode := _encode_flags(args):
+        _set_encode(recipe, encode)
     if args.hf:
         recipe = dataclasses.replace(recipe, pretrained=args.hf, model=None)
     if args.calib:

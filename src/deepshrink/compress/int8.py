@@ -24,14 +24,18 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from deepshrink.arithmetic import int8_conv2d_reference, int8_matmul_reference, int8_weights
+from deepshrink.arithmetic import (
+    MAX_INT8_COLUMNS,
+    as_conv2d,
+    int8_conv2d_reference,
+    int8_matmul_reference,
+    int8_weights,
+    taps_first,
+)
 from deepshrink.compress.parametrization import Compression, compression_of
 from deepshrink.compress.targets import find_targets
 from deepshrink.errors import DeepShrinkError
 from deepshrink.tensor import CompressedTensor
-
-#: Columns an int8 product takes: its int32 sums hold at most 65,535 columns of 255 x 127.
-MAX_INT8_COLUMNS = (1 << 16) - 1
 
 
 def can_compute_in_int8(module: nn.Module, param: str) -> bool:
@@ -42,6 +46,14 @@ def can_compute_in_int8(module: nn.Module, param: str) -> bool:
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return module.groups == 1 and module.padding_mode == "zeros"
     return isinstance(module, nn.Linear)
+
+
+def check_int8_layer(name: str, module: nn.Module | None, param: str) -> None:
+    """Raise, naming it, unless the weight ``name`` (``module.<param>``) can compute in int8 (:func:`can_compute_in_int8`)."""
+    if module is None or not can_compute_in_int8(module, param):
+        layer = "no layer" if module is None else parametrize.type_before_parametrizations(module).__name__
+        raise DeepShrinkError(f"{name} ({layer}): only nn.Linear and nn.Conv1d / nn.Conv2d (groups=1, zero "
+                              "padding) layers compute in int8")  # fmt: skip
 
 
 class Int8Product:
@@ -55,36 +67,43 @@ class Int8Product:
         if module.training and torch.is_grad_enabled():
             raise DeepShrinkError("a layer declared int8 computes no gradient: call model.eval() (declare int8 "
                                   "after training)")  # fmt: skip
+        if self._weights is None:
+            self._weights = int8_weights(self._matrix(module))
+        weights, scale, outliers = self._weights
         x = args[0].detach().to("cpu", torch.float32)
         bias = np.zeros(self.tensor.shape[0], np.float32) if module.bias is None else module.bias.detach().cpu().numpy()
         bias = bias.astype(np.float32, copy=False)
         if isinstance(module, nn.Linear):
-            if self._weights is None:
-                self._weights = int8_weights(self.tensor)
-            weights, scale, outliers = self._weights
             out = int8_matmul_reference(x.reshape(-1, x.shape[-1]).numpy(), weights, scale, bias, outliers)
             out = torch.from_numpy(out).reshape(*x.shape[:-1], -1)
         elif isinstance(module, nn.Conv1d):  # a 1-row 2-D convolution, as the engine runs it
-            tensor = CompressedTensor((*self.tensor.shape[:2], 1, self.tensor.shape[2]), self.tensor.positions,
-                                      self.tensor.codes, self.tensor.codebook, self.tensor.bits)  # fmt: skip
             padding = module.padding if isinstance(module.padding, str) else (0, module.padding[0])
-            out = int8_conv2d_reference(x.unsqueeze(2).numpy(), tensor, bias, (1, module.stride[0]), padding,
+            out = int8_conv2d_reference(x.unsqueeze(2).numpy(), weights, scale, bias, outliers,
+                                        (1, module.kernel_size[0]), (1, module.stride[0]), padding,
                                         (1, module.dilation[0]))  # fmt: skip
             out = torch.from_numpy(out).squeeze(2)
         else:
-            out = int8_conv2d_reference(x.numpy(), self.tensor, bias, module.stride, module.padding, module.dilation)
+            out = int8_conv2d_reference(x.numpy(), weights, scale, bias, outliers, module.kernel_size, module.stride,
+                                        module.padding, module.dilation)  # fmt: skip
             out = torch.from_numpy(out)
         return out.to(output.device, output.dtype)
 
+    def _matrix(self, module: nn.Module) -> CompressedTensor:
+        """The matrix the engine multiplies: a Linear's weight, a convolution's patch by patch (tap by tap)."""
+        if isinstance(module, nn.Linear):
+            return self.tensor
+        return taps_first(as_conv2d(self.tensor) if isinstance(module, nn.Conv1d) else self.tensor)
 
-def _hook_of(module: nn.Module) -> int | None:
-    """The id of ``module``'s :class:`Int8Product` hook, or None."""
-    return next((key for key, hook in module._forward_hooks.items() if isinstance(hook, Int8Product)), None)
+
+def _remove_hook(module: nn.Module) -> None:
+    """Remove ``module``'s :class:`Int8Product` hook, if it has one."""
+    for key in [key for key, hook in module._forward_hooks.items() if isinstance(hook, Int8Product)]:
+        del module._forward_hooks[key]
 
 
 def computes_in_int8(module: nn.Module) -> bool:
     """Whether ``module`` was declared to compute in int8 (:func:`compute_in_int8_`)."""
-    return _hook_of(module) is not None
+    return any(isinstance(hook, Int8Product) for hook in module._forward_hooks.values())
 
 
 def compute_in_int8_(model: nn.Module, layers: Iterable[str] | None = None) -> list[str]:
@@ -133,17 +152,12 @@ def install_int8_(model: nn.Module, tensors: dict[str, CompressedTensor | None])
             continue
         module_name, _, param = name.rpartition(".")
         module = modules.get(module_name)
-        if tensor is None or module is None or not can_compute_in_int8(module, param):
-            layer = "no layer" if module is None else parametrize.type_before_parametrizations(module).__name__
-            raise DeepShrinkError(f"{name} ({layer}): only nn.Linear and nn.Conv1d / nn.Conv2d (groups=1, zero "
-                                  "padding) layers compute in int8")  # fmt: skip
+        check_int8_layer(name, module, param)  # a None tensor is one that cannot: so it raises
         columns = math.prod(tensor.shape[1:])
         if columns > MAX_INT8_COLUMNS:
             raise DeepShrinkError(f"{name}: its products have {columns:,} columns; int8 products take at most "
                                   f"{MAX_INT8_COLUMNS:,} (int32 sums)")  # fmt: skip
-        old = _hook_of(module)
-        if old is not None:
-            del module._forward_hooks[old]
+        _remove_hook(module)
         module.register_forward_hook(Int8Product(tensor))
         declared.append(name)
     return declared
@@ -179,7 +193,5 @@ def train_with_int8_inputs(model: nn.Module) -> list[torch.utils.hooks.Removable
 def compute_in_float32_(model: nn.Module) -> nn.Module:
     """Undo :func:`compute_in_int8_`: every layer of ``model`` computes in float32 again. Returns ``model``."""
     for module in model.modules():
-        hook = _hook_of(module)
-        if hook is not None:
-            del module._forward_hooks[hook]
+        _remove_hook(module)
     return model

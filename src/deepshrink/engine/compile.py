@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from deepshrink.compress.int8 import can_compute_in_int8
+from deepshrink.compress.int8 import check_int8_layer
 from deepshrink.compress.parametrization import bake_
 from deepshrink.engine.layers import SparseConv1d, SparseConv2d, SparseEmbedding, SparseLinear
 from deepshrink.engine.matrix import check_arithmetic
@@ -147,10 +147,8 @@ def compile_model(
         module = modules.get(module_name)
         if module is None or _shape(module, param) is None:
             raise DeepShrinkError(f"{name!r} is not a weight of {type(model).__name__}")
-        if weight.arithmetic == "int8" and not can_compute_in_int8(module, param):
-            layer = parametrize.type_before_parametrizations(module).__name__
-            raise DeepShrinkError(f"{name} ({layer}) is declared int8: only nn.Linear and nn.Conv1d / nn.Conv2d "
-                                  "(groups=1, zero padding) layers compute in int8")  # fmt: skip
+        if weight.arithmetic == "int8":
+            check_int8_layer(name, module, param)
         own = weight.arithmetic if arithmetic is None else arithmetic
         if isinstance(module, nn.LSTM):
             done = module_name in lstms_done

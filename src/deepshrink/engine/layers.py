@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepshrink.arithmetic import moved, pad_amounts, taps_first
+from deepshrink.arithmetic import as_conv2d, moved, pad_amounts, taps_first
 from deepshrink.engine import kernels
 from deepshrink.engine.matrix import SparseMatrix
 from deepshrink.errors import DeepShrinkError, UnsupportedLayerError
@@ -448,10 +448,7 @@ class SparseConv1d(SparseConv2d):
     ) -> None:
         if len(weight.shape) != 3:
             raise DeepShrinkError(f"SparseConv1d needs a 3-D weight, got shape {weight.shape}")
-        out_channels, in_channels, k = weight.shape
-        as_2d = CompressedTensor((out_channels, in_channels, 1, k), weight.positions, weight.codes, weight.codebook,
-                                 weight.bits, weight.arithmetic)  # fmt: skip
-        super().__init__(as_2d, bias, stride=(1, _single(stride)),
+        super().__init__(as_conv2d(weight), bias, stride=(1, _single(stride)),
                          padding=padding if isinstance(padding, str) else (0, _single(padding)),
                          dilation=(1, _single(dilation)), groups=groups, workers=workers,
                          arithmetic=arithmetic)  # fmt: skip

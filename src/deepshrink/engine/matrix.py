@@ -53,6 +53,7 @@ from collections.abc import Callable
 import numba
 import numpy as np
 
+from deepshrink.arithmetic import MAX_INT8_COLUMNS
 from deepshrink.engine import kernels, layouts
 from deepshrink.engine.fixedpoint import from_fixed, to_fixed
 from deepshrink.errors import DeepShrinkError
@@ -323,7 +324,7 @@ class SparseMatrix:
         if arithmetic == "int8" and _simd is None:
             raise DeepShrinkError("arithmetic='int8' runs on the SIMD extension, which this install lacks "
                                   "(pip install builds it where a C compiler is found)")  # fmt: skip
-        if arithmetic == "int8" and self.shape[1] >= 1 << 16:
+        if arithmetic == "int8" and self.shape[1] > MAX_INT8_COLUMNS:
             raise DeepShrinkError(f"arithmetic='int8' takes fewer than 65,536 columns (int32 sums), the matrix has "
                                   f"{self.shape[1]}")  # fmt: skip
         self.workers = int(workers)

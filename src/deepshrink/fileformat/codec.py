@@ -40,7 +40,7 @@ from deepshrink.coding.relative import decode_relative, encode_relative
 from deepshrink.coding.streams import EncodedStream, check_coder, decode_stream, encode_stream
 from deepshrink.errors import DeepShrinkError, FileFormatError
 from deepshrink.progress import track
-from deepshrink.tensor import ARITHMETICS, MAX_CODE_BITS, CompressedTensor
+from deepshrink.tensor import MAX_CODE_BITS, CompressedTensor
 
 MAGIC = b"DSHRINK\x00"
 FORMAT_VERSION = 1
@@ -564,11 +564,8 @@ def _decode_compressed(entry: dict, reader: _Reader, where: str) -> CompressedTe
     reader.charge(book["k"], where, "codebook")
     codebook = np.frombuffer(data, dtype=dtype).astype(np.float32)
     reader.check_finite(bool(np.isfinite(codebook).all()), where, "the codebook")
-    arithmetic = entry.get("arithmetic", "float32")
-    if arithmetic not in ARITHMETICS:
-        raise FileFormatError(f"{where}: arithmetic {show_value(arithmetic)} is not one of {', '.join(ARITHMETICS)}")
-    try:
-        return CompressedTensor(shape, positions, codes, codebook, bits, arithmetic)
+    try:  # the tensor checks the arithmetic too
+        return CompressedTensor(shape, positions, codes, codebook, bits, entry.get("arithmetic", "float32"))
     except DeepShrinkError as err:
         raise FileFormatError(f"{where}: {err}") from err
 

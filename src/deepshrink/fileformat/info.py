@@ -207,7 +207,8 @@ def layer_table(report: FileSize, title: str = "", wide: bool = False) -> NameTa
         table.add_row(name, *cells, end_section=end_section)
 
     for t in report.tensors:
-        row(t.name if t.arithmetic == "float32" else f"{t.name} ({t.arithmetic})", t.numel, t.nnz, (t.fixed_code_bits, 8 * t.codes_bytes, t.fixed_index_bits, 8 * t.index_bytes),
+        name = t.name if t.arithmetic == "float32" else f"{t.name} ({t.arithmetic})"
+        row(name, t.numel, t.nnz, (t.fixed_code_bits, 8 * t.codes_bytes, t.fixed_index_bits, 8 * t.index_bytes),
             f"{t.layout}({t.index_bits}) {t.index_coder} / {t.codes_coder}", t.total_bytes, t.fixed_bytes,
             t.dense_bytes)  # fmt: skip
     blank = [""] * (len(columns) - 2)
